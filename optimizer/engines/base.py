@@ -58,12 +58,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def plan(self, params: dict[str, Any], model: ModelRef, *, host: str, port: int,
              gpu_ids: list[int], extra_args: list[str] | None = None,
-             extra_env: dict[str, str] | None = None) -> LaunchPlan:
+             extra_env: dict[str, str] | None = None, gpu: str = "h100",
+             gpu_memory_gib: float | None = None) -> LaunchPlan:
         """Exact argv (never a shell string) and env for these parameters."""
 
     @abc.abstractmethod
     def classify(self, log_tail: str, exit_code: int | None) -> Failure:
         """Why a server that exited (or never got ready) failed."""
+
+    def check(self, params: dict[str, Any], model: ModelRef, *, gpu: str, gpu_memory_gib: float,
+              gpus_available: int) -> list[str]:
+        """Engine-specific pre-launch rules: reasons this configuration would fail (empty = launch it)."""
+        return []
 
     def parse_metrics(self, text: str) -> dict[str, float]:
         """Prometheus text → {metric_name: value}; labelled series are summed per name."""
@@ -73,4 +79,59 @@ class Engine(abc.ABC):
 
     def defaults(self) -> dict[str, Any]:
         """The engine's own defaults for engine-neutral parameters (the baseline trial)."""
+        return {}
+
+
+class CatalogEngine(Engine):
+    """An engine whose flags come from a ``search_spaces/<name>.yaml`` catalog."""
+
+    def __init__(self, command: list[str] | None = None, version: str | None = None):
+        from servetune.optimizer.catalog import load_catalog
+
+        self.catalog = load_catalog(self.name, version)
+        self.version = self.catalog.version
+        self.command = list(command) if command else None
+
+    def base_command(self) -> list[str]:
+        import sys
+
+        cmd = self.command or list(self.catalog.command)
+        return [sys.executable if c == "{python}" else c for c in cmd]
+
+    def defaults(self) -> dict[str, Any]:
+        return self.catalog.defaults()
+
+    def plan(self, params: dict[str, Any], model: ModelRef, *, host: str, port: int,
+             gpu_ids: list[int], extra_args: list[str] | None = None,
+             extra_env: dict[str, str] | None = None, gpu: str = "h100",
+             gpu_memory_gib: float | None = None) -> LaunchPlan:
+        from servetune.optimizer.catalog import render_flags
+
+        cat = self.catalog
+        argv = self.base_command()
+        argv += [cat.model_flag, model.path] if cat.model_flag else [model.path]
+        if cat.served_name_flag:
+            argv += [cat.served_name_flag, model.name]
+        argv += [cat.host_flag, host, cat.port_flag, str(port)]
+        argv += self.model_flags(model)
+        argv += self.gpu_flags(gpu, gpu_memory_gib)
+        argv += render_flags(cat, params)
+        argv += list(extra_args or [])
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpu_ids)}
+        env.update(self.base_env())
+        env.update(extra_env or {})
+        return LaunchPlan(argv=argv, env=env, **self.endpoints())
+
+    def model_flags(self, model: ModelRef) -> list[str]:
+        """Flags that follow from the model rather than the search (e.g. --load-format dummy)."""
+        return []
+
+    def gpu_flags(self, gpu: str, gpu_memory_gib: float | None) -> list[str]:
+        """Only the sim needs to be told which GPU it imitates; real engines see the hardware."""
+        return []
+
+    def base_env(self) -> dict[str, str]:
+        return {}
+
+    def endpoints(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,126 @@
+"""Engine catalogs: ``search_spaces/<engine>.yaml`` read into plain data.
+
+A catalog says, for one engine and version, how each engine-neutral parameter becomes a flag, what the
+engine's default is, and which domain to search when the study gives none. This is the one place a reader
+looks to follow a parameter from YAML to argv.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    name: str
+    flag: str | None  # None: the engine has no such knob (the parameter is rejected if searched)
+    default: Any = None  # the engine's own default (the baseline); None = leave unset
+    domain: Any = None  # default search domain: list, or {low, high, step?, log?}
+    style: str = "value"  # value | bool_optional (--x / --no-x) | bool_flag (--x when true) | json_key
+    values: dict[str, Any] = field(default_factory=dict)  # neutral value -> engine spelling
+    omit: tuple = ()  # neutral values that mean "do not pass the flag"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    engine: str
+    version: str
+    command: tuple[str, ...]
+    params: dict[str, ParamMapping]
+    model_flag: str | None = None
+    served_name_flag: str | None = None
+    host_flag: str = "--host"
+    port_flag: str = "--port"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def defaults(self) -> dict[str, Any]:
+        return {n: p.default for n, p in self.params.items() if p.default is not None}
+
+    def default_domains(self) -> dict[str, Any]:
+        return {n: p.domain for n, p in self.params.items() if p.domain is not None}
+
+
+def _read_yaml(name: str) -> dict[str, Any]:
+    text = resources.files("servetune.search_spaces").joinpath(name).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@functools.lru_cache(maxsize=None)
+def parameters() -> dict[str, dict[str, Any]]:
+    """The engine-neutral parameter names with type, help and dependencies."""
+    return _read_yaml("parameters.yaml")
+
+
+@functools.lru_cache(maxsize=None)
+def load_catalog(engine: str, version: str | None = None) -> Catalog:
+    """The catalog for ``engine``; a ``versions:`` block in it overrides mappings for other releases."""
+    raw = _read_yaml(f"{engine}.yaml")
+    params_raw: dict[str, Any] = dict(raw.get("params", {}))
+    if version and version != str(raw.get("version")):
+        for vkey, override in (raw.get("versions") or {}).items():
+            if _version_matches(version, str(vkey)):
+                for name, m in (override.get("params") or {}).items():
+                    params_raw[name] = None if m is None else {**params_raw.get(name, {}), **m}
+    params = {}
+    for name, m in params_raw.items():
+        if m is None:
+            continue
+        params[name] = ParamMapping(
+            name=name, flag=m.get("flag"), default=m.get("default"), domain=m.get("domain"),
+            style=m.get("style", "value"), values=dict(m.get("values") or {}), omit=tuple(m.get("omit") or ()),
+        )
+    return Catalog(
+        engine=raw["engine"], version=str(version or raw.get("version", "")), command=tuple(raw["command"]),
+        params=params, model_flag=raw.get("model_flag"), served_name_flag=raw.get("served_name_flag"),
+        host_flag=raw.get("host_flag", "--host"), port_flag=raw.get("port_flag", "--port"), raw=raw,
+    )
+
+
+def _version_matches(version: str, spec: str) -> bool:
+    """``spec`` is a version prefix ("0.33") or a lower bound (">=0.27")."""
+    from packaging.version import Version
+
+    if spec.startswith(">="):
+        return Version(version) >= Version(spec[2:])
+    return version == spec or version.startswith(spec + ".")
+
+
+def render_flags(catalog: Catalog, params: dict[str, Any]) -> list[str]:
+    """argv fragment for ``params`` (engine-neutral names), in catalog order, full flag names only."""
+    argv: list[str] = []
+    for name, m in catalog.params.items():
+        if name not in params or m.flag is None:
+            continue
+        value = params[name]
+        if value is None or value in m.omit:
+            continue
+        value = m.values.get(str(value), value) if m.values else value
+        if m.style == "bool_optional":
+            argv.append(m.flag if _truthy(value) else "--no-" + m.flag.removeprefix("--"))
+        elif m.style == "bool_flag":
+            if _truthy(value):
+                argv.append(m.flag)
+        elif m.style == "bool_flag_inverted":  # e.g. SGLang --disable-radix-cache for prefix_caching=false
+            if not _truthy(value):
+                argv.append(m.flag)
+        else:
+            argv += [m.flag, _fmt(value)]
+    return argv
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
+    return str(v)
