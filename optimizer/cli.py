@@ -1,2 +1,216 @@
-def main():
-    print("hi")
+"""``servetune`` command line: run, validate, report, bench.
+
+A bad study file prints ``FILE:LINE: key: message`` lines and exits 2; no command shows a traceback for
+user error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+EXIT_USAGE = 2
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+_SHORT = {"tensor_parallel": "tp", "pipeline_parallel": "pp", "data_parallel": "dp", "max_concurrency": "conc",
+          "max_batched_tokens": "mbt", "quantization": "quant", "kv_cache_dtype": "kv", "memory_fraction": "mem",
+          "chunked_prefill": "chunk", "prefix_caching": "pfx", "speculative_method": "spec",
+          "speculative_tokens": "k"}
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    parts = []
+    for k, v in params.items():
+        if isinstance(v, float):
+            v = f"{v:.3g}"
+        parts.append(f"{_SHORT.get(k, k)}={v}")
+    return " ".join(parts) or "(engine defaults)"
+
+
+def _load(path: str):
+    from servetune.optimizer.spec import SpecError, load_study
+
+    try:
+        return load_study(path)
+    except SpecError as e:
+        for line in e.lines:
+            err_console.print(line, markup=False)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args.study)
+    from servetune.optimizer.driver import resolve_model
+    from servetune.optimizer.space import SearchSpace
+
+    try:
+        model = resolve_model(spec)
+        space = SearchSpace([e.name for e in spec.engines], spec.search, {e.name: e.version for e in spec.engines})
+    except (ValueError, FileNotFoundError) as e:
+        err_console.print(f"{args.study}:1: model: {e}", markup=False)
+        return EXIT_USAGE
+    n = len(space.grid()) if all(d.choices for d in space.dimensions.values()) else None
+    console.print(f"{args.study}: ok — study {spec.name!r}, model {model.name}, engines "
+                  f"{', '.join(space.engines)}, {len(space.dimensions)} parameters"
+                  + (f" ({n} configurations)" if n else "") + f", {spec.budget.trials} trials", markup=False)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    spec = _load(args.study)
+    if args.output_dir:
+        spec.output_dir = args.output_dir
+    if args.trials:
+        spec.budget.trials = args.trials
+    from servetune.optimizer.driver import StudyDriver, StudyLocked
+
+    t0 = time.monotonic()
+    spec_objectives = [(o.scenario or spec.workload.scenarios[0].label, o.metric) for o in spec.objectives]
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            console.print(f"[bold]servetune[/] study [bold]{spec.name}[/]: {data['done']} of {data['budget']} trials "
+                          f"done, results in {data['run_dir']}")
+        elif kind == "resumed":
+            console.print(f"[yellow]resumed: {data['requeued']} trial(s) interrupted earlier were queued again[/]")
+        elif kind == "launch":
+            tag = " [cyan](baseline)[/]" if data["baseline"] else ""
+            console.print(f"  #{data['number']:<3} start  {data['engine']} on {data['gpus']} GPU(s): "
+                          f"{_fmt_params(data['params'])}{tag}", markup=True)
+        elif kind == "result":
+            console.print("  " + _result_line(data["result"], spec_objectives), markup=True)
+
+    try:
+        driver = StudyDriver(spec, on_event=on_event, ray_address=args.ray_address)
+        outcome = driver.run()
+    except StudyLocked as e:
+        err_console.print(f"error: {e}", markup=False)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as e:  # model/catalog problems found while preparing
+        err_console.print(f"{args.study}:1: {e}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err_console.print("interrupted: completed trials are saved; rerun the same command to continue")
+        return 130
+    console.print(f"done in {time.monotonic() - t0:.0f} s ({outcome.stopped_because})")
+    _print_pareto(outcome.run_dir, spec_objectives)
+    if not args.no_report:
+        from servetune.reports.html import write_report
+
+        path = write_report(outcome.run_dir)
+        console.print(f"report: [bold]{path}[/]")
+    return 0
+
+
+def _result_line(r, objectives) -> str:
+    head = f"#{r.number:<3} [bold]{r.state:<9}[/]"
+    if r.duplicate_of is not None:
+        head += f" (= #{r.duplicate_of})"
+    if r.state != "complete":
+        reason = (r.failure or {}).get("reason", "")
+        kind = (r.failure or {}).get("kind", "")
+        return f"{head} [red]{kind}[/]: {_esc(reason)}"
+    bits = []
+    for label, sr in r.scenarios.items():
+        s = sr.get("summary", {})
+        sla = sr.get("sla_met")
+        verdict = "" if sla is None else (" [green]SLA ok[/]" if sla else " [red]SLA missed[/]")
+        bits.append(f"{label}: {s.get('output_tokens_per_s', 0):,.0f} tok/s "
+                    f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
+                    f"p99 TPOT {s.get('tpot_p99_ms', float('nan')):.1f} ms{verdict}")
+    return f"{head} {'; '.join(bits)}  [dim]{r.wall_s:.0f} s[/]"
+
+
+def _esc(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+def _print_pareto(run_dir: Path, objectives) -> None:
+    from rich.table import Table
+
+    from servetune.reports.model import load_run
+    from servetune.reports.pareto import pareto_mask
+
+    run = load_run(run_dir)
+    df = run.trials
+    if df.empty:
+        console.print("no trials")
+        return
+    cols = [f"{s}.{m}" for s, m in objectives]
+    spec_dirs = [o.get("direction", "maximize") for o in run.spec.get("objectives", [])]
+    ok = df[(df["state"] == "complete")].copy()
+    for c in cols:
+        if c not in ok:
+            ok[c] = float("nan")
+    valid_cols = [c for c in ok.columns if c.endswith(".sla_met")]
+    for c in valid_cols:
+        ok = ok[ok[c].fillna(True).astype(bool)]
+    if ok.empty:
+        console.print("[yellow]no trial met every SLA[/]")
+        return
+    mask = pareto_mask(ok[cols].to_numpy(dtype=float), spec_dirs)
+    front = ok[mask].sort_values(cols[0], ascending=spec_dirs[0] == "minimize")
+    table = Table(title="Pareto-optimal trials (SLA met)")
+    table.add_column("#", justify="right")
+    table.add_column("config")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for _, row in front.iterrows():
+        params = {k.removeprefix("param."): row[k] for k in row.index if k.startswith("param.") and row[k] == row[k]}
+        mark = " (baseline)" if row.get("is_baseline") else ""
+        table.add_row(str(int(row["number"])), _esc(_fmt_params(params)) + mark, *[f"{row[c]:,.1f}" for c in cols])
+    console.print(table)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from servetune.reports.html import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "trials").is_dir():
+        err_console.print(f"error: {run_dir} is not a servetune run directory (no trials/ inside)", markup=False)
+        return EXIT_USAGE
+    path = write_report(run_dir, Path(args.output) if args.output else None)
+    console.print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="servetune", description="Find the inference-server configuration that serves "
+                                "your model, on your GPUs, for your workload, best.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) a study")
+    r.add_argument("study")
+    r.add_argument("--output-dir", help="override the study's output_dir")
+    r.add_argument("--trials", type=int, help="override budget.trials")
+    r.add_argument("--ray-address", help="join an existing Ray cluster (default: a local instance)")
+    r.add_argument("--no-report", action="store_true")
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="check a study file")
+    v.add_argument("study")
+    v.set_defaults(func=cmd_validate)
+    rep = sub.add_parser("report", help="write the HTML report of a run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("-o", "--output")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Trials as Ray tasks: ``num_gpus = tp·pp·dp``, so Ray packs trials onto GPUs and never shares one.
+
+A local Ray instance by default; ``address`` joins a cluster. For the sim engine we declare the study's
+GPU count to Ray as real resources, so packing and GPU-id handling are exercised on a CPU machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from servetune.optimizer.records import TrialPlan, TrialResult
+
+
+def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from servetune.optimizer.lifecycle import run_trial
+
+    plan = TrialPlan.from_dict(plan_dict)
+    gpu_ids = [int(g) for g in ray.get_gpu_ids()]
+    return run_trial(plan, gpu_ids).to_dict()
+
+
+class RayExecutor:
+    def __init__(self, num_gpus: int, *, address: str | None = None, declare_gpus: bool = True):
+        import ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self._ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR,
+                                          log_to_driver=True, configure_logging=True)
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = max(2, os.cpu_count() or 2)
+                kwargs["object_store_memory"] = 128 * 1024 * 1024
+                if declare_gpus:
+                    kwargs["num_gpus"] = num_gpus
+            ray.init(**kwargs)
+        self._remote = ray.remote(_execute)
+
+    def submit(self, plan: TrialPlan):
+        # num_cpus=0: a trial's cost is its GPUs; the engine and load generator are processes of their own
+        return self._remote.options(num_gpus=plan.gpus, num_cpus=0, max_retries=0).remote(plan.to_dict())
+
+    def wait(self, refs: list, timeout_s: float) -> list:
+        if not refs:
+            return []
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        return ready
+
+    def result(self, ref) -> TrialResult:
+        """The trial's result; raises if the Ray worker died (the caller records that as a failure)."""
+        return TrialResult.from_dict(self._ray.get(ref))
+
+    def cancel(self, ref) -> None:
+        try:
+            self._ray.cancel(ref, force=True)
+        except Exception:
+            pass
+
+    def total_gpus(self) -> float:
+        return float(self._ray.cluster_resources().get("GPU", 0))
+
+    def shutdown(self) -> None:
+        if self._owns and self._ray.is_initialized():
+            self._ray.shutdown()

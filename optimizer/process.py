@@ -1,0 +1,207 @@
+"""Engine processes: start from an argv list in their own process group, wait for health, stop for good.
+
+Engines spawn workers, schedulers and engine cores; killing only the parent leaks GPUs. So every engine
+gets its own session (process group), we signal the group, and we leave a pid file behind that a later
+run can use to reap a group orphaned by a killed driver.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve_env(env: dict[str, str]) -> dict[str, str]:
+    """Expand ``${NAME}`` from our own environment at launch time; secrets never sit in plans or files."""
+    return {k: _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), v) for k, v in env.items()}
+
+
+def redact(text: str, env: dict[str, str]) -> str:
+    """Hide values of secret-looking variables that a process might echo into its log."""
+    for k, v in env.items():
+        if v and len(v) >= 6 and re.search(r"TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL", k, re.I):
+            text = text.replace(v, f"${{{k}}}")
+    return text
+
+
+@dataclass
+class EngineProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    pid_path: Path
+    url: str
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # start_new_session=True makes the child its own group leader
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, max_bytes: int = 16384) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def start(argv: list[str], env: dict[str, str], log_path: Path, url: str, cwd: str | None = None) -> EngineProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ)
+    full_env.update(resolve_env(env))
+    log = open(log_path, "ab", buffering=0)
+    try:
+        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd)
+    finally:
+        log.close()
+    pid_path = log_path.parent / "engine.pid"
+    pid_path.write_text(json.dumps({"pgid": proc.pid, "argv0": argv[0], "started": time.time()}))
+    return EngineProcess(proc, log_path, pid_path, url)
+
+
+def wait_healthy(ep: EngineProcess, path: str, timeout_s: float, interval_s: float = 0.25) -> str | None:
+    """None when healthy; else 'exited' or 'timeout'. Early exit is noticed within one interval."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not ep.alive():
+            return "exited"
+        try:
+            with urllib.request.urlopen(ep.url + path, timeout=2.0) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(interval_s)
+    return "timeout"
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+
+
+def stop(ep: EngineProcess, grace_s: float = 20.0) -> int | None:
+    """SIGTERM the group, wait, SIGKILL what is left. Returns the exit code."""
+    kill_group(ep.pgid, grace_s, ep.proc)
+    try:
+        ep.pid_path.unlink()
+    except OSError:
+        pass
+    return ep.proc.returncode
+
+
+def kill_group(pgid: int, grace_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    # children re-parented to init are reaped by it; wait until the group is really gone
+    end = time.monotonic() + 10
+    while _group_alive(pgid) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie group leader still "exists"; look for any live member
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            stat = (pid_dir / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 3 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def reap_orphan(pid_path: Path) -> bool:
+    """Kill the group a dead driver left running (pid file still present). True if one was killed."""
+    try:
+        info = json.loads(pid_path.read_text())
+        pgid = int(info["pgid"])
+    except (OSError, ValueError, KeyError):
+        return False
+    alive = _group_alive(pgid)
+    if alive:
+        kill_group(pgid, grace_s=10.0)
+    try:
+        pid_path.unlink()
+    except OSError:
+        pass
+    return alive
+
+
+def gpus_memory_used_mib(gpu_ids: list[int]) -> dict[int, float] | None:
+    """Used memory per GPU from nvidia-smi; None where there is no NVIDIA driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = {}
+    for line in out.strip().splitlines():
+        idx, mem = (x.strip() for x in line.split(","))
+        if int(idx) in gpu_ids:
+            used[int(idx)] = float(mem)
+    return used
+
+
+def wait_gpus_free(gpu_ids: list[int], threshold_mib: float = 2048.0, timeout_s: float = 120.0) -> bool:
+    """True once every GPU's used memory is below the threshold (or there is no NVML to ask)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = gpus_memory_used_mib(gpu_ids)
+        if used is None or all(v < threshold_mib for v in used.values()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)

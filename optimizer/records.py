@@ -1,0 +1,102 @@
+"""Plain data of one trial: what to launch (TrialPlan) and what happened (TrialResult).
+
+Both travel through Ray as dicts and land on disk as ``trials/NNNN/trial.json``; the report reads that file,
+so it carries everything a person needs to judge the trial without the Optuna storage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servetune.optimizer.engines.base import ModelRef
+
+
+@dataclass
+class ScenarioPlan:
+    label: str  # the scenario's name in the study (objectives refer to it)
+    settings: dict[str, Any]  # loadgen.scenarios.ScenarioSettings fields
+
+
+@dataclass
+class TrialPlan:
+    number: int
+    engine: str
+    params: dict[str, Any]  # engine-neutral, everything this trial sets explicitly
+    model: ModelRef
+    gpus: int
+    trial_dir: str
+    dataset: dict[str, Any]  # loadgen dataset arguments
+    scenarios: list[ScenarioPlan]
+    host: str = "127.0.0.1"
+    gpu: str = "h100"
+    gpu_memory_gib: float | None = None
+    engine_command: list[str] | None = None
+    engine_version: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # values may be ${NAME} references
+    ready_timeout_s: float = 900.0
+    is_baseline: bool = False
+    fake_gpus: bool = False  # the sim: GPU ids come from Ray's bookkeeping, no NVML checks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialPlan":
+        d = dict(d)
+        d["model"] = ModelRef(**d["model"])
+        d["scenarios"] = [ScenarioPlan(**s) for s in d["scenarios"]]
+        return cls(**d)
+
+
+@dataclass
+class TrialResult:
+    number: int
+    engine: str
+    params: dict[str, Any]
+    state: str  # complete | failed | rejected | running
+    is_baseline: bool = False
+    engine_version: str = ""
+    failure: dict[str, str] | None = None  # {"kind": ..., "reason": ...}
+    gpus: int = 0
+    gpu_ids: list[int] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    started_at: str = ""
+    ready_s: float | None = None
+    wall_s: float = 0.0
+    loaded_s: float = 0.0  # time under measured load (GPU duty-cycle numerator)
+    scenarios: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics_delta: dict[str, float] = field(default_factory=dict)
+    objectives: dict[str, float] = field(default_factory=dict)
+    duplicate_of: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialResult":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write-then-rename, so a killed process never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
