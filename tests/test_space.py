@@ -1,0 +1,53 @@
+"""Search space and catalog: domains become Optuna distributions, conditionals stay conditional."""
+import optuna
+import pytest
+
+from servetune.optimizer.catalog import load_catalog, render_flags
+from servetune.optimizer.space import SearchSpace
+
+
+def test_conditional_parameter_only_sampled_when_parent_on():
+    space = SearchSpace(["sim"], {"speculative_method": ["none", "ngram"], "speculative_tokens": {"low": 1, "high": 5}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {"none": 0, "ngram": 0}
+    for _ in range(30):
+        t = study.ask()
+        _, params = space.suggest(t)
+        seen[params["speculative_method"]] += 1
+        assert ("speculative_tokens" in params) == (params["speculative_method"] != "none")
+        study.tell(t, 0.0)
+    assert seen["none"] and seen["ngram"]
+
+
+def test_grid_collapses_conditional_children():
+    space = SearchSpace(["sim"], {"speculative_method": ["none", "ngram"], "speculative_tokens": [2, 4],
+                                  "tensor_parallel": [1, 2]})
+    grid = space.grid()
+    # none × (no k) + ngram × {2,4}, times tp {1,2}
+    assert len(grid) == 6
+    assert {"speculative_method": "none", "tensor_parallel": 1} in grid
+
+
+def test_log_int_domain_and_baseline_is_engine_default():
+    space = SearchSpace(["sim"], {"max_concurrency": {"low": 8, "high": 512, "log": True}, "quantization": ["none", "fp8"]})
+    dist = space.distributions()["max_concurrency"]
+    assert isinstance(dist, optuna.distributions.IntDistribution) and dist.log
+    assert space.baseline("sim") == {"max_concurrency": 256, "quantization": "none"}
+
+
+def test_multi_engine_makes_engine_a_dimension():
+    space = SearchSpace(["sim", "sim"][:1], {"tensor_parallel": [1]})
+    assert "engine" not in space.distributions()
+
+
+def test_render_flags_styles_and_omission():
+    cat = load_catalog("sim")
+    argv = render_flags(cat, {"tensor_parallel": 2, "chunked_prefill": False, "prefix_caching": True,
+                              "memory_fraction": 0.85, "quantization": "fp8"})
+    assert argv == ["--tensor-parallel-size", "2", "--quantization", "fp8", "--no-enable-chunked-prefill",
+                    "--enable-prefix-caching", "--gpu-memory-utilization", "0.85"]
+
+
+def test_empty_search_uses_catalog_domains():
+    space = SearchSpace(["sim"], {})
+    assert set(space.dimensions) == set(load_catalog("sim").default_domains())

@@ -1,0 +1,129 @@
+"""The whole chain, for real: study file → Optuna (SQLite) → Ray tasks → sim HTTP servers → loadgen → report."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from study_fixtures import write_study
+
+pytestmark = pytest.mark.slow
+
+
+def _servetune(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "servetune.optimizer.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _trial_files(run: Path) -> dict[int, dict]:
+    out = {}
+    for p in sorted((run / "trials").glob("*/trial.json")):
+        out[int(p.parent.name)] = json.loads(p.read_text())
+    return out
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_six_trial_study_completes_with_baseline_failure_and_report(tmp_path):
+    # memory_fraction 0.05 leaves the 1b model's weights room but no KV: the engine itself fails to start
+    study = write_study(tmp_path, search="""
+      max_concurrency: [8, 32, 128]
+      memory_fraction: [0.05, 0.9]
+      tensor_parallel: [1, 2]
+    """)
+    proc = _servetune("run", str(study))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    trials = _trial_files(run)
+    assert len(trials) == 6
+    assert trials[0]["is_baseline"] and trials[0]["state"] == "complete"
+    states = [t["state"] for t in trials.values()]
+    assert states.count("complete") >= 2
+    for t in trials.values():
+        if t["state"] == "complete":
+            s = t["scenarios"]["server"]["summary"]
+            assert s["output_tokens_per_s"] > 0 and s["tpot_p99_ms"] > 0
+            assert (run / "trials" / f"{t['number']:04d}" / "requests_server.csv").exists()
+        elif t["state"] == "failed":
+            assert t["failure"]["kind"] and t["failure"]["reason"]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run / 'study.db'}")
+    st = optuna.load_study(study_name="itest", storage=storage)
+    assert len(st.trials) == 6
+    assert "Pareto-optimal trials" in proc.stdout
+    assert (run / "report.html").exists()
+    # no engine process survives the study
+    assert not list((run / "trials").glob("*/engine.pid"))
+
+
+def test_engine_that_fails_to_start_is_recorded_and_study_goes_on(tmp_path):
+    study = write_study(tmp_path, trials=3, parallel=1, search="""
+      memory_fraction: [0.05]
+    """, extra="baseline: false\n")
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    trials = _trial_files(tmp_path / "run")
+    first = trials[0]
+    assert first["state"] == "failed"
+    assert first["failure"]["kind"] == "oom", first["failure"]
+    # the same config is never relaunched: later trials reuse the failure without starting an engine
+    assert all(t["state"] == "failed" for t in trials.values())
+    assert any(t.get("duplicate_of") == 0 for t in trials.values())
+
+
+def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
+    study = write_study(tmp_path, trials=6, parallel=2, duration_s=4)
+    run = tmp_path / "run"
+    driver = subprocess.Popen([sys.executable, "-m", "servetune.optimizer.cli", "run", str(study), "--no-report"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            done = [t for t in _trial_files(run).values() if t["state"] == "complete"] if (run / "trials").exists() else []
+            running = list((run / "trials").glob("*/engine.pid")) if (run / "trials").exists() else []
+            if len(done) >= 2 and running:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("study never reached 2 complete trials with one running")
+        before = {n: t for n, t in _trial_files(run).items() if t["state"] == "complete"}
+        orphan_pgids = [json.loads(p.read_text())["pgid"] for p in running]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray and engines are left to fend for themselves
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed" in proc.stdout
+    after = _trial_files(run)
+    for n, t in before.items():  # completed trials are kept, untouched
+        assert after[n]["state"] == "complete"
+        assert after[n]["scenarios"] == t["scenarios"]
+    st = optuna.load_study(study_name="itest", storage=f"sqlite:///{run / 'study.db'}")
+    counted = [t for t in st.trials if not t.user_attrs.get("servetune.stale")]
+    assert len(counted) == 6 and all(t.state.is_finished() for t in st.trials)
+    for pgid in orphan_pgids:
+        assert not _alive(pgid), "an engine orphaned by the killed driver is still running"
+
+
+def test_validate_reports_file_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {preset: llama-3.1-8b}\nengines: [sim]\nworkload:\n  scenarios:\n    - {kind: server, qsp: 3}\n"
+                   "objectives: [{metric: output_tokens_per_s}]\n")
+    proc = _servetune("validate", str(bad))
+    assert proc.returncode == 2
+    assert f"{bad}:6: workload.scenarios[0].qsp: unknown key 'qsp' (did you mean 'qps'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
