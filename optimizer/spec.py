@@ -2,16 +2,25 @@
 
 Every command that reads a study goes through :func:`load_study`. A bad file raises :class:`SpecError`,
 whose lines read ``FILE:LINE: path.to.key: message``; the CLI prints them and exits 2, never a traceback.
+
+Checks that need the file system (``model.path``, ``workload.dataset.path``) run only when a study is
+loaded from text (:func:`parse_study` / :func:`load_study`): relative paths are resolved from the study
+file's directory then. ``StudySpec.model_validate`` on plain data (a worker re-reading a plan) skips them.
 """
 from __future__ import annotations
 
+import datetime
 import difflib
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 ENGINES = ("sim", "vllm", "sglang")
 SCENARIOS = ("offline", "server", "interactive", "single_stream")
@@ -27,6 +36,93 @@ SLA_PRESETS: dict[str, tuple[float, float]] = {
     "mixtral-8x7b": (2000.0, 200.0),
 }
 
+# Objective metrics a scenario summary carries, with the direction that makes a config better.
+_LATENCIES = ("ttft", "tpot", "itl", "e2e")
+_STATS = ("p50", "p90", "p99", "mean")
+METRICS: dict[str, str] = {
+    "output_tokens_per_s": "maximize",
+    "output_tokens_per_s_per_gpu": "maximize",
+    "request_per_s": "maximize",
+    "tokens_per_s_per_user": "maximize",
+    "goodput_request_per_s": "maximize",
+    **{f"{lat}_{st}_ms": "minimize" for lat in _LATENCIES for st in _STATS},
+    "error_rate": "minimize",
+    "usd_per_million_tokens": "minimize",
+}
+
+# Parameters whose values have a floor (GPU counts, token counts, sizes) or a ceiling.
+_PARAM_MIN: dict[str, float] = {
+    "tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "max_concurrency": 1,
+    "max_batched_tokens": 1, "kv_block_size": 1, "max_model_len": 1, "speculative_tokens": 1,
+    "speculative_lookup_max": 1, "speculative_lookup_min": 1, "cuda_graph_max_batch": 1, "stream_interval": 1,
+}
+_GPU_PARAMS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
+_OFF = (None, "none", False, "off", 0)  # a `requires:` parent with one of these is off (as in space.py)
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+_SECRET_PARTS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
+_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _parameters() -> dict[str, Any]:
+    """Engine-neutral parameter names (search_spaces/parameters.yaml) with type and ``requires``."""
+    try:
+        from servetune.optimizer.space import PARAMETERS
+    except ImportError:  # the search-space module is optional for validation; read the table directly
+        text = (Path(__file__).resolve().parent.parent / "search_spaces" / "parameters.yaml").read_text()
+        PARAMETERS = yaml.safe_load(text)
+    return PARAMETERS
+
+
+def _pget(p: Any, key: str) -> Any:
+    return p.get(key) if isinstance(p, dict) else getattr(p, key, None)
+
+
+def _fail(title: str, errors: list[tuple[tuple, str]]) -> None:
+    """Raise a ValidationError whose errors sit at ``loc`` (relative to the model being validated)."""
+    raise ValidationError.from_exception_data(title, [
+        InitErrorDetails(type=PydanticCustomError("spec", "{msg}", {"msg": msg}), loc=tuple(loc), input=None)
+        for loc, msg in errors
+    ])
+
+
+def _close(word: Any, choices: Any) -> str | None:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _did_you_mean(word: Any, choices: Any) -> str:
+    close = _close(word, choices)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def _did_you_mean_or_list(word: Any, choices: Any) -> str:
+    return _did_you_mean(word, choices) or f" (known: {', '.join(str(c) for c in choices)})"
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "nothing (an empty value)"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, (datetime.date, datetime.datetime)):
+        return f"a date ({v.isoformat()}; quote it if you mean the text)"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _resolve(base_dir: str, p: str) -> Path:
+    q = Path(os.path.expanduser(p))
+    return q if q.is_absolute() else Path(base_dir) / q
+
+
+def _base_dir(info: ValidationInfo) -> str | None:
+    ctx = info.context if info is not None else None
+    return ctx.get("base_dir") if isinstance(ctx, dict) else None
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -39,9 +135,25 @@ class ModelSpec(_Strict):
     load_format: str | None = Field(None, description="e.g. 'dummy' for random weights of the real shape")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self, info: ValidationInfo) -> "ModelSpec":
         if not self.preset and not self.path:
             raise ValueError("give model.preset (a built-in shape) or model.path (a checkpoint directory)")
+        base = _base_dir(info)
+        if self.path and base is not None:
+            p = _resolve(base, self.path)
+            where = "" if os.path.isabs(os.path.expanduser(self.path)) else f" (looked in {p})"
+            if not p.exists():
+                hint = ""
+                if re.fullmatch(r"[\w.-]+/[\w.-]+", self.path):
+                    hint = ("; if it is a Hugging Face id, download it first (huggingface-cli download "
+                            f"{self.path} --local-dir DIR) and give path: DIR")
+                _fail("model", [(("path",), f"no such directory {self.path!r}{where}{hint}")])
+            if not p.is_dir():
+                _fail("model", [(("path",), f"{self.path!r} is a file; model.path is the checkpoint directory "
+                                            "(the one holding config.json)")])
+            if not (p / "config.json").is_file():
+                _fail("model", [(("path",), f"{self.path!r} has no config.json{where}; point model.path at the "
+                                            "checkpoint directory (the one holding config.json)")])
         return self
 
 
@@ -54,8 +166,13 @@ class HardwareSpec(_Strict):
     @model_validator(mode="after")
     def _per_trial(self) -> "HardwareSpec":
         if self.max_gpus_per_trial is not None and self.max_gpus_per_trial > self.gpus:
-            raise ValueError(f"max_gpus_per_trial ({self.max_gpus_per_trial}) exceeds gpus ({self.gpus})")
+            _fail("hardware", [(("max_gpus_per_trial",),
+                                f"max_gpus_per_trial ({self.max_gpus_per_trial}) exceeds gpus ({self.gpus})")])
         return self
+
+    @property
+    def per_trial(self) -> int:
+        return self.max_gpus_per_trial or self.gpus
 
 
 class EngineSpec(_Strict):
@@ -66,6 +183,44 @@ class EngineSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment; use ${NAME} to pass a secret by name")
     ready_timeout_s: float = Field(900.0, gt=0)
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, v: Any) -> Any:
+        # `version: 0.26` is read by YAML as a float; a version is text
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out: dict[Any, Any] = {}
+        errs: list[tuple[tuple, str]] = []
+        for k, val in v.items():
+            if isinstance(val, bool):
+                errs.append(((k,), f"{_describe(val)} is not text; quote the value: {k}: \"{'1' if val else '0'}\" "
+                                   f"(or \"{'true' if val else 'false'}\")"))
+                continue
+            if isinstance(val, (int, float)):
+                val = str(val)  # VAR: 1 means "1"
+            out[k] = val
+            if isinstance(k, str) and isinstance(val, str) and _looks_secret(k, val):
+                errs.append(((k,), f"{k} looks like a secret written into the study file; write "
+                                   f"{k}: \"${{{k}}}\" and export {k} in the shell that runs servetune "
+                                   "(the value is read from there at launch and never stored)"))
+        if errs:
+            _fail("env", errs)
+        return out
+
+
+def _looks_secret(key: str, value: str) -> bool:
+    parts = {p for p in re.split(r"[^A-Za-z0-9]+", key.upper()) if p}
+    if not parts & _SECRET_PARTS or parts & {"FILE", "PATH", "DIR"}:
+        return False
+    if not value.strip() or _ENV_REF.search(value):
+        return False
+    return not value.startswith(("/", "./", "../", "~/"))  # a path to a key file is not the key
+
 
 Domain = Union[list[Any], dict[str, Any], int, float, str, bool, None]
 
@@ -73,16 +228,26 @@ Domain = Union[list[Any], dict[str, Any], int, float, str, bool, None]
 class RangeDomain(_Strict):
     low: float
     high: float
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
     log: bool = False
 
     @model_validator(mode="after")
     def _order(self) -> "RangeDomain":
         if self.low > self.high:
-            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+            _fail("range", [((), f"low ({_num(self.low)}) is above high ({_num(self.high)})")])
         if self.log and self.low <= 0:
-            raise ValueError("a log domain needs low > 0")
+            _fail("range", [(("low",), f"a log domain needs low > 0 (got {_num(self.low)})")])
+        if self.log and self.step is not None:
+            _fail("range", [(("step",), "step and log: true cannot be combined; drop one")])
         return self
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
 class DatasetSpec(_Strict):
@@ -97,9 +262,30 @@ class DatasetSpec(_Strict):
     ignore_eos: bool = True
 
     @model_validator(mode="after")
-    def _path(self) -> "DatasetSpec":
+    def _path(self, info: ValidationInfo) -> "DatasetSpec":
         if self.kind != "random" and not self.path:
-            raise ValueError(f"a {self.kind} dataset needs path")
+            _fail("dataset", [(("path",), f"{_a(self.kind)} dataset needs path (the file to read prompts from)")])
+        if self.kind == "random" and self.path:
+            _fail("dataset", [(("path",), "a random dataset ignores path; set kind: sharegpt or token_ids "
+                                          "to read prompts from the file")])
+        base = _base_dir(info)
+        if self.path and base is not None:
+            p = _resolve(base, self.path)
+            where = "" if os.path.isabs(os.path.expanduser(self.path)) else f" (looked in {p})"
+            problem = None
+            if not p.exists():
+                problem = f"no such file {self.path!r}{where}"
+            elif p.is_dir():
+                problem = f"{self.path!r} is a directory; give the dataset file"
+            else:
+                try:
+                    with open(p, "rb") as f:
+                        if not f.read(1):
+                            problem = f"{self.path!r} is empty"
+                except OSError as e:
+                    problem = f"cannot read {self.path!r}: {e.strerror or e}"
+            if problem:
+                _fail("dataset", [(("path",), problem)])
         return self
 
 
@@ -112,8 +298,14 @@ class SLASpec(_Strict):
     @classmethod
     def _known(cls, v: str | None) -> str | None:
         if v is not None and v not in SLA_PRESETS:
-            raise ValueError(f"unknown SLA preset {v!r}{_did_you_mean(v, SLA_PRESETS)}")
+            raise ValueError(f"unknown SLA preset {v!r}{_did_you_mean_or_list(v, SLA_PRESETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _some(self) -> "SLASpec":
+        if self.preset is None and self.ttft_p99_ms is None and self.tpot_p99_ms is None:
+            raise ValueError("an empty sla; give preset (e.g. llama3.1-8b) and/or ttft_p99_ms, tpot_p99_ms")
+        return self
 
     def limits(self) -> tuple[float | None, float | None]:
         ttft, tpot = SLA_PRESETS.get(self.preset or "", (None, None))
@@ -134,9 +326,10 @@ class ScenarioSpec(_Strict):
     @model_validator(mode="after")
     def _rate(self) -> "ScenarioSpec":
         if self.kind in ("server", "interactive") and self.qps is None:
-            raise ValueError(f"a {self.kind} scenario needs qps (requests per second)")
+            _fail("scenario", [(("qps",), f"{_a(self.kind)} scenario needs qps (requests per second)")])
         if self.kind in ("offline", "single_stream") and self.qps is not None:
-            raise ValueError(f"qps has no meaning for a {self.kind} scenario")
+            _fail("scenario", [(("qps",), f"qps has no meaning for {_a(self.kind)} scenario "
+                                          "(it sends as fast as it can); use kind: server for a fixed rate")])
         return self
 
     @property
@@ -148,20 +341,74 @@ class WorkloadSpec(_Strict):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     scenarios: list[ScenarioSpec] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _none_dataset(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "dataset" in v and v["dataset"] is None:
+            v = {k: x for k, x in v.items() if k != "dataset"}
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> "WorkloadSpec":
-        seen: set[str] = set()
-        for s in self.scenarios:
-            if s.label in seen:
-                raise ValueError(f"two scenarios are named {s.label!r}; give one a name")
-            seen.add(s.label)
+        errs: list[tuple[tuple, str]] = []
+        first: dict[str, int] = {}
+        for j, s in enumerate(self.scenarios):
+            if s.label in first:
+                where = "name" if s.name else "kind"
+                errs.append((("scenarios", j, where), f"two scenarios are named {s.label!r} (the first is "
+                                                      f"scenarios[{first[s.label]}]); give one a different name:"))
+            else:
+                first[s.label] = j
+        # An interactive scenario is the server scenario with tighter latency limits (MLPerf); looser ones
+        # almost always mean the presets were swapped.
+        servers = [(s, s.sla.limits()) for s in self.scenarios if s.kind == "server" and s.sla]
+        for j, s in enumerate(self.scenarios):
+            if s.kind != "interactive" or not s.sla:
+                continue
+            ttft, tpot = s.sla.limits()
+            for srv, (sttft, stpot) in servers:
+                looser = [f"{n} {_num(a)} ms > {_num(b)} ms" for n, a, b in
+                          (("ttft_p99", ttft, sttft), ("tpot_p99", tpot, stpot))
+                          if a is not None and b is not None and a > b]
+                if looser:
+                    errs.append((("scenarios", j, "sla"),
+                                 f"interactive limits are looser than those of server scenario {srv.label!r} "
+                                 f"({', '.join(looser)}); an interactive scenario is the stricter one "
+                                 "(e.g. preset llama3.1-8b-interactive) - were the SLAs swapped?"))
+                    break
+        if errs:
+            _fail("workload", errs)
         return self
 
 
 class ObjectiveSpec(_Strict):
     metric: str
     scenario: str | None = Field(None, description="scenario name; defaults to the first scenario")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Literal["maximize", "minimize"] | None = Field(
+        None, description="defaults to the metric's natural direction (throughput up, latency/errors/cost down)")
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}{_did_you_mean(v, METRICS)}; metrics are "
+                             "output_tokens_per_s, output_tokens_per_s_per_gpu, request_per_s, "
+                             "tokens_per_s_per_user, goodput_request_per_s, {ttft,tpot,itl,e2e}_{p50,p90,p99,mean}_ms, "
+                             "error_rate, usd_per_million_tokens")
+        return v
+
+    @field_validator("direction")
+    @classmethod
+    def _dir(cls, v: str | None, info: ValidationInfo) -> str:
+        metric = info.data.get("metric")
+        natural = METRICS.get(metric) if metric else None
+        if v is None:
+            return natural or "maximize"
+        if natural and v != natural:
+            better = "higher" if natural == "maximize" else "lower"
+            raise ValueError(f"to {v} {metric} would prefer the worst configs ({better} is better); "
+                             f"use direction: {natural} or leave direction out")
+        return v
 
 
 class SamplerSpec(_Strict):
@@ -197,6 +444,15 @@ class StudySpec(_Strict):
     # Where the study file lives; relative paths in it are resolved from there.
     source: str | None = Field(None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, v: Any) -> Any:
+        # `search:` with every entry commented out reads as null: treat it as absent
+        if isinstance(v, dict):
+            v = {k: x for k, x in v.items()
+                 if not (x is None and k in ("hardware", "search", "sampler", "budget"))}
+        return v
+
     @field_validator("engines", mode="before")
     @classmethod
     def _engine_names(cls, v: Any) -> Any:
@@ -204,28 +460,108 @@ class StudySpec(_Strict):
             return [{"name": e} if isinstance(e, str) else e for e in v]
         return v
 
-    @field_validator("search")
+    @field_validator("engines")
     @classmethod
-    def _domains(cls, v: dict[str, Domain]) -> dict[str, Domain]:
-        from servetune.optimizer.space import PARAMETERS
+    def _engines_once(cls, v: list[EngineSpec]) -> list[EngineSpec]:
+        seen: dict[str, int] = {}
+        errs = []
+        for i, e in enumerate(v):
+            if e.name in seen:
+                errs.append(((i,), f"engine {e.name!r} is listed twice (first at engines[{seen[e.name]}]); "
+                                   "a study compares different engines"))
+            seen.setdefault(e.name, i)
+        if errs:
+            _fail("engines", errs)
+        return v
 
+    @field_validator("search", mode="before")
+    @classmethod
+    def _domains(cls, v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, dict):
+            return v  # the type error is reported by pydantic
+        params = _parameters()
+        errs: list[tuple[tuple, str]] = []
         for key, dom in v.items():
-            if key not in PARAMETERS:
-                raise ValueError(f"unknown parameter {key!r}{_did_you_mean(key, PARAMETERS)}")
-            if isinstance(dom, dict):
-                RangeDomain.model_validate(dom)
-            elif isinstance(dom, list) and not dom:
-                raise ValueError(f"{key}: an empty list leaves nothing to search")
+            if key not in params:
+                errs.append(((key,), f"unknown parameter {key!r}{_did_you_mean(key, params)}"))
+                continue
+            errs += _check_domain(key, dom, _pget(params[key], "type"))
+        for key, dom in v.items():
+            parent = _pget(params.get(key, {}), "requires") if key in params else None
+            if not parent:
+                continue
+            if parent not in v:
+                errs.append(((key,), f"{key} is only used when {parent} is on, and {parent} is not searched; "
+                                     f"add {parent} to search (e.g. {parent}: [none, ...])"))
+            elif all(_is_off(x) for x in _values(v[parent])):
+                errs.append(((key,), f"{key} is only used when {parent} is on, and every value of "
+                                     f"search.{parent} is off"))
+        hw = info.data.get("hardware")
+        if not errs and isinstance(hw, HardwareSpec):
+            errs += _gpu_errors(v, hw)
+        if errs:
+            _fail("search", errs)
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError(f"{v!r} is not a storage URL; e.g. sqlite:///runs/study.db or "
+                             "postgresql://user@host/db (leave storage out for the default)")
         return v
 
     @model_validator(mode="after")
     def _cross(self) -> "StudySpec":
-        names = [s.label for s in self.workload.scenarios]
+        errs: list[tuple[tuple, str]] = []
+        scen = {s.label: s for s in self.workload.scenarios}
+        names = list(scen)
+        seen: dict[tuple[str, str], int] = {}
         for i, o in enumerate(self.objectives):
-            if o.scenario is not None and o.scenario not in names:
-                raise ValueError(f"objectives[{i}].scenario {o.scenario!r} is not a scenario "
-                                 f"(have: {', '.join(names)}){_did_you_mean(o.scenario, names)}")
+            if o.scenario is not None and o.scenario not in scen:
+                errs.append((("objectives", i, "scenario"),
+                             f"{o.scenario!r} is not a scenario (have: {', '.join(names)})"
+                             f"{_did_you_mean(o.scenario, names)}"))
+                continue
+            s = scen[o.scenario] if o.scenario is not None else self.workload.scenarios[0]
+            if o.metric == "goodput_request_per_s" and s.sla is None:
+                errs.append((("objectives", i, "metric"),
+                             f"goodput counts requests within the SLA, and scenario {s.label!r} has no sla; "
+                             "give it one (e.g. sla: {preset: llama3.1-8b})"))
+            if o.metric == "usd_per_million_tokens" and self.cost_per_gpu_hour is None:
+                errs.append((("objectives", i, "metric"),
+                             "usd_per_million_tokens needs cost_per_gpu_hour (top level, e.g. cost_per_gpu_hour: 2.5)"))
+            key = (o.metric, s.label)
+            if key in seen:
+                errs.append((("objectives", i), f"the same objective as objectives[{seen[key]}] "
+                                                f"({o.metric} on {s.label!r})"))
+            seen.setdefault(key, i)
+        errs += self._unsupported_everywhere()
+        if errs:
+            _fail("StudySpec", errs)
         return self
+
+    def _unsupported_everywhere(self) -> list[tuple[tuple, str]]:
+        """Searched parameters that no engine of the study has a flag for (they would change nothing)."""
+        try:
+            from servetune.optimizer.catalog import load_catalog
+        except ImportError:
+            return []
+        flags: list[set[str]] = []
+        for e in self.engines:
+            try:
+                cat = load_catalog(e.name, e.version)
+            except Exception:  # a catalog not written yet is no fault of the study
+                return []
+            flags.append({n for n, m in cat.params.items() if m.flag is not None})
+        errs = []
+        for key, dom in self.search.items():
+            fixed = not isinstance(dom, (list, dict)) or (isinstance(dom, list) and len(dom) == 1)
+            if not fixed and all(key not in f for f in flags):
+                engines = ", ".join(e.name for e in self.engines)
+                errs.append((("search", key), f"no engine of this study ({engines}) has a flag for {key}; "
+                                              "searching it would change nothing"))
+        return errs
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -237,40 +573,212 @@ class StudySpec(_Strict):
         return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
 
     def resolve_path(self, p: str) -> str:
+        p = os.path.expanduser(p)
         if os.path.isabs(p) or not self.source:
             return p
         return str((Path(self.source).resolve().parent / p))
 
 
+# -- search domains ----------------------------------------------------------------------------------------
+
+def _values(dom: Any) -> list[Any]:
+    if isinstance(dom, list):
+        return dom
+    if isinstance(dom, dict):
+        return [dom.get("low"), dom.get("high")]
+    return [dom]
+
+
+def _is_off(x: Any) -> bool:
+    return any(x is o or (type(x) is type(o) and x == o) for o in _OFF)
+
+
+def _check_value(key: str, x: Any, ptype: str | None) -> str | None:
+    """Why ``x`` is not a value of parameter ``key`` (of ``ptype``), or None."""
+    if x is None:
+        return None  # leave the engine's default
+    if ptype == "int":
+        if isinstance(x, bool) or not isinstance(x, int):
+            return f"{key} takes whole numbers, got {_describe(x)}"
+    elif ptype == "float":
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return f"{key} takes numbers, got {_describe(x)}"
+    elif ptype == "bool":
+        if not isinstance(x, bool) and not (isinstance(x, str) and x.lower() in _BOOL_WORDS):
+            return f"{key} is true or false, got {_describe(x)}"
+        return None
+    elif ptype == "str":
+        if x is False:
+            return None  # YAML reads `off` / `no` as false; it means "none"
+        if not isinstance(x, str):
+            return f"{key} takes names, got {_describe(x)}; quote it if you mean the text"
+        return None
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    lo = _PARAM_MIN.get(key)
+    if lo is not None and x < lo:
+        return f"{key} must be at least {_num(float(lo))}, got {_describe(x)}"
+    if key == "memory_fraction" and not 0 < x <= 1:
+        return f"memory_fraction is a fraction in (0, 1], got {_describe(x)}"
+    return None
+
+
+def _check_domain(key: str, dom: Any, ptype: str | None) -> list[tuple[tuple, str]]:
+    if dom is None:
+        return []
+    if isinstance(dom, list):
+        if not dom:
+            return [((key,), "an empty list leaves nothing to search; list values or remove the key")]
+        errs: list[tuple[tuple, str]] = []
+        seen: list[Any] = []
+        for i, x in enumerate(dom):
+            if isinstance(x, (list, dict)):
+                errs.append(((key, i), f"a value of {key} cannot be {_describe(x)}"))
+                continue
+            why = _check_value(key, x, ptype)
+            if why:
+                errs.append(((key, i), why))
+            elif any(type(x) is type(y) and x == y for y in seen):
+                errs.append(((key, i), f"{_describe(x)} is listed twice"))
+            seen.append(x)
+        return errs
+    if isinstance(dom, dict):
+        if ptype in ("bool", "str"):
+            return [((key,), f"a {{low, high}} range needs a numeric parameter and {key} is a {ptype} parameter; "
+                             "list the values instead")]
+        try:
+            r = RangeDomain.model_validate(dom)
+        except ValidationError as e:
+            out = []
+            typos = {_close(err["loc"][-1], RangeDomain.model_fields) for err in e.errors()
+                     if err["type"] == "extra_forbidden"}
+            for err in e.errors():
+                if err["type"] == "missing" and err["loc"][-1] in typos:
+                    continue  # reported as the unknown key's "did you mean"
+                loc = (key, *err["loc"])
+                if err["type"] == "extra_forbidden":
+                    out.append((loc, f"unknown key {err['loc'][-1]!r}"
+                                     f"{_did_you_mean_or_list(err['loc'][-1], RangeDomain.model_fields)}"))
+                elif err["type"] == "missing":
+                    out.append((loc, f"a range needs low and high ({err['loc'][-1]} is missing)"))
+                else:
+                    out.append((loc, _message(err)))
+            return out
+        errs = []
+        if ptype == "int":
+            for k in ("low", "high", "step"):
+                x = dom.get(k)
+                if x is not None and not (isinstance(x, int) and not isinstance(x, bool)):
+                    errs.append(((key, k), f"{key} takes whole numbers, so {k} must be one (got {_describe(x)})"))
+        for k in ("low", "high"):
+            why = _check_value(key, dom[k], "float")
+            if why and not any(e[0] == (key, k) for e in errs):
+                errs.append(((key, k), why))
+        if not errs and r.step is not None and r.step > r.high - r.low and r.high > r.low:
+            errs.append(((key, "step"), f"step ({_num(r.step)}) is larger than the range {_num(r.low)}..{_num(r.high)}"))
+        return errs
+    if isinstance(dom, (int, float, str, bool)):
+        why = _check_value(key, dom, ptype)
+        return [((key,), why)] if why else []
+    return [((key,), f"a search domain is a list of values, a {{low, high}} range or one value; "
+                     f"got {type(dom).__name__}")]
+
+
+def _gpu_errors(search: dict[str, Any], hw: HardwareSpec) -> list[tuple[tuple, str]]:
+    cap = hw.per_trial
+    what = (f"hardware.max_gpus_per_trial is {cap}" if hw.max_gpus_per_trial is not None
+            else f"hardware.gpus is {cap}")
+    mins: dict[str, int] = {}
+    for p in _GPU_PARAMS:
+        if p not in search:
+            continue
+        vals = [1 if x is None else x for x in _values(search[p])[:1 if isinstance(search[p], dict) else None]]
+        nums = [x for x in vals if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if nums:
+            mins[p] = int(min(nums))
+    for p, m in mins.items():
+        if m > cap:
+            return [((p,), f"every value needs more GPUs than a trial may use: the smallest {p} is {m} and "
+                           f"{what}; list smaller values or raise hardware.gpus / max_gpus_per_trial")]
+    if len(mins) > 1 and math.prod(mins.values()) > cap:
+        last = list(mins)[-1]
+        prod = " x ".join(f"{p} {m}" for p, m in mins.items())
+        return [((last,), f"the smallest trial needs {prod} = {math.prod(mins.values())} GPUs and {what}")]
+    return []
+
+
 class SpecError(Exception):
-    """A study file that cannot be used; ``lines`` are ready to print."""
+    """A study file that cannot be used; ``lines`` are ready to print (one problem per line)."""
 
     def __init__(self, lines: list[str]):
+        lines = [re.sub(r"[ ]*[\r\n\t\v\f]+[ ]*", " ", str(x)).strip() for x in lines]
         super().__init__("\n".join(lines))
         self.lines = lines
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 # -- loading with line numbers ------------------------------------------------------------------------------
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _structure_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
+    """Duplicate keys (PyYAML silently keeps the last) and keys that are not names, from the node tree."""
+    errs: list[tuple[int, tuple, str]] = []
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                line = k.start_mark.line + 1
+                if k.tag == _MERGE_TAG:
+                    continue
+                if not isinstance(k, yaml.ScalarNode):
+                    errs.append((line, path, "a key must be a plain name, not a list or mapping"))
+                    continue
+                kp = path + (k.value,)
+                if k.tag != _STR_TAG:
+                    kind = k.tag.rsplit(":", 1)[-1]
+                    kind = {"bool": "true/false", "int": "a number", "float": "a number", "null": "null",
+                            "timestamp": "a date"}.get(kind, kind)
+                    errs.append((line, kp, f"the key {k.value!r} is read as {kind}, not a name; quote it "
+                                           f"(\"{k.value}\":) if you mean the text"))
+                if k.value in first:
+                    errs.append((line, kp, f"duplicate key {k.value!r} (first at line {first[k.value]}); "
+                                           "YAML would silently keep only this last one"))
+                else:
+                    first[k.value] = line
+                walk(v, kp)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    walk(root, ())
+    return errs
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None, _stack: frozenset = frozenset()) -> dict[tuple, int]:
     """Map every key path in the YAML document to its 1-based line (keys point at the key's line)."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in _stack:  # a recursive alias
+        return out
+    stack = _stack | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                continue
             kp = path + (k.value,)
-            out[kp] = k.start_mark.line + 1
-            _line_map(v, kp, out)
-            out[kp] = k.start_mark.line + 1
+            _line_map(v, kp, out, stack)
+            out[kp] = k.start_mark.line + 1  # later keys (overrides of a merge) win
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out[path + (i,)] = v.start_mark.line + 1
-            _line_map(v, path + (i,), out)
+            _line_map(v, path + (i,), out, stack)
     return out
 
 
@@ -320,7 +828,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         cur = _model_in(ann)
         if cur is None:
             return []
-    return list(getattr(cur, "model_fields", {}).keys())
+    return [k for k in getattr(cur, "model_fields", {}) if not (cur is StudySpec and k == "source")]
 
 
 def _model_in(ann: Any) -> Any:
@@ -335,50 +843,129 @@ def _model_in(ann: Any) -> Any:
     return None
 
 
+_TYPE_WORDS = {
+    "string_type": "expected text", "int_type": "expected a whole number", "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number", "float_type": "expected a number",
+    "float_parsing": "expected a number", "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "list_type": "expected a list", "dict_type": "expected a mapping (key: value lines)",
+    "model_type": "expected a mapping (key: value lines)", "model_attributes_type": "expected a mapping (key: value lines)",
+}
+
+
+def _message(err: dict) -> str:
+    """A pydantic error as one plain sentence, with what was given."""
+    t, msg, given = err["type"], err["msg"], err.get("input")
+    if t == "spec":
+        return msg
+    if t == "value_error":
+        return msg.removeprefix("Value error, ")
+    if t in _TYPE_WORDS:
+        return f"{_TYPE_WORDS[t]}, got {_describe(given)}"
+    if t == "literal_error":
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return f"{_describe(given)} is not one of: {', '.join(choices)}{_did_you_mean(given, choices)}"
+    if t == "too_short":
+        return "needs at least one entry"
+    if t == "string_pattern_mismatch" and tuple(err["loc"]) == ("name",):
+        return (f"{_describe(given)} is not a usable name: letters, digits, '.', '_' and '-' only, starting "
+                "with a letter or digit (it names the run directory and the Optuna study)")
+    if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{msg.replace('Input should be', 'should be')} (got {_describe(given)})"
+    return f"{msg} (got {_describe(given)})" if not isinstance(given, (dict, list)) else msg
+
+
+def _yaml_error(e: yaml.YAMLError, fname: str) -> SpecError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = mark.line + 1 if mark else 1
+    problem = getattr(e, "problem", None) or str(e)
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    hint = ""
+    if "\\t" in problem or "'\\t'" in problem:
+        hint = "; YAML indents with spaces, not tabs"
+    elif "mapping values are not allowed" in problem or "expected <block end>" in problem:
+        hint = "; check the indentation (keys of one mapping line up), or quote a value that contains ': '"
+    where = ""
+    if ctx and cmark and _differs(mark, cmark):
+        where = f" ({ctx} that started at line {cmark.line + 1})"
+    col = f" (column {mark.column + 1})" if mark else ""
+    if "expected a single document" in str(ctx):
+        return SpecError([f"{fname}:{line}: (syntax): a study file holds one YAML document; "
+                          "remove the '---' and what follows, or split it into two files"])
+    return SpecError([f"{fname}:{line}: (syntax): YAML syntax error: {problem}{col}{where}{hint}"])
+
+
+def _differs(a: Any, b: Any) -> bool:
+    return a is None or b is None or (a.line, a.column) != (b.line, b.column)
+
+
 def load_study(path: str | os.PathLike) -> StudySpec:
     fname = str(path)
     try:
         text = Path(fname).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([f"{fname}:1: (file): no such file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError([f"{fname}:1: (file): cannot read: {e}"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{fname}:1: (file): is a directory; give the study .yaml file"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{fname}:1: (file): not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except OSError as e:
+        raise SpecError([f"{fname}:1: (file): cannot read: {e.strerror or e}"]) from None
     return parse_study(text, fname)
 
 
 def parse_study(text: str, fname: str = "<study>") -> StudySpec:
+    """Parse and validate a study's YAML text; relative paths resolve from ``fname``'s directory."""
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError([f"{fname}:1: (top level): the file is empty"])
+        structure = _structure_errors(node)
+        if structure:
+            structure.sort(key=lambda e: e[0])
+            raise SpecError([f"{fname}:{line}: {_fmt_path(p)}: {m}" for line, p, m in structure])
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError([f"{fname}:{line}: (syntax): YAML syntax error: {problem}"]) from None
-    if node is None or data is None:
+        raise _yaml_error(e, fname) from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`: the constructor's own errors
+        raise SpecError([f"{fname}:1: (syntax): cannot read a value: {e}"]) from None
+    finally:
+        loader.dispose()
+    if data is None:
         raise SpecError([f"{fname}:1: (top level): the file is empty"])
     if not isinstance(data, dict):
-        raise SpecError([f"{fname}:1: (top level): a study is a mapping of keys (name:, model:, ...), "
-                         f"not a {type(data).__name__}"])
+        what = {list: "a list", str: "a single text value"}.get(type(data), f"a {type(data).__name__}")
+        raise SpecError([f"{fname}:{node.start_mark.line + 1}: (top level): a study is a mapping of keys "
+                         f"(name:, model:, ...), not {what}"])
     lines = _line_map(node)
+    out: list[tuple[int, str]] = []
+    if "source" in data:  # an internal field, never read from the file
+        out.append((lines[("source",)], f"{fname}:{lines[('source',)]}: source: unknown key 'source'"))
+        data = {k: v for k, v in data.items() if k != "source"}
     try:
-        spec = StudySpec.model_validate(data)
+        base_dir = str(Path(fname).resolve().parent) if not fname.startswith("<") else os.getcwd()
+        spec = StudySpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
-        out = []
-        for err in e.errors():
-            loc = _clean_loc(err["loc"], data)
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key {loc[-1]!r}{_did_you_mean(loc[-1], _allowed_keys(StudySpec, loc))}"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-                line = _nearest_line(lines, loc[:-1])
-                out.append(f"{fname}:{line}: {_fmt_path(loc)}: {msg}")
+        errors = [(err, _clean_loc(err["loc"], data)) for err in e.errors()]
+        # a misspelled required key shows up twice (unknown + missing): keep the "did you mean" only
+        typos = {(loc[:-1], _close(loc[-1], _allowed_keys(StudySpec, loc)))
+                 for err, loc in errors if err["type"] == "extra_forbidden" and loc}
+        for err, loc in errors:
+            if err["type"] == "missing" and loc and (loc[:-1], loc[-1]) in typos:
                 continue
-            elif err["type"] == "literal_error":
-                msg += f" (got {err.get('input')!r})"
-            out.append(f"{fname}:{_nearest_line(lines, loc)}: {_fmt_path(loc)}: {msg}")
-        # one message per line/path: unions repeat themselves
-        raise SpecError(list(dict.fromkeys(out))) from None
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {loc[-1]!r}{_did_you_mean_or_list(loc[-1], _allowed_keys(StudySpec, loc))}"
+            elif err["type"] == "missing":
+                line = _nearest_line(lines, loc[:-1])
+                out.append((line, f"{fname}:{line}: {_fmt_path(loc)}: required key is missing"))
+                continue
+            else:
+                msg = _message(err)
+            line = _nearest_line(lines, loc)
+            out.append((line, f"{fname}:{line}: {_fmt_path(loc)}: {msg}"))
+    if out:
+        # one message per line/path (unions repeat themselves), in file order
+        out.sort(key=lambda x: x[0])
+        raise SpecError(list(dict.fromkeys(s for _, s in out)))
     spec.source = fname
     return spec
