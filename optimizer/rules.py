@@ -46,12 +46,12 @@ def check(params: dict[str, Any], shape: dict[str, Any], *, gpus_available: int,
 
 def weight_bytes(shape: dict[str, Any], quantization: Any) -> float | None:
     """Weights in bytes for the quantization (none = checkpoint dtype, taken as 16-bit)."""
-    try:
-        from servetune.optimizer.model_shapes import ModelShape
+    from servetune.optimizer.model_shapes import ModelShape
 
-        params = ModelShape(shape).total_params
-    except Exception:
-        params = _param_count(shape)
+    try:
+        return float(ModelShape.from_config(shape).weight_bytes(quantization or "none"))
+    except (KeyError, ValueError, TypeError):
+        params = _param_count(shape)  # an unusual config.json: estimate from the core fields
     if not params:
         return None
     per = 1.0 if str(quantization).startswith("fp8") or quantization in ("int8", "w8a8_int8") else (

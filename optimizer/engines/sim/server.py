@@ -1,0 +1,558 @@
+"""The sim engine's OpenAI-compatible HTTP server (aiohttp).
+
+One asyncio task per data-parallel replica runs the engine loop: take a scheduler step, sleep until the
+step's end on an absolute ``loop.time()`` clock (so sleep overshoot never accumulates), then hand each
+request its tokens. The loop writes a streaming request's SSE chunk straight to its connection, one
+write per request per step, formatted from pre-built string pieces: no task wake-up, no JSON library and
+no aiohttp writer round trip per token, because the load generator shares the CPU with this process. A
+step that emits several tokens for one request (speculative decoding) sends them as one chunk whose
+``usage`` (when asked for) keeps the count exact; handlers only wait for the end.
+
+Token accounting: a string prompt counts one token per whitespace-separated word (chat: the words of all
+message contents, no template overhead); a list of ints counts one token per id. Generated text is filler
+words, one word per token, deterministic in the token position.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import HttpVersion11, web
+
+from servetune.optimizer.hardware import GIB, get_gpu
+from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.engines.sim.scheduler import (FINISHED, KV_DTYPES, QUANTIZATIONS, SPEC_METHODS, Scheduler,
+                                                       SimConfig, SimConfigError, SimRequest, SimStartupError,
+                                                       memory_plan)
+
+log = logging.getLogger("servetune.sim")
+
+_PROCESS_START = time.monotonic()
+# A step that starts this late after the previous one ended is not caught up on: the loop was starved,
+# and bursting through the backlog would fake a faster GPU.
+MAX_LAG_S = 0.05
+# Mean length of an answer when the client lets the model stop at EOS (ignore_eos false).
+NATURAL_LENGTH_MEAN = 200
+FILLER = tuple(" " + w for w in (
+    "the model answers with plain filler words so that every token is one word and the output can be "
+    "counted by splitting on whitespace while the timing follows a roofline of the configured GPU and "
+    "the scheduler admits requests as a continuous batching engine would").split())
+
+
+def _text(pos: int, n: int) -> str:
+    nf = len(FILLER)
+    if n == 1:
+        return FILLER[pos % nf]
+    return "".join(FILLER[(pos + j) % nf] for j in range(n))
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class _Output:
+    """Where a request's tokens go: the engine loop calls :meth:`deliver` at the end of each step.
+
+    The base class only collects (non-streaming requests); ``finished`` resolves when the request ends."""
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def deliver(self, req: SimRequest, n: int) -> bool:
+        """Returns False when the client is gone (the caller then aborts the request)."""
+        if req.state == FINISHED:
+            self.finish()
+        return True
+
+    def finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+class _SseOutput(_Output):
+    """Writes OpenAI SSE chunks straight to the connection's transport from the engine loop: no task
+    wake-up and no aiohttp writer round trip per token. Headers went out in ``prepare()``; chunked
+    transfer-encoding framing is added here, and the handler's ``write_eof()`` sends the terminator."""
+
+    __slots__ = ("transport", "chunked", "envelope", "head", "tail", "chat", "continuous", "include_usage",
+                 "prompt_len", "sent")
+
+    def __init__(self, rid: int, model_json: str, prompt_len: int, chat: bool, include_usage: bool,
+                 continuous: bool) -> None:
+        super().__init__()
+        self.transport: asyncio.Transport | None = None
+        self.chunked = True
+        created = int(time.time())
+        if chat:
+            self.envelope = (f'{{"id":"chatcmpl-{rid}","object":"chat.completion.chunk","created":{created},'
+                             f'"model":{model_json},"choices":[')
+            self.head = "data: " + self.envelope + '{"index":0,"delta":{"content":"'
+            self.tail = '"},"logprobs":null,"finish_reason":'
+        else:
+            self.envelope = (f'{{"id":"cmpl-{rid}","object":"text_completion","created":{created},'
+                             f'"model":{model_json},"choices":[')
+            self.head = "data: " + self.envelope + '{"index":0,"text":"'
+            self.tail = '","logprobs":null,"finish_reason":'
+        self.chat, self.include_usage, self.continuous = chat, include_usage, continuous
+        self.prompt_len = prompt_len
+        self.sent = 0
+
+    def _usage(self) -> str:
+        p, c = self.prompt_len, self.sent
+        return f'"usage":{{"prompt_tokens":{p},"total_tokens":{p + c},"completion_tokens":{c}}}'
+
+    def deliver(self, req: SimRequest, n: int) -> bool:
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            self.finish()
+            return False
+        done = req.state == FINISHED
+        parts = []
+        if self.chat and self.sent == 0:
+            role = '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+            parts.append(f"data: {self.envelope}{role}{',' + self._usage() if self.continuous else ''}}}\n\n")
+        reason = f'"{req.finish_reason}"' if done else "null"
+        text = _text(self.sent, n)
+        self.sent += n
+        usage = "," + self._usage() if self.continuous else ""
+        parts.append(f'{self.head}{text}{self.tail}{reason},"stop_reason":null}}]{usage}}}\n\n')
+        if done:
+            if self.include_usage:
+                parts.append(f"data: {self.envelope}],{self._usage()}}}\n\n")
+            parts.append("data: [DONE]\n\n")
+        data = "".join(parts).encode()
+        tr.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        if done:
+            self.finish()
+        return True
+
+
+class Replica:
+    """One data-parallel engine: a scheduler and the loop that plays its steps out in real time."""
+
+    def __init__(self, index: int, sched: Scheduler):
+        self.index = index
+        self.sched = sched
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def submit(self, req: SimRequest) -> None:
+        self.sched.add(req)
+        self.wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched = self.sched
+        t_end = loop.time()
+        idle = True
+        while True:
+            if not sched.has_work():
+                self.wake.clear()
+                await self.wake.wait()
+                idle = True
+                continue
+            now = loop.time()
+            start = now if idle or now - t_end > MAX_LAG_S else t_end
+            res = sched.step()
+            if res is None:  # queued work that cannot be scheduled: wait for a change rather than spin
+                self.wake.clear()
+                await self.wake.wait()
+                idle = True
+                continue
+            idle = False
+            t_end = start + res.duration_s
+            delay = t_end - loop.time()
+            await asyncio.sleep(delay if delay > 0 else 0)
+            for req, n in res.emitted:
+                if not req.user.deliver(req, n):
+                    sched.abort(req)
+
+
+class SimServer:
+    def __init__(self, args: argparse.Namespace, shape: ModelShape, cfg: SimConfig):
+        self.args = args
+        self.shape = shape
+        self.cfg = cfg
+        self.gpu = get_gpu(args.gpu).with_memory(args.gpu_memory_gib)
+        self.served_name = args.served_model_name or args.model
+        self.model_json = json.dumps(self.served_name)
+        self.ready = False
+        self.startup_s = 0.0
+        self.replicas: list[Replica] = []
+        self.max_model_len = shape.max_position_embeddings
+        self._rr = itertools.count()
+        self._ids = itertools.count()
+        self._rng = random.Random(cfg.seed)
+        self._outputs: set[_Output] = set()
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.add_routes([
+            web.get("/health", self.health),
+            web.get("/v1/models", self.models),
+            web.get("/metrics", self.metrics),
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+        ])
+
+    # -- startup ---------------------------------------------------------------------------------------
+    def start_engine(self) -> None:
+        """Plan memory and build the replicas; raises SimStartupError when the model does not fit."""
+        plan = memory_plan(self.shape, self.gpu, self.cfg)
+        for note in plan.notes:
+            log.warning(note)
+        cfg = self.cfg
+        log.info("Model weights take %.2f GiB per GPU (quantization=%s)", plan.weight_bytes_per_gpu / GIB,
+                 cfg.quantization)
+        log.info("Available KV cache memory: %.2f GiB per GPU (budget %.2f GiB, activations and reserve %.2f GiB)",
+                 plan.kv_cache_bytes_per_gpu / GIB, plan.budget_bytes / GIB, plan.reserve_bytes_per_gpu / GIB)
+        log.info("GPU KV cache size: %d tokens", plan.kv_tokens)
+        log.info("Maximum concurrency for %d tokens per request: %.2fx", plan.max_model_len,
+                 plan.max_concurrency_at_max_len)
+        self.max_model_len = plan.max_model_len
+        self.replicas = [Replica(k, Scheduler(self.shape, self.gpu, cfg, plan=plan, seed=cfg.seed * 1000 + k))
+                         for k in range(cfg.data_parallel)]
+        for r in self.replicas:
+            r.task = asyncio.get_running_loop().create_task(r.run(), name=f"sim-engine-{r.index}")
+        self.startup_s = time.monotonic() - _PROCESS_START
+        self.ready = True
+
+    async def stop_engine(self) -> None:
+        self.ready = False
+        for r in self.replicas:
+            if r.task is not None:
+                r.task.cancel()
+        for r in self.replicas:
+            if r.task is not None:
+                try:
+                    await r.task
+                except asyncio.CancelledError:
+                    pass
+        for out in list(self._outputs):  # let waiting handlers return instead of hanging the shutdown
+            out.finish()
+
+    # -- simple endpoints ------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200) if self.ready else web.Response(status=503, text="starting")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.served_name, "object": "model", "created": int(time.time()), "owned_by": "servetune-sim",
+            "root": self.args.model, "parent": None, "max_model_len": self.max_model_len}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics_text(), content_type="text/plain", charset="utf-8")
+
+    def metrics_text(self) -> str:
+        scheds = [r.sched for r in self.replicas]
+        label = f'model_name={self.model_json}'
+
+        def total(attr: str) -> float:
+            return sum(getattr(s.stats, attr) for s in scheds)
+
+        blocks = sum(s.num_blocks for s in scheds)
+        usage = sum(s.used_blocks for s in scheds) / blocks if blocks else 0.0
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value: float, extra: str = "") -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{{{label}{extra}}} {value}\n")
+
+        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+               sum(s.num_running for s in scheds))
+        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+               sum(s.num_waiting for s in scheds))
+        metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage)
+        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.", total("preemptions"))
+        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", total("prompt_tokens"))
+        metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+               total("generation_tokens"))
+        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of tokens.",
+               total("prefix_queries"))
+        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of tokens.",
+               total("prefix_hits"))
+        metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", total("spec_drafts"))
+        metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+               total("spec_accepted"))
+        out.append("# HELP vllm:request_success_total Count of successfully processed requests.\n"
+                   "# TYPE vllm:request_success_total counter\n")
+        for reason in ("stop", "length"):
+            n = sum(s.stats.finished[reason] for s in scheds)
+            out.append(f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {n}\n')
+        metric("sim:startup_seconds", "gauge", "Seconds from engine start (module import) to ready.", self.startup_s)
+        metric("sim:kv_cache_tokens", "gauge", "KV cache capacity per replica, tokens.",
+               scheds[0].plan.kv_tokens if scheds else 0)
+        metric("sim:steps_total", "counter", "Engine iterations.", total("steps"))
+        metric("sim:busy_seconds_total", "counter", "Simulated GPU time spent in steps.", total("busy_s"))
+        return "".join(out)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name not in (self.served_name, self.args.model):
+            raise _BadRequest(f"The model `{name}` does not exist.")
+
+    @staticmethod
+    def _prompt_tokens(prompt: Any) -> tuple[int, list]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            words = prompt.split()
+            return len(words), words
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return len(prompt), prompt
+        raise _BadRequest("prompt must be a string or a list of token ids (batched prompts are not supported)")
+
+    @staticmethod
+    def _chat_tokens(messages: Any) -> tuple[int, list]:
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("messages must be a non-empty list")
+        words: list = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise _BadRequest("each message must be an object with role and content")
+            content = m.get("content")
+            if isinstance(content, str):
+                words.extend(content.split())
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        words.extend(part["text"].split())
+            elif content is not None:
+                raise _BadRequest("message content must be a string or a list of parts")
+        return len(words), words
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if not self.ready:
+            return _error(503, "the engine is starting", "ServiceUnavailableError")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object")
+        try:
+            self._check_model(body)
+        except _BadRequest as e:
+            return _error(404, str(e), "NotFoundError")
+        try:
+            if chat:
+                prompt_len, tokens = self._chat_tokens(body.get("messages"))
+                max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            else:
+                prompt_len, tokens = self._prompt_tokens(body.get("prompt"))
+                max_tokens = body.get("max_tokens", 16)
+            if body.get("n", 1) != 1:
+                raise _BadRequest("the sim engine supports n=1 only")
+            if prompt_len < 1:
+                raise _BadRequest("The decoder prompt cannot be empty")
+            if max_tokens is None:
+                max_tokens = self.max_model_len - prompt_len
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise _BadRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            if prompt_len + max_tokens > self.max_model_len:
+                raise _BadRequest(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                    f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
+                    "completion). Please reduce the length of the messages or completion.")
+        except _BadRequest as e:
+            return _error(400, str(e))
+
+        rid = next(self._ids)
+        stop_at = None
+        if not body.get("ignore_eos", False):
+            natural = int(self._rng.expovariate(1.0 / NATURAL_LENGTH_MEAN)) + 1
+            stop_at = natural if natural < max_tokens else None
+        stream = bool(body.get("stream", False))
+        if stream:
+            opts = body.get("stream_options") or {}
+            out: _Output = _SseOutput(rid, self.model_json, prompt_len, chat, bool(opts.get("include_usage")),
+                                      bool(opts.get("continuous_usage_stats")))
+        else:
+            out = _Output()
+        req = SimRequest(rid, prompt_len, max_tokens, time.monotonic(),
+                         tokens if self.cfg.prefix_caching else None, stop_at, user=out)
+        replica = self.replicas[next(self._rr) % len(self.replicas)]
+        self._outputs.add(out)
+        try:
+            if stream:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                if request.version >= HttpVersion11:
+                    resp.enable_chunked_encoding()
+                else:
+                    out.chunked = False  # HTTP/1.0: unframed body, the connection closes at the end
+                await resp.prepare(request)  # StreamResponse sends its headers right away
+                out.transport = request.transport
+                replica.submit(req)
+                await out.finished
+                try:
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass
+                return resp
+            replica.submit(req)
+            await out.finished
+            return self._json_response(req, chat)
+        finally:
+            self._outputs.discard(out)
+            if req.state != FINISHED:
+                replica.sched.abort(req)  # the client left or the server is stopping: free its KV
+
+    def _json_response(self, req: SimRequest, chat: bool) -> web.Response:
+        created = int(time.time())
+        text = _text(0, req.output)
+        usage = {"prompt_tokens": req.prompt_len, "total_tokens": req.prompt_len + req.output,
+                 "completion_tokens": req.output}
+        reason = req.finish_reason if req.finish_reason in ("stop", "length") else "abort"
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                      "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            body = {"id": f"chatcmpl-{req.rid}", "object": "chat.completion", "created": created,
+                    "model": self.served_name, "choices": [choice], "usage": usage}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            body = {"id": f"cmpl-{req.rid}", "object": "text_completion", "created": created,
+                    "model": self.served_name, "choices": [choice], "usage": usage}
+        return web.json_response(body)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m servetune.optimizer.engines.sim", allow_abbrev=False,
+                                description="servetune's simulated inference engine: an OpenAI-compatible "
+                                            "server timed by a roofline model (no GPU needed).")
+    p.add_argument("--model", required=True, help="preset name (llama-3.1-8b, ...) or a directory with config.json")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--gpu", default="h100", help="GPU kind from servetune's table: h100, h200, a100, l40s, ...")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU's memory")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--quantization", "-q", default="none", type=str.lower, choices=QUANTIZATIONS)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPES)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--speculative-method", default="none", type=str.lower, choices=SPEC_METHODS)
+    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--speculative-acceptance", type=float, default=None,
+                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7, ngram 0.3)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="no CUDA graphs: higher per-step overhead")
+    p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        tensor_parallel=args.tensor_parallel_size, pipeline_parallel=args.pipeline_parallel_size,
+        data_parallel=args.data_parallel_size, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        max_concurrency=args.max_num_seqs, max_batched_tokens=args.max_num_batched_tokens,
+        chunked_prefill=args.enable_chunked_prefill, prefix_caching=args.enable_prefix_caching,
+        memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
+        speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
+        speculative_acceptance=args.speculative_acceptance, enforce_eager=args.enforce_eager, seed=args.seed)
+
+
+def load_model(model: str) -> ModelShape:
+    """--model is a checkpoint directory (or config.json) when such a path exists, else a preset name."""
+    if os.path.exists(model):
+        return ModelShape.load(path=model)
+    return ModelShape.load(preset=model)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
+    try:
+        shape = load_model(args.model)
+        get_gpu(args.gpu).with_memory(args.gpu_memory_gib)
+        cfg = config_from_args(args)
+        cfg.validate(shape)
+    except (ValueError, OSError) as e:
+        log.error("%s: %s", type(e).__name__ if not isinstance(e, SimConfigError) else "ValueError", e)
+        return 1
+    log.info("Initializing sim engine with config: model=%r, served_model_name=%r, gpu=%s, tensor_parallel_size=%d, "
+             "pipeline_parallel_size=%d, data_parallel_size=%d, quantization=%s, kv_cache_dtype=%s, max_num_seqs=%d, "
+             "max_num_batched_tokens=%d, enable_chunked_prefill=%s, enable_prefix_caching=%s, "
+             "gpu_memory_utilization=%s, block_size=%d, speculative=%s", args.model,
+             args.served_model_name or args.model, args.gpu, cfg.tensor_parallel, cfg.pipeline_parallel,
+             cfg.data_parallel, cfg.quantization, cfg.kv_cache_dtype, cfg.max_concurrency, cfg.max_batched_tokens,
+             cfg.chunked_prefill, cfg.prefix_caching, cfg.memory_fraction, cfg.kv_block_size,
+             f"{cfg.speculative_method}(k={cfg.speculative_tokens}, acceptance={cfg.acceptance})"
+             if cfg.spec_enabled else "none")
+    server = SimServer(args, shape, cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=1.0)
+        await site.start()
+    except OSError as e:
+        log.error("could not bind %s:%s: %s", args.host, args.port, e)
+        await runner.cleanup()
+        return 1
+    log.info("Starting sim server on http://%s:%d (health 503 until the engine is loaded)", args.host, args.port)
+    code = 0
+    try:
+        if args.startup_delay_s > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=args.startup_delay_s)
+            except asyncio.TimeoutError:
+                pass
+        if not stop.is_set():
+            try:
+                server.start_engine()
+            except SimStartupError as e:
+                log.error("EngineCore failed to start.\n%s", e)
+                code = 1
+                stop.set()
+            else:
+                log.info("Application startup complete. Ready in %.2f s.", server.startup_s)
+        await stop.wait()
+        if code == 0:
+            log.info("Shutting down")
+    finally:
+        await server.stop_engine()
+        await runner.cleanup()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
+                        format="%(levelname)s %(asctime)s [sim] %(message)s", datefmt="%m-%d %H:%M:%S")
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
