@@ -14,8 +14,9 @@ from rich.console import Console
 
 EXIT_USAGE = 2
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Not a terminal (CI, a pipe): lines are kept whole instead of wrapped at 80 columns.
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _SHORT = {"tensor_parallel": "tp", "pipeline_parallel": "pp", "data_parallel": "dp", "max_concurrency": "conc",
           "max_batched_tokens": "mbt", "quantization": "quant", "kv_cache_dtype": "kv", "memory_fraction": "mem",

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -146,6 +147,8 @@ class StudyDriver:
     # storage ---------------------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # We record heartbeats ourselves for in-flight trials (ask/tell has no optimize() loop to do it).
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
         directions = [o.direction for o in self.spec.objectives]
         sampler = make_sampler(self.spec, self.space, len(directions))

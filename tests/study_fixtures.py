@@ -12,13 +12,12 @@ def write_study(tmp: Path, *, name: str = "itest", trials: int = 6, parallel: in
       max_concurrency: [8, 32, 128]
       quantization: [none, fp8]
     """
+    search_block = textwrap.indent(textwrap.dedent(search).strip(), "  ")
     text = textwrap.dedent(f"""
     name: {name}
     model: {{preset: llama-3.2-1b}}
     engines: [sim]
     hardware: {{gpu: h100, gpus: 2}}
-    search:
-    {textwrap.indent(textwrap.dedent(search).strip(), '  ')}
     workload:
       dataset: {{kind: random, input_tokens: 128, output_tokens: 16, num_requests: 40}}
       scenarios:
@@ -30,7 +29,7 @@ def write_study(tmp: Path, *, name: str = "itest", trials: int = 6, parallel: in
     budget: {{trials: {trials}, parallel: {parallel}}}
     output_dir: {tmp / 'run'}
     """)
-    text += textwrap.dedent(extra)
+    text += "search:\n" + search_block + "\n" + textwrap.dedent(extra)
     path = tmp / "study.yaml"
     path.write_text(text)
     return path
