@@ -39,9 +39,13 @@ class RequestRecord:
     input_tokens: int = 0  # from server usage, else the dataset's intended length
     output_tokens: int = 0  # from server usage, else the sum of chunk tokens
     expected_output_tokens: int = 0
-    status: str = "pending"  # "ok" or an error kind: http_<code>, timeout, dropped, malformed, connect, cancelled
+    status: str = "pending"  # "ok" or an error kind: http_<code>, timeout, dropped, malformed, connect,
+    # stream_error (an error event inside a 200 stream), client_error, cancelled
     error: str = ""
     warmup: bool = False  # excluded from metrics
+    # Where the token counts came from: "usage_continuous" (per-chunk usage deltas), "usage_final" (chunks
+    # counted one per content event, total from the final usage), "chunks" (no usage at all: an estimate).
+    token_count_source: str = ""
 
     @property
     def ok(self) -> bool:
@@ -62,6 +66,7 @@ class ScenarioResult:
     summary: dict[str, float]  # unit-carrying metric names: ttft_p99_ms, output_tokens_per_s, ...
     valid: bool = True
     invalid_reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # non-fatal findings (e.g. early stopping not required)
 
     def to_dict(self, with_records: bool = False) -> dict[str, Any]:
         d = {
@@ -71,6 +76,7 @@ class ScenarioResult:
             "summary": self.summary,
             "valid": self.valid,
             "invalid_reasons": self.invalid_reasons,
+            "notes": self.notes,
         }
         if with_records:
             d["records"] = [r.to_dict() for r in self.records]

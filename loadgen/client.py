@@ -1,0 +1,284 @@
+"""The streaming HTTP client: one request in, one filled :class:`RequestRecord` out.
+
+It speaks the OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` streams that vLLM and
+SGLang serve, and it never raises for a failed request: every outcome lands in ``record.status``
+(``ok``, ``http_<code>``, ``timeout``, ``dropped``, ``malformed``, ``connect``, ``stream_error``,
+``client_error``; ``cancelled`` when the caller cancels it).
+
+Measurement choices, each against a known pitfall of peer tools:
+
+- One :func:`open_session` per event loop, shared by all requests: a session per request churns ports and
+  adds TCP setup to TTFT. The connector has ``limit=0`` because aiohttp's default of 100 connections is a
+  silent concurrency cap; the scenario bounds concurrency itself, where it is reported.
+- ``read_bufsize`` is large because the 64 KiB default collapses throughput on long responses (vllm#39963).
+- Each network read is stamped once on arrival and events are cut out of an accumulating buffer, so an
+  SSE event split across reads is timed by the read that completed it.
+- TTFT ends at the first event that carries tokens, not the first byte or a role-only chunk (vllm#15106).
+- Tokens per chunk come from ``usage`` deltas (``continuous_usage_stats``) when the server sends them, so
+  speculative decoding's multi-token chunks are counted right; otherwise one per non-empty content chunk.
+  The final ``usage.completion_tokens`` always sets the total.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Callable
+
+import aiohttp
+
+from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.records import Chunk, Request, RequestRecord
+
+READ_BUFSIZE = 16 * 1024 * 1024  # SGLang uses 10 MB for the same reason
+MAX_EVENT_BYTES = 64 * 1024 * 1024  # a "stream" that never ends an event is not SSE
+ERROR_BODY_BYTES = 1024  # enough of an error body to say why, without holding megabytes
+DRAIN_TIMEOUT_S = 1.0
+
+
+class Clock:
+    """Seconds since ``t0`` on ``time.perf_counter()``: monotonic, and comparable across one run."""
+
+    __slots__ = ("t0",)
+
+    def __init__(self, t0: float | None = None) -> None:
+        self.t0 = time.perf_counter() if t0 is None else t0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def open_session() -> aiohttp.ClientSession:
+    """The session every request of one event loop shares. Close it (``async with``) when the run ends."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=300, ttl_dns_cache=300)
+    # No session-wide timeout: each request carries its own (Endpoint.request_timeout_s).
+    return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE,
+                                 timeout=aiohttp.ClientTimeout(total=None))
+
+
+def request_body(endpoint: Endpoint, req: Request) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": endpoint.model,
+        "max_tokens": req.max_tokens,
+        "ignore_eos": req.ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if endpoint.api == "chat":
+        if not isinstance(req.prompt, str):
+            raise ValueError("the chat API needs text prompts; token-id prompts work with api='completions'")
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt
+    body.update(endpoint.extra_body)
+    return body
+
+
+class _StreamError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _SSEBuffer:
+    """Cuts complete SSE events out of a byte stream that arrives in arbitrary pieces."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self.buf + data
+        if b"\r" in buf:  # CRLF framing; normalised on the whole remainder so a split "\r|\n" still joins
+            buf = buf.replace(b"\r\n", b"\n")
+        *events, self.buf = buf.split(b"\n\n")
+        if len(self.buf) > MAX_EVENT_BYTES:
+            raise _StreamError("malformed", f"no SSE event boundary in {len(self.buf)} bytes")
+        return events
+
+    def rest(self) -> bytes:
+        rest, self.buf = self.buf, b""
+        return rest
+
+
+SSE_FIELDS = (b"event", b"id", b"retry")
+
+
+def _event_data(event: bytes) -> str | None:
+    """The joined ``data:`` lines of one event; None for comments/keep-alives."""
+    lines = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+        elif line and not line.startswith(b":") and line.split(b":", 1)[0] not in SSE_FIELDS:
+            raise _StreamError("malformed", f"not an SSE line: {line[:80]!r}")
+    if not lines:
+        return None
+    try:
+        return b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _StreamError("malformed", f"SSE data is not UTF-8: {e}") from None
+
+
+class _TokenStream:
+    """Turns decoded SSE payloads into chunks, token counts and the end-of-stream state of one record."""
+
+    __slots__ = ("record", "chat", "finished", "done", "end_t", "usage_total", "prompt_tokens",
+                 "last_cumulative", "continuous")
+
+    def __init__(self, record: RequestRecord, chat: bool) -> None:
+        self.record = record
+        self.chat = chat
+        self.finished = False  # a choice carried finish_reason
+        self.done = False  # [DONE] arrived
+        self.end_t: float | None = None  # when the stream ended: the [DONE] read, or end of file
+        self.usage_total: int | None = None  # completion_tokens of the final usage report
+        self.prompt_tokens: int | None = None
+        self.last_cumulative = 0  # completion_tokens of the last continuous usage report
+        self.continuous = False
+
+    def on_data(self, data: str, t: float) -> None:
+        if data.strip() == "[DONE]":
+            self.done = True
+            self.end_t = t
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise _StreamError("malformed", f"unparseable SSE data: {data[:120]!r}") from None
+        if not isinstance(obj, dict):
+            raise _StreamError("malformed", f"SSE data is not a JSON object: {data[:120]!r}")
+        if obj.get("error") is not None:
+            err = obj["error"]
+            code = err.get("code") if isinstance(err, dict) else None
+            message = err.get("message", err) if isinstance(err, dict) else err
+            kind = f"http_{code}" if isinstance(code, int) else "stream_error"
+            raise _StreamError(kind, f"error event in stream: {str(message)[:300]}")
+
+        choices = obj.get("choices") or []
+        usage = obj.get("usage") or None
+        cumulative = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens = usage["prompt_tokens"]
+        if not choices:
+            if isinstance(cumulative, int):  # the usage-only chunk after the last choice
+                self.usage_total = cumulative
+            return
+
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        if choice.get("finish_reason") is not None:
+            self.finished = True
+        if isinstance(cumulative, int):
+            tokens = cumulative - self.last_cumulative
+            self.last_cumulative = cumulative
+            self.continuous = True
+        else:
+            tokens = 1 if self._text(choice) else 0
+        if tokens > 0:
+            if self.record.first_byte is None:
+                self.record.first_byte = t
+            self.record.chunks.append(Chunk(t=t, tokens=tokens))
+
+    def _text(self, choice: dict[str, Any]) -> str:
+        if not self.chat:
+            return choice.get("text") or ""
+        delta = choice.get("delta") or {}
+        # Reasoning output is output: a reasoning model's first token ends TTFT (MLPerf Endpoints rule).
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
+
+    def finish(self, req: Request) -> None:
+        rec = self.record
+        if self.usage_total is not None:
+            rec.output_tokens = self.usage_total
+            rec.token_count_source = "usage_continuous" if self.continuous else "usage_final"
+        elif self.continuous:
+            rec.output_tokens = self.last_cumulative
+            rec.token_count_source = "usage_continuous"
+        else:
+            rec.output_tokens = sum(c.tokens for c in rec.chunks)
+            rec.token_count_source = "chunks"
+        rec.input_tokens = self.prompt_tokens if self.prompt_tokens is not None else req.input_tokens
+
+
+async def send(session: aiohttp.ClientSession, endpoint: Endpoint, req: Request, record: RequestRecord,
+               clock: Callable[[], float]) -> None:
+    """Send ``req``, stream the answer, and fill ``record`` (sent, first_byte, chunks, done, tokens, status).
+
+    Never raises for a failed request. On cancellation it marks the record ``cancelled`` and re-raises,
+    so the caller can say why (a scenario timeout relabels them ``timeout``).
+    """
+    payload = json.dumps(request_body(endpoint, req)).encode()  # serialised before the send stamp
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **endpoint.headers}
+    timeout = aiohttp.ClientTimeout(total=endpoint.request_timeout_s)
+    stream = _TokenStream(record, chat=endpoint.api == "chat")
+    sse = _SSEBuffer()
+    record.expected_output_tokens = req.max_tokens
+    record.input_tokens = req.input_tokens
+    failure: tuple[str, str] | None = None
+    record.sent = clock()
+    try:
+        async with session.post(endpoint.url, data=payload, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                body = await resp.content.read(ERROR_BODY_BYTES)
+                failure = (f"http_{resp.status}", body.decode("utf-8", "replace").strip())
+            else:
+                await _read_stream(resp, sse, stream, clock)
+    except _StreamError as e:
+        failure = (e.kind, str(e))
+    except (asyncio.TimeoutError, TimeoutError):  # asyncio's, aiohttp's Server/ConnectionTimeoutError alike
+        failure = ("timeout", f"no complete answer within {endpoint.request_timeout_s:g} s")
+    except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as e:
+        failure = ("connect", f"{type(e).__name__}: {e}")
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
+        failure = ("dropped", f"{type(e).__name__}: {e}")
+    except asyncio.CancelledError:
+        _end(record, stream, req, ("cancelled", "cancelled by the caller"), clock())
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug here must not lose the run, nor pass for success
+        failure = ("client_error", f"{type(e).__name__}: {e}")
+    if failure is None and not (stream.done or stream.finished):
+        failure = ("dropped", "stream ended without [DONE] or finish_reason")
+    end = stream.end_t if failure is None and stream.end_t is not None else clock()
+    _end(record, stream, req, failure, end)
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, sse: _SSEBuffer, stream: _TokenStream,
+                       clock: Callable[[], float]) -> None:
+    async for data in resp.content.iter_any():
+        t = clock()  # one stamp per network read, before any parsing
+        for event in sse.feed(data):
+            text = _event_data(event)
+            if text is not None:
+                stream.on_data(text, t)
+                if stream.done:
+                    await _drain(resp)
+                    return
+    end = clock()
+    text = _event_data(sse.rest())  # a last event without its blank line still counts
+    if text is not None:
+        stream.on_data(text, end)
+    stream.end_t = end
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read what follows [DONE] (the chunked-body terminator) so the connection goes back to the pool.
+
+    Leaving it unread makes aiohttp close the connection, and the next request pays a TCP handshake
+    inside its TTFT. The wait is bounded: a server that never ends its body only costs its connection.
+    """
+    try:
+        await asyncio.wait_for(resp.content.read(), DRAIN_TIMEOUT_S)
+    except (asyncio.TimeoutError, aiohttp.ClientError):
+        pass
+
+
+def _end(record: RequestRecord, stream: _TokenStream, req: Request, failure: tuple[str, str] | None,
+         t: float) -> None:
+    stream.finish(req)  # token counts are kept for failed requests too: they help explain the failure
+    record.done = t
+    if failure is None:
+        record.status = "ok"
+    else:
+        record.status, record.error = failure

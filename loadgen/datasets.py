@@ -1,0 +1,245 @@
+"""Datasets: lists of :class:`Request` to replay against a server.
+
+Three sources:
+
+- ``random_dataset``: synthetic prompts of known length. Token-id prompts (the default) are exact: vLLM
+  and SGLang accept ``prompt`` as a list of ints on ``/v1/completions``, so no tokenizer is needed here.
+  Text prompts are space-separated common English words; with Llama/Qwen/GPT-style BPE vocabularies one
+  such word is about one token, so ``input_tokens`` is an approximation there (the server's
+  ``usage.prompt_tokens`` is the truth and ends up in the records).
+- ``sharegpt_dataset``: the first human turn of ShareGPT conversations, with the first answer's length as
+  the output budget (word count, the same one-word-one-token approximation).
+- ``token_id_dataset``: pre-tokenized JSONL, ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
+
+Every synthetic prompt starts with a per-request salt: random leading tokens that are unique within the
+dataset, so no two prompts share a prefix-cache block and a warm cache cannot inflate throughput
+(vllm#52884). The salt depends on ``seed``, so rerunning with another seed also misses the cache.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from servetune.loadgen.records import Request
+
+# Ids below this are avoided: many vocabularies keep special/control tokens (BOS, EOS, pad, byte
+# fallbacks) at the bottom, and a random EOS would end a request early when ignore_eos is off.
+SAFE_ID_LOW = 1000
+
+# Salt length in tokens: 4 tokens from a ~31k-id range is ~60 bits, enough for datasets far beyond any
+# benchmark while leaving almost the whole prompt to the requested length.
+SALT_TOKENS = 4
+SALT_WORDS = 8  # from the 240-word list below: ~63 bits
+
+# Common English words that BPE vocabularies (Llama, Qwen, GPT, Mistral) hold as one token with their
+# leading space, so "n words" is close to "n tokens".
+WORDS = tuple(
+    """the of and to in is was for on that with as by at from his her he she it they we you are were be
+    been has have had not but or an this which their there one all would will can who more when if out
+    so up said what its about than into them only other new some could time these two may then do first
+    any my now such like our over man me even most made after also did many before must through back
+    years where much your way well down should because each just those people how too little state good
+    very make world still own see men work long get here between both life being under never day same
+    another know while last might us great old year off come since against go came right used take three
+    place small found part again home head house water room mother night area money story young fact month
+    lot study book eye job word business issue side kind four five six seven eight nine ten hand point
+    city play give turn move live feel show hold bring begin keep start run write read talk stand hear
+    let mean set meet pay sit speak lie lead grow lose fall send build stay reach learn open walk win
+    offer remember love consider appear buy wait serve die expect stop close break spend create drive
+    return hope watch""".split()
+)
+
+
+def _check_lengths(name: str, value: int, spread: float) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= spread < 1.0:
+        raise ValueError(f"{name.split('_')[0]}_range must be in [0, 1), got {spread}")
+
+
+def _lengths(rng: np.random.Generator, n: int, mean: int, spread: float) -> np.ndarray:
+    """Uniform integers in [mean·(1−spread), mean·(1+spread)], at least 1 (vLLM's range-ratio meaning)."""
+    low = max(1, int(round(mean * (1.0 - spread))))
+    high = max(low, int(round(mean * (1.0 + spread))))
+    return rng.integers(low, high + 1, size=n)
+
+
+def _unique_salts(rng: np.random.Generator, n: int, length: int, alphabet: int) -> np.ndarray:
+    """``n`` distinct rows of ``length`` symbols from ``range(alphabet)``; redraw only the collisions."""
+    if alphabet ** length < n:
+        raise ValueError(f"cannot make {n} distinct salts of {length} symbols from {alphabet}")
+    salts = rng.integers(0, alphabet, size=(n, length))
+    while True:
+        _, first = np.unique(salts, axis=0, return_index=True)
+        dup = np.setdiff1d(np.arange(n), first)
+        if dup.size == 0:
+            return salts
+        salts[dup] = rng.integers(0, alphabet, size=(dup.size, length))
+
+
+def random_dataset(
+    n: int,
+    input_tokens: int,
+    output_tokens: int,
+    input_range: float = 0.0,
+    output_range: float = 0.0,
+    seed: int = 0,
+    vocab_size: int = 32000,
+    ignore_eos: bool = True,
+    as_token_ids: bool = True,
+) -> list[Request]:
+    """``n`` salted random prompts of ``input_tokens`` (±``input_range``) asking for ``output_tokens``.
+
+    Token ids are drawn from ``[1000, vocab_size)``. ``ignore_eos`` defaults on because random prompts
+    give the model no reason to stop where the benchmark wants; MLPerf-style runs on real data turn it off.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _check_lengths("input_tokens", input_tokens, input_range)
+    _check_lengths("output_tokens", output_tokens, output_range)
+    if vocab_size <= SAFE_ID_LOW + 1:
+        raise ValueError(f"vocab_size must exceed {SAFE_ID_LOW + 1}, got {vocab_size}")
+    rng = np.random.default_rng(seed)
+    in_lens = _lengths(rng, n, input_tokens, input_range)
+    out_lens = _lengths(rng, n, output_tokens, output_range)
+    alphabet = vocab_size - SAFE_ID_LOW if as_token_ids else len(WORDS)
+    salt_len = SALT_TOKENS if as_token_ids else SALT_WORDS
+    # A prompt shorter than the salt is all salt; it must still be unique on its own.
+    salts = _unique_salts(rng, n, min(salt_len, int(in_lens.min())), alphabet)
+    requests = []
+    for i in range(n):
+        body = rng.integers(0, alphabet, size=int(in_lens[i]))
+        body[: salts.shape[1]] = salts[i]
+        if as_token_ids:
+            prompt: str | list[int] = (body + SAFE_ID_LOW).tolist()
+        else:
+            prompt = " ".join(WORDS[w] for w in body)
+        requests.append(Request(prompt=prompt, max_tokens=int(out_lens[i]), input_tokens=int(in_lens[i]),
+                                ignore_eos=ignore_eos))
+    return requests
+
+
+def _read_records(path: str | Path) -> list[Any]:
+    """A JSON array, or JSONL (one JSON value per line). Errors name the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read dataset {p}: {e}") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"dataset {p} is empty")
+    if stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset {p} is not valid JSON: {e}") from None
+        return data
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset {p} line {lineno} is not valid JSON: {e}") from None
+    return items
+
+
+def _sharegpt_pair(item: Any) -> tuple[str, str] | None:
+    """(first human turn, first answer) of one ShareGPT entry, or None when it has no such pair."""
+    if not isinstance(item, dict):
+        return None
+    turns = item.get("conversations", item.get("conversation"))
+    if not isinstance(turns, list) or len(turns) < 2:
+        return None
+    first, second = turns[0], turns[1]
+    if not (isinstance(first, dict) and isinstance(second, dict)):
+        return None
+    if first.get("from", first.get("role")) not in ("human", "user"):
+        return None
+    prompt, answer = first.get("value", first.get("content")), second.get("value", second.get("content"))
+    if not (isinstance(prompt, str) and isinstance(answer, str)):
+        return None
+    return prompt, answer
+
+
+def sharegpt_dataset(
+    path: str | Path,
+    n: int,
+    seed: int = 0,
+    min_words: int = 4,
+    max_input_words: int | None = None,
+    max_output_tokens: int | None = None,
+    ignore_eos: bool = False,
+) -> list[Request]:
+    """``n`` conversations from a ShareGPT JSON or JSONL file, chosen by a seeded shuffle.
+
+    The prompt is ``conversations[0]`` (human); the output budget is the word count of ``conversations[1]``
+    (gpt), capped at ``max_output_tokens``. Pairs with fewer than ``min_words`` words on either side are
+    skipped, as vLLM and SGLang do, because they measure little but connection overhead.
+    """
+    items = _read_records(path)
+    if not isinstance(items, list):
+        raise ValueError(f"dataset {path}: expected a list of conversations, got {type(items).__name__}")
+    usable = []
+    for item in items:
+        pair = _sharegpt_pair(item)
+        if pair is None:
+            continue
+        in_words, out_words = len(pair[0].split()), len(pair[1].split())
+        if in_words < min_words or out_words < min_words:
+            continue
+        if max_input_words is not None and in_words > max_input_words:
+            continue
+        usable.append((pair[0], in_words, out_words))
+    if not usable:
+        raise ValueError(f"dataset {path}: no ShareGPT conversations with a human turn and an answer "
+                         f"(of {len(items)} entries)")
+    if n > len(usable):
+        raise ValueError(f"dataset {path}: asked for {n} conversations, only {len(usable)} usable")
+    order = np.random.default_rng(seed).permutation(len(usable))[:n]
+    requests = []
+    for i in order:
+        prompt, in_words, out_words = usable[int(i)]
+        max_tokens = out_words if max_output_tokens is None else min(out_words, max_output_tokens)
+        requests.append(Request(prompt=prompt, max_tokens=max_tokens, input_tokens=in_words,
+                                ignore_eos=ignore_eos))
+    return requests
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return value
+
+
+def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request]:
+    """Pre-tokenized requests from JSONL: ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
+
+    A line may carry its own ``"ignore_eos"``; otherwise ``ignore_eos`` applies.
+    """
+    items: Iterable[Any] = _read_records(path)
+    requests = []
+    for lineno, item in enumerate(items, 1):
+        where = f"dataset {path} record {lineno}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        ids = _token_ids(item.get("prompt_token_ids"))
+        if ids is None:
+            raise ValueError(f"{where}: 'prompt_token_ids' must be a non-empty list of non-negative ints")
+        max_tokens = item.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"{where}: 'max_tokens' must be a positive int, got {max_tokens!r}")
+        eos = item.get("ignore_eos", ignore_eos)
+        if not isinstance(eos, bool):
+            raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
+        requests.append(Request(prompt=ids, max_tokens=max_tokens, input_tokens=len(ids), ignore_eos=eos))
+    if not requests:
+        raise ValueError(f"dataset {path} holds no requests")
+    return requests

@@ -1,0 +1,207 @@
+"""Is a run a valid result? MLPerf LoadGen's rules, plus an error-rate gate for real HTTP servers.
+
+LoadGen (``results.cc``) calls a run VALID when the minimum duration and query count are met, the
+latency constraints hold at the scenario percentile, and early stopping passes. Here that means:
+
+- **min duration**: Server/Interactive by the *scheduled* time of the last query (a slow server cannot
+  shorten the run), SingleStream by the last issue time, Offline by the last completion.
+- **min queries**: ``num_requests`` issued.
+- **latency constraints** (Server/Interactive at p99, SingleStream at p90 when limits are given):
+  nearest-rank TTFT and TPOT percentiles ≤ their limits.
+- **early stopping**, separately for TTFT and TPOT: with t queries over the limit, n issued queries must
+  reach :func:`early_stopping_min_queries` (t). A failed request counts as over the limit.
+- **error rate** ≤ ``max_error_rate`` (MLPerf has no failed queries; an HTTP server does).
+
+Short runs (a 15 s quickstart, an optimizer trial) cannot meet early stopping at useful rates. With
+``require_early_stopping=False`` its shortfall becomes a note instead of a fatal reason; the numbers are
+kept in :attr:`Verdict.numbers` either way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any, Iterator, Mapping, Sequence
+
+from scipy.special import betainc
+
+from servetune.loadgen.metrics import e2e_ms, summarize
+from servetune.loadgen.records import RequestRecord
+
+CONFIDENCE = 0.99  # LoadGen's c; tolerance d = 0
+SCENARIO_PERCENTILE = {"server": 0.99, "interactive": 0.99, "single_stream": 0.90}
+DEFAULT_MAX_ERROR_RATE = 0.01
+
+
+def _early_stopping_odds(h: int, t: int, p: float) -> float:
+    """P(at most t over-latency queries in h + t) when a query is within latency with probability p.
+
+    The binomial CDF as a regularized incomplete beta, I_p(h, t + 1) (LoadGen ``early_stopping.cc``).
+    """
+    return float(betainc(h, t + 1, p))
+
+
+@lru_cache(maxsize=4096)
+def early_stopping_min_queries(t: int, percentile: float, confidence: float = CONFIDENCE) -> int:
+    """Fewest queries n = h + t that pass early stopping with ``t`` of them over the latency target.
+
+    h is the smallest count with I_p(h, t + 1) < 1 − confidence (LoadGen's ``find_min_passing``, d = 0):
+    enough under-latency queries that, at this confidence, the true ``percentile`` latency is within
+    target. p99: t=0 → 459, t=1 → 662; p90: t=0 → 44.
+    """
+    if t < 0:
+        raise ValueError(f"t must be >= 0, got {t}")
+    if not 0.0 < percentile < 1.0:
+        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
+    threshold = 1.0 - confidence
+    low, high = 1, 1
+    while _early_stopping_odds(high, t, percentile) >= threshold:  # odds fall as h grows
+        low, high = high + 1, high * 2
+    while low < high:
+        mid = (low + high) // 2
+        if _early_stopping_odds(mid, t, percentile) < threshold:
+            high = mid
+        else:
+            low = mid + 1
+    return low + t
+
+
+def early_stopping_estimate(latencies: Sequence[float], percentile: float,
+                            confidence: float = CONFIDENCE) -> float | None:
+    """LoadGen's SingleStream early-stopping percentile estimate, or None when n is too small.
+
+    The largest t whose requirement n ≥ h(t) + t still holds fixes how many of the highest latencies may
+    be discarded (t − 1); the estimate is the sorted value at index n − t.
+    """
+    n = len(latencies)
+    if n < early_stopping_min_queries(1, percentile, confidence):
+        return None
+    t = 1
+    while t + 1 <= n and early_stopping_min_queries(t + 1, percentile, confidence) <= n:
+        t += 1
+    return sorted(latencies)[n - t]
+
+
+@dataclass
+class Verdict:
+    """The outcome. Unpacks as ``valid, reasons = verdict(...)``; notes and numbers ride along."""
+
+    valid: bool
+    reasons: list[str]  # fatal: why the run is not a valid result
+    notes: list[str] = field(default_factory=list)  # non-fatal findings
+    numbers: dict[str, float] = field(default_factory=dict)  # early-stopping counts and estimates
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.valid, self.reasons))
+
+
+def _settings_view(settings: Any) -> Any:
+    return SimpleNamespace(**settings) if isinstance(settings, Mapping) else settings
+
+
+def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any, *,
+            require_early_stopping: bool | None = None, max_error_rate: float | None = None,
+            summary: Mapping[str, float] | None = None) -> Verdict:
+    """Judge a run from its records (preferred) or its summary, against its scenario settings.
+
+    ``settings`` is a :class:`~servetune.loadgen.scenarios.ScenarioSettings` or its dict. The keyword
+    arguments override the settings' ``require_early_stopping`` (default True) and ``max_error_rate``
+    (default 1 %). Given records, ``summary`` may pass their already computed summary (same limits).
+    From a summary alone, the SingleStream early-stopping estimate cannot be computed.
+    """
+    s = _settings_view(settings)
+    kind = s.kind
+    ttft_limit, tpot_limit = getattr(s, "ttft_limit_ms", None), getattr(s, "tpot_limit_ms", None)
+    if require_early_stopping is None:
+        require_early_stopping = getattr(s, "require_early_stopping", True)
+    if max_error_rate is None:
+        max_error_rate = getattr(s, "max_error_rate", DEFAULT_MAX_ERROR_RATE)
+
+    records: Sequence[RequestRecord] | None = None
+    if isinstance(source, Mapping):
+        summary = source
+    else:
+        records = source
+        if summary is None:
+            summary = summarize(records, duration_s=0.0, ttft_limit_ms=ttft_limit, tpot_limit_ms=tpot_limit)
+
+    reasons: list[str] = []
+    notes: list[str] = []
+    numbers: dict[str, float] = {}
+    n = int(summary.get("requests_issued", 0))
+    if n == 0 or summary.get("requests_ok", 0) == 0:
+        reasons.append(f"no successful requests (issued {n})")
+
+    error_rate = summary.get("error_rate", 0.0)
+    if error_rate > max_error_rate:
+        kinds = ", ".join(f"{k[7:]}={int(v)}" for k, v in sorted(summary.items())
+                          if k.startswith("errors_") and v)
+        reasons.append(f"error rate {error_rate:.1%} exceeds {max_error_rate:.1%} ({kinds})")
+
+    min_queries = getattr(s, "num_requests", None)
+    if min_queries and n < min_queries:
+        reasons.append(f"min query count not met: {n} issued < {min_queries}")
+
+    min_duration = getattr(s, "duration_s", None)
+    if min_duration:
+        clock_key, what = {"offline": ("last_done_s", "last completion"),
+                           "single_stream": ("last_sent_s", "last issue")}.get(
+            kind, ("last_scheduled_s", "scheduled time of the last query"))
+        reached = summary.get(clock_key, float("nan"))
+        if not reached >= min_duration:  # NaN (nothing issued) fails too
+            reasons.append(f"min duration not met: {what} at {reached:.3f} s < {min_duration:g} s")
+
+    percentile = SCENARIO_PERCENTILE.get(kind)
+    es_checked, es_met = False, True
+
+    def early_stopping_short(msg: str) -> None:
+        nonlocal es_met
+        es_met = False
+        (reasons if require_early_stopping else notes).append(msg)
+
+    if percentile is None:
+        if ttft_limit is not None or tpot_limit is not None:
+            notes.append(f"latency limits are not checked in the {kind} scenario")
+    elif ttft_limit is None and tpot_limit is None:
+        if kind != "single_stream":
+            notes.append("no TTFT/TPOT limits given: latency constraints and early stopping not checked")
+    else:
+        pname = f"p{round(percentile * 100)}"
+        for metric, limit in (("ttft", ttft_limit), ("tpot", tpot_limit)):
+            if limit is None:
+                continue
+            value = summary.get(f"{metric}_{pname}_ms", float("nan"))
+            if not value <= limit:
+                reasons.append(f"{metric.upper()} {pname} {value:.1f} ms exceeds the {limit:g} ms limit")
+            over = summary.get(f"{metric}_over_limit_count")
+            if over is None:
+                notes.append(f"{metric.upper()} early stopping not computed: summary lacks over-limit counts")
+                continue
+            es_checked = True
+            need = early_stopping_min_queries(int(over), percentile)
+            numbers[f"early_stopping_{metric}_over_limit"] = int(over)
+            numbers[f"early_stopping_{metric}_min_queries"] = need
+            if n < need:
+                early_stopping_short(f"{metric.upper()} early stopping not met (n={n}, need {need} with "
+                                     f"{int(over)} over the {limit:g} ms limit at {pname})")
+
+    if kind == "single_stream":
+        # LoadGen's SingleStream figure: the p90 early-stopping estimate of per-query latency.
+        need = early_stopping_min_queries(1, 0.90)
+        numbers["early_stopping_e2e_min_queries"] = need
+        if records is None:
+            notes.append("SingleStream early-stopping estimate needs the records")
+        else:
+            es_checked = True
+            # A failed query has no latency to report; as +inf it can only push the estimate up.
+            lat = [(e2e_ms(r) if r.ok else None) for r in records if not r.warmup]
+            estimate = early_stopping_estimate([math.inf if v is None else v for v in lat], 0.90)
+            if estimate is None:
+                early_stopping_short(f"SingleStream early stopping not met (n={n}, need {need})")
+            else:
+                numbers["early_stopping_e2e_p90_ms"] = estimate
+
+    if es_checked:
+        numbers["early_stopping_met"] = float(es_met)
+    return Verdict(valid=not reasons, reasons=reasons, notes=notes, numbers=numbers)

@@ -1,0 +1,126 @@
+"""Datasets: exact lengths, unique salts, determinism, and clear errors for bad files."""
+import json
+
+import pytest
+
+from servetune.loadgen.datasets import (SAFE_ID_LOW, SALT_TOKENS, SALT_WORDS, WORDS, random_dataset,
+                                        sharegpt_dataset, token_id_dataset)
+
+
+def test_random_token_ids_exact_lengths_and_safe_range():
+    reqs = random_dataset(50, input_tokens=64, output_tokens=32, vocab_size=32000)
+    assert len(reqs) == 50
+    for r in reqs:
+        assert isinstance(r.prompt, list) and len(r.prompt) == r.input_tokens == 64
+        assert r.max_tokens == 32 and r.ignore_eos is True
+        assert all(SAFE_ID_LOW <= t < 32000 for t in r.prompt)
+
+
+def test_random_salts_unique_and_seeded():
+    reqs = random_dataset(2000, input_tokens=8, output_tokens=4, vocab_size=1200)  # small alphabet: collisions likely
+    salts = {tuple(r.prompt[:SALT_TOKENS]) for r in reqs}
+    assert len(salts) == 2000
+    again = random_dataset(2000, input_tokens=8, output_tokens=4, vocab_size=1200)
+    assert [r.prompt for r in reqs] == [r.prompt for r in again]
+    other = random_dataset(2000, input_tokens=8, output_tokens=4, vocab_size=1200, seed=1)
+    assert reqs[0].prompt != other[0].prompt
+
+
+def test_random_short_prompts_are_all_salt_and_still_unique():
+    reqs = random_dataset(500, input_tokens=2, output_tokens=1)
+    assert len({tuple(r.prompt) for r in reqs}) == 500
+    with pytest.raises(ValueError, match="distinct salts"):
+        random_dataset(100, input_tokens=1, output_tokens=1, vocab_size=1050)
+
+
+def test_random_ranges():
+    reqs = random_dataset(400, input_tokens=100, output_tokens=50, input_range=0.5, output_range=0.2, seed=3)
+    ins, outs = [r.input_tokens for r in reqs], [r.max_tokens for r in reqs]
+    assert min(ins) >= 50 and max(ins) <= 150 and len(set(ins)) > 20
+    assert min(outs) >= 40 and max(outs) <= 60
+    assert all(len(r.prompt) == r.input_tokens for r in reqs)
+    with pytest.raises(ValueError):
+        random_dataset(4, input_tokens=10, output_tokens=10, input_range=1.5)
+    with pytest.raises(ValueError):
+        random_dataset(0, input_tokens=10, output_tokens=10)
+
+
+def test_random_text_mode_word_per_token():
+    reqs = random_dataset(300, input_tokens=40, output_tokens=8, as_token_ids=False, ignore_eos=False)
+    for r in reqs:
+        words = r.prompt.split(" ")
+        assert len(words) == r.input_tokens == 40 and all(w in WORDS for w in words)
+        assert r.ignore_eos is False
+    assert len({tuple(r.prompt.split()[:SALT_WORDS]) for r in reqs}) == 300
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _conv(human, gpt):
+    return {"conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+
+
+def test_sharegpt_json_and_jsonl(tmp_path):
+    items = [_conv(f"question number {i} about some topic here", " ".join(["word"] * (5 + i))) for i in range(10)]
+    items.append({"conversations": [{"from": "gpt", "value": "starts with the model, skipped"},
+                                    {"from": "human", "value": "x y z w"}]})
+    items.append(_conv("too short", "answer with enough words"))  # prompt under min_words
+    items.append({"id": "no conversations"})
+    js = _write(tmp_path / "sg.json", json.dumps(items))
+    jl = _write(tmp_path / "sg.jsonl", "\n".join(json.dumps(i) for i in items) + "\n\n")
+    for path in (js, jl):
+        reqs = sharegpt_dataset(path, n=10, seed=0)
+        assert len(reqs) == 10
+        assert sorted(r.max_tokens for r in reqs) == list(range(5, 15))
+        assert all(r.input_tokens == 7 and r.prompt.startswith("question") for r in reqs)
+        assert all(r.ignore_eos is False for r in reqs)
+    capped = sharegpt_dataset(js, n=10, max_output_tokens=8)
+    assert max(r.max_tokens for r in capped) == 8
+    picks = [[r.prompt for r in sharegpt_dataset(js, n=5, seed=seed)] for seed in (1, 2)]
+    assert picks[0] != picks[1]
+    with pytest.raises(ValueError, match="only 10 usable"):
+        sharegpt_dataset(js, n=11)
+
+
+def test_sharegpt_errors(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        sharegpt_dataset(tmp_path / "missing.json", n=1)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sharegpt_dataset(_write(tmp_path / "bad.json", "[{"), n=1)
+    with pytest.raises(ValueError, match="line 2"):
+        sharegpt_dataset(_write(tmp_path / "bad.jsonl", '{"a": 1}\n{oops\n'), n=1)
+    with pytest.raises(ValueError, match="no ShareGPT conversations"):
+        sharegpt_dataset(_write(tmp_path / "none.jsonl", '{"a": 1}\n'), n=1)
+    with pytest.raises(ValueError, match="empty"):
+        sharegpt_dataset(_write(tmp_path / "empty.json", "  \n"), n=1)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        sharegpt_dataset(tmp_path / "bin.json", n=1)
+
+
+def test_token_id_dataset(tmp_path):
+    path = _write(tmp_path / "ids.jsonl", '{"prompt_token_ids": [5, 6, 7], "max_tokens": 4}\n\n'
+                                          '{"prompt_token_ids": [9], "max_tokens": 1, "ignore_eos": true}\n')
+    reqs = token_id_dataset(path)
+    assert [(r.prompt, r.max_tokens, r.input_tokens, r.ignore_eos) for r in reqs] == [
+        ([5, 6, 7], 4, 3, False), ([9], 1, 1, True)]
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"max_tokens": 4}', "prompt_token_ids"),
+    ('{"prompt_token_ids": [], "max_tokens": 4}', "prompt_token_ids"),
+    ('{"prompt_token_ids": [1, "a"], "max_tokens": 4}', "prompt_token_ids"),
+    ('{"prompt_token_ids": [1, -2], "max_tokens": 4}', "prompt_token_ids"),
+    ('{"prompt_token_ids": [1], "max_tokens": 0}', "max_tokens"),
+    ('{"prompt_token_ids": [1], "max_tokens": 2.5}', "max_tokens"),
+    ('{"prompt_token_ids": [1], "max_tokens": 2, "ignore_eos": "yes"}', "ignore_eos"),
+    ('[1, 2]', "expected an object"),
+    ('{"prompt_token_ids": [1], "max_tokens": 2', "not valid JSON"),
+])
+def test_token_id_dataset_malformed(tmp_path, line, match):
+    path = _write(tmp_path / "ids.jsonl", '{"prompt_token_ids": [1], "max_tokens": 2}\n' + line + "\n")
+    with pytest.raises(ValueError, match=match):
+        token_id_dataset(path)

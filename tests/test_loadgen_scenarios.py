@@ -1,0 +1,193 @@
+"""Scenarios end to end against the loopback mock: schedules, measured truth, faults, timeouts, output."""
+import json
+import statistics
+import time
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from loadgen_mock import MockServer, timing_slack_ms
+from scipy import stats
+
+from servetune.loadgen.datasets import SAFE_ID_LOW, random_dataset
+from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.metrics import ttft_ms
+from servetune.loadgen.records import Request
+from servetune.loadgen.scenarios import (ScenarioSettings, _warmup_variant, issue_order, poisson_schedule,
+                                         records_frame, run, scenario_seeds, write_records)
+
+DATA = random_dataset(10, input_tokens=16, output_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with MockServer() as m:
+        yield m
+
+
+# --- schedules and order (no server) --------------------------------------------------------------------
+
+def test_poisson_schedule_seeded_with_the_right_rate():
+    a = poisson_schedule(50.0, seed=7, num_requests=20000)
+    assert len(a) == 20000 and a[0] == 0.0 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, poisson_schedule(50.0, seed=7, num_requests=20000))
+    assert not np.array_equal(a[:100], poisson_schedule(50.0, seed=8, num_requests=100))
+    gaps = np.diff(a)
+    assert gaps.mean() * 50.0 == pytest.approx(1.0, abs=0.03)  # σ of the mean ≈ 0.7 %
+    assert stats.kstest(gaps, "expon", args=(0, 1 / 50.0)).pvalue > 1e-3
+    assert np.array_equal(poisson_schedule(50.0, seed=7, num_requests=100), a[:100])  # same prefix
+
+
+def test_poisson_schedule_runs_until_duration_and_count():
+    a = poisson_schedule(10.0, seed=1, duration_s=30.0)
+    assert a[-1] >= 30.0 > a[-2]  # stops at the first arrival at or past the duration
+    b = poisson_schedule(10.0, seed=1, duration_s=1.0, num_requests=50)
+    assert len(b) == 50 and b[-1] >= 1.0
+    c = poisson_schedule(10.0, seed=1, duration_s=30.0, multiple_of=7)
+    assert len(c) % 7 == 0 and len(c) >= len(a) and np.array_equal(c[:len(a)], a)
+
+
+def test_issue_order_whole_permutations():
+    order = issue_order(5, seed=3)
+    passes = [[next(order) for _ in range(5)] for _ in range(4)]
+    assert all(sorted(p) == list(range(5)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # shuffled anew each pass
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        ScenarioSettings(kind="multistream")
+    with pytest.raises(ValueError):
+        ScenarioSettings(kind="server")  # needs qps
+    with pytest.raises(ValueError):
+        ScenarioSettings(kind="offline", num_requests=0)
+
+
+def test_warmup_variant_breaks_the_prefix():
+    ids = Request(prompt=[SAFE_ID_LOW + 5, 2000, 3000], max_tokens=4, input_tokens=3)
+    assert _warmup_variant(ids).prompt[0] != ids.prompt[0] and _warmup_variant(ids).prompt[1:] == ids.prompt[1:]
+    text = Request(prompt="the cat", max_tokens=4, input_tokens=2)
+    assert _warmup_variant(text).prompt == "warmup the cat"
+
+
+def test_chat_rejects_token_ids():
+    with pytest.raises(ValueError, match="text prompts"):
+        run(Endpoint("http://127.0.0.1:9", "m", api="chat"), DATA, ScenarioSettings(kind="offline"))
+
+
+# --- against the mock -----------------------------------------------------------------------------------
+
+def test_offline_with_warmup_and_connection_cap(mock):
+    mock.reset()
+    res = run(mock.endpoint(ttft_s=0.02, tpot_s=0.002),
+              DATA, ScenarioSettings(kind="offline", num_requests=12, max_connections=3, warmup_requests=2))
+    s = res.summary
+    assert res.valid, res.invalid_reasons
+    warm = [r for r in res.records if r.warmup]
+    assert len(warm) == 2 and all(r.ok for r in warm)
+    assert s["requests_issued"] == 12 and s["requests_ok"] == 12
+    assert mock.stats()["requests"] == 14  # the warmup went to the server too
+    assert mock.stats()["peak_in_flight"] <= 3 and s["concurrency_peak"] <= 3
+    measured = [r for r in res.records if not r.warmup]
+    assert all(r.scheduled == 0.0 for r in measured)
+    assert s["output_tokens_total"] == 12 * 8
+    assert Counter(r.sample for r in measured[:10]) == Counter(range(10))  # one whole pass first
+    # latency counts from t0: requests that waited for one of the 3 slots show it in TTFT
+    assert s["ttft_max_ms"] > 3 * 20.0
+    assert res.settings["max_connections"] == 3 and res.settings["endpoint"]["model"] == "mock"
+
+
+def test_server_poisson_against_mock(mock):
+    settings = ScenarioSettings(kind="server", qps=20, duration_s=1.5, num_requests=10, ttft_limit_ms=200,
+                                tpot_limit_ms=50, seed=5, warmup_requests=1, require_early_stopping=False)
+    res = run(mock.endpoint(ttft_s=0.02, tpot_s=0.004), DATA, settings)
+    measured = [r for r in res.records if not r.warmup]
+    expected = poisson_schedule(20, scenario_seeds(5)[0], num_requests=10, duration_s=1.5)
+    assert [r.scheduled for r in measured] == pytest.approx(expected.tolist())
+    assert all(r.ok for r in measured)
+    s = res.summary
+    slack = timing_slack_ms()
+    assert s["schedule_lag_p99_ms"] < 25.0 + 10 * slack  # the issue loop keeps to the schedule at low rate
+    over = [ttft_ms(r) - 20.0 for r in measured]  # bounds as in test_loadgen_client: best case, then median
+    assert min(over) >= 0.0 and min(over) < 3.0 + slack and statistics.median(over) < 8.0 + slack, (over, slack)
+    assert s["tpot_p50_ms"] == pytest.approx(4.0, abs=1.0 + slack / 10)
+    assert res.valid and any("early stopping not met (n=" in n for n in res.notes)
+    assert s["early_stopping_ttft_min_queries"] == 459 and s["early_stopping_met"] == 0.0
+    assert s["goodput_request_per_s"] == pytest.approx(s["request_per_s"])
+
+
+def test_server_charges_queueing_to_latency(mock):
+    # Arrivals (60/s) outpace one connection (~35 ms per request): the queue must show in TTFT, since
+    # latency counts from the scheduled time, while time from send to first token stays at the truth.
+    res = run(mock.endpoint(ttft_s=0.015, tpot_s=0.003), DATA,
+              ScenarioSettings(kind="server", qps=60, num_requests=15, max_connections=1, seed=2))
+    s = res.summary
+    assert s["requests_ok"] == 15
+    from_send = [(r.first_byte - r.sent) * 1000 for r in res.records]
+    assert statistics.median(from_send) < 25.0 + timing_slack_ms()
+    assert s["ttft_p99_ms"] > 100.0 and s["schedule_lag_p99_ms"] > 80.0
+
+
+def test_single_stream_against_mock(mock):
+    mock.reset()
+    res = run(mock.endpoint(ttft_s=0.015, tpot_s=0.003), DATA,
+              ScenarioSettings(kind="single_stream", num_requests=8, warmup_requests=1,
+                               require_early_stopping=False))
+    measured = [r for r in res.records if not r.warmup]
+    assert len(measured) == 8 and all(r.ok for r in measured)
+    assert all(b.sent >= a.done for a, b in zip(measured, measured[1:]))  # one outstanding at a time
+    assert mock.stats()["peak_in_flight"] == 1 and res.summary["concurrency_peak"] == 1
+    over, slack = [ttft_ms(r) - 15.0 for r in measured], timing_slack_ms()
+    assert min(over) >= 0.0 and min(over) < 3.0 + slack and statistics.median(over) < 8.0 + slack, (over, slack)
+    assert res.valid and any("SingleStream early stopping not met (n=8, need 64)" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("kind, extra", [("server", dict(qps=50)), ("offline", dict(max_connections=2))])
+def test_scenario_timeout_never_hangs(mock, kind, extra):
+    start = time.perf_counter()
+    res = run(mock.endpoint(mode="hang", request_timeout_s=60), DATA,
+              ScenarioSettings(kind=kind, num_requests=6, timeout_s=0.6, **extra))
+    assert time.perf_counter() - start < 1.5
+    assert [r.status for r in res.records] == ["timeout"] * 6  # sent, or still queued for a slot
+    assert all(r.done is not None for r in res.records)
+    assert res.summary["scenario_timed_out"] == 1.0 and res.summary["errors_timeout"] == 6
+    assert not res.valid and "6 outstanding requests were recorded as timeout" in res.notes[0]
+
+
+@pytest.mark.parametrize("mode, kind", [("http500", "http_500"), ("drop", "dropped"), ("malformed", "malformed")])
+def test_faults_counted_by_kind_metrics_from_good_only(mock, mode, kind):
+    res = run(mock.endpoint(mode=mode, fault_every=4, ttft_s=0.01, tpot_s=0.002), DATA,
+              ScenarioSettings(kind="offline", num_requests=20))
+    s = res.summary
+    assert s[f"errors_{kind}"] == 5 and s["requests_ok"] == 15 and s["error_rate"] == 0.25
+    assert s["output_tokens_total"] == 15 * 8  # partial outputs of failed requests are not throughput
+    good = [r for r in res.records if r.ok]
+    assert s["ttft_mean_ms"] == pytest.approx(statistics.fmean(ttft_ms(r) for r in good))
+    assert not res.valid and any(r.startswith("error rate 25.0% exceeds 1.0%") for r in res.invalid_reasons)
+
+
+def test_equal_issue_rounds_to_whole_passes(mock):
+    data = DATA[:7]
+    res = run(mock.endpoint(ttft_s=0.005, tpot_s=0.001), data,
+              ScenarioSettings(kind="offline", num_requests=10, equal_issue=True))
+    assert len(res.records) == 14 and Counter(r.sample for r in res.records) == Counter({i: 2 for i in range(7)})
+
+
+def test_records_frame_and_files(mock, tmp_path):
+    res = run(mock.endpoint(mode="http500", fault_every=3, ttft_s=0.005, tpot_s=0.001), DATA,
+              ScenarioSettings(kind="offline", num_requests=6, warmup_requests=1))
+    frame = records_frame(res.records)
+    assert len(frame) == 7 and frame["warmup"].sum() == 1
+    assert set(frame["status"]) == {"ok", "http_500"}
+    assert frame.loc[frame.status == "http_500", "ttft_ms"].isna().all()
+    assert frame.loc[frame.status == "ok", "num_chunks"].eq(8).all()
+    csv = pd.read_csv(write_records(res.records, tmp_path / "r.csv"))
+    pq = pd.read_parquet(write_records(res.records, tmp_path / "sub" / "r.parquet"))
+    for back in (csv, pq):
+        assert list(back.columns) == list(frame.columns)
+        assert np.allclose(back["ttft_ms"], frame["ttft_ms"], equal_nan=True)
+    ok_row = frame.index[frame.status == "ok"][0]
+    assert list(pq["chunk_tokens"].iloc[ok_row]) == [1] * 8
+    assert json.loads(csv["chunk_t"].iloc[ok_row]) == pytest.approx(list(frame["chunk_t"].iloc[ok_row]))
+    assert res.to_dict()["notes"] == res.notes

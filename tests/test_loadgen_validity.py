@@ -1,0 +1,128 @@
+"""MLPerf validity: the early-stopping table, the SingleStream estimate, and the verdict's rules."""
+import pytest
+
+from servetune.loadgen.records import Chunk, RequestRecord
+from servetune.loadgen.scenarios import ScenarioSettings
+from servetune.loadgen.validity import early_stopping_estimate, early_stopping_min_queries, verdict
+
+# loadgen-and-mlperf.md §1.4 (matches mlcommons/endpoints docs/early_stopping.md)
+P99 = {0: 459, 1: 662, 2: 838, 5: 1307, 10: 2010, 50: 6898, 100: 12571, 1000: 107569}
+P90 = {0: 44, 1: 64, 2: 81, 5: 127, 10: 197, 50: 681, 100: 1246, 1000: 10722}
+
+
+@pytest.mark.parametrize("table, p", [(P99, 0.99), (P90, 0.90)])
+def test_early_stopping_table(table, p):
+    assert {t: early_stopping_min_queries(t, p) for t in table} == table
+
+
+def test_early_stopping_bad_arguments():
+    with pytest.raises(ValueError):
+        early_stopping_min_queries(-1, 0.99)
+    with pytest.raises(ValueError):
+        early_stopping_min_queries(0, 1.0)
+
+
+def test_single_stream_estimate():
+    assert early_stopping_estimate(list(range(63)), 0.90) is None  # needs h(1) + 1 = 64
+    lat = [float(i) for i in range(1, 201)]
+    # n = 200: largest t with h(t) + t ≤ 200 is t = 10 (197); the estimate is sorted[200 - 10]
+    assert early_stopping_estimate(lat, 0.90) == 191.0
+    assert early_stopping_estimate(lat[:64], 0.90) == 64.0  # t = 1: sorted[n - 1], nothing discarded
+
+
+def _records(n, ttft_ms=50.0, tpot_ms=10.0, tokens=11, gap_s=0.1, slow=(), failed=()):
+    """n requests scheduled every gap_s; indexes in ``slow`` have 10× TTFT and TPOT, in ``failed`` fail."""
+    out = []
+    for i in range(n):
+        scale = 10.0 if i in slow else 1.0
+        t0 = i * gap_s
+        first = t0 + ttft_ms * scale / 1000
+        done = first + (tokens - 1) * tpot_ms * scale / 1000
+        r = RequestRecord(index=i, sample=i, scheduled=t0, sent=t0, first_byte=first, done=done,
+                          chunks=[Chunk(first, tokens)], output_tokens=tokens, status="ok")
+        if i in failed:
+            r.status, r.first_byte, r.chunks, r.output_tokens = "dropped", None, [], 0
+        out.append(r)
+    return out
+
+
+def server(**kw):
+    base = dict(kind="server", qps=10, duration_s=40, num_requests=400, ttft_limit_ms=100, tpot_limit_ms=20)
+    return ScenarioSettings(**{**base, **kw})
+
+
+def test_valid_server_run():
+    v = verdict(_records(459), server())
+    valid, reasons = v  # unpacks as the (valid, reasons) pair
+    assert valid and reasons == [] and v.notes == []
+    assert v.numbers["early_stopping_ttft_min_queries"] == 459 and v.numbers["early_stopping_met"] == 1.0
+
+
+def test_early_stopping_fatal_or_note():
+    recs = _records(459, slow={7})  # one query over both limits: now 662 are needed
+    strict = verdict(recs, server())
+    assert not strict.valid
+    assert any("TTFT early stopping not met (n=459, need 662" in r for r in strict.reasons)
+    assert any("TPOT early stopping not met" in r for r in strict.reasons)
+    lenient = verdict(recs, server(), require_early_stopping=False)
+    assert lenient.valid and lenient.reasons == []
+    assert any("need 662" in n for n in lenient.notes)
+    assert lenient.numbers["early_stopping_ttft_over_limit"] == 1
+    assert lenient.numbers["early_stopping_tpot_min_queries"] == 662
+    assert lenient.numbers["early_stopping_met"] == 0.0
+    # the settings carry the switch too
+    assert verdict(recs, server(require_early_stopping=False)).valid
+
+
+def test_p99_limits():
+    recs = _records(459, slow=set(range(0, 459, 45)))  # 11 slow: the nearest-rank p99 (index 454) is slow
+    v = verdict(recs, server(), require_early_stopping=False)
+    assert not v.valid
+    assert any(r.startswith("TTFT p99 500.0 ms exceeds the 100 ms limit") for r in v.reasons)
+    assert any(r.startswith("TPOT p99 100.0 ms exceeds the 20 ms limit") for r in v.reasons)
+
+
+def test_error_rate_min_queries_and_min_duration():
+    recs = _records(300, failed={1, 2, 3, 4})  # 1.3 % failed, 29.9 s scheduled
+    v = verdict(recs, server(), require_early_stopping=False)
+    text = " | ".join(v.reasons)
+    assert "error rate 1.3% exceeds 1.0% (dropped=4)" in text
+    assert "min query count not met: 300 issued < 400" in text
+    assert "min duration not met: scheduled time of the last query at 29.900 s < 40 s" in text
+    assert verdict(recs, server(num_requests=300, duration_s=29), max_error_rate=0.02,
+                   require_early_stopping=False).valid
+
+
+def test_failures_count_against_early_stopping():
+    v = verdict(_records(459, failed={3}), server(), max_error_rate=0.5)
+    assert v.numbers["early_stopping_ttft_over_limit"] == 1 and not v.valid
+
+
+def test_verdict_from_summary_and_settings_dict():
+    from dataclasses import asdict
+
+    from servetune.loadgen.metrics import summarize
+
+    recs = _records(459)
+    summary = summarize(recs, 50.0, ttft_limit_ms=100, tpot_limit_ms=20)
+    v = verdict(summary, asdict(server()))
+    assert v.valid and v.numbers["early_stopping_tpot_min_queries"] == 459
+    no_counts = summarize(recs, 50.0)  # summarized without limits: early stopping cannot be judged
+    assert any("lacks over-limit counts" in n for n in verdict(no_counts, server()).notes)
+
+
+def test_offline_and_single_stream():
+    recs = _records(50)
+    off = verdict(recs, ScenarioSettings(kind="offline", num_requests=50, ttft_limit_ms=1))
+    assert off.valid and any("not checked in the offline" in n for n in off.notes)
+    off_short = verdict(recs, ScenarioSettings(kind="offline", duration_s=10))
+    assert any("last completion" in r for r in off_short.reasons)
+    ss = verdict(recs, ScenarioSettings(kind="single_stream", num_requests=50))
+    assert not ss.valid and "SingleStream early stopping not met (n=50, need 64)" in ss.reasons
+    ss_ok = verdict(_records(200), ScenarioSettings(kind="single_stream", num_requests=50))
+    assert ss_ok.valid and ss_ok.numbers["early_stopping_e2e_p90_ms"] == pytest.approx(150.0)
+
+
+def test_no_successful_requests():
+    v = verdict(_records(5, failed=set(range(5))), ScenarioSettings(kind="offline"))
+    assert not v.valid and "no successful requests (issued 5)" in v.reasons
