@@ -20,9 +20,14 @@ class ParamMapping:
     flag: str | None  # None: the engine has no such knob (the parameter is rejected if searched)
     default: Any = None  # the engine's own default (the baseline); None = leave unset
     domain: Any = None  # default search domain: list, or {low, high, step?, log?}
-    style: str = "value"  # value | bool_optional (--x / --no-x) | bool_flag (--x when true) | json_key
+    style: str = "value"  # value | bool_optional (--x / --no-x) | bool_flag (--x when true) | bool_flag_inverted | bool_argv
     values: dict[str, Any] = field(default_factory=dict)  # neutral value -> engine spelling
     omit: tuple = ()  # neutral values that mean "do not pass the flag"
+    # style bool_argv: the exact argv fragment for true / for false (either may be empty). For knobs that are
+    # not one flag per value, e.g. SGLang chunked_prefill=false -> ["--chunked-prefill-size", "-1"], or vLLM
+    # 0.33's --enable-x / --disable-x pairs. ``flag`` stays the knob's main flag (what version checks look for).
+    when_true: tuple = ()
+    when_false: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ def load_catalog(engine: str, version: str | None = None) -> Catalog:
         params[name] = ParamMapping(
             name=name, flag=m.get("flag"), default=m.get("default"), domain=m.get("domain"),
             style=m.get("style", "value"), values=dict(m.get("values") or {}), omit=tuple(m.get("omit") or ()),
+            when_true=tuple(str(a) for a in m.get("when_true") or ()),
+            when_false=tuple(str(a) for a in m.get("when_false") or ()),
         )
     return Catalog(
         engine=raw["engine"], version=str(version or raw.get("version", "")), command=tuple(raw["command"]),
@@ -107,6 +114,8 @@ def render_flags(catalog: Catalog, params: dict[str, Any]) -> list[str]:
         elif m.style == "bool_flag_inverted":  # e.g. SGLang --disable-radix-cache for prefix_caching=false
             if not _truthy(value):
                 argv.append(m.flag)
+        elif m.style == "bool_argv":
+            argv += list(m.when_true if _truthy(value) else m.when_false)
         else:
             argv += [m.flag, _fmt(value)]
     return argv

@@ -171,6 +171,10 @@ class StudyDriver:
             from servetune.optimizer.process import reap_orphan
 
             reap_orphan(self.trial_dir(ft.number) / "engine.pid")
+            finished = self._finished_on_disk(ft.number) if running else None
+            if finished is not None:  # measured, but the driver died before telling Optuna: keep it
+                self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
+                continue
             if running:
                 study._storage.set_trial_user_attr(ft._trial_id, STALE, True)
                 study._storage.set_trial_state_values(ft._trial_id, optuna.trial.TrialState.FAIL)
@@ -179,6 +183,15 @@ class StudyDriver:
             self._mark_stale_file(ft.number)
             requeued += 1
         return requeued
+
+    def _finished_on_disk(self, number: int) -> TrialResult | None:
+        try:
+            r = TrialResult.from_dict(json.loads((self.trial_dir(number) / "trial.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if r.state == "complete" or (r.state == "failed" and (r.failure or {}).get("kind") != "internal"):
+            return r
+        return None
 
     def _mark_stale_file(self, number: int) -> None:
         path = self.trial_dir(number) / "trial.json"

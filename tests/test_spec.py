@@ -104,7 +104,7 @@ def test_several_problems_are_all_reported_in_file_order():
     nums = [int(_LINE.match(x)["line"]) for x in lines]
     assert nums == sorted(nums)
     assert any("hardware.gpus" in x for x in lines)
-    assert any("workload.scenarios[0].qps" in x for x in lines)
+    assert any("workload.scenarios[1].qps" in x for x in lines)
     assert any("did you mean 'sampler'" in x for x in lines)
 
 
@@ -144,7 +144,8 @@ def test_quickstart_loads_with_defaults(tmp_path: Path, monkeypatch: pytest.Monk
     assert spec.engines[0].env == {} and spec.engines[0].ready_timeout_s == 900.0
     assert spec.hardware.gpus == 2 and spec.hardware.max_gpus_per_trial == 2
     assert spec.search["tensor_parallel"] == [1, 2]
-    (scen,) = spec.workload.scenarios
+    offline, scen = spec.workload.scenarios
+    assert offline.label == "offline" and offline.sla is None
     assert scen.label == "server" and scen.sla.limits() == SLA_PRESETS["llama3.1-8b"]
     assert scen.timeout_s == 600.0 and scen.warmup_requests == 0
     assert spec.workload.dataset.seed == 0 and spec.workload.dataset.ignore_eos is True

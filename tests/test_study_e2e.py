@@ -56,7 +56,8 @@ def test_six_trial_study_completes_with_baseline_failure_and_report(tmp_path):
         if t["state"] == "complete":
             s = t["scenarios"]["server"]["summary"]
             assert s["output_tokens_per_s"] > 0 and s["tpot_p99_ms"] > 0
-            assert (run / "trials" / f"{t['number']:04d}" / "requests_server.csv").exists()
+            measured_in = t["duplicate_of"] if t.get("duplicate_of") is not None else t["number"]
+            assert (run / "trials" / f"{measured_in:04d}" / "requests_server.csv").exists()
         elif t["state"] == "failed":
             assert t["failure"]["kind"] and t["failure"]["reason"]
     storage = optuna.storages.RDBStorage(f"sqlite:///{run / 'study.db'}")
