@@ -73,12 +73,26 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     before = _scrape(engine, url + metrics_path)
     first_before = before
     for sc in plan.scenarios:
-        settings = ScenarioSettings(**{**sc.settings, "num_gpus": plan.gpus})
-        t0 = time.monotonic()
-        sr = run(endpoint, requests, settings)
-        result.loaded_s += time.monotonic() - t0
-        write_records(sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
+        rates = sc.settings.get("qps")
+        rates = rates if isinstance(rates, list) else [rates]
+        levels = []
+        for rate in rates:  # a load sweep within this one launch: no restart per level
+            settings = ScenarioSettings(**{**sc.settings, "qps": rate, "num_gpus": plan.gpus})
+            t0 = time.monotonic()
+            sr = run(endpoint, requests, settings)
+            result.loaded_s += time.monotonic() - t0
+            suffix = "" if len(rates) == 1 else f"_qps{rate:g}"
+            write_records(sr.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
+            levels.append((rate, sr))
+            if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
+                break  # higher rates only queue more: stop spending GPU time
+        met = [(rate, sr) for rate, sr in levels if sla_met(sr.summary, sc.settings)]
+        rate, sr = met[-1] if met else levels[0]
         result.scenarios[sc.label] = sr.to_dict()
+        if len(rates) > 1:
+            result.scenarios[sc.label]["levels"] = [{"qps": r, **s.to_dict()} for r, s in levels]
+            result.scenarios[sc.label]["summary"]["max_valid_qps"] = met[-1][0] if met else 0.0
+            write_records(sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
         after = _scrape(engine, url + metrics_path)
         if before is not None and after is not None:
             result.scenarios[sc.label]["metrics_delta"] = _delta(engine, before, after)
@@ -95,6 +109,16 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     if first_before is not None and before is not None:
         result.metrics_delta = _delta(engine, first_before, before)
     result.loaded_s = round(result.loaded_s, 3)
+
+
+def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: float = 0.01) -> bool:
+    """p99 TTFT and TPOT within the scenario's limits, and (almost) no failed requests."""
+    for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
+        limit = settings.get(limit_key)
+        value = summary.get(metric)
+        if limit and (value is None or not value <= limit):
+            return False
+    return summary.get("error_rate", 0.0) <= max_error_rate
 
 
 def _dataset(datasets, d: dict[str, Any]):

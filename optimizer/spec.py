@@ -315,7 +315,9 @@ class SLASpec(_Strict):
 class ScenarioSpec(_Strict):
     kind: Literal["offline", "server", "interactive", "single_stream"]
     name: str | None = Field(None, description="defaults to kind; objectives refer to it")
-    qps: float | None = Field(None, gt=0, description="server/interactive: Poisson arrival rate")
+    qps: float | list[float] | None = Field(
+        None, description="server/interactive: Poisson arrival rate; a list is a load sweep within one launch "
+                          "(ascending; it stops at the first rate that misses the SLA)")
     duration_s: float | None = Field(None, gt=0, description="minimum scheduled duration")
     num_requests: int | None = Field(None, ge=1, description="defaults to the dataset size")
     max_connections: int | None = Field(None, ge=1, description="client-side cap on outstanding requests (reported)")
@@ -327,6 +329,14 @@ class ScenarioSpec(_Strict):
     def _rate(self) -> "ScenarioSpec":
         if self.kind in ("server", "interactive") and self.qps is None:
             _fail("scenario", [(("qps",), f"{_a(self.kind)} scenario needs qps (requests per second)")])
+        rates = self.qps if isinstance(self.qps, list) else ([] if self.qps is None else [self.qps])
+        if isinstance(self.qps, list) and not self.qps:
+            _fail("scenario", [(("qps",), "an empty list of rates")])
+        for i, r in enumerate(rates):
+            if r <= 0:
+                _fail("scenario", [(("qps",), f"rates must be above 0 (got {r:g})")])
+        if rates != sorted(rates) or len(set(rates)) != len(rates):
+            _fail("scenario", [(("qps",), "list the sweep's rates in ascending order, each once")])
         if self.kind in ("offline", "single_stream") and self.qps is not None:
             _fail("scenario", [(("qps",), f"qps has no meaning for {_a(self.kind)} scenario "
                                           "(it sends as fast as it can); use kind: server for a fixed rate")])

@@ -128,3 +128,20 @@ def test_validate_reports_file_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert f"{bad}:6: workload.scenarios[0].qsp: unknown key 'qsp' (did you mean 'qps'?)" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_load_sweep_within_one_launch_reports_max_valid_rate(tmp_path):
+    # 1b on an H100 at 600 req/s floods a 8-seq engine: the sweep stops there and keeps the last valid rate
+    study = write_study(tmp_path, trials=1, parallel=1, qps="[4, 600]", duration_s=2, search="""
+      max_concurrency: [8]
+    """, extra="baseline: false\n")
+    text = study.read_text().replace("ttft_p99_ms: 2000", "ttft_p99_ms: 500")
+    study.write_text(text)
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = _trial_files(tmp_path / "run")[0]
+    sc = t["scenarios"]["server"]
+    assert [lvl["qps"] for lvl in sc["levels"]] == [4, 600]
+    assert sc["summary"]["max_valid_qps"] == 4
+    assert sc["sla_met"] is True
+    assert (tmp_path / "run" / "trials" / "0000" / "requests_server_qps600.csv").exists()
