@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On a GPU host with no network: install an engine from gpu-kit parts, servetune's extra wheels, and model
+# checkpoints of real shapes (random weights). Usage: host_setup.sh ENGINE
+#   ENGINE: vllm | sglang
+# Parts arrive one per device call (64 MiB each); after each run, with KIT_HOME=/tmp/kit-ENGINE:
+#   bash KITDIR/p_partNN/recv.sh KITDIR   (engine parts)   and   bash EXTRADIR/x_partNN/recv.sh EXTRADIR
+# (servetune's own wheels: ray, optuna, plotly, ...; install.sh installs them with the engine).
+set -euo pipefail
+ENGINE=${1:?engine}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export KIT_HOME=/tmp/kit-$ENGINE SITE=/tmp/site-$ENGINE
+bash "$KIT_HOME/bin/install.sh"
+
+
+# servetune itself without pip (no build backend offline): the namespace servetune.* as symlinks
+mkdir -p /tmp/st/servetune
+for d in optimizer loadgen reports search_spaces deploy_templates; do ln -sfn "$REPO/$d" "/tmp/st/servetune/$d"; done
+cat > "$KIT_HOME/servetune-env.sh" <<ENV
+source $KIT_HOME/env.sh
+export PYTHONPATH=/tmp/st:\$PYTHONPATH RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+ENV
+source "$KIT_HOME/servetune-env.sh"
+for m in llama-3.1-8b llama-3.1-70b; do
+  [ -d "/tmp/models/$m" ] || python3 "$KIT_HOME/bin/mkmodel.py" "$m" "/tmp/models/$m" >/dev/null
+done
+python3 -c "import servetune.optimizer.driver, ray, optuna, plotly; print('servetune ready; ray', ray.__version__, 'optuna', optuna.__version__)"
+nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv

@@ -1,0 +1,71 @@
+"""Summarize GPU proof runs as Markdown: trials, engine start times, GPU duty cycle, best valid vs baseline.
+
+Usage: summarize.py STUDY_RUN_DIR [MORE_RUN_DIRS...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def trials(run: Path) -> list[dict]:
+    out = []
+    for p in sorted((run / "trials").glob("*/trial.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def fmt(v, nd=0):
+    return "–" if v is None else f"{v:,.{nd}f}"
+
+
+def summarize(run: Path) -> str:
+    ts = trials(run)
+    lines = [f"## {run.name}: {len(ts)} trials", ""]
+    lines.append("| # | state | params | ready s | loaded s | wall s | max valid qps | out tok/s | p99 TTFT ms | p99 TPOT ms | reason |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for t in ts:
+        sc = next(iter(t.get("scenarios", {}).values()), {})
+        s = sc.get("summary", {})
+        params = " ".join(f"{k}={v}" for k, v in t.get("params", {}).items()) or "(engine defaults)"
+        if t.get("is_baseline"):
+            params = "**baseline** " + params
+        reason = (t.get("failure") or {}).get("kind", "")
+        if t.get("failure"):
+            reason += ": " + t["failure"]["reason"][:160]
+        if t.get("duplicate_of") is not None:
+            reason = f"same config as #{t['duplicate_of']} " + reason
+        lines.append(f"| {t['number']} | {t['state']} | {params} | {fmt(t.get('ready_s'), 1)} | {fmt(t.get('loaded_s'), 1)} "
+                     f"| {fmt(t.get('wall_s'), 1)} | {fmt(s.get('max_valid_qps'), 1)} | {fmt(s.get('output_tokens_per_s'))} "
+                     f"| {fmt(s.get('ttft_p99_ms'))} | {fmt(s.get('tpot_p99_ms'), 1)} | {reason.replace('|', '/')} |")
+    launched = [t for t in ts if t.get("ready_s") is not None and t.get("duplicate_of") is None]
+    if launched:
+        starts = [t["ready_s"] for t in launched]
+        first = min(launched, key=lambda t: t.get("started_at", ""))
+        lines += ["", f"Engine start (launch → healthy): first {first['ready_s']:.0f} s (cold caches), "
+                  f"others median {sorted(starts)[len(starts) // 2]:.0f} s, min {min(starts):.0f} s, max {max(starts):.0f} s."]
+        loaded = sum(t.get("loaded_s", 0) * t.get("gpus", 1) for t in launched)
+        wall = sum(t.get("wall_s", 0) * t.get("gpus", 1) for t in launched)
+        lines.append(f"GPU duty cycle (GPU-seconds under measured load ÷ GPU-seconds of launched trials): "
+                     f"{loaded / wall:.0%} ({loaded:,.0f} / {wall:,.0f} GPU-s).")
+    valid = [t for t in ts if t["state"] == "complete" and next(iter(t["scenarios"].values()), {}).get("sla_met")]
+    base = next((t for t in ts if t.get("is_baseline")), None)
+    if base and base["state"] == "complete" and valid:
+        key = "output_tokens_per_s"
+        b = next(iter(base["scenarios"].values()))
+        best = max(valid, key=lambda t: next(iter(t["scenarios"].values()))["summary"].get(key, 0))
+        bs = next(iter(best["scenarios"].values()))["summary"]
+        if b.get("sla_met"):
+            lines.append(f"Best SLA-valid throughput: trial #{best['number']} {bs[key]:,.0f} out tok/s vs baseline "
+                         f"{b['summary'][key]:,.0f} → **{bs[key] / b['summary'][key]:.2f}×** (same study, same host).")
+        else:
+            lines.append(f"Baseline met the SLA at no measured rate; best SLA-valid trial #{best['number']}: {bs[key]:,.0f} out tok/s.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print("\n".join(summarize(Path(a)) for a in sys.argv[1:] if Path(a, "trials").is_dir()))
