@@ -12,9 +12,11 @@ export KIT_HOME=/tmp/kit-$ENGINE SITE=/tmp/site-$ENGINE
 bash "$KIT_HOME/bin/install.sh"
 
 
-# servetune itself without pip (no build backend offline): the namespace servetune.* as symlinks
+# servetune itself without pip (no build backend offline): a copy of this checkout that outlives the
+# command, and the namespace servetune.* as symlinks into it
+rm -rf /tmp/servetune-src && cp -r "$REPO" /tmp/servetune-src && rm -rf /tmp/servetune-src/.gpukit
 mkdir -p /tmp/st/servetune
-for d in optimizer loadgen reports search_spaces deploy_templates; do ln -sfn "$REPO/$d" "/tmp/st/servetune/$d"; done
+for d in optimizer loadgen reports search_spaces deploy_templates; do ln -sfn "/tmp/servetune-src/$d" "/tmp/st/servetune/$d"; done
 cat > "$KIT_HOME/servetune-env.sh" <<ENV
 source $KIT_HOME/env.sh
 export PYTHONPATH=/tmp/st:\$PYTHONPATH RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
