@@ -173,15 +173,9 @@ def _print_pareto(run_dir: Path, objectives) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from servetune.reports.html import write_report
+    from servetune.reports.command import run as report_command
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "trials").is_dir():
-        err_console.print(f"error: {run_dir} is not a servetune run directory (no trials/ inside)", markup=False)
-        return EXIT_USAGE
-    path = write_report(run_dir, Path(args.output) if args.output else None)
-    console.print(f"report: {path}")
-    return 0
+    return report_command(args, lambda m: console.print(m, markup=False), lambda m: err_console.print(m, markup=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a study file")
     v.add_argument("study")
     v.set_defaults(func=cmd_validate)
-    rep = sub.add_parser("report", help="write the HTML report of a run directory")
-    rep.add_argument("run_dir")
-    rep.add_argument("-o", "--output")
+    from servetune.reports.command import USAGE as REPORT_USAGE, add_arguments as report_arguments
+
+    rep = sub.add_parser("report", help="the HTML report of a run directory; 'serve' a local report app; "
+                         "'compare' two studies", usage=REPORT_USAGE.removeprefix("usage: "))
+    report_arguments(rep)
     rep.set_defaults(func=cmd_report)
     return p
 

@@ -43,8 +43,12 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
         waited = process.wait_healthy(ep, launch.health_path, min(plan.ready_timeout_s, launch.ready_timeout_s))
         if waited is not None:
             code = ep.proc.poll() if waited == "exited" else None
-            failure = (engine.classify(ep.log_tail(), code) if waited == "exited"
-                       else Failure(FailureKind.TIMEOUT, f"not healthy after {plan.ready_timeout_s:.0f} s"))
+            if waited == "timeout":
+                failure = Failure(FailureKind.TIMEOUT, f"not healthy after {plan.ready_timeout_s:.0f} s")
+            else:
+                failure = engine.classify(ep.log_tail(), code)
+                if waited == "fatal":
+                    failure = Failure(failure.kind, "a worker failed while the server stayed up: " + failure.reason)
             return _fail(result, failure)
         result.ready_s = round(time.monotonic() - t_launch, 3)
         _measure(plan, engine, ep, url, launch.metrics_path, result)

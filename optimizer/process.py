@@ -80,12 +80,24 @@ def start(argv: list[str], env: dict[str, str], log_path: Path, url: str, cwd: s
     return EngineProcess(proc, log_path, pid_path, url)
 
 
+# A worker can die while the API process lives on and never turns healthy (seen with vLLM TP=2: an
+# illegal memory access in a worker); these lines mean the start has failed, whatever /health says later.
+FATAL_LOG = re.compile(r"CUDA error: |illegal memory access|Engine core initialization failed|"
+                       r"scheduler died|Initialization failed\. Please see|NCCL error|Segmentation fault")
+
+
 def wait_healthy(ep: EngineProcess, path: str, timeout_s: float, interval_s: float = 0.25) -> str | None:
-    """None when healthy; else 'exited' or 'timeout'. Early exit is noticed within one interval."""
+    """None when healthy; else 'exited', 'fatal' (a fatal line in the log) or 'timeout'."""
     deadline = time.monotonic() + timeout_s
+    next_scan = 0.0
     while time.monotonic() < deadline:
         if not ep.alive():
             return "exited"
+        if time.monotonic() >= next_scan:
+            next_scan = time.monotonic() + 5.0
+            if FATAL_LOG.search(ep.log_tail(65536)):
+                time.sleep(2.0)  # let the process finish printing its reason
+                return "exited" if not ep.alive() else "fatal"
         try:
             with urllib.request.urlopen(ep.url + path, timeout=2.0) as r:
                 if r.status == 200:

@@ -26,15 +26,7 @@ ENGINES = ("sim", "vllm", "sglang")
 SCENARIOS = ("offline", "server", "interactive", "single_stream")
 
 # MLPerf LLM latency limits (p99 TTFT ms, p99 TPOT ms); loadgen-and-mlperf.md §1.5.
-SLA_PRESETS: dict[str, tuple[float, float]] = {
-    "llama3.1-8b": (2000.0, 100.0),
-    "llama3.1-8b-interactive": (500.0, 30.0),
-    "llama2-70b": (2000.0, 200.0),
-    "llama2-70b-interactive": (450.0, 40.0),
-    "llama3.1-405b": (6000.0, 175.0),
-    "llama3.1-405b-interactive": (4500.0, 80.0),
-    "mixtral-8x7b": (2000.0, 200.0),
-}
+from servetune.loadgen.sla import SLA_PRESETS  # noqa: E402  (the table lives with the load generator)
 
 # Objective metrics a scenario summary carries, with the direction that makes a config better.
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")

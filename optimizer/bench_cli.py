@@ -1,0 +1,337 @@
+"""``servetune bench``: one load-generator run (or a load sweep) against any OpenAI-compatible server.
+
+    servetune bench --url http://127.0.0.1:8000 --model NAME --scenario server --qps 20 --duration 60 \\
+        --input-tokens 1024 --output-tokens 256 --sla llama3.1-8b -o out/
+
+writes ``out/result.json`` (settings, summary, verdict per level; sweeps add the best rate or the Pareto
+points) and ``out/requests.parquet`` (or ``.csv``) with one row per request, a ``level`` column telling
+sweep levels apart.
+
+Modes: one scenario run (default); ``--find-max-qps --qps-lo L --qps-hi H`` (the highest valid
+server/interactive rate, :func:`servetune.loadgen.search.find_max_qps`); ``--concurrency N`` (the
+fixed-concurrency scenario) or ``--concurrency 1,2,4,8`` (a sweep, tokens/s/GPU vs tokens/s/user).
+
+Secrets: a header value may name environment variables as ``${NAME}`` (``--header 'Authorization: Bearer
+${TOKEN}'``); they are resolved here, sent on the wire, and never written to result.json or printed:
+results keep header names only, and the recorded command line masks header values and URL credentials.
+
+Exit status: 0 when the run completed (valid or not; the verdict is in result.json and printed), 2 for
+bad arguments or inputs, 1 when no request succeeded at all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class UsageError(Exception):
+    pass
+
+
+def resolve_header(text: str, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """``'Name: value'`` with ``${VAR}`` references resolved from the environment."""
+    env = os.environ if environ is None else environ
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or any(c.isspace() for c in name):
+        raise UsageError(f"--header must look like 'Name: value', got a header named {name!r}")
+    missing = [m for m in _ENV_REF.findall(value) if m not in env]
+    if missing:
+        raise UsageError(f"--header {name}: environment variable(s) not set: {', '.join(missing)}")
+    return name, _ENV_REF.sub(lambda m: env[m.group(1)], value)
+
+
+def redacted_argv(argv: Sequence[str]) -> list[str]:
+    """The command line as recorded: header values masked, credentials and query stripped from URLs."""
+    from servetune.loadgen.endpoint import _redact_url
+
+    out, mask_next, url_next = [], False, False
+    for a in argv:
+        if mask_next or url_next:
+            out.append(_mask_header(a) if mask_next else _redact_url(a))
+            mask_next = url_next = False
+            continue
+        if a == "--header":
+            mask_next = True
+        elif a.startswith("--header="):
+            a = "--header=" + _mask_header(a[len("--header="):])
+        elif a == "--url":
+            url_next = True
+        elif a.startswith("--url="):
+            a = "--url=" + _redact_url(a[len("--url="):])
+        out.append(a)
+    return out
+
+
+def _mask_header(text: str) -> str:
+    return text.partition(":")[0].strip() + ": ***"
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+    return values
+
+
+# loadgen.scenarios.SCENARIOS, spelled out so building the parser imports no aiohttp/numpy (every
+# ``servetune`` command builds it); a test keeps the two equal.
+SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``servetune`` sub-command parser."""
+    from servetune.loadgen.sla import SLA_PRESETS
+
+    b = subparsers.add_parser(
+        "bench", help="run a load scenario against any OpenAI-compatible server",
+        description="Run an MLPerf-style scenario (or a max-QPS search / concurrency sweep) against a "
+                    "running OpenAI-compatible server and write result.json + per-request records.")
+    t = b.add_argument_group("target")
+    t.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    t.add_argument("--model", required=True, help="served model name (sent as 'model')")
+    t.add_argument("--api", choices=("completions", "chat"), default="completions")
+    t.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra request header; ${VAR} in the value is read from the environment (repeatable)")
+    t.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    t.add_argument("--extra-body", default=None, metavar="JSON",
+                   help="JSON object merged into every request body (sampling parameters, ...)")
+    s = b.add_argument_group("scenario")
+    s.add_argument("--scenario", choices=SCENARIOS, default=None,
+                   help="default: server with --qps, concurrency with --concurrency, else offline")
+    s.add_argument("--qps", type=float, help="arrival rate for server/interactive")
+    s.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    s.add_argument("--duration", type=float, help="minimum run length in seconds")
+    s.add_argument("--num-requests", type=int, help="minimum number of measured requests")
+    s.add_argument("--concurrency", type=_csv_ints, metavar="N[,N...]",
+                   help="fixed-concurrency scenario; several values run a concurrency sweep")
+    s.add_argument("--max-connections", type=int, help="cap on outstanding requests (offline/server)")
+    s.add_argument("--warmup", type=int, default=0, help="warmup requests, excluded from metrics")
+    s.add_argument("--workers", type=int, default=1, help="load-generator processes (default 1)")
+    s.add_argument("--timeout", type=float, default=None, help="bound on one scenario run in seconds "
+                   "(default: 3 x duration + request timeout)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--equal-issue", action="store_true", help="round the request count up to whole dataset passes")
+    s.add_argument("--num-gpus", type=int, default=1, help="GPUs serving (for tokens/s/GPU)")
+    v = b.add_argument_group("limits and validity")
+    v.add_argument("--sla", choices=sorted(SLA_PRESETS), metavar="PRESET",
+                   help="MLPerf latency preset: " + ", ".join(SLA_PRESETS) + " (the interactive scenario picks "
+                        "the -interactive limits)")
+    v.add_argument("--ttft-ms", type=float, help="p99 TTFT limit (overrides the preset's)")
+    v.add_argument("--tpot-ms", type=float, help="p99 TPOT limit (overrides the preset's)")
+    v.add_argument("--no-early-stopping", action="store_true",
+                   help="report an early-stopping shortfall as a note instead of invalidating the run")
+    v.add_argument("--max-error-rate", type=float, default=0.01)
+    q = b.add_argument_group("max-QPS search")
+    q.add_argument("--find-max-qps", action="store_true", help="search the highest valid server/interactive rate")
+    q.add_argument("--qps-lo", type=float, help="search bracket low end (default: --qps or 1)")
+    q.add_argument("--qps-hi", type=float, help="search bracket high end")
+    q.add_argument("--qps-tolerance", type=float, default=0.05, help="relative (default 0.05)")
+    q.add_argument("--max-levels", type=int, default=10)
+    d = b.add_argument_group("dataset")
+    d.add_argument("--dataset", choices=("random", "sharegpt", "token_ids"), default="random")
+    d.add_argument("--dataset-path", help="file for sharegpt / token_ids")
+    d.add_argument("--dataset-size", type=int, default=None, help="samples (random: default 1000; sharegpt: all usable)")
+    d.add_argument("--input-tokens", type=int, default=1024)
+    d.add_argument("--output-tokens", type=int, default=256)
+    d.add_argument("--input-range", type=float, default=0.0)
+    d.add_argument("--output-range", type=float, default=0.0)
+    d.add_argument("--max-output-tokens", type=int, help="sharegpt: cap each sample's output budget")
+    eos = d.add_mutually_exclusive_group()
+    eos.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", default=None,
+                     help="ask for exactly max_tokens (default for random data)")
+    eos.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                     help="let the model stop at EOS (default for sharegpt / token_ids)")
+    o = b.add_argument_group("output")
+    o.add_argument("-o", "--output-dir", required=True)
+    o.add_argument("--records-format", choices=("parquet", "csv"), default="parquet")
+    o.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return b
+
+
+def _dataset(args: argparse.Namespace):
+    from servetune.loadgen import datasets
+
+    if args.dataset == "random":
+        return datasets.random_dataset(args.dataset_size or 1000, args.input_tokens, args.output_tokens,
+                                       input_range=args.input_range, output_range=args.output_range,
+                                       seed=args.seed, as_token_ids=args.api == "completions")
+    if not args.dataset_path:
+        raise UsageError(f"--dataset {args.dataset} needs --dataset-path")
+    if args.dataset == "sharegpt":
+        return datasets.sharegpt_dataset(args.dataset_path, args.dataset_size, seed=args.seed,
+                                         max_output_tokens=args.max_output_tokens)
+    reqs = datasets.token_id_dataset(args.dataset_path)
+    if args.api == "chat":
+        raise UsageError("--dataset token_ids sends token ids: use --api completions")
+    return reqs[:args.dataset_size] if args.dataset_size else reqs
+
+
+def _settings(args: argparse.Namespace):
+    from servetune.loadgen.scenarios import ScenarioSettings
+
+    kind = args.scenario or ("concurrency" if args.concurrency else "server" if (args.qps or args.find_max_qps)
+                             else "offline")
+    if args.find_max_qps and kind not in ("server", "interactive"):
+        raise UsageError("--find-max-qps searches a server or interactive scenario")
+    if args.concurrency and kind != "concurrency":
+        raise UsageError(f"--concurrency runs the concurrency scenario, not {kind}")
+    if kind == "concurrency" and not args.concurrency:
+        raise UsageError("the concurrency scenario needs --concurrency N")
+    qps = args.qps
+    if args.find_max_qps:
+        qps = qps or args.qps_lo or 1.0
+    timeout = args.timeout or (3 * (args.duration or 60.0) + args.request_timeout)
+    return ScenarioSettings(
+        kind=kind, qps=qps if kind in ("server", "interactive") else None, duration_s=args.duration,
+        num_requests=args.num_requests, max_connections=args.max_connections, warmup_requests=args.warmup,
+        timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
+        num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
+        max_error_rate=args.max_error_rate, concurrency=args.concurrency[0] if args.concurrency else None,
+        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival)
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _line(res) -> str:
+    s = res.summary
+    label = {"server": f"qps={_fmt(res.settings.get('qps'), 2)}", "interactive": f"qps={_fmt(res.settings.get('qps'), 2)}",
+             "concurrency": f"concurrency={res.settings.get('concurrency')}"}.get(res.scenario, res.scenario)
+    verdict = "VALID" if res.valid else "INVALID: " + "; ".join(res.invalid_reasons)
+    return (f"{label}: {int(s['requests_ok'])}/{int(s['requests_issued'])} ok, "
+            f"{_fmt(s['request_per_s'], 2)} req/s, {_fmt(s['output_tokens_per_s'])} out tok/s, "
+            f"TTFT p99 {_fmt(s['ttft_p99_ms'])} ms, TPOT p99 {_fmt(s['tpot_p99_ms'], 2)} ms, "
+            f"lag p99 {_fmt(s['schedule_lag_p99_ms'], 2)} ms — {verdict}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        return _bench(args)
+    except UsageError as e:
+        print(f"servetune bench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from servetune.loadgen.endpoint import Endpoint
+    from servetune.loadgen.scenarios import records_frame, run
+    from servetune.loadgen.search import concurrency_sweep, find_max_qps
+
+    headers = dict(resolve_header(h) for h in args.header)
+    extra: dict[str, Any] = {}
+    if args.extra_body:
+        try:
+            extra = json.loads(args.extra_body)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--extra-body is not JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise UsageError("--extra-body must be a JSON object")
+    try:
+        endpoint = Endpoint(base_url=args.url, model=args.model, api=args.api, headers=headers,
+                            request_timeout_s=args.request_timeout, extra_body=extra)
+        settings = _settings(args)
+        requests = _dataset(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.find_max_qps and not args.qps_hi:
+        raise UsageError("--find-max-qps needs --qps-hi")
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *_: None) if args.quiet else (lambda text: print(text, flush=True))
+    doc: dict[str, Any] = {
+        "command": ["servetune", *redacted_argv(sys.argv[1:])],
+        "endpoint": endpoint.describe(),
+        "dataset": {"kind": args.dataset, "size": len(requests), "path": args.dataset_path,
+                    "input_tokens": args.input_tokens if args.dataset == "random" else None,
+                    "output_tokens": args.output_tokens if args.dataset == "random" else None,
+                    "ignore_eos": settings.ignore_eos if settings.ignore_eos is not None
+                    else sorted({r.ignore_eos for r in requests})},
+    }
+    say(f"servetune bench: {settings.kind} against {endpoint.describe()['base_url']} ({args.model}), "
+        f"{len(requests)} samples")
+    if args.find_max_qps:
+        lo = args.qps_lo or settings.qps
+        sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels)
+        results = sr.levels
+        doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
+                   bracket=list(sr.bracket))
+    elif args.concurrency and len(args.concurrency) > 1:
+        sw = concurrency_sweep(endpoint, requests, settings, args.concurrency)
+        results = sw.levels
+        doc.update(mode="concurrency_sweep", points=sw.points())
+    else:
+        results = [run(endpoint, requests, settings)]
+        doc.update(mode="single")
+    doc["results"] = [r.to_dict() for r in results]
+    for r in results:
+        say("  " + _line(r))
+    if args.find_max_qps:
+        say(f"best valid rate: {_fmt(doc['best_qps'], 2)} req/s ({doc['stopped_because']})")
+    if doc.get("points"):
+        front = [p["concurrency"] for p in doc["points"] if p["pareto"]]
+        say(f"pareto front (tokens/s/GPU vs tokens/s/user): concurrency {front}")
+
+    frames = []
+    for i, r in enumerate(results):
+        f = records_frame(r.records)
+        f.insert(0, "level", i)
+        f.insert(1, "level_qps", r.settings.get("qps"))
+        f.insert(2, "level_concurrency", r.settings.get("concurrency"))
+        frames.append(f)
+    frame = pd.concat(frames, ignore_index=True)
+    rec_path = out / f"requests.{args.records_format}"
+    if args.records_format == "parquet":
+        frame.to_parquet(rec_path, index=False)
+    else:
+        for col in ("chunk_t", "chunk_tokens"):
+            frame[col] = frame[col].map(json.dumps)
+        frame.to_csv(rec_path, index=False)
+    doc["records_file"] = rec_path.name
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=True))
+    tmp.replace(out / "result.json")
+    say(f"wrote {out / 'result.json'} and {rec_path}")
+    any_ok = any(r.summary.get("requests_ok", 0) > 0 for r in results)
+    return 0 if any_ok else 1
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m servetune.optimizer.bench_cli ...``: the same as ``servetune bench ...``."""
+    parser = argparse.ArgumentParser(prog="servetune")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["bench"]:
+        argv = ["bench", *argv]
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
