@@ -169,14 +169,15 @@ def _sharegpt_pair(item: Any) -> tuple[str, str] | None:
 
 def sharegpt_dataset(
     path: str | Path,
-    n: int,
+    n: int | None = None,
     seed: int = 0,
     min_words: int = 4,
     max_input_words: int | None = None,
     max_output_tokens: int | None = None,
     ignore_eos: bool = False,
 ) -> list[Request]:
-    """``n`` conversations from a ShareGPT JSON or JSONL file, chosen by a seeded shuffle.
+    """``n`` conversations (all usable ones when None) from a ShareGPT JSON or JSONL file, chosen by a
+    seeded shuffle.
 
     The prompt is ``conversations[0]`` (human); the output budget is the word count of ``conversations[1]``
     (gpt), capped at ``max_output_tokens``. Pairs with fewer than ``min_words`` words on either side are
@@ -199,6 +200,8 @@ def sharegpt_dataset(
     if not usable:
         raise ValueError(f"dataset {path}: no ShareGPT conversations with a human turn and an answer "
                          f"(of {len(items)} entries)")
+    if n is None:
+        n = len(usable)
     if n > len(usable):
         raise ValueError(f"dataset {path}: asked for {n} conversations, only {len(usable)} usable")
     order = np.random.default_rng(seed).permutation(len(usable))[:n]

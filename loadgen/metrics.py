@@ -17,7 +17,14 @@ Definitions (milliseconds unless the name says otherwise; times are seconds sinc
   ``max_latency`` for Offline, ``final_query_all_samples_done_time`` for Server): a failed request still
   ends when the load generator learned its outcome, so a server that times out requests cannot look fast.
   Tokens are counted for successful requests only.
-- **tokens_per_s_per_user** = mean over requests of 1000/TPOT_ms, each request's own decode rate.
+- **tokens_per_s_per_user** = mean over requests of 1000/TPOT_ms, each request's own decode rate;
+  ``tokens_per_s_per_user_at_tpot_p90`` = 1000/TPOT-p90 (MLPerf Endpoints' tps_per_user).
+- ``ttft_from_send_*`` / ``e2e_from_send_*``: the same from the actual send (the origin vLLM, SGLang,
+  GuideLLM and AIPerf use); the difference to the scheduled-origin figures is the schedule lag.
+- ``chunk_gap_*``: raw gaps between token-bearing chunks, before spreading over their tokens (AIPerf ICL).
+- **Goodput** (DistServe/vLLM): requests that succeeded and met every given limit, per second of the
+  window; ``goodput_output_tokens_per_s`` counts their output tokens; ``good_request_fraction`` keeps
+  failed requests in the denominator.
 
 Only successful, non-warmup records enter latency and token statistics; failures are counted by kind.
 """
@@ -60,6 +67,25 @@ def e2e_ms(r: RequestRecord) -> float | None:
     if r.done is None:
         return None
     return (r.done - r.scheduled) * 1000.0
+
+
+def ttft_from_send_ms(r: RequestRecord) -> float | None:
+    """TTFT from the actual send (what vLLM/SGLang/GuideLLM/AIPerf report): excludes the schedule lag."""
+    if r.first_byte is None or r.sent is None:
+        return None
+    return (r.first_byte - r.sent) * 1000.0
+
+
+def e2e_from_send_ms(r: RequestRecord) -> float | None:
+    if r.done is None or r.sent is None:
+        return None
+    return (r.done - r.sent) * 1000.0
+
+
+def chunk_gaps_ms(r: RequestRecord) -> list[float]:
+    """Raw gaps between consecutive token-bearing chunks (AIPerf's ICL, vLLM's per-chunk "ITL")."""
+    ts = [c.t for c in r.chunks if c.tokens > 0]
+    return [(b - a) * 1000.0 for a, b in zip(ts, ts[1:])]
 
 
 def schedule_lag_ms(r: RequestRecord) -> float | None:
@@ -158,6 +184,16 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_limit_ms
     _stats("tpot", tpots, out)
     _stats("itl", [g for r in ok for g in itl_ms(r)], out)
     _stats("e2e", _present(e2e_ms(r) for r in ok), out)
+    # Send-time latencies (the origin peers use) and raw chunk gaps, beside the scheduled-origin ones.
+    _stats("ttft_from_send", _present(ttft_from_send_ms(r) for r in ok), out)
+    _stats("e2e_from_send", _present(e2e_from_send_ms(r) for r in ok), out)
+    _stats("chunk_gap", [g for r in ok for g in chunk_gaps_ms(r)], out)
+    # MLPerf Endpoints' per-user rate: 1000 / TPOT p90.
+    p90 = out["tpot_p90_ms"]
+    out["tokens_per_s_per_user_at_tpot_p90"] = 1000.0 / p90 if p90 == p90 and p90 > 0 else NAN
+    sources = [r.token_count_source for r in ok]
+    out["tokens_from_usage_fraction"] = (sum(1 for x in sources if x.startswith("usage")) / len(sources)
+                                         if sources else NAN)
 
     # How many requests were in flight (sent, not yet done): the x-axis of a concurrency/Pareto view.
     spans = [(r.sent, r.done) for r in measured if r.sent is not None and r.done is not None]
@@ -171,11 +207,25 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_limit_ms
     # Outputs that ended before their budget: EOS without ignore_eos, or a server capping lengths.
     short = sum(1 for r in ok if r.expected_output_tokens and r.output_tokens < r.expected_output_tokens)
     out["output_short_fraction"] = short / len(ok) if ok else NAN
+    # Requested vs delivered output length. With ignore_eos a server must deliver exactly max_tokens; a
+    # mismatch there means the workload was not the one asked for (a capped max_model_len, a server that
+    # ignores ignore_eos). Without it, short outputs are the model's EOS and only the ratio is informative.
+    requested = sum(r.expected_output_tokens for r in ok)
+    out["output_tokens_requested_total"] = requested
+    out["output_tokens_delivered_ratio"] = out_tokens / requested if requested else NAN
+    forced = [r for r in ok if r.ignore_eos]
+    out["ignore_eos_fraction"] = (sum(1 for r in ok if r.ignore_eos) / len(ok)) if ok else NAN
+    out["output_length_mismatch_ignore_eos"] = sum(
+        1 for r in forced if r.expected_output_tokens and r.output_tokens != r.expected_output_tokens)
 
     if ttft_limit_ms is not None or tpot_limit_ms is not None:
         good = sum(1 for r in ok if meets_limits(r, ttft_limit_ms, tpot_limit_ms))
         out["good_requests"] = good
         out["goodput_request_per_s"] = rate(good)
+        out["goodput_output_tokens_per_s"] = rate(sum(r.output_tokens for r in ok
+                                                      if meets_limits(r, ttft_limit_ms, tpot_limit_ms)))
+        # AIPerf's good_request_fraction: failed requests stay in the denominator.
+        out["good_request_fraction"] = good / len(measured) if measured else NAN
     # Over-limit counts feed MLPerf early stopping. A failed request never met its deadline, so it counts.
     if ttft_limit_ms is not None:
         out["ttft_over_limit_count"] = len(failed) + sum(

@@ -19,13 +19,13 @@ class Request:
     ignore_eos: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     t: float  # arrival time of the SSE event
-    tokens: int  # tokens this event carried (from usage deltas when the server reports them)
+    tokens: int  # tokens this event carried (from usage deltas when the server reports them; see client.py)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     """Everything measured about one request. Latencies are derived, never stored twice."""
 
@@ -43,9 +43,12 @@ class RequestRecord:
     # stream_error (an error event inside a 200 stream), client_error, cancelled
     error: str = ""
     warmup: bool = False  # excluded from metrics
-    # Where the token counts came from: "usage_continuous" (per-chunk usage deltas), "usage_final" (chunks
-    # counted one per content event, total from the final usage), "chunks" (no usage at all: an estimate).
+    # Where the token counts came from: "usage_continuous" (per-chunk usage deltas: exact), "usage_final"
+    # (total from the final usage, spread evenly over the content events: per-chunk counts estimated),
+    # "chunks" (no usage at all: one token per content event, an estimate).
     token_count_source: str = ""
+    ignore_eos: bool | None = None  # what the request asked for (None: not recorded)
+    worker: int = 0  # the load-generator process that sent it (0 when single-process)
 
     @property
     def ok(self) -> bool:

@@ -2,22 +2,31 @@
 
 - **offline**: every request is issued at t0 (bounded by ``max_connections`` when set; latency still counts
   from t0, so waiting for a connection slot is visible).
-- **server** / **interactive**: Poisson arrivals at ``qps``. The whole schedule is drawn up front from a
-  seeded generator as absolute offsets from t0, and the issue loop sleeps until each one. Latency is
-  measured from the scheduled time, so a late issue loop or a full connection pool is charged to the
-  result, never hidden (no coordinated omission); ``schedule_lag_*`` shows how late sends were.
-  Interactive is the same code path with tighter limits, as in LoadGen.
-- **single_stream**: one request outstanding; the next is issued when the previous completes.
+- **server** / **interactive**: arrivals at ``qps``, Poisson by default (``arrival="constant"`` for evenly
+  spaced ones). The whole schedule is drawn up front from a seeded generator as absolute offsets from t0,
+  and the issue loop wakes for each one (a timerfd pacer on Linux, see :mod:`~servetune.loadgen.pacer`).
+  Latency is measured from the scheduled time, so a late issue loop or a full connection pool is charged
+  to the result, never hidden (no coordinated omission); ``schedule_lag_*`` shows how late sends were and
+  ``ttft_from_send_*`` what the latency was from the actual send. Interactive is the same code path with
+  tighter limits, as in LoadGen (``sla="llama3.1-8b"`` resolves to the ``-interactive`` preset there).
+- **single_stream**: one request outstanding; the next is issued when the previous completes. Its
+  figure is the p90 early-stopping estimate of latency (see :mod:`~servetune.loadgen.validity`).
+- **concurrency**: ``concurrency`` requests outstanding at all times (closed loop, the MLPerf Endpoints
+  "fixed concurrency" load pattern): each completion issues the next. Latency counts from the issue.
 
 Run length follows LoadGen: keep issuing until both ``num_requests`` and ``duration_s`` are met (by the
-scheduled time of the last query for server/interactive, by its issue time for single_stream). Offline
-issues ``num_requests`` (default: one pass over the dataset). Samples are taken in equal-issue order:
-whole seeded permutations of the dataset, one after another; ``equal_issue=True`` also rounds the count
-up to whole passes, as MLPerf's LLM rules require.
+scheduled time of the last query for server/interactive, by its issue time for single_stream and
+concurrency). Offline issues ``num_requests`` (default: one pass over the dataset). Samples are taken in
+equal-issue order: whole seeded permutations of the dataset, one after another; ``equal_issue=True`` also
+rounds the count up to whole passes, as MLPerf's LLM rules require.
 
 ``warmup_requests`` are sent before t0 (their times are relative to the warmup's own start), drained,
 and marked ``warmup`` so no metric sees them. Their prompts are altered in the first token (or word) so
 they cannot pre-fill the prefix cache for the measured requests that reuse the same samples.
+
+``workers=N`` sends from N processes, each with its own event loop and aiohttp session, sharing one
+absolute t0 and a partition of one precomputed schedule (closed loops share one issue counter); see
+:mod:`~servetune.loadgen.runner`. Use it when one event loop cannot keep up (``schedule_lag_*`` grows).
 
 Everything is bounded by ``timeout_s``: when it expires, outstanding requests are cancelled and recorded
 as ``timeout``. Nothing hangs on a server that never answers.
@@ -31,26 +40,31 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
-from servetune.loadgen.client import Clock, open_session, send
-from servetune.loadgen.datasets import SAFE_ID_LOW
+from servetune.loadgen.client import loop_factory, run_loop
 from servetune.loadgen.endpoint import Endpoint
-from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_ms
+from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
 from servetune.loadgen.records import Request, RequestRecord, ScenarioResult
+from servetune.loadgen.runner import (Job, JobResult, Positions, execute, issue_order, run_in_workers,
+                                      warmup_variant)
+from servetune.loadgen.sla import sla_limits
 from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, verdict
 
-SCENARIOS = ("offline", "server", "interactive", "single_stream")
-UNFINISHED = ("pending", "cancelled")  # statuses a scenario timeout turns into "timeout"
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
+ARRIVALS = ("poisson", "constant")
+_warmup_variant = warmup_variant  # the name the tests and older callers use
 
 
 @dataclass
 class ScenarioSettings:
-    kind: str  # offline | server | interactive | single_stream
-    qps: float | None = None  # Poisson arrival rate (server, interactive)
+    kind: str  # offline | server | interactive | single_stream | concurrency
+    qps: float | None = None  # arrival rate (server, interactive)
     duration_s: float | None = None  # minimum run length (see module docstring for which clock)
     num_requests: int | None = None  # minimum number of measured requests
     max_connections: int | None = None  # at most this many requests in flight; None = unbounded
@@ -63,12 +77,22 @@ class ScenarioSettings:
     equal_issue: bool = False  # round the request count up to whole passes over the dataset
     require_early_stopping: bool = True  # False: an early-stopping shortfall is a note, not invalidity
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    concurrency: int | None = None  # the concurrency scenario: requests kept outstanding
+    workers: int = 1  # load-generator processes (each its own event loop and session)
+    sla: str | None = None  # MLPerf preset (loadgen.sla); fills the limits not given explicitly
+    ignore_eos: bool | None = None  # force ignore_eos on every request (None: as the dataset says)
+    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant
 
     def __post_init__(self) -> None:
         if self.kind not in SCENARIOS:
             raise ValueError(f"kind must be one of {SCENARIOS}, got {self.kind!r}")
         if self.kind in ("server", "interactive") and not (self.qps and self.qps > 0):
             raise ValueError(f"the {self.kind} scenario needs qps > 0")
+        if self.kind == "concurrency" and not (self.concurrency and self.concurrency >= 1):
+            raise ValueError("the concurrency scenario needs concurrency >= 1")
+        if self.concurrency is not None and self.kind != "concurrency":
+            raise ValueError(f"concurrency applies to the concurrency scenario, not {self.kind!r} "
+                             "(max_connections caps the others)")
         for name in ("duration_s", "num_requests", "max_connections"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -77,6 +101,16 @@ class ScenarioSettings:
             raise ValueError("timeout_s must be > 0, warmup_requests >= 0 and num_gpus >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
+        if self.sla is not None:
+            ttft, tpot = sla_limits(self.sla, self.kind)
+            if self.ttft_limit_ms is None:
+                self.ttft_limit_ms = ttft
+            if self.tpot_limit_ms is None:
+                self.tpot_limit_ms = tpot
 
 
 def poisson_schedule(qps: float, seed: int, num_requests: int | None = None, duration_s: float | None = None,
@@ -104,6 +138,18 @@ def poisson_schedule(qps: float, seed: int, num_requests: int | None = None, dur
         arrivals = np.concatenate((arrivals, more))
 
 
+def constant_schedule(qps: float, num_requests: int | None = None, duration_s: float | None = None,
+                      multiple_of: int = 1) -> np.ndarray:
+    """Evenly spaced arrivals ``i/qps``, as many as :func:`poisson_schedule` would need."""
+    if qps <= 0:
+        raise ValueError(f"qps must be > 0, got {qps}")
+    count = max(num_requests or 0, 1)
+    if duration_s is not None:
+        count = max(count, math.ceil(duration_s * qps - 1e-9) + 1)
+    count = math.ceil(count / multiple_of) * multiple_of
+    return np.arange(count, dtype=float) / qps
+
+
 def scenario_seeds(seed: int) -> tuple[int, int, int]:
     """Independent seeds for the arrival schedule, the sample order and the warmup choice.
 
@@ -113,68 +159,6 @@ def scenario_seeds(seed: int) -> tuple[int, int, int]:
     return schedule, sample, warmup
 
 
-def issue_order(dataset_size: int, seed: int) -> Iterator[int]:
-    """Sample indices in equal-issue order: whole seeded permutations of the dataset, back to back."""
-    rng = np.random.default_rng(seed)
-    while True:
-        yield from (int(i) for i in rng.permutation(dataset_size))
-
-
-def _warmup_variant(req: Request) -> Request:
-    """The same work with a different first token, so it shares no prefix-cache block with ``req``."""
-    if isinstance(req.prompt, str):
-        return replace(req, prompt="warmup " + req.prompt)
-    first = SAFE_ID_LOW - 1 if req.prompt[0] != SAFE_ID_LOW - 1 else SAFE_ID_LOW - 2
-    return replace(req, prompt=[first, *req.prompt[1:]])
-
-
-class _Issuer:
-    """Sends requests through the shared session, respecting ``max_connections`` when set."""
-
-    def __init__(self, session: Any, endpoint: Endpoint, max_connections: int | None) -> None:
-        self.session = session
-        self.endpoint = endpoint
-        self.slots = asyncio.Semaphore(max_connections) if max_connections else None
-
-    async def __call__(self, req: Request, rec: RequestRecord, clock: Clock) -> None:
-        if self.slots is None:
-            await send(self.session, self.endpoint, req, rec, clock)
-            return
-        async with self.slots:
-            await send(self.session, self.endpoint, req, rec, clock)
-
-
-async def _bounded(issue: Callable[[set[asyncio.Task]], Awaitable[None]], deadline: float) -> bool:
-    """Run an issue loop and the requests it spawns until all finish or ``deadline``; True if it expired.
-
-    Whatever is still running at the deadline (or when the caller is cancelled) is cancelled and awaited,
-    so no request outlives its scenario.
-    """
-    tasks: set[asyncio.Task] = set()
-    issuer = asyncio.create_task(issue(tasks))
-    try:
-        done, _ = await asyncio.wait({issuer}, timeout=max(0.0, deadline - time.perf_counter()))
-        if issuer not in done:
-            return True
-        issuer.result()  # a bug in an issue loop surfaces here, not as a silent short run
-        if tasks:
-            _, pending = await asyncio.wait(set(tasks), timeout=max(0.0, deadline - time.perf_counter()))
-            return bool(pending)
-        return False
-    finally:
-        leftovers = [t for t in (issuer, *tasks) if not t.done()]
-        for t in leftovers:
-            t.cancel()
-        if leftovers:
-            await asyncio.gather(*leftovers, return_exceptions=True)
-
-
-def _spawn(tasks: set[asyncio.Task], coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(coro)
-    tasks.add(task)  # the loop keeps only weak references to tasks
-    task.add_done_callback(tasks.discard)
-
-
 def _count(settings: ScenarioSettings, dataset_size: int) -> int:
     """Minimum request count. With only a duration, the duration decides (offline: one dataset pass)."""
     by_duration = settings.duration_s is not None and settings.kind != "offline"
@@ -182,63 +166,48 @@ def _count(settings: ScenarioSettings, dataset_size: int) -> int:
     return math.ceil(n / dataset_size) * dataset_size if settings.equal_issue else n
 
 
-async def _warmup(issuer: _Issuer, requests: Sequence[Request], settings: ScenarioSettings, seed: int,
-                  deadline: float) -> list[RequestRecord]:
-    order = issue_order(len(requests), seed)
-    clock = Clock()
-    records = [RequestRecord(index=i, sample=next(order), scheduled=0.0, warmup=True)
-               for i in range(settings.warmup_requests)]
-
-    async def issue(tasks: set[asyncio.Task]) -> None:
-        for rec in records:
-            _spawn(tasks, issuer(_warmup_variant(requests[rec.sample]), rec, clock))
-
-    if await _bounded(issue, deadline):
-        _mark_timeouts(records, clock(), settings.timeout_s)
-    return records
-
-
-def _mark_timeouts(records: Sequence[RequestRecord], now: float, timeout_s: float) -> int:
-    hit = 0
-    for r in records:
-        if r.status in UNFINISHED:
-            r.status, r.error = "timeout", f"scenario timeout ({timeout_s:g} s) with the request outstanding"
-            r.done = now if r.done is None else r.done
-            hit += 1
-    return hit
+def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[int, int, float]] | None:
+    """(index, sample, scheduled s) of every measured request, or None for the closed-loop scenarios."""
+    if settings.kind in ("single_stream", "concurrency"):
+        return None
+    seeds = scenario_seeds(settings.seed)
+    count = _count(settings, dataset_size)
+    if settings.kind == "offline":
+        times: list[float] = [0.0] * count
+    else:
+        multiple = dataset_size if settings.equal_issue else 1
+        times = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
+                 else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple)).tolist()
+    order = issue_order(dataset_size, seeds[1])
+    return [(i, next(order), t) for i, t in enumerate(times)]
 
 
-def _issue_loop(kind: str, issuer: _Issuer, requests: Sequence[Request], settings: ScenarioSettings,
-                seeds: Sequence[int], clock: Clock, records: list[RequestRecord]
-                ) -> Callable[[set[asyncio.Task]], Awaitable[None]]:
-    order = issue_order(len(requests), seeds[1])
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if w < total % parts else 0) for w in range(parts)]
 
-    def record(index: int, scheduled: float) -> tuple[Request, RequestRecord]:
-        rec = RequestRecord(index=index, sample=next(order), scheduled=scheduled)
-        records.append(rec)
-        return requests[rec.sample], rec
 
-    async def offline(tasks: set[asyncio.Task]) -> None:
-        for i in range(_count(settings, len(requests))):
-            _spawn(tasks, issuer(*record(i, 0.0), clock))
-
-    async def server(tasks: set[asyncio.Task]) -> None:
-        schedule = poisson_schedule(settings.qps, seeds[0], _count(settings, len(requests)),
-                                    settings.duration_s, len(requests) if settings.equal_issue else 1)
-        for i, at in enumerate(schedule.tolist()):
-            while (delay := at - clock()) > 0:  # sleep can wake a hair early; never send before schedule
-                await asyncio.sleep(delay)
-            _spawn(tasks, issuer(*record(i, at), clock))
-
-    async def single_stream(tasks: set[asyncio.Task]) -> None:
-        need = _count(settings, len(requests))
-        i = 0
-        while i < need or (settings.duration_s is not None and records[-1].sent < settings.duration_s) \
-                or (settings.equal_issue and i % len(requests)):
-            await issuer(*record(i, clock()), clock)
-            i += 1
-
-    return {"offline": offline, "server": server, "interactive": server, "single_stream": single_stream}[kind]
+def plan_jobs(settings: ScenarioSettings, dataset_size: int) -> tuple[list[Job], list[str]]:
+    """Split the scenario over ``settings.workers`` processes; notes say where fewer were used."""
+    notes: list[str] = []
+    items = schedule_for(settings, dataset_size)
+    workers = settings.workers
+    if settings.kind == "single_stream":
+        if workers > 1:
+            notes.append("single_stream keeps one request outstanding: it runs in one process (workers=1)")
+        workers, loops = 1, [1]
+    elif settings.kind == "concurrency":
+        workers = min(workers, settings.concurrency)
+        loops = _shares(settings.concurrency, workers)
+    else:
+        workers = max(1, min(workers, len(items), settings.max_connections or workers))
+        loops = [0] * workers
+    caps = (_shares(settings.max_connections, workers) if settings.max_connections and items is not None
+            else [None] * workers)
+    warm_order = issue_order(dataset_size, scenario_seeds(settings.seed)[2])
+    warm = [(i, next(warm_order)) for i in range(settings.warmup_requests)]
+    jobs = [Job(worker=w, items=items[w::workers] if items is not None else None, loops=loops[w],
+                max_connections=caps[w], warmup=warm[w::workers]) for w in range(workers)]
+    return jobs, notes
 
 
 def _check_inputs(endpoint: Endpoint, requests: Sequence[Request]) -> None:
@@ -260,68 +229,102 @@ def _raise_fd_limit() -> None:
         pass
 
 
+async def _execute_all(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings,
+                       jobs: list[Job], deadline: float) -> tuple[list[JobResult], list[str]]:
+    seeds = scenario_seeds(settings.seed)
+    multiple = len(requests) if settings.equal_issue else 1
+    closed = jobs[0].items is None
+    if len(jobs) == 1:
+        positions = Positions(_count(settings, len(requests)), settings.duration_s, multiple) if closed else None
+
+        async def start() -> float:
+            return time.perf_counter()
+
+        result = await execute(endpoint, requests, jobs[0], positions, seeds[1], deadline, settings.timeout_s, start)
+        return [result], []
+    import multiprocessing
+
+    positions = (Positions(_count(settings, len(requests)), settings.duration_s, multiple,
+                           ctx=multiprocessing.get_context("spawn")) if closed else None)
+    outcome = await asyncio.get_running_loop().run_in_executor(
+        None, run_in_workers, endpoint, requests, jobs, positions, seeds[1], deadline, settings.timeout_s)
+    return outcome.results, outcome.problems
+
+
 async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings
                        ) -> ScenarioResult:
     """Run one scenario at one load level and return its records, summary and verdict."""
     _check_inputs(endpoint, requests)
     _raise_fd_limit()
-    seeds = scenario_seeds(settings.seed)
+    if settings.ignore_eos is not None:
+        requests = [r if r.ignore_eos == settings.ignore_eos else replace(r, ignore_eos=settings.ignore_eos)
+                    for r in requests]
     deadline = time.perf_counter() + settings.timeout_s
-    records: list[RequestRecord] = []
+    jobs, notes = plan_jobs(settings, len(requests))
     # Objects alive now live for the whole run: freezing them keeps GC pauses out of the timings.
     gc.collect()
     gc.freeze()
     try:
-        async with open_session() as session:
-            issuer = _Issuer(session, endpoint, settings.max_connections)
-            warm = await _warmup(issuer, requests, settings, seeds[2], deadline) if settings.warmup_requests else []
-            clock = Clock()  # t0: the measured phase starts here
-            loop = _issue_loop(settings.kind, issuer, requests, settings, seeds, clock, records)
-            timed_out = await _bounded(loop, deadline)
-            duration = clock()
-            cut = _mark_timeouts(records, duration, settings.timeout_s) if timed_out else 0
+        results, problems = await _execute_all(endpoint, requests, settings, jobs, deadline)
     finally:
         gc.unfreeze()
 
+    warm = sorted((r for res in results for r in res.warmup), key=lambda r: r.index)
+    records = sorted((r for res in results for r in res.records), key=lambda r: r.index)
+    timed_out = any(res.timed_out for res in results)
+    duration = max((res.end for res in results), default=0.0)
+    cut = sum(1 for r in records if r.status == "timeout" and r.error.startswith("scenario timeout"))
     all_records = warm + records
     summary = summarize(all_records, duration, settings.ttft_limit_ms, settings.tpot_limit_ms, settings.num_gpus)
     judged = verdict(all_records, settings, summary=summary)
     summary.update(judged.numbers)
     summary["scenario_timed_out"] = float(timed_out)
-    notes = list(judged.notes)
+    summary["workers_used"] = len(jobs)
+    notes = notes + list(judged.notes)
+    reasons = list(judged.reasons) + problems
     if timed_out:
         notes.insert(0, f"scenario stopped at its {settings.timeout_s:g} s timeout; {cut} outstanding "
                         f"requests were recorded as timeout")
     recorded = asdict(settings)
-    recorded.update(endpoint=endpoint.describe(), dataset_size=len(requests))
+    recorded.update(endpoint=endpoint.describe(), dataset_size=len(requests), workers_used=len(jobs),
+                    pacer=next((res.pacer for res in results if res.pacer), ""), event_loop=loop_factory()[1],
+                    # records' times are seconds since this time.perf_counter() value (CLOCK_MONOTONIC on
+                    # Linux): it lines them up with other logs of the same machine (server traces, ...)
+                    t0_perf_counter=next((res.t0 for res in results if res.t0 is not None), None))
     return ScenarioResult(scenario=settings.kind, settings=recorded, records=all_records, duration_s=duration,
-                          summary=summary, valid=judged.valid, invalid_reasons=judged.reasons, notes=notes)
+                          summary=summary, valid=not reasons, invalid_reasons=reasons, notes=notes)
 
 
 def run(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings) -> ScenarioResult:
-    """Synchronous :func:`run_scenario` on a fresh event loop (not from inside a running loop)."""
-    return asyncio.run(run_scenario(endpoint, requests, settings))
+    """Synchronous :func:`run_scenario` on a fresh event loop (uvloop when installed; not from inside a
+    running loop)."""
+    return run_loop(run_scenario(endpoint, requests, settings))
 
 
-def records_frame(records: Sequence[RequestRecord]) -> pd.DataFrame:
+def records_frame(records: Sequence[RequestRecord]) -> "pd.DataFrame":
     """One row per request: raw times (s since t0), derived latencies (ms), tokens, status, chunk trace."""
+    import pandas as pd
+
     rows = []
     for r in records:
         rows.append({
             "index": r.index, "sample": r.sample, "warmup": r.warmup, "status": r.status, "error": r.error,
             "scheduled_s": r.scheduled, "sent_s": r.sent, "first_byte_s": r.first_byte, "done_s": r.done,
             "ttft_ms": ttft_ms(r), "tpot_ms": tpot_ms(r), "e2e_ms": e2e_ms(r),
-            "schedule_lag_ms": schedule_lag_ms(r),
+            "ttft_from_send_ms": ttft_from_send_ms(r), "schedule_lag_ms": schedule_lag_ms(r),
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "expected_output_tokens": r.expected_output_tokens, "token_count_source": r.token_count_source,
+            "ignore_eos": r.ignore_eos, "worker": r.worker,
             "num_chunks": len(r.chunks),
             "chunk_t": [c.t for c in r.chunks], "chunk_tokens": [c.tokens for c in r.chunks],
         })
     columns = ["index", "sample", "warmup", "status", "error", "scheduled_s", "sent_s", "first_byte_s", "done_s",
-               "ttft_ms", "tpot_ms", "e2e_ms", "schedule_lag_ms", "input_tokens", "output_tokens",
-               "expected_output_tokens", "token_count_source", "num_chunks", "chunk_t", "chunk_tokens"]
+               "ttft_ms", "tpot_ms", "e2e_ms", "ttft_from_send_ms", "schedule_lag_ms", "input_tokens",
+               "output_tokens", "expected_output_tokens", "token_count_source", "ignore_eos", "worker",
+               "num_chunks", "chunk_t", "chunk_tokens"]
     frame = pd.DataFrame(rows, columns=columns)
-    for col in ("sent_s", "first_byte_s", "done_s", "ttft_ms", "tpot_ms", "e2e_ms", "schedule_lag_ms"):
+    for col in ("sent_s", "first_byte_s", "done_s", "ttft_ms", "tpot_ms", "e2e_ms", "ttft_from_send_ms",
+                "schedule_lag_ms"):
         frame[col] = frame[col].astype("float64")  # None → NaN, one dtype whatever the statuses
     return frame
 

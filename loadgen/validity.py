@@ -4,9 +4,9 @@ LoadGen (``results.cc``) calls a run VALID when the minimum duration and query c
 latency constraints hold at the scenario percentile, and early stopping passes. Here that means:
 
 - **min duration**: Server/Interactive by the *scheduled* time of the last query (a slow server cannot
-  shorten the run), SingleStream by the last issue time, Offline by the last completion.
+  shorten the run), SingleStream and Concurrency by the last issue time, Offline by the last completion.
 - **min queries**: ``num_requests`` issued.
-- **latency constraints** (Server/Interactive at p99, SingleStream at p90 when limits are given):
+- **latency constraints** (Server/Interactive/Concurrency at p99, SingleStream at p90 when limits are given):
   nearest-rank TTFT and TPOT percentiles ≤ their limits.
 - **early stopping**, separately for TTFT and TPOT: with t queries over the limit, n issued queries must
   reach :func:`early_stopping_min_queries` (t). A failed request counts as over the limit.
@@ -30,7 +30,7 @@ from servetune.loadgen.metrics import e2e_ms, summarize
 from servetune.loadgen.records import RequestRecord
 
 CONFIDENCE = 0.99  # LoadGen's c; tolerance d = 0
-SCENARIO_PERCENTILE = {"server": 0.99, "interactive": 0.99, "single_stream": 0.90}
+SCENARIO_PERCENTILE = {"server": 0.99, "interactive": 0.99, "single_stream": 0.90, "concurrency": 0.99}
 DEFAULT_MAX_ERROR_RATE = 0.01
 
 
@@ -146,7 +146,8 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
     min_duration = getattr(s, "duration_s", None)
     if min_duration:
         clock_key, what = {"offline": ("last_done_s", "last completion"),
-                           "single_stream": ("last_sent_s", "last issue")}.get(
+                           "single_stream": ("last_sent_s", "last issue"),
+                           "concurrency": ("last_sent_s", "last issue")}.get(
             kind, ("last_scheduled_s", "scheduled time of the last query"))
         reached = summary.get(clock_key, float("nan"))
         if not reached >= min_duration:  # NaN (nothing issued) fails too

@@ -25,7 +25,7 @@ KEY_METRICS = ["output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per
                "ttft_p99_ms", "tpot_p99_ms", "itl_p99_ms", "e2e_p99_ms", "error_rate"]
 
 # Trace names are part of the page's contract: tests and the legend both read them.
-FRONT, DOMINATED, INVALID, BASELINE = "Pareto front", "dominated", "SLA missed", "baseline"
+FRONT, DOMINATED, INVALID, BASELINE, FAILED = "Pareto front", "dominated", "SLA missed", "baseline", "failed"
 
 _BLUE, _GREY, _RED, _GOLD = "#1f5fbf", "#8a94a6", "#d62728", "#f2b705"
 _BAR_COLORS = ["#1f5fbf", "#2a9d8f", "#8e6cc2", "#c77d1a"]
@@ -88,11 +88,14 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
     if xc not in df or yc not in df:
         return None
     # A duplicate reused an earlier trial's measurement: drawing it again would only stack two markers.
-    pts = df[run.complete & df["duplicate_of"].isna()].copy()
-    pts[xc] = pd.to_numeric(pts[xc], errors="coerce")
-    pts[yc] = pd.to_numeric(pts[yc], errors="coerce")
-    pts = pts[np.isfinite(pts[xc]) & np.isfinite(pts[yc])]
-    if pts.empty:
+    drawable = df[df["duplicate_of"].isna()].copy()
+    drawable[xc] = pd.to_numeric(drawable[xc], errors="coerce")
+    drawable[yc] = pd.to_numeric(drawable[yc], errors="coerce")
+    drawable = drawable[np.isfinite(drawable[xc]) & np.isfinite(drawable[yc])]
+    pts = drawable[run.complete.loc[drawable.index]].copy()
+    # Trials that measured this scenario and then failed (crash under load, too many errors): shown, faded.
+    failed = drawable[~run.complete.loc[drawable.index]]
+    if pts.empty and failed.empty:
         return None
     pts["_sla_met"] = run.sla_met(sc.name).loc[pts.index]
     on_front = front(pts, xc, yc, spec.x_dir, spec.y_dir, only_valid_col="_sla_met")
@@ -101,11 +104,12 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
     params = run.param_columns
 
     def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
+        # customdata: [hover text, trial number]; the page reads the number to open the trial's drill-down.
         return go.Scatter(x=rows[xc].tolist(), y=rows[yc].tolist(),
-                          customdata=[hover_text(r, sc.name, params) for _, r in rows.iterrows()],
-                          hovertemplate="%{customdata}<extra></extra>", **kw)
+                          customdata=[[hover_text(r, sc.name, params), int(r["number"])] for _, r in rows.iterrows()],
+                          hovertemplate="%{customdata[0]}<extra></extra>", **kw)
 
-    fig = go.Figure()
+    fig = go.Figure(_validate=False)  # built from known-good attributes; validation is most of the cost
     if not dominated.empty:
         fig.add_trace(trace(dominated, name=DOMINATED, mode="markers",
                             marker=dict(color=_GREY, size=9, opacity=0.35, line=dict(width=0))))
@@ -113,6 +117,9 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
         fig.add_trace(trace(invalid, name=INVALID, mode="markers",
                             marker=dict(color=_RED, size=10, symbol="x-thin-open", opacity=0.8,
                                         line=dict(width=2, color=_RED))))
+    if not failed.empty:
+        fig.add_trace(trace(failed, name=FAILED, mode="markers",
+                            marker=dict(color=_GREY, size=9, symbol="x", opacity=0.3)))
     fig.add_trace(trace(on_front, name=FRONT, mode="lines+markers",
                         line=dict(color=_BLUE, width=2),
                         marker=dict(color=_BLUE, size=11, line=dict(color="white", width=1))))
@@ -123,8 +130,8 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
                             marker=dict(color=_GOLD, size=18, symbol="star", line=dict(color="#5c4400", width=1.5))))
 
     limit = {"tpot_p99_ms": sc.tpot_limit_ms, "ttft_p99_ms": sc.ttft_limit_ms}.get(spec.x)
-    x_log = _wants_log(pts[xc].tolist() + ([limit] if limit else []))
-    y_log = _wants_log(pts[yc].tolist())
+    x_log = _wants_log(drawable[xc].tolist() + ([limit] if limit else []))
+    y_log = _wants_log(drawable[yc].tolist())
     if limit:
         fig.add_shape(type="line", xref="x", yref="paper", x0=limit, x1=limit, y0=0, y1=1,
                       line=dict(color=_RED, width=1.5, dash="dash"))
@@ -138,11 +145,11 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
                        showarrow=False, font=dict(color="#6b7280", size=11), text=f"better {better}")
     title = f"{metric_label(spec.y)} vs {metric_label(spec.x)}"
     if x_log:
-        fig.update_xaxes(**_log_ticks(pts[xc].tolist() + ([limit] if limit else [])))
+        fig.update_xaxes(**_log_ticks(drawable[xc].tolist() + ([limit] if limit else [])))
     if y_log:
-        fig.update_yaxes(**_log_ticks(pts[yc].tolist()))
+        fig.update_yaxes(**_log_ticks(drawable[yc].tolist()))
     fig.update_layout(
-        template="plotly_white", height=430, margin=dict(l=70, r=20, t=48, b=90),
+        height=430, margin=dict(l=70, r=20, t=48, b=90),
         title=dict(text=f"{_esc(sc.name)}: {title}", x=0.01, font=dict(size=14)),
         xaxis=dict(title=dict(text=axis_title(spec.x)), type="log" if x_log else "linear", zeroline=False),
         yaxis=dict(title=dict(text=axis_title(spec.y)), type="log" if y_log else "linear"),
@@ -168,12 +175,12 @@ def importance_chart(imp: Importances, chart_id: str) -> Chart | None:
     params = list(dict.fromkeys(p for d in imp.by_objective.values() for p in d))
     # Most important overall at the top: plotly draws horizontal bar categories bottom-up.
     params.sort(key=lambda p: sum(d.get(p, 0.0) for d in imp.by_objective.values()))
-    fig = go.Figure()
+    fig = go.Figure(_validate=False)  # built from known-good attributes; validation is most of the cost
     for k, (label, d) in enumerate(imp.by_objective.items()):
         fig.add_trace(go.Bar(y=[_esc(p) for p in params], x=[d.get(p, 0.0) for p in params], orientation="h",
                              name=_esc(label), marker_color=_BAR_COLORS[k % len(_BAR_COLORS)],
                              hovertemplate="%{y}: %{x:.0%}<extra>" + _esc(label) + "</extra>"))
-    fig.update_layout(template="plotly_white", barmode="group",
+    fig.update_layout(barmode="group",
                       height=120 + 28 * len(params) * len(imp.by_objective), margin=dict(l=160, r=20, t=30, b=40),
                       xaxis=dict(title=dict(text="importance (normalised per objective)"), tickformat=".0%",
                                  rangemode="tozero"),
@@ -196,8 +203,20 @@ def _log_ticks(values: list[float]) -> dict:
 
 
 def _plain(fig: go.Figure) -> dict:
-    """The figure as JSON-ready Python data; NaN becomes None (a gap to Plotly, and valid JSON)."""
-    return _no_nan(fig.to_plotly_json())
+    """The figure as JSON-ready Python data; NaN becomes None (a gap to Plotly, and valid JSON).
+
+    The layout's template (``plotly_white``, ~7 kB) is left out: the page holds it once (:func:`template`)
+    and puts it back in each figure before drawing."""
+    d = _no_nan(fig.to_plotly_json())
+    d.get("layout", {}).pop("template", None)
+    return d
+
+
+def template() -> dict:
+    """The plotly_white template, once for the whole page."""
+    import plotly.io as pio
+
+    return _no_nan(pio.templates["plotly_white"].to_plotly_json())
 
 
 def _no_nan(o):
@@ -215,4 +234,4 @@ def _no_nan(o):
 
 
 __all__ = ["Chart", "ChartSpec", "chart_specs", "pareto_chart", "scenario_charts", "importance_chart",
-           "hover_text", "KEY_METRICS", "FRONT", "DOMINATED", "INVALID", "BASELINE"]
+           "hover_text", "template", "KEY_METRICS", "FRONT", "DOMINATED", "INVALID", "BASELINE", "FAILED"]

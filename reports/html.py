@@ -19,13 +19,18 @@ import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
 
-from servetune.reports.charts import Chart, importance_chart, scenario_charts
+from servetune.reports.analysis import sla_costs
+from servetune.reports.charts import Chart, importance_chart, scenario_charts, template
+from servetune.reports.details import all_details, log_tail
 from servetune.reports.importance import param_importances
 from servetune.reports.model import PARAM, Objective, Run, Scenario, load_run
 from servetune.reports.pareto import pareto_mask
+from servetune.reports.roofline import EXPLANATION as ROOFLINE_EXPLANATION
+from servetune.reports.roofline import fractions as roofline_fractions
 from servetune.reports.units import axis_title, fmt_metric, fmt_number, fmt_param, metric_label
 
 TEMPLATES = Path(__file__).with_name("templates")
+ASSETS = Path(__file__).with_name("assets")
 TABLE_METRICS = ["output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per_s_per_user",
                  "ttft_p99_ms", "tpot_p99_ms", "error_rate"]
 LOG_TAIL_LINES = 12
@@ -48,6 +53,7 @@ class TableColumn:
     group: str  # "parameters", a scenario name, or "" for trial facts
     title: str
     key: str
+    tip: str = ""  # the header's tooltip
 
 
 @dataclass
@@ -56,7 +62,7 @@ class TableRow:
     state: str
     is_baseline: bool
     on_front: bool
-    cells: list[dict[str, Any]] = field(default_factory=list)  # {"text", "cls", "title"}
+    cells: list[dict[str, Any]] = field(default_factory=list)  # {"text", "cls", "title", "v"}
     note: str = ""
 
 
@@ -77,14 +83,36 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     return out
 
 
-def render_report(run: Run) -> str:
+def jinja_env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals["asset"] = asset
+    env.filters["metric_label"] = metric_label
+    return env
+
+
+def asset(name: str) -> str:
+    """A CSS/JS file of reports/assets, for inlining (``</`` cannot end the surrounding tag early)."""
+    return (ASSETS / name).read_text(encoding="utf-8").replace("</", "<\\/")
+
+
+def plotly_js() -> str:
+    # A literal "</script" inside the bundle would end the tag early; the bundle has none today.
+    return get_plotlyjs().replace("</script", "<\\/script")
+
+
+def render_report(run: Run, *, mode: str = "static", study_id: str = "", version: str = "",
+                  base_url: str = "") -> str:
+    """The report page. ``static``: one offline file, every trial's drill-down inlined. ``serve``: the page of
+    ``servetune report serve``, which loads Plotly from the server, fetches drill-downs on demand and polls
+    for new trials (``study_id``/``version``/``base_url`` say where and what it shows)."""
     scenarios = []
     charts: list[Chart] = []
     for i, sc in enumerate(run.scenarios):
         cs = scenario_charts(run, sc, f"sc{i}")
         charts += cs
         scenarios.append({"name": sc.name, "kind": sc.kind, "anchor": f"scenario-{i}", "charts": cs,
-                          "facts": _scenario_facts(sc)})
+                          "facts": _scenario_facts(sc), "verdict": scenario_verdict(run, sc)})
     imp = param_importances(run)
     imp_chart = importance_chart(imp, "importance-chart")
     if imp_chart:
@@ -92,10 +120,12 @@ def render_report(run: Run) -> str:
 
     front_numbers, front_label = objective_front(run)
     columns, rows = trial_table(run, front_numbers)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("report.html.j2").render(
+    page = {"mode": mode, "study": study_id, "version": version, "base": base_url,
+            "trials": len(run.trials), "title": run.name}
+    return jinja_env().get_template("report.html.j2").render(
         run=run,
+        mode=mode,
+        page=page,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         states=run.state_counts(),
         n_sla_met=int(run.sla_met_all([s.name for s in run.scenarios]).sum()) if run.scenarios else 0,
@@ -110,9 +140,12 @@ def render_report(run: Run) -> str:
         failures=failures(run),
         invalid=invalid_measurements(run),
         importance={"chart": imp_chart, "note": imp.note},
+        sla_costs=sla_costs(run),
+        roofline_note=ROOFLINE_EXPLANATION,
         figures={c.id: c.figure for c in charts},
-        # A literal "</script" inside the bundle would end the tag early; the bundle has none today.
-        plotlyjs=get_plotlyjs().replace("</script", "<\\/script"),
+        details=all_details(run) if mode == "static" else {},
+        template=template(),
+        plotlyjs=plotly_js() if mode == "static" else "",
     )
 
 
@@ -178,6 +211,25 @@ def _finite(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def scenario_verdict(run: Run, sc: Scenario) -> str:
+    """loadgen's MLPerf-style verdict over the complete trials that ran ``sc``: how many runs were valid."""
+    col = f"{sc.name}.valid"
+    if col not in run.trials:
+        return ""
+    v = run.trials.loc[run.complete, col]
+    judged = v[v.notna()]
+    if judged.empty:
+        return ""
+    n_ok = int(judged.eq(True).sum())
+    text = f"valid runs (MLPerf rules): {n_ok} of {len(judged)}"
+    if n_ok < len(judged):
+        reasons = run.trials.loc[run.complete & run.trials[col].eq(False), f"{sc.name}.invalid_reasons"]
+        common = reasons.dropna().astype(str).value_counts()
+        if not common.empty:
+            text += f" (most often: {common.index[0]})"
+    return text
+
+
 def _scenario_facts(sc: Scenario) -> list[str]:
     facts = [f"kind {sc.kind}"]
     if sc.qps:
@@ -214,20 +266,29 @@ def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], l
     df = run.trials
     columns = [TableColumn("", "GPUs", "gpus")]
     columns += [TableColumn("parameters", c[len(PARAM):], c) for c in run.param_columns]
+    roofline: dict[str, dict[int, Any]] = {}
     for sc in run.scenarios:
         for m in TABLE_METRICS:
             if f"{sc.name}.{m}" in df:
                 columns.append(TableColumn(sc.name, axis_title(m), f"{sc.name}.{m}"))
+        if f"{sc.name}.output_tokens_per_s" in df:
+            roofline[sc.name] = roofline_fractions(run, sc.name)
+            columns.append(TableColumn(sc.name, "roofline (est.)", f"{sc.name}.roofline",
+                                       tip=ROOFLINE_EXPLANATION))
         if f"{sc.name}.sla_met" in df:
             columns.append(TableColumn(sc.name, "SLA", f"{sc.name}.sla_met"))
     columns.append(TableColumn("", "wall time (s)", "wall_s"))
 
     rows = []
     for _, r in df.iterrows():
-        row = TableRow(number=int(r["number"]), state=str(r["state"]), is_baseline=bool(r["is_baseline"]),
-                       on_front=int(r["number"]) in front_numbers)
+        number = int(r["number"])
+        row = TableRow(number=number, state=str(r["state"]), is_baseline=bool(r["is_baseline"]),
+                       on_front=number in front_numbers)
         for c in columns:
-            row.cells.append(_cell(r, c))
+            if c.key.endswith(".roofline"):
+                row.cells.append(_roofline_cell(roofline[c.key[:-len(".roofline")]].get(number)))
+            else:
+                row.cells.append(_cell(r, c))
         notes = []
         if _present(r.get("duplicate_of")):
             notes.append(f"same config as trial #{int(r['duplicate_of'])}: its measurement is reused")
@@ -249,24 +310,48 @@ def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
+def _roofline_cell(est: Any) -> dict[str, Any]:
+    if est is None:
+        return {"text": "—", "cls": "na num", "title": "", "v": ""}
+    if est.fraction is None:
+        return {"text": "—", "cls": "na num", "title": est.note, "v": ""}
+    return {"text": f"{est.fraction:.0%}", "cls": "num", "v": round(est.fraction, 4),
+            "title": f"estimate: {fmt_metric(est.measured_tok_s, 'output_tokens_per_s')} measured of a "
+                     f"{fmt_metric(est.bound_tok_s, 'output_tokens_per_s')} roofline bound at mean concurrency "
+                     f"{fmt_number(est.concurrency)}"}
+
+
+def _sort_value(v: Any) -> Any:
+    """What the page sorts and filters a cell by: numbers as numbers, the rest as text, absent as ""."""
+    if not _present(v):
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        x = float(v)
+        return int(x) if x.is_integer() and abs(x) < 1e15 else x  # 2, not 2.0, in the page and its CSV
+    return str(v)
+
+
 def _cell(r: pd.Series, c: TableColumn) -> dict[str, Any]:
     v = r.get(c.key)
     if c.group == "parameters":
-        return {"text": fmt_param(v), "cls": "param", "title": ""}
+        return {"text": fmt_param(v), "cls": "param", "title": "", "v": _sort_value(v)}
     if c.key.endswith(".sla_met"):
         scen = c.key.rsplit(".", 1)[0]
         if v is True and r.get(f"{scen}.valid") is False:  # met, in a run loadgen rejects (often: too short)
-            return {"text": "met ⚠", "cls": "ok", "title": f"run not valid: {r.get(f'{scen}.invalid_reasons')}"}
+            return {"text": "met ⚠", "cls": "ok", "title": f"run not valid: {r.get(f'{scen}.invalid_reasons')}",
+                    "v": "met"}
         if v is True:
-            return {"text": "met", "cls": "ok", "title": ""}
+            return {"text": "met", "cls": "ok", "title": "", "v": "met"}
         if v is False:
-            return {"text": "missed", "cls": "bad", "title": str(r.get(f"{scen}.sla_reason") or "")}
-        return {"text": "—", "cls": "na", "title": ""}
+            return {"text": "missed", "cls": "bad", "title": str(r.get(f"{scen}.sla_reason") or ""), "v": "missed"}
+        return {"text": "—", "cls": "na", "title": "", "v": ""}
     if not _present(v):
-        return {"text": "—", "cls": "na num", "title": ""}
+        return {"text": "—", "cls": "na num", "title": "", "v": ""}
     metric = c.key.rsplit(".", 1)[-1]
     text = fmt_metric(v, metric) if metric == "error_rate" else fmt_number(v)
-    return {"text": text, "cls": "num", "title": ""}
+    return {"text": text, "cls": "num", "title": "", "v": _sort_value(v)}
 
 
 # -- what went wrong ----------------------------------------------------------------------------------------
@@ -281,7 +366,7 @@ def failures(run: Run) -> list[dict[str, Any]]:
                     "reason": r.get("failure_reason") if _present(r.get("failure_reason")) else "no reason recorded",
                     "params": ", ".join(f"{c[len(PARAM):]}={fmt_param(r[c])}" for c in run.param_columns
                                         if _present(r.get(c))),
-                    "log_tail": _log_tail(r.get("trial_dir"))})
+                    "log_tail": log_tail(r.get("trial_dir"), LOG_TAIL_LINES, LOG_TAIL_CHARS)})
     return out
 
 
@@ -308,19 +393,5 @@ def invalid_measurements(run: Run) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: (d["kind"] != "SLA missed", d["numbers"][0]))
 
 
-def _log_tail(trial_dir: Any) -> str:
-    if not isinstance(trial_dir, str):
-        return ""
-    p = Path(trial_dir) / "engine.log"
-    try:
-        with open(p, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))  # logs can be gigabytes; the cause is at the end
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])[-LOG_TAIL_CHARS:]
-
-
-__all__ = ["write_report", "render_report", "headlines", "objective_front", "trial_table", "failures",
+__all__ = ["write_report", "render_report", "jinja_env", "asset", "plotly_js", "headlines", "scenario_verdict", "objective_front", "trial_table", "failures",
            "invalid_measurements"]

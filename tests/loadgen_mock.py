@@ -14,6 +14,8 @@ request through a ``"mock"`` object in the request body (the client sends it via
     fault_every       0: every request gets ``mode``; k: only every k-th request does, the rest are normal
     split             send each event in three pieces, cut inside the JSON and between the two newlines
     crlf              frame events with CRLF instead of LF
+    capacity          0: unlimited; c: at most c requests are served at once, the rest wait in a queue
+                      (their TTFT counts from arrival), so latency grows with load like a real server
 
 GET /mock/stats reports request counts, in-flight peak and the last request body; POST /mock/reset
 clears them.
@@ -30,7 +32,7 @@ import urllib.request
 from typing import Any
 
 DEFAULTS = {"ttft_s": 0.02, "tpot_s": 0.005, "tokens_per_chunk": 1, "mode": "normal", "usage": "honour",
-            "fault_every": 0, "split": False, "crlf": False}
+            "fault_every": 0, "split": False, "crlf": False, "capacity": 0}
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -45,6 +47,7 @@ def build_app():
 
     state: dict[str, Any] = {"requests": 0, "in_flight": 0, "peak_in_flight": 0, "last_body": None,
                              "last_auth": None}
+    queues: dict[int, asyncio.Semaphore] = {}
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(state)
@@ -67,7 +70,12 @@ def build_app():
         state["in_flight"] += 1
         state["peak_in_flight"] = max(state["peak_in_flight"], state["in_flight"])
         try:
-            return await _stream(request, body, cfg, mode, arrival)
+            capacity = int(cfg["capacity"])
+            if not capacity:
+                return await _stream(request, body, cfg, mode, arrival)
+            async with queues.setdefault(capacity, asyncio.Semaphore(capacity)):
+                # service starts when a slot frees: queueing shows up in TTFT
+                return await _stream(request, body, cfg, mode, asyncio.get_running_loop().time())
         finally:
             state["in_flight"] -= 1
 

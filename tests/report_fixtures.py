@@ -1,16 +1,20 @@
 """A realistic run directory for report tests, written without the optimizer.
 
-Two scenarios (offline, and server at 8 queries/s with the MLPerf llama3.1-8b SLA), a baseline, eight
+Three scenarios (offline, and server at 8 and at 16 queries/s with the MLPerf llama3.1-8b SLA: two load
+levels), a baseline, eight
 complete trials with real trade-offs (one of them too short a run for loadgen's early stopping, yet within
 the SLA), one OOM failure, one rule rejection, one trial that missed the TTFT limit (written without
 ``sla_met``, as an older optimizer would), one still running, one duplicate of an earlier config, and one
 half-written trial.json, plus a matching Optuna SQLite study. The numbers are hand-chosen so tests can state
-the fronts they expect (see ``EXPECTED``).
+the fronts they expect (see ``EXPECTED``). Each measured scenario has per-request records
+(``requests_<scenario>.csv``, loadgen's columns) drawn to match its summary.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 HOSTILE = "<script>alert(1)</script>"
 OOM_REASON = ("CUDA out of memory while capturing CUDA graphs for batch 256: "
@@ -41,6 +45,10 @@ workload:
     - kind: offline
     - kind: server
       qps: 8
+      sla: {preset: llama3.1-8b}
+    - kind: server
+      name: server-16
+      qps: 16
       sla: {preset: llama3.1-8b}
 objectives:
   - {metric: output_tokens_per_s_per_gpu, scenario: offline, direction: maximize}
@@ -74,6 +82,11 @@ OFFLINE = {0: (2600, 95, 21000), 1: (700, 18, 60000), 2: (2400, 28, 16000), 3: (
 SERVER = {0: (1010, 38.0, 210), 1: (985, 22.0, 1450), 2: (1012, 26.0, 180), 3: (1015, 15.0, 95),
           4: (1013, 29.0, 150), 5: (1008, 19.5, 120), 6: (1011, 31.0, 160), 7: (1016, 16.5, 90),
           8: (1005, 24.0, 600), 11: (700, 21.0, 9500)}
+# number: server-16, the same server at twice the load (output tok/s, p99 TPOT ms, p99 TTFT ms). The small
+# batches queue (1, 5, 8, 11 miss the TTFT limit), and the fastest (6) misses it too: the SLA costs 6's lead.
+SERVER16 = {0: (2000, 55.0, 400), 1: (1100, 30.0, 8000), 2: (2010, 38.0, 300), 3: (2025, 21.0, 150),
+            4: (2020, 41.0, 250), 5: (1900, 27.0, 2600), 6: (2060, 45.0, 2300), 7: (2030, 23.0, 140),
+            8: (1500, 33.0, 5200), 11: (800, 25.0, 30000)}
 
 EXPECTED = {
     "trials": 14,  # readable trial files (0..13); 14 is half written
@@ -85,6 +98,10 @@ EXPECTED = {
     "objective_front": {2, 3, 4, 6, 7, 13},
     "best_offline_per_gpu": (6, 4300.0),
     "baseline": 0,
+    # server-16 output tok/s: best with no latency limit (6), best within the SLA (7)
+    "server16_sla_cost": ((6, 2060.0), (7, 2030.0)),
+    "server16_sla_missed": {1, 5, 6, 8, 11},
+    "csv_requests": 60,  # ok requests per requests_<scenario>.csv (plus one timeout, excluded)
 }
 
 
@@ -94,7 +111,11 @@ def _summary(out_tps: float, gpus: int, tpot: float, ttft: float, n_ok: int, dur
         "tokens_per_s_per_user": round(1000.0 / (tpot * 0.8), 2), "request_per_s": round(n_ok / duration, 3),
         "ttft_p50_ms": round(ttft * 0.4, 1), "ttft_p90_ms": round(ttft * 0.75, 1), "ttft_p99_ms": float(ttft),
         "tpot_p50_ms": round(tpot * 0.8, 2), "tpot_p99_ms": float(tpot), "itl_p99_ms": round(tpot * 1.3, 2),
-        "e2e_p99_ms": round(ttft + 127 * tpot, 1), "error_rate": 0.0, "requests_ok": n_ok,
+        "e2e_p99_ms": round(ttft + 127 * tpot, 1), "e2e_mean_ms": round(0.5 * (ttft + 127 * tpot), 1),
+        "error_rate": 0.0, "requests_ok": n_ok,
+        "input_tokens_total": 512.0 * n_ok, "output_tokens_total": 128.0 * n_ok,
+        # Little's law over the run: requests/s × mean E2E
+        "concurrency_mean": round(n_ok / duration * 0.5 * (ttft + 127 * tpot) / 1000, 2),
     }
 
 
@@ -125,6 +146,8 @@ def _trial(n: int) -> dict:
     off = _summary(tpg * tp, tp, otpot, ottft, 200, 200 * 128 / (tpg * tp))
     stps, stpot, sttft = SERVER[n]
     srv = _summary(stps, tp, stpot, sttft, 120, 15.2)
+    hps, htpot, httft = SERVER16[n]
+    hi = _summary(hps, tp, htpot, httft, 240, 15.4)
     sla_met = sttft <= 2000 and stpot <= 100
     reasons = [] if sla_met else [INVALID_REASON]
     if n == 1:
@@ -137,9 +160,18 @@ def _trial(n: int) -> dict:
                    "duration_s": 15.2, "valid": not reasons, "invalid_reasons": reasons, "notes": [],
                    "summary": srv},
     }
+    t["scenarios"]["server-16"] = {
+        "scenario": "server", "settings": {"qps": 16, "ttft_limit_ms": 2000, "tpot_limit_ms": 100},
+        "duration_s": 15.4, "valid": httft <= 2000, "invalid_reasons": [] if httft <= 2000 else [
+            f"TTFT p99 {httft:.1f} ms exceeds the 2000 ms limit"], "notes": [], "summary": hi,
+        "metrics_delta": {"vllm:num_preemptions_total": float(conc >= 256) * 3, "vllm:prompt_tokens_total": 122880.0}}
     if n != 11:
         t["scenarios"]["server"]["sla_met"] = sla_met
-    t["metrics_delta"] = {"vllm:num_preemptions_total": float(conc >= 256), "vllm:prompt_tokens_total": 102400.0}
+        t["scenarios"]["server-16"]["sla_met"] = httft <= 2000 and htpot <= 100
+    t["scenarios"]["server"]["metrics_delta"] = {"vllm:num_preemptions_total": float(conc >= 256),
+                                                 "vllm:prompt_tokens_total": 61440.0}
+    # the whole trial's change, offline included (whose own delta was not scraped)
+    t["metrics_delta"] = {"vllm:num_preemptions_total": float(conc >= 256) * 5, "vllm:prompt_tokens_total": 286720.0}
     t["objectives"] = {"offline.output_tokens_per_s_per_gpu": off["output_tokens_per_s_per_gpu"],
                        "server.tpot_p99_ms": srv["tpot_p99_ms"]}
     return t
@@ -161,10 +193,8 @@ def write_run(run_dir: str | Path, *, with_db: bool = True) -> Path:
                     "2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.10 GiB is free."]
         if t["state"] != "rejected":
             (d / "engine.log").write_text("\n".join(log) + "\n", encoding="utf-8")
-        for name in t["scenarios"]:
-            (d / f"requests_{name}.csv").write_text(
-                "index,sample,scheduled,sent,first_byte,done,input_tokens,output_tokens,status,error\n"
-                "0,0,0.0,0.001,0.09,2.1,512,128,ok,\n", encoding="utf-8")
+        for name, sc in t["scenarios"].items():
+            _write_records(d / f"requests_{name}.csv", sc["summary"], seed=t["number"] * 7 + len(name))
     # A trial the optimizer is writing right now: cut mid-file.
     half = run_dir / "trials" / "0014"
     half.mkdir(exist_ok=True)
@@ -172,6 +202,28 @@ def write_run(run_dir: str | Path, *, with_db: bool = True) -> Path:
     if with_db:
         _write_study_db(run_dir / "study.db", trials)
     return run_dir
+
+
+def _write_records(path: Path, summary: dict, seed: int) -> None:
+    """Per-request records in loadgen's CSV columns whose p99s match the summary (the last sample is the
+    p99 and the rest lie below it), plus one timed-out request that the latency curves must leave out."""
+    rng = np.random.default_rng(seed)
+    n = EXPECTED["csv_requests"]
+    cols = ["index", "sample", "warmup", "status", "error", "scheduled_s", "sent_s", "first_byte_s", "done_s",
+            "ttft_ms", "tpot_ms", "e2e_ms", "input_tokens", "output_tokens"]
+    lines = [",".join(cols)]
+    ttft = np.sort(summary["ttft_p99_ms"] * np.clip(rng.lognormal(-0.9, 0.45, n), 0.05, 1.0))
+    tpot = np.sort(summary["tpot_p99_ms"] * np.clip(rng.lognormal(-0.25, 0.12, n), 0.3, 1.0))
+    ttft[-1], tpot[-1] = summary["ttft_p99_ms"], summary["tpot_p99_ms"]
+    rng.shuffle(ttft)
+    rng.shuffle(tpot)
+    for i in range(n):
+        sched = i * 0.125
+        e2e = ttft[i] + 127 * tpot[i]
+        lines.append(f"{i},{i},False,ok,,{sched:.4f},{sched + 0.001:.4f},{sched + ttft[i] / 1e3:.4f},"
+                     f"{sched + e2e / 1e3:.4f},{ttft[i]:.3f},{tpot[i]:.4f},{e2e:.3f},512,128")
+    lines.append(f"{n},{n},False,timeout,timed out after 600 s,{n * 0.125:.4f},{n * 0.125:.4f},,,,,,512,0")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _write_study_db(path: Path, trials: list[dict]) -> None:

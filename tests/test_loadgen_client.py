@@ -111,7 +111,7 @@ def test_multi_token_chunks_counted_from_usage(mock):
 
 def test_final_usage_only_sets_total(mock):
     r = send_one(mock.endpoint(ttft_s=0.01, tpot_s=0.002, tokens_per_chunk=3, usage="final"))[0]
-    assert [c.tokens for c in r.chunks] == [1, 1, 1, 1]  # one per content chunk...
+    assert [c.tokens for c in r.chunks] == [3, 3, 3, 3]  # the final total spread over the content chunks...
     assert r.output_tokens == 12 and r.token_count_source == "usage_final"  # ...but the total is the server's
 
 

@@ -97,3 +97,34 @@ def test_summary_without_limits_and_empty():
 def test_itl_with_zero_token_chunks_and_multi_token_first_chunk():
     r = _rec(0, 0.0, 0.0, 0.1, 0.3, [(0.1, 3), (0.2, 0), (0.3, 4)], out=7)
     assert itl_ms(r) == pytest.approx([50.0] * 4)  # gaps run between token-bearing chunks: 0.1 → 0.3 over 4
+
+
+def test_send_origin_chunk_gaps_goodput_and_output_length(records):
+    from servetune.loadgen.metrics import chunk_gaps_ms, ttft_from_send_ms
+
+    r0 = records[0]
+    assert ttft_from_send_ms(r0) == pytest.approx(99.0)  # sent 1 ms after its scheduled time
+    assert chunk_gaps_ms(r0) == pytest.approx([20.0, 40.0])  # raw, before spreading over the 2 tokens
+    for r in records:
+        r.ignore_eos = True
+    s = summarize(records, duration_s=3.2, ttft_limit_ms=150, tpot_limit_ms=20)
+    assert s["ttft_from_send_p50_ms"] == pytest.approx(99.0)  # ok records 48, 99, 200: nearest rank [1]
+    assert s["chunk_gap_max_ms"] == pytest.approx(40.0) and s["chunk_gap_p50_ms"] == pytest.approx(20.0)
+    assert s["tokens_per_s_per_user_at_tpot_p90"] == pytest.approx(1000 / (70 / 3))
+    assert s["goodput_output_tokens_per_s"] == pytest.approx(2 / 3.0)  # only record 1 (2 tokens) is good
+    assert s["good_request_fraction"] == pytest.approx(1 / 5)  # failures stay in the denominator
+    # requested 4 each; delivered 4, 2, 1: with ignore_eos the two short ones are mismatches
+    assert s["output_tokens_requested_total"] == 12 and s["output_tokens_delivered_ratio"] == pytest.approx(7 / 12)
+    assert s["output_length_mismatch_ignore_eos"] == 2 and s["ignore_eos_fraction"] == 1.0
+    assert s["tokens_from_usage_fraction"] == 0.0  # the fixture records name no usage source
+
+
+def test_final_usage_total_is_spread_over_chunks():
+    from servetune.loadgen.client import _spread
+
+    chunks = [Chunk(0.1, 1), Chunk(0.2, 1), Chunk(0.3, 1)]
+    _spread(chunks, 8)
+    assert [c.tokens for c in chunks] == [3, 3, 2]
+    same = [Chunk(0.1, 1), Chunk(0.2, 1)]
+    _spread(same, 1)  # fewer tokens than chunks: left as counted
+    assert [c.tokens for c in same] == [1, 1]

@@ -191,3 +191,160 @@ def test_records_frame_and_files(mock, tmp_path):
     assert list(pq["chunk_tokens"].iloc[ok_row]) == [1] * 8
     assert json.loads(csv["chunk_t"].iloc[ok_row]) == pytest.approx(list(frame["chunk_t"].iloc[ok_row]))
     assert res.to_dict()["notes"] == res.notes
+
+
+# --- MLPerf presets, arrivals, closed loops, pacing -----------------------------------------------------
+
+def test_sla_presets_fill_limits_and_interactive_resolves():
+    from servetune.loadgen.sla import SLA_PRESETS, sla_limits
+    from servetune.optimizer.spec import SLA_PRESETS as SPEC_PRESETS
+
+    assert SPEC_PRESETS is SLA_PRESETS  # one table, owned by the load generator
+    assert sla_limits("llama3.1-8b") == (2000.0, 100.0)
+    assert sla_limits("llama3.1-8b", "interactive") == (500.0, 30.0)
+    assert sla_limits("llama2-70b", "interactive") == (450.0, 40.0)
+    assert sla_limits("mixtral-8x7b", "interactive") == (2000.0, 200.0)  # no interactive category
+    s = ScenarioSettings(kind="interactive", qps=1, sla="llama2-70b")
+    assert (s.ttft_limit_ms, s.tpot_limit_ms) == (450.0, 40.0)
+    s = ScenarioSettings(kind="server", qps=1, sla="llama3.1-8b", ttft_limit_ms=1500)
+    assert (s.ttft_limit_ms, s.tpot_limit_ms) == (1500, 100.0)  # an explicit limit wins
+    with pytest.raises(ValueError, match="unknown SLA preset"):
+        ScenarioSettings(kind="server", qps=1, sla="gpt-5")
+
+
+def test_constant_schedule():
+    from servetune.loadgen.scenarios import constant_schedule
+
+    assert constant_schedule(4.0, num_requests=3).tolist() == [0.0, 0.25, 0.5]
+    a = constant_schedule(10.0, duration_s=1.0)
+    assert len(a) == 11 and a[-1] == pytest.approx(1.0)
+    assert len(constant_schedule(10.0, num_requests=5, multiple_of=4)) == 8
+
+
+def test_more_settings_validation():
+    with pytest.raises(ValueError, match="needs concurrency"):
+        ScenarioSettings(kind="concurrency")
+    with pytest.raises(ValueError, match="applies to the concurrency scenario"):
+        ScenarioSettings(kind="offline", concurrency=4)
+    with pytest.raises(ValueError, match="workers"):
+        ScenarioSettings(kind="offline", workers=0)
+    with pytest.raises(ValueError, match="arrival"):
+        ScenarioSettings(kind="server", qps=1, arrival="bursty")
+
+
+def test_positions_stop_rule():
+    from servetune.loadgen.runner import Positions
+
+    pos = Positions(need=3, duration_s=None)
+    assert [pos.take(0.0) for _ in range(5)] == [0, 1, 2, None, None]
+    pos = Positions(need=2, duration_s=1.0)  # count met early: go on until an issue at/after 1 s
+    assert [pos.take(t) for t in (0.0, 0.5, 0.9, 1.2, 1.3)] == [0, 1, 2, 3, None]
+    pos = Positions(need=1, duration_s=None, multiple=4)  # equal issue: whole passes
+    assert [pos.take(0.0) for _ in range(6)] == [0, 1, 2, 3, None, None]
+
+
+def test_pacer_wakes_on_time():
+    import asyncio
+
+    from servetune.loadgen.pacer import Pacer
+
+    async def main():
+        pacer, lags = Pacer(), []
+        try:
+            start = time.perf_counter()
+            for i in range(1, 41):
+                target = start + i * 0.002
+                await pacer.until(target)
+                now = time.perf_counter()
+                assert now >= target
+                lags.append(now - target)
+            await pacer.until(time.perf_counter() - 1)  # the past: returns at once
+        finally:
+            pacer.close()
+        return pacer.kind, statistics.median(lags)
+
+    kind, median = asyncio.run(main())
+    assert kind in ("timerfd", "asyncio.sleep")
+    if kind == "timerfd":  # asyncio.sleep rounds up to whole milliseconds; the timerfd does not
+        assert median < 0.0008 + timing_slack_ms() / 1000, median
+
+
+def test_ignore_eos_override_and_constant_arrivals(mock):
+    res = run(mock.endpoint(ttft_s=0.005, tpot_s=0.001), random_dataset(5, 8, 4, ignore_eos=True),
+              ScenarioSettings(kind="server", qps=40, num_requests=8, arrival="constant", ignore_eos=False))
+    assert [r.scheduled for r in res.records] == pytest.approx([i / 40 for i in range(8)])
+    assert mock.stats()["last_body"]["ignore_eos"] is False
+    assert all(r.ignore_eos is False for r in res.records) and res.summary["ignore_eos_fraction"] == 0.0
+    assert res.settings["ignore_eos"] is False and res.settings["arrival"] == "constant"
+    assert res.settings["pacer"] in ("timerfd", "asyncio.sleep") and res.settings["event_loop"]
+
+
+def test_concurrency_scenario_keeps_n_outstanding(mock):
+    mock.reset()
+    res = run(mock.endpoint(ttft_s=0.01, tpot_s=0.002), DATA,
+              ScenarioSettings(kind="concurrency", concurrency=3, num_requests=14, equal_issue=True,
+                               ttft_limit_ms=500, tpot_limit_ms=50, require_early_stopping=False))
+    s = res.summary
+    assert s["requests_issued"] == 20 and s["requests_ok"] == 20  # 14 rounded up to two whole passes
+    assert Counter(r.sample for r in res.records) == Counter({i: 2 for i in range(10)})
+    assert s["concurrency_peak"] == 3 and mock.stats()["peak_in_flight"] == 3
+    assert sorted(r.index for r in res.records) == list(range(20))
+    assert all(r.scheduled == pytest.approx(r.sent, abs=0.005) for r in res.records)  # latency from issue
+    assert res.valid, res.invalid_reasons
+
+
+# --- worker processes -----------------------------------------------------------------------------------
+
+def test_server_in_two_worker_processes(mock):
+    settings = ScenarioSettings(kind="server", qps=60, num_requests=30, seed=4, workers=2, warmup_requests=2,
+                                ttft_limit_ms=500, tpot_limit_ms=50, require_early_stopping=False)
+    res = run(mock.endpoint(ttft_s=0.01, tpot_s=0.002), DATA, settings)
+    measured = [r for r in res.records if not r.warmup]
+    expected = poisson_schedule(60, scenario_seeds(4)[0], num_requests=30)
+    assert [r.scheduled for r in measured] == pytest.approx(expected.tolist())  # one schedule, partitioned
+    assert [r.index for r in measured] == list(range(30)) and all(r.ok for r in measured)
+    assert {r.worker for r in measured} == {0, 1} and sum(r.warmup for r in res.records) == 2
+    assert all(measured[i].worker == i % 2 for i in range(30))
+    # both processes measured on the same origin: every send is at or after its scheduled time
+    assert all(r.sent >= r.scheduled for r in measured)
+    assert res.summary["schedule_lag_p99_ms"] < 50.0 + 10 * timing_slack_ms()
+    assert res.summary["workers_used"] == 2 and res.valid, res.invalid_reasons
+
+
+def test_workers_share_connection_cap_and_concurrency(mock):
+    mock.reset()
+    res = run(mock.endpoint(ttft_s=0.01, tpot_s=0.002), DATA,
+              ScenarioSettings(kind="offline", num_requests=12, max_connections=3, workers=2))
+    assert res.summary["requests_ok"] == 12 and mock.stats()["peak_in_flight"] <= 3
+    mock.reset()
+    res = run(mock.endpoint(ttft_s=0.01, tpot_s=0.002), DATA,
+              ScenarioSettings(kind="concurrency", concurrency=4, num_requests=20, workers=2, equal_issue=True))
+    assert res.summary["requests_ok"] == 20 and mock.stats()["peak_in_flight"] <= 4
+    assert sorted(r.index for r in res.records) == list(range(20))  # one shared issue counter
+    assert Counter(r.sample for r in res.records) == Counter({i: 2 for i in range(10)})
+    ss = run(mock.endpoint(ttft_s=0.005, tpot_s=0.001), DATA,
+             ScenarioSettings(kind="single_stream", num_requests=3, workers=4, require_early_stopping=False))
+    assert ss.summary["workers_used"] == 1 and any("one process" in n for n in ss.notes)
+
+
+def test_workers_faults_and_timeout(mock):
+    res = run(mock.endpoint(mode="http500", fault_every=4, ttft_s=0.01, tpot_s=0.002), DATA,
+              ScenarioSettings(kind="offline", num_requests=20, workers=2))
+    assert res.summary["errors_http_500"] == 5 and res.summary["requests_ok"] == 15
+    assert not res.valid and any("error rate 25.0%" in r for r in res.invalid_reasons)
+    start = time.perf_counter()
+    res = run(mock.endpoint(mode="hang", request_timeout_s=60), DATA,
+              ScenarioSettings(kind="server", qps=50, num_requests=6, timeout_s=3, workers=2))
+    assert time.perf_counter() - start < 3 + 3
+    assert [r.status for r in res.records] == ["timeout"] * 6 and res.summary["scenario_timed_out"] == 1.0
+    assert not res.valid
+
+
+def test_a_failing_worker_is_reported_not_lost(mock):
+    from dataclasses import replace as dc_replace
+
+    ep = dc_replace(mock.endpoint(), extra_body={"bad": {1, 2}})  # pickles fine, cannot be sent as JSON
+    res = run(ep, DATA, ScenarioSettings(kind="offline", num_requests=6, workers=2))
+    assert len(res.records) == 6 and {r.status for r in res.records} == {"client_error"}
+    assert not res.valid
+    assert any("worker 0 failed before the run" in r and "JSON serializable" in r for r in res.invalid_reasons)

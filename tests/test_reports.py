@@ -180,14 +180,16 @@ def test_report_pareto_traces(report):
                if f["layout"].get("title", {}).get("text") == "server: output tokens/s/GPU vs p99 TPOT")
     traces = {t["name"]: t for t in fig["data"]}
     assert len(traces[FRONT]["x"]) == len(EXPECTED["server_tpot_per_gpu_front"])
-    assert [int(re.search(r"#(\d+)", h).group(1)) for h in traces[FRONT]["customdata"]] == \
+    # customdata: [hover text, trial number]; the page opens the drill-down of the number
+    assert [int(re.search(r"#(\d+)", h).group(1)) for h, _ in traces[FRONT]["customdata"]] == \
         EXPECTED["server_tpot_per_gpu_front"]
+    assert [n for _, n in traces[FRONT]["customdata"]] == EXPECTED["server_tpot_per_gpu_front"]
     assert traces[FRONT]["x"] == sorted(traces[FRONT]["x"])
     assert traces[INVALID]["x"] == [21.0]  # trial 11: best TPOT of all, but it missed the TTFT limit
     assert traces[INVALID]["marker"]["symbol"] != traces[FRONT]["marker"].get("symbol")
     assert traces[BASELINE]["marker"]["symbol"] == "star" and traces[BASELINE]["text"] == ["baseline"]
-    assert "tensor_parallel = 1" in traces[BASELINE]["customdata"][0]
-    assert "p99 TPOT: 38 ms" in traces[BASELINE]["customdata"][0]
+    assert "tensor_parallel = 1" in traces[BASELINE]["customdata"][0][0]
+    assert "p99 TPOT: 38 ms" in traces[BASELINE]["customdata"][0][0]
     assert any(s.get("x0") == 100.0 for s in fig["layout"]["shapes"])  # the TPOT SLA line
     assert "importance-chart" in figs
 

@@ -1,0 +1,209 @@
+"""Load sweeps against one running server (no restart between levels): the optimizer's per-launch sweeps.
+
+- :func:`find_max_qps`: the highest Server/Interactive arrival rate whose run is VALID (latency limits,
+  min duration/queries, early stopping as the settings ask, error rate), as MLPerf LoadGen's
+  ``FindPeakPerformance`` mode and vLLM's ``sweep serve_sla`` look for it. It measures ``lo`` and ``hi``
+  first, then narrows the bracket [highest valid, lowest invalid] until it is within ``tolerance``
+  (relative). Each next rate is interpolated where the worst latency margin (p99 / limit − 1) crosses
+  zero, when both ends have one, clamped to the middle half of the bracket so it shrinks by at least a
+  quarter per step; otherwise (an end failed on errors or run length) it bisects.
+- :func:`concurrency_sweep`: the fixed-concurrency load pattern (MLPerf Endpoints) at each level, giving
+  output tokens/s/GPU against tokens/s/user points and their Pareto front.
+
+Both are pure functions of (endpoint, requests, settings): every level runs the same seeded schedule shape
+and sample order (a Poisson schedule at another rate is the same draws rescaled, which keeps the search
+monotone), and by default each level's prompts get a level-specific first token so a prefix cache warmed
+by one level cannot flatter the next (vllm#52884). They return every level measured.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+from servetune.loadgen.datasets import SAFE_ID_LOW
+from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.records import Request, ScenarioResult
+from servetune.loadgen.scenarios import ScenarioSettings, run
+
+LEVEL_TOKEN_BASE = SAFE_ID_LOW - 3  # warmup variants use SAFE_ID_LOW - 1 and - 2
+
+
+def level_variant(requests: Sequence[Request], level: int) -> list[Request]:
+    """``requests`` with a level-specific first token (or word) prepended: no prefix-cache sharing with
+    other levels, while the samples of one level stay distinct from each other."""
+    out = []
+    for r in requests:
+        if isinstance(r.prompt, str):
+            out.append(replace(r, prompt=f"L{level} {r.prompt}", input_tokens=r.input_tokens + 1))
+        else:
+            token = LEVEL_TOKEN_BASE - (level % (LEVEL_TOKEN_BASE - 1))
+            out.append(replace(r, prompt=[token, *r.prompt], input_tokens=r.input_tokens + 1))
+    return out
+
+
+def latency_margin(result: ScenarioResult) -> float:
+    """Worst (percentile / limit − 1) over the TTFT and TPOT limits; < 0 means within. NaN without limits."""
+    s = result.settings
+    pname = "p90" if result.scenario == "single_stream" else "p99"
+    margins = []
+    for metric, key in (("ttft", "ttft_limit_ms"), ("tpot", "tpot_limit_ms")):
+        limit = s.get(key)
+        value = result.summary.get(f"{metric}_{pname}_ms", math.nan)
+        if limit and value == value:
+            margins.append(value / limit - 1.0)
+    return max(margins) if margins else math.nan
+
+
+@dataclass
+class MaxQPSResult:
+    """Every level measured (in the order run) and the best valid rate. Unpacks as ``levels, best_qps``."""
+
+    levels: list[ScenarioResult]
+    best_qps: float | None
+    stopped_because: str
+    lo: float
+    hi: float
+    tolerance: float
+    bracket: tuple[float | None, float | None] = (None, None)  # (highest valid, lowest invalid)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.levels, self.best_qps))
+
+    @property
+    def best(self) -> ScenarioResult | None:
+        return next((r for r in self.levels if r.settings.get("qps") == self.best_qps and r.valid), None)
+
+    def to_dict(self, with_records: bool = False) -> dict[str, Any]:
+        return {"best_qps": self.best_qps, "stopped_because": self.stopped_because, "lo": self.lo, "hi": self.hi,
+                "tolerance": self.tolerance, "bracket": list(self.bracket),
+                "levels": [r.to_dict(with_records) for r in self.levels]}
+
+
+def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
+                 hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True
+                 ) -> MaxQPSResult:
+    """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
+    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` runs."""
+    if settings.kind not in ("server", "interactive"):
+        raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance is relative and must be in (0, 1), got {tolerance}")
+    if max_levels < 2:
+        raise ValueError("max_levels must be >= 2 (lo and hi)")
+    levels: list[ScenarioResult] = []
+
+    def measure(qps: float) -> ScenarioResult:
+        reqs = level_variant(requests, len(levels)) if vary_prompts else requests
+        result = run(endpoint, reqs, replace(settings, qps=qps))
+        result.settings["search_level"] = len(levels)
+        levels.append(result)
+        return result
+
+    def done(best: float | None, why: str, bracket: tuple[float | None, float | None]) -> MaxQPSResult:
+        return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket)
+
+    low = measure(lo)
+    if not low.valid:
+        return done(None, f"the lowest rate {lo:g}/s is not valid: {'; '.join(low.invalid_reasons)}", (None, lo))
+    high = measure(hi)
+    if high.valid:
+        return done(hi, f"the highest rate {hi:g}/s is valid: the server sustains at least that (raise hi)",
+                    (hi, None))
+    good_q, bad_q = lo, hi
+    good_m, bad_m = latency_margin(low), latency_margin(high)
+    while bad_q - good_q > tolerance * good_q:
+        if len(levels) >= max_levels:
+            return done(good_q, f"stopped after {max_levels} levels with the bracket at "
+                                f"[{good_q:g}, {bad_q:g}]/s", (good_q, bad_q))
+        width = bad_q - good_q
+        if good_m == good_m and bad_m == bad_m and bad_m > 0 > good_m:
+            q = good_q + width * (-good_m) / (bad_m - good_m)
+            q = min(max(q, good_q + 0.25 * width), bad_q - 0.25 * width)
+        else:
+            q = good_q + 0.5 * width
+        res = measure(q)
+        if res.valid:
+            good_q, good_m = q, latency_margin(res)
+        else:
+            bad_q, bad_m = q, latency_margin(res)
+    return done(good_q, f"bracket [{good_q:g}, {bad_q:g}]/s is within {tolerance:.0%}", (good_q, bad_q))
+
+
+def concurrency_levels(max_concurrency: int, min_concurrency: int = 1) -> list[int]:
+    """Powers of two from ``min_concurrency`` up to, and including, ``max_concurrency`` (log-spaced)."""
+    if not 1 <= min_concurrency <= max_concurrency:
+        raise ValueError(f"need 1 <= min <= max, got {min_concurrency}, {max_concurrency}")
+    out, c = [], min_concurrency
+    while c < max_concurrency:
+        out.append(c)
+        c *= 2
+    return out + [max_concurrency]
+
+
+PARETO_X = "tokens_per_s_per_user_at_tpot_p90"  # MLPerf Endpoints: 1000 / TPOT p90
+PARETO_Y = "output_tokens_per_s_per_gpu"
+
+
+@dataclass
+class SweepResult:
+    levels: list[ScenarioResult] = field(default_factory=list)
+
+    def points(self) -> list[dict[str, Any]]:
+        """One point per level: throughput per GPU against per-user speed, with latency context."""
+        pts = []
+        for r in self.levels:
+            s = r.summary
+            pts.append({
+                "concurrency": r.settings.get("concurrency"),
+                "output_tokens_per_s": s.get("output_tokens_per_s"),
+                "output_tokens_per_s_per_gpu": s.get("output_tokens_per_s_per_gpu"),
+                "tokens_per_s_per_user": s.get("tokens_per_s_per_user"),
+                "tokens_per_s_per_user_at_tpot_p90": s.get("tokens_per_s_per_user_at_tpot_p90"),
+                "request_per_s": s.get("request_per_s"),
+                "ttft_p90_ms": s.get("ttft_p90_ms"), "tpot_p90_ms": s.get("tpot_p90_ms"),
+                "error_rate": s.get("error_rate"), "valid": r.valid,
+            })
+        front = pareto_front(pts)
+        for i, p in enumerate(pts):
+            p["pareto"] = i in front
+        return pts
+
+    def pareto(self) -> list[dict[str, Any]]:
+        return [p for p in self.points() if p["pareto"]]
+
+    def to_dict(self, with_records: bool = False) -> dict[str, Any]:
+        return {"points": self.points(), "levels": [r.to_dict(with_records) for r in self.levels]}
+
+
+def pareto_front(points: Sequence[dict[str, Any]], x: str = PARETO_X, y: str = PARETO_Y) -> set[int]:
+    """Indices of the points no other point beats on both ``x`` and ``y`` (higher is better); points with a
+    missing value or an error rate above 0 are never on the front."""
+    usable = [i for i, p in enumerate(points)
+              if all(isinstance(p.get(k), (int, float)) and p[k] == p[k] for k in (x, y))
+              and not (p.get("error_rate") or 0) > 0]
+    front = set()
+    for i in usable:
+        xi, yi = points[i][x], points[i][y]
+        if not any(points[j][x] >= xi and points[j][y] >= yi and (points[j][x] > xi or points[j][y] > yi)
+                   for j in usable):
+            front.add(i)
+    return front
+
+
+def concurrency_sweep(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings,
+                      levels: Sequence[int], vary_prompts: bool = True) -> SweepResult:
+    """Run the fixed-concurrency scenario at each level of ``levels`` (``settings`` gives run length,
+    warmup, limits, workers...; its kind and rate are replaced)."""
+    if not levels or any(int(c) < 1 for c in levels):
+        raise ValueError(f"levels must be concurrencies >= 1, got {list(levels)}")
+    out = SweepResult()
+    for i, c in enumerate(levels):
+        reqs = level_variant(requests, i) if vary_prompts else requests
+        level = replace(settings, kind="concurrency", qps=None, concurrency=int(c), max_connections=None)
+        result = run(endpoint, reqs, level)
+        result.settings["search_level"] = i
+        out.levels.append(result)
+    return out

@@ -1,0 +1,116 @@
+"""Engine /metrics between two scrapes -> engine-neutral numbers (TrialResult.metrics_delta)."""
+from __future__ import annotations
+
+import pytest
+
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines.common import summarize_vllm_metrics
+
+VLLM_BEFORE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="llama"} 0.0
+vllm:num_requests_waiting{engine="0",model_name="llama"} 0.0
+vllm:kv_cache_usage_perc{engine="0",model_name="llama"} 0.0
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="llama"} 3.0
+vllm:num_preemptions_created{engine="0",model_name="llama"} 1.7635e+09
+vllm:prompt_tokens_total{engine="0",model_name="llama"} 1000.0
+vllm:generation_tokens_total{engine="0",model_name="llama"} 500.0
+vllm:prefix_cache_queries_total{engine="0",model_name="llama"} 1000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="llama"} 0.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="llama"} 10.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="llama"} 2.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.01",model_name="llama"} 4.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="llama"} 1.5
+vllm:time_to_first_token_seconds_count{engine="0",model_name="llama"} 12.0
+"""
+VLLM_AFTER = """\
+vllm:num_requests_running{engine="0",model_name="llama"} 7.0
+vllm:num_requests_waiting{engine="0",model_name="llama"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="llama"} 0.42
+vllm:num_preemptions_total{engine="0",model_name="llama"} 8.0
+vllm:prompt_tokens_total{engine="0",model_name="llama"} 51000.0
+vllm:generation_tokens_total{engine="0",model_name="llama"} 12500.0
+vllm:prefix_cache_queries_total{engine="0",model_name="llama"} 51000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="llama"} 12500.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="llama"} 100.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="llama"} 12.0
+vllm:spec_decode_num_drafts_total{engine="0",model_name="llama"} 1000.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="llama"} 4000.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="llama"} 2400.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="llama",position="0"} 900.0
+"""
+
+
+def test_vllm_metrics_delta():
+    e = get_engine("vllm")
+    d = e.metrics_delta(e.parse_metrics(VLLM_BEFORE), e.parse_metrics(VLLM_AFTER))
+    assert d == {
+        "kv_cache_usage": 0.42, "running": 7.0, "waiting": 2.0, "preemptions": 5.0,
+        "prefix_cache_hit_rate": 0.25,  # 12500 hits / 50000 queried tokens in the window
+        "spec_acceptance_rate": 0.6,  # 2400 accepted / 4000 drafted
+        "spec_mean_acceptance_length": 3.4,  # 1 + 2400 / 1000 drafts
+        "prompt_tokens": 50000.0, "generation_tokens": 12000.0, "requests_succeeded": 100.0,
+    }
+
+
+def test_vllm_metrics_delta_leaves_out_what_was_not_measured():
+    e = get_engine("vllm")
+    before = e.parse_metrics(VLLM_BEFORE)
+    d = e.metrics_delta(before, before)
+    assert "spec_acceptance_rate" not in d and "prefix_cache_hit_rate" not in d  # no drafts, no queries
+    assert d["preemptions"] == 0.0
+
+
+def test_the_sim_can_share_the_vllm_summary():
+    # the sim exposes vLLM's metric names, so the same helper reads it
+    assert summarize_vllm_metrics({}, {"vllm:num_preemptions_total": 2.0}) == {"preemptions": 2.0}
+
+
+SGLANG_BEFORE = """\
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.0
+sglang:num_queue_reqs{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.0
+sglang:token_usage{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.0
+sglang:cache_hit_rate{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.0
+sglang:prompt_tokens_total{model_name="llama"} 2000.0
+sglang:generation_tokens_total{model_name="llama"} 1000.0
+sglang:cached_tokens_total{model_name="llama"} 0.0
+sglang:num_requests_total{model_name="llama"} 20.0
+sglang:num_retracted_requests_total{model_name="llama"} 1.0
+"""
+SGLANG_AFTER = """\
+sglang:num_running_reqs{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 12.0
+sglang:num_queue_reqs{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 4.0
+sglang:token_usage{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.35
+sglang:cache_hit_rate{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.1
+sglang:prompt_tokens_total{model_name="llama"} 42000.0
+sglang:generation_tokens_total{model_name="llama"} 11000.0
+sglang:cached_tokens_total{model_name="llama"} 8000.0
+sglang:num_requests_total{model_name="llama"} 120.0
+sglang:num_retracted_requests_total{model_name="llama"} 4.0
+sglang:spec_accept_rate{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 0.55
+sglang:spec_accept_length{engine_type="unified",model_name="llama",tp_rank="0",pp_rank="0"} 2.65
+"""
+
+
+def test_sglang_metrics_delta():
+    e = get_engine("sglang")
+    d = e.metrics_delta(e.parse_metrics(SGLANG_BEFORE), e.parse_metrics(SGLANG_AFTER))
+    assert d == {
+        "kv_cache_usage": 0.35, "running": 12.0, "waiting": 4.0, "preemptions": 3.0,
+        "prefix_cache_hit_rate": 0.2,  # 8000 cached / 40000 prompt tokens
+        "spec_acceptance_rate": 0.55, "spec_mean_acceptance_length": 2.65,
+        "prompt_tokens": 40000.0, "generation_tokens": 10000.0, "requests_succeeded": 100.0,
+    }
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_same_neutral_keys_for_both_engines(engine):
+    e = get_engine(engine)
+    text_b, text_a = (VLLM_BEFORE, VLLM_AFTER) if engine == "vllm" else (SGLANG_BEFORE, SGLANG_AFTER)
+    keys = set(e.metrics_delta(e.parse_metrics(text_b), e.parse_metrics(text_a)))
+    assert {"kv_cache_usage", "running", "waiting", "preemptions", "prefix_cache_hit_rate",
+            "spec_acceptance_rate"} <= keys
