@@ -1,4 +1,4 @@
-"""``servetune`` command line: run, validate, report, bench.
+"""``servetune`` command line: run, validate, report, export, bench.
 
 A bad study file prints ``FILE:LINE: key: message`` lines and exits 2; no command shows a traceback for
 user error.
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "'compare' two studies", usage=REPORT_USAGE.removeprefix("usage: "))
     report_arguments(rep)
     rep.set_defaults(func=cmd_report)
+    from servetune.optimizer.export_cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return p
 
 

@@ -1,0 +1,742 @@
+"""``servetune export``: the chosen trial of a run directory as a ready deployment.
+
+    servetune export RUN_DIR --trial best|N [--scenario S] [--objective METRIC] --format FORMAT -o DIR
+
+The source of truth is the trial's recorded launch argv (what was measured), not a re-render: the export
+keeps every flag, in order, and changes only what a deployment must change — the listen address and port,
+the model path (a container sees the model where it is mounted), and ``--load-format dummy`` (random
+weights are a measurement device, never a deployment; dropped with a warning). The flags are checked
+against the catalog's reverse mapping (:func:`parse_flags`): parsing the exported command back yields the
+trial's engine-neutral parameters.
+
+Choosing "best" is explicit (:func:`choose_trial`): an objective (default: the study's first), a scenario
+(default: that objective's scenario), and an SLA filter (trials whose ``sla_met`` is true in every scenario
+that has an SLA; a scenario without an SLA must be ``valid``). The choice is printed with the runner-up.
+
+Secrets: study ``engines[].env`` values written as ``${NAME}`` become references in every format (k8s
+``secretKeyRef``, compose ``${NAME}`` interpolation, helm existing-secret values, a ``: ${NAME:?}`` guard in
+shell scripts). Values are never resolved, so no token reaches an output file. A literal value under a
+secret-looking name, or after a secret-looking flag in argv, is replaced by a reference with a warning.
+
+A ``sim`` trial exports only as ``json``: its flags are the simulator's and its numbers are modelled, so a
+vLLM/SGLang deployment made from it would carry measurements nobody took.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("vllm", "sglang", "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
+REAL_ENGINES = ("vllm", "sglang")
+DEFAULT_IMAGES = {
+    "vllm": "vllm/vllm-openai:v{version}",
+    "sglang": "lmsysorg/sglang:v{version}-cu129",
+}
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_SECRET_PARTS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
+# Headline metrics shown in the choice line, with how to print them.
+_SHOWN = [("output_tokens_per_s_per_gpu", "tok/s/GPU"), ("ttft_p99_ms", "p99 TTFT"), ("tpot_p99_ms", "p99 TPOT")]
+
+
+class ExportError(Exception):
+    """A user-facing reason the export cannot be made (exit status 2, no traceback)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run directory
+# ---------------------------------------------------------------------------------------------------------
+def load_trials(run_dir: Path) -> list[dict[str, Any]]:
+    trials = []
+    for f in sorted(Path(run_dir).glob("trials/*/trial.json")):
+        try:
+            trials.append(json.loads(f.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{f}: unreadable trial record ({e})") from None
+    if not trials:
+        raise ExportError(f"{run_dir}: no trials/NNNN/trial.json (is this a servetune run directory?)")
+    return sorted(trials, key=lambda t: t.get("number", 0))
+
+
+def read_study(run_dir: Path) -> dict[str, Any]:
+    """The run's study.yaml as plain data. Read leniently (not through load_study): the model path it names
+    lives on the GPU host the study ran on, not necessarily where the export is made."""
+    p = Path(run_dir) / "study.yaml"
+    if not p.is_file():
+        raise ExportError(f"{run_dir}: no study.yaml (is this a servetune run directory?)")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ExportError(f"{p}: not a study file")
+    return data
+
+
+def _scenario_labels(study: dict[str, Any]) -> list[str]:
+    out = []
+    for s in (study.get("workload") or {}).get("scenarios") or []:
+        out.append(s.get("name") or s.get("kind"))
+    return out
+
+
+def _engine_spec(study: dict[str, Any], engine: str) -> dict[str, Any]:
+    for e in study.get("engines") or []:
+        if isinstance(e, str):
+            e = {"name": e}
+        if e.get("name") == engine:
+            return e
+    return {"name": engine}
+
+
+def _natural_direction(metric: str) -> str:
+    from servetune.optimizer.spec import METRICS
+
+    if metric in METRICS:
+        return METRICS[metric]
+    return "minimize" if metric.endswith("_ms") or "error" in metric else "maximize"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# choosing the trial
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    trial: dict[str, Any]
+    scenario: str
+    metric: str
+    direction: str
+    value: float | None
+    runner_up: dict[str, Any] | None = None
+    eligible: int = 0
+    explicit: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self, t: dict[str, Any] | None = None) -> dict[str, Any]:
+        t = t or self.trial
+        return ((t.get("scenarios") or {}).get(self.scenario) or {}).get("summary") or {}
+
+    def describe(self) -> str:
+        """"trial 2 (vllm): 6,547 tok/s/GPU, p99 TPOT 30 ms; runner-up trial 3: −7% tok/s/GPU, +39% p99 TPOT"."""
+        s = self.summary()
+        head = f"trial {self.trial['number']} ({self.trial.get('engine')}"
+        head += ", baseline)" if self.trial.get("is_baseline") else ")"
+        parts = []
+        keys = [(self.metric, _label(self.metric))] + [(k, lbl) for k, lbl in _SHOWN if k != self.metric]
+        for k, lbl in keys:
+            if isinstance(s.get(k), (int, float)):
+                parts.append(f"{_num(s[k])}{' ms' if k.endswith('_ms') else ''} {lbl}" if not k.endswith("_ms")
+                             else f"{lbl} {_num(s[k])} ms")
+        rule = (f"{'max' if self.direction == 'maximize' else 'min'} {self.metric} in scenario {self.scenario!r}"
+                f" among {self.eligible} SLA-passing trial(s)") if not self.explicit else "chosen by number"
+        line = f"{head}: {', '.join(parts)} [{rule}]"
+        if self.runner_up is not None:
+            r = self.summary(self.runner_up)
+            deltas = []
+            for k, lbl in keys:
+                a, b = s.get(k), r.get(k)
+                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
+                    pct = (b - a) / abs(a) * 100
+                    mag = f"{abs(pct):.0f}" if abs(pct) >= 1 else f"{abs(pct):.1f}"
+                    deltas.append(f"{'+' if pct >= 0 else '−'}{mag}% {lbl}")
+            line += f"; runner-up trial {self.runner_up['number']}: {', '.join(deltas) or 'no comparable metrics'}"
+        elif not self.explicit:
+            line += "; no runner-up (only one trial passed the SLA)"
+        return line
+
+
+def _label(metric: str) -> str:
+    for k, lbl in _SHOWN:
+        if k == metric:
+            return lbl
+    return metric
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def _passes_sla(t: dict[str, Any], scenario: str) -> bool:
+    scen = t.get("scenarios") or {}
+    if scenario not in scen:
+        return False
+    for label, r in scen.items():
+        met = r.get("sla_met")
+        if met is None:  # no SLA on this scenario: the run itself must be valid where it is the chosen one
+            if label == scenario and r.get("valid") is False:
+                return False
+        elif not met:
+            return False
+    return True
+
+
+def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None = None,
+                 objective: str | None = None) -> Choice:
+    study = read_study(run_dir)
+    trials = load_trials(run_dir)
+    labels = _scenario_labels(study)
+    objectives = study.get("objectives") or []
+    first = objectives[0] if objectives else {}
+    metric = objective or first.get("metric") or "output_tokens_per_s_per_gpu"
+    direction = None
+    for o in objectives:
+        if o.get("metric") == metric and (scenario is None or (o.get("scenario") or (labels or [None])[0]) == scenario):
+            direction = o.get("direction")
+            if scenario is None:
+                scenario = o.get("scenario")
+            break
+    direction = direction or _natural_direction(metric)
+    scenario = scenario or first.get("scenario") or (labels[0] if labels else "server")
+    if labels and scenario not in labels:
+        raise ExportError(f"no scenario {scenario!r} in this study (have: {', '.join(labels)})")
+
+    if str(trial) != "best":
+        try:
+            n = int(trial)
+        except ValueError:
+            raise ExportError(f"--trial must be 'best' or a trial number, got {trial!r}") from None
+        found = [t for t in trials if t.get("number") == n]
+        if not found:
+            raise ExportError(f"no trial {n} in {run_dir} (have {', '.join(str(t.get('number')) for t in trials)})")
+        t = found[0]
+        if t.get("state") != "complete":
+            why = (t.get("failure") or {}).get("reason") if isinstance(t.get("failure"), dict) else t.get("failure")
+            raise ExportError(f"trial {n} is {t.get('state')}" + (f" ({why})" if why else "")
+                              + ": only a completed, measured trial can be exported")
+        c = Choice(trial=t, scenario=scenario, metric=metric, direction=direction, explicit=True,
+                   value=((t.get("scenarios") or {}).get(scenario) or {}).get("summary", {}).get(metric))
+        if not _passes_sla(t, scenario):
+            c.warnings.append(f"trial {n} did not meet the SLA (or has no {scenario!r} result); exported as asked")
+        return c
+
+    def value(t: dict[str, Any]) -> float | None:
+        v = (((t.get("scenarios") or {}).get(scenario) or {}).get("summary") or {}).get(metric)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    known = {k for t in trials for k in (((t.get("scenarios") or {}).get(scenario) or {}).get("summary") or {})}
+    if known and metric not in known:
+        import difflib
+
+        close = difflib.get_close_matches(metric, sorted(known), n=1)
+        raise ExportError(f"no metric {metric!r} in scenario {scenario!r} results"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    ok = [t for t in trials if t.get("state") == "complete" and _passes_sla(t, scenario) and value(t) is not None]
+    if not ok:
+        raise ExportError(f"no completed trial met the SLA with a {metric} result in scenario {scenario!r} "
+                          f"({len(trials)} trial(s) in {run_dir}); pick one with --trial N")
+    sign = -1.0 if direction == "maximize" else 1.0
+    ok.sort(key=lambda t: (sign * value(t), t.get("number", 0)))
+    return Choice(trial=ok[0], scenario=scenario, metric=metric, direction=direction, value=value(ok[0]),
+                  runner_up=ok[1] if len(ok) > 1 else None, eligible=len(ok))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argv: split, rewrite, parse back
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SplitArgv:
+    base: list[str]  # the command that was run (vllm serve / python3 -m sglang.launch_server / a venv path)
+    model: str  # the model path as recorded
+    args: list[str]  # everything after, model removed; host/port still in
+
+
+def split_argv(argv: list[str], catalog) -> SplitArgv:
+    i = next((k for k, a in enumerate(argv) if a.startswith("--")), len(argv))
+    if catalog.model_flag is None:  # positional model right before the first flag (vllm serve MODEL --x ...)
+        if i == 0:
+            raise ExportError("recorded argv has no model argument")
+        return SplitArgv(base=list(argv[: i - 1]), model=argv[i - 1], args=list(argv[i:]))
+    args = list(argv[i:])
+    model = ""
+    if catalog.model_flag in args:
+        k = args.index(catalog.model_flag)
+        model = args[k + 1]
+        del args[k: k + 2]
+    return SplitArgv(base=list(argv[:i]), model=model, args=args)
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out = [flag, value] + out
+    return out
+
+
+def _drop_flag(args: list[str], flag: str, with_value: bool = True) -> list[str]:
+    out = list(args)
+    while flag in out:
+        k = out.index(flag)
+        del out[k: k + (2 if with_value else 1)]
+    return out
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+
+def _secretish(name: str) -> bool:
+    parts = {p for p in re.split(r"[^A-Za-z0-9]+", name.upper()) if p}
+    return bool(parts & _SECRET_PARTS) and not parts & {"FILE", "PATH", "DIR"}
+
+
+def redact_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Values after secret-looking flags (``--api-key X``) become ``${API_KEY}`` references.
+    Returns (args, secret names, warnings)."""
+    out, names, warns = list(args), [], []
+    for k, a in enumerate(out[:-1]):
+        if a.startswith("--") and "=" not in a and _secretish(a) and not out[k + 1].startswith("--"):
+            name = re.sub(r"[^A-Z0-9]+", "_", a.lstrip("-").upper()).strip("_")
+            if not _ENV_REF.match(out[k + 1]):
+                warns.append(f"{a} carried a literal value in the recorded argv; exported as ${{{name}}}")
+            out[k + 1] = "${" + name + "}"
+            names.append(name)
+    return out, names, warns
+
+
+def _coerce(v: str) -> Any:
+    if v in ("true", "True"):
+        return True
+    if v in ("false", "False"):
+        return False
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_flags(catalog, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The catalog's reverse mapping: argv fragment → (engine-neutral params, args no mapping claimed).
+
+    Engine spellings map back through ``values`` (fp8_e4m3 → fp8), bool styles back to booleans; SGLang's
+    ``--ep-size N`` (the neutral boolean spelled as the TP width) reads back as ``N > 1``."""
+    seqs = []  # bool_argv fragments, longest first
+    by_flag: dict[str, list] = {}
+    for m in catalog.params.values():
+        if m.flag is None:
+            continue
+        if m.style == "bool_argv":
+            if m.when_true:
+                seqs.append((list(m.when_true), m.name, True))
+            if m.when_false:
+                seqs.append((list(m.when_false), m.name, False))
+            continue
+        by_flag.setdefault(m.flag, []).append(m)
+        if m.style == "bool_optional":
+            by_flag.setdefault("--no-" + m.flag.removeprefix("--"), []).append(m)
+    seqs.sort(key=lambda s: -len(s[0]))
+    params: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        hit = next((s for s in seqs if args[i: i + len(s[0])] == s[0]), None)
+        if hit:
+            params[hit[1]] = hit[2]
+            i += len(hit[0])
+            continue
+        ms = by_flag.get(a)
+        if not ms:
+            rest.append(a)
+            i += 1
+            continue
+        m = ms[0]
+        if m.style == "bool_optional":
+            params[m.name] = a == m.flag
+            i += 1
+        elif m.style == "bool_flag":
+            params[m.name] = True
+            i += 1
+        elif m.style == "bool_flag_inverted":
+            params[m.name] = False
+            i += 1
+        else:
+            raw = args[i + 1] if i + 1 < len(args) else ""
+            inverse = {str(v): k for k, v in m.values.items()}
+            v = inverse.get(raw, raw)
+            v = _coerce(v) if isinstance(v, str) else v
+            if m.name == "expert_parallel" and isinstance(v, int) and not isinstance(v, bool):
+                v = v > 1
+            params[m.name] = v
+            i += 2
+    return params, rest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the deployment context
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    host: str | None = None  # plain shell command's listen address (default 127.0.0.1); containers: 0.0.0.0
+    port: int = 8000
+    image: str | None = None
+    model_path: str | None = None  # what the deployment loads (path in the container, or an HF id)
+    model_host_path: str | None = None  # host directory mounted into the container (compose)
+    name: str | None = None  # app / release name (DNS-1123)
+    namespace: str | None = None
+    secret_name: str | None = None  # k8s Secret holding ${NAME} references (key = NAME)
+    pvc: str | None = None  # existing PVC with the model; default: create <name>-models
+    pvc_size: str = "200Gi"
+    storage_class: str | None = None
+    cpu: str | None = None
+    memory: str | None = None
+    shm_size: str = "16Gi"
+    gpu_ids: list[str] | None = None  # compose device_ids; default: count
+    startup_margin: float = 2.0  # startup probe budget = ready_s * margin + 120 s
+    keep_load_format: bool = False
+    replicas: int = 1
+
+
+def _dns_name(s: str) -> str:
+    """A name valid for every object it labels: DNS-1035 (a Service must start with a letter), ≤ 53 characters
+    so that suffixes such as ``-models`` / ``-secrets`` still fit in 63."""
+    s = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
+    if not s or not s[0].isalpha():
+        s = "st-" + s
+    return s[:53].rstrip("-")
+
+
+def _size_gib(s: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?)?[bB]?", s.strip())
+    if not m:
+        return 16.0
+    mult = {"K": 1 / 2**20, "Ki": 1 / 2**20, "M": 1 / 1024, "Mi": 1 / 1024, "G": 1, "Gi": 1, "T": 1024, "Ti": 1024}
+    return float(m.group(1)) * mult.get(m.group(2) or "G", 1)
+
+
+def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any]:
+    """Everything every template needs, as plain data. No secret value is ever read."""
+    from servetune.optimizer.catalog import load_catalog
+
+    study = read_study(run_dir)
+    t = choice.trial
+    engine = t.get("engine") or "sim"
+    version = str(t.get("engine_version") or "")
+    warnings = list(choice.warnings)
+    catalog = load_catalog(engine, version or None)
+    version = version or catalog.version
+    argv = [str(a) for a in t.get("argv") or []]
+    if not argv:
+        raise ExportError(f"trial {t.get('number')} has no recorded argv")
+    sp = split_argv(argv, catalog)
+    args = list(sp.args)
+    args, argv_secrets, w = redact_args(args)
+    warnings += w
+    load_format = _flag_value(args, "--load-format")
+    if load_format == "dummy" and not opts.keep_load_format:
+        args = _drop_flag(args, "--load-format")
+        warnings.append("the trial ran with --load-format dummy (random weights of the real shape); the export "
+                        "loads the real checkpoint instead (--keep-load-format keeps dummy)")
+    served_name = _flag_value(args, catalog.served_name_flag) if catalog.served_name_flag else None
+    model_rec = sp.model
+    served_name = served_name or (study.get("model") or {}).get("name") or Path(model_rec).name
+    name = _dns_name(opts.name or f"{study.get('name', 'servetune')}-{engine}")
+    container_model = opts.model_path or f"/models/{Path(model_rec).name or served_name}"
+    shell_model = opts.model_path or model_rec
+    host_model_dir = opts.model_host_path or model_rec
+
+    def engine_args(host: str, model: str) -> list[str]:
+        a = _set_flag(args, catalog.host_flag, host)
+        a = _set_flag(a, catalog.port_flag, str(opts.port))
+        if catalog.model_flag:
+            return [catalog.model_flag, model] + a
+        return [model] + a
+
+    # the command as the engine's image and pip package provide it
+    base = ["python3" if c == "{python}" else c for c in catalog.command]
+    if sp.base and sp.base[1:] != base[1:] and engine in REAL_ENGINES:
+        warnings.append(f"the study launched the engine as {' '.join(sp.base)!r}; the export uses "
+                        f"{' '.join(base)!r} (what the engine's image and pip package provide)")
+
+    # environment: study engines[].env; ${NAME} -> secret reference, literal secret-looking -> reference
+    espec = _engine_spec(study, engine)
+    plain_env: dict[str, str] = {}
+    secret_env: list[str] = []
+    for k, v in (espec.get("env") or {}).items():
+        v = "" if v is None else str(v)
+        m = _ENV_REF.match(v.strip())
+        if m:
+            secret_env.append(k)
+            if m.group(1) != k:
+                warnings.append(f"env {k} references ${{{m.group(1)}}}; exported as a secret reference named {k}")
+        elif _secretish(k) and v and not v.startswith(("/", "./", "../", "~/")):
+            secret_env.append(k)
+            warnings.append(f"env {k} has a literal value in the study; exported as a secret reference, not the value")
+        elif "${" in v:
+            secret_env.append(k)
+            warnings.append(f"env {k} embeds a reference in text; exported as a secret reference named {k}")
+        else:
+            plain_env[k] = v
+    for n in argv_secrets:
+        if n not in secret_env:
+            secret_env.append(n)
+
+    gpus = int(t.get("gpus") or 1)
+    hw = study.get("hardware") or {}
+    ready_s = t.get("ready_s")
+    ready_s = float(ready_s) if isinstance(ready_s, (int, float)) and ready_s > 0 else None
+    startup_budget = int(math.ceil((ready_s or 900.0) * opts.startup_margin + 120))
+    probe_period = 10
+    scen = (t.get("scenarios") or {}).get(choice.scenario) or {}
+    settings = scen.get("settings") or {}
+    ds = (study.get("workload") or {}).get("dataset") or {}
+    sla_preset = None
+    for s in (study.get("workload") or {}).get("scenarios") or []:
+        if (s.get("name") or s.get("kind")) == choice.scenario:
+            sla = s.get("sla") if isinstance(s.get("sla"), dict) else {}
+            # a preset with overrides is passed as the effective limits (settings), not as the preset
+            sla_preset = sla.get("preset") if set(sla) == {"preset"} else None
+    image_tmpl = opts.image or DEFAULT_IMAGES.get(engine, "")
+    image = image_tmpl.format(version=version) if image_tmpl else ""
+    cpu = opts.cpu or str(max(4, 8 * gpus))
+    memory = opts.memory or f"{max(32, 64 * gpus)}Gi"
+
+    try:
+        from importlib.metadata import version as _dist_version
+
+        st_version = _dist_version("servetune")
+    except Exception:  # noqa: BLE001 - an uninstalled checkout
+        st_version = "unknown"
+
+    metrics = {label: {k: v for k, v in (r.get("summary") or {}).items() if isinstance(v, (int, float))}
+               for label, r in (t.get("scenarios") or {}).items()}
+    ctx: dict[str, Any] = dict(
+        name=name, namespace=opts.namespace, engine=engine, version=version, image=image,
+        pip_spec=f"{engine}=={version}", base_command=base,
+        shell_argv=base + engine_args(opts.host or "127.0.0.1", shell_model),
+        container_args=engine_args("0.0.0.0", container_model),
+        host=opts.host or "127.0.0.1", port=opts.port, health_path="/health", metrics_path="/metrics",
+        model_recorded=model_rec, container_model=container_model, model_mount_dir=str(Path(container_model).parent)
+        if container_model.startswith("/") else "/models", host_model_dir=host_model_dir,
+        model_is_path=container_model.startswith("/"), served_name=served_name,
+        plain_env=plain_env, secret_env=secret_env,
+        secret_name=opts.secret_name or f"{name}-secrets",
+        gpus=gpus, gpu_kind=str(hw.get("gpu") or "h100"), gpu_ids=opts.gpu_ids,
+        ready_s=ready_s, startup_budget_s=startup_budget, probe_period_s=probe_period,
+        startup_failure_threshold=int(math.ceil(startup_budget / probe_period)),
+        shm_size=opts.shm_size, shm_gib=_size_gib(opts.shm_size), cpu=cpu, memory=memory,
+        pvc=opts.pvc, pvc_size=opts.pvc_size, storage_class=opts.storage_class, replicas=opts.replicas,
+        trial=t, trial_number=t.get("number"), params=t.get("params") or {}, study_name=study.get("name"),
+        scenario=choice.scenario, metric=choice.metric, direction=choice.direction, value=choice.value,
+        choice_line=choice.describe(), runner_up=(choice.runner_up or {}).get("number"),
+        bench=dict(kind=settings.get("kind") or choice.scenario, qps=settings.get("qps"),
+                   duration_s=settings.get("duration_s"), num_requests=settings.get("num_requests"),
+                   concurrency=settings.get("concurrency"),
+                   input_tokens=ds.get("input_tokens"), output_tokens=ds.get("output_tokens"),
+                   sla_preset=sla_preset, ttft_ms=settings.get("ttft_limit_ms"),
+                   tpot_ms=settings.get("tpot_limit_ms"), num_gpus=gpus),
+        metrics=metrics, servetune_version=st_version,
+        exported_at=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        run_dir=str(Path(run_dir).resolve()), warnings=warnings, catalog=catalog,
+    )
+    ctx["engine_kwargs"] = {}  # filled for ray-serve only (render)
+    ctx["shell_argv_model"] = shell_model
+    ctx["shell_lines"] = [" ".join(_shq(x) for x in g) for g in _group(ctx["shell_argv"], len(base))]
+    helm_args = _drop_flag(_drop_flag(list(ctx["container_args"]), catalog.host_flag), catalog.port_flag)
+    ctx["helm_extra_args"] = helm_args[1:] if catalog.model_flag is None else _drop_flag(helm_args, catalog.model_flag)
+    ctx["json_doc"] = _json_doc(ctx, choice, study)
+    return ctx
+
+
+def _shq(x: str) -> str:
+    """Shell quoting that leaves a whole ``${NAME}`` reference expandable."""
+    return f'"{x}"' if _ENV_REF.match(x) else shlex.quote(x)
+
+
+def _group(argv: list[str], nbase: int) -> list[list[str]]:
+    """Command, then one line per flag with its values: what a reader scans in a launch script."""
+    groups = [argv[:nbase]]
+    for a in argv[nbase:]:
+        if a.startswith("--") or len(groups) == 1:
+            groups.append([a])
+        else:
+            groups[-1].append(a)
+    return groups
+
+
+def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dict[str, Any]:
+    t = choice.trial
+    real = ctx["engine"] in REAL_ENGINES
+    return {
+        "schema": "servetune.export/1",
+        "provenance": {
+            "servetune_version": ctx["servetune_version"], "exported_at": ctx["exported_at"],
+            "run_dir": ctx["run_dir"], "study": ctx["study_name"], "trial": ctx["trial_number"],
+            "is_baseline": bool(t.get("is_baseline")), "trial_started_at": t.get("started_at"),
+            "engine": ctx["engine"], "engine_version": ctx["version"],
+            "gpu": ctx["gpu_kind"], "gpus": ctx["gpus"], "gpu_ids_in_study": t.get("gpu_ids"),
+            "simulated": not real,
+        },
+        "selection": {
+            "rule": ("explicit trial number" if choice.explicit else
+                     f"{choice.direction} {choice.metric} in scenario {choice.scenario!r} among trials meeting "
+                     "the SLA in every scenario that has one"),
+            "scenario": choice.scenario, "metric": choice.metric, "direction": choice.direction,
+            "value": choice.value, "eligible_trials": choice.eligible,
+            "runner_up": ctx["runner_up"], "summary": ctx["choice_line"],
+        },
+        "params": ctx["params"],
+        "launch": {
+            "command": ctx["shell_argv"], "container_command": ctx["base_command"],
+            "container_args": ctx["container_args"], "image": ctx["image"] or None,
+            "pip": ctx["pip_spec"] if real else None, "host": ctx["host"], "port": ctx["port"],
+            "health_path": ctx["health_path"], "metrics_path": ctx["metrics_path"],
+            "served_model_name": ctx["served_name"], "model": ctx["shell_argv_model"],
+            "env": ctx["plain_env"], "secret_env": ctx["secret_env"],
+            "extra_args": redact_args([str(a) for a in _engine_spec(study, ctx["engine"]).get("extra_args") or []])[0],
+        },
+        "measured": {
+            "ready_s": ctx["ready_s"], "startup_probe_budget_s": ctx["startup_budget_s"],
+            "scenarios": {label: {"summary": ctx["metrics"][label],
+                                  "sla_met": r.get("sla_met"), "valid": r.get("valid"),
+                                  "settings": {k: v for k, v in (r.get("settings") or {}).items()
+                                               if k in ("kind", "qps", "duration_s", "num_requests", "concurrency",
+                                                        "ttft_limit_ms", "tpot_limit_ms", "num_gpus")}}
+                          for label, r in (t.get("scenarios") or {}).items()},
+            "objectives": t.get("objectives"),
+        },
+        "warnings": ctx["warnings"],
+    }
+
+
+def vllm_engine_kwargs(ctx: dict[str, Any]) -> dict[str, Any]:
+    """vLLM flags → ``EngineArgs`` keyword names (what Ray Serve LLM's ``engine_kwargs`` takes)."""
+    args = list(ctx["container_args"][1:])  # model first
+    for f in ("--host", "--port", "--served-model-name"):
+        args = _drop_flag(args, f)
+    # API-server (frontend) flags are not EngineArgs; Ray Serve runs its own OpenAI front end.
+    frontend_only = {"--disable-uvicorn-access-log", "--disable-log-requests", "--enable-log-requests",
+                     "--api-key", "--enable-metrics"}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            i += 1
+            continue
+        takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        if a in frontend_only:
+            i += 2 if takes_value else 1
+            continue
+        if takes_value and _ENV_REF.match(args[i + 1]):  # a secret reference: Ray has no secret interpolation
+            ctx["warnings"].append(f"ray-serve: {a} takes a secret; left out of engine_kwargs (set it on the cluster)")
+            i += 2
+            continue
+        key = a[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            takes_value = False
+            value: Any = _coerce(val)
+        elif takes_value:
+            value = _coerce(args[i + 1])
+        elif key.startswith("no-"):
+            key, value = key[3:], False
+        else:
+            value = True
+        if "." in key:  # --speculative-config.method ngram -> speculative_config: {method: ngram}
+            head, sub = key.split(".", 1)
+            out.setdefault(head.replace("-", "_"), {})[sub] = value
+        else:
+            out[key.replace("-", "_")] = value
+        i += 2 if takes_value else 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------------------
+_FILES = {
+    "command": [("serve.sh.j2", "serve.sh"), ("bench.sh.j2", "bench.sh")],
+    "compose": [("docker-compose.yaml.j2", "docker-compose.yaml"), ("bench.sh.j2", "bench.sh")],
+    "k8s": [("kubernetes.yaml.j2", "kubernetes.yaml")],
+    "helm": [],  # per engine below
+    "kserve": [("kserve.yaml.j2", "inferenceservice.yaml")],
+    "ray-serve": [("ray-serve.yaml.j2", "ray-serve.yaml")],
+    "json": [("deployment.json.j2", "deployment.json")],
+}
+
+
+def _env():
+    import jinja2
+
+    from importlib import resources
+
+    root = str(resources.files("servetune.deploy_templates"))
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(root),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters["shq"] = lambda s: shlex.quote(str(s))
+    env.filters["shjoin"] = lambda xs: " ".join(shlex.quote(str(x)) for x in xs)
+    env.filters["yq"] = _yaml_scalar  # a YAML scalar, always quoted where it could be misread
+    env.filters["tojson_"] = lambda x: json.dumps(x, indent=2, default=str, ensure_ascii=False)
+    env.filters["compose_escape"] = lambda s: str(s).replace("$", "$$")
+    env.filters["secret_name"] = lambda s: _ENV_REF.match(str(s)).group(1)
+    env.filters["toyaml"] = lambda x: yaml.safe_dump(x, sort_keys=False, default_flow_style=False).rstrip()
+    env.tests["secret_ref"] = lambda s: bool(_ENV_REF.match(str(s)))
+    return env
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, bool) or v is None or isinstance(v, (int, float)):
+        return json.dumps(v)
+    return json.dumps(str(v), ensure_ascii=False)  # JSON strings are valid YAML double-quoted scalars
+
+
+def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
+    engine = ctx["engine"]
+    if fmt in REAL_ENGINES:
+        if fmt != engine:
+            raise ExportError(f"trial {ctx['trial_number']} ran on {engine}; --format {fmt} would launch a "
+                              f"different engine than the one measured (use --format {engine} or command)")
+        fmt = "command"
+    if engine not in REAL_ENGINES and fmt != "json":
+        raise ExportError(f"trial {ctx['trial_number']} ran on the simulated engine ({engine}): its flags are "
+                          "the simulator's and its numbers modelled, so only --format json can be exported. "
+                          "Measure the configuration on vllm or sglang (engines: [vllm]) to deploy it.")
+    if fmt == "ray-serve" and engine != "vllm":
+        raise ExportError("Ray Serve LLM (ray.serve.llm) runs vLLM only; an SGLang trial exports as "
+                          "command, compose, k8s, helm, kserve or json")
+    if fmt == "ray-serve":
+        ctx["engine_kwargs"] = vllm_engine_kwargs(ctx)
+    files = list(_FILES[fmt])
+    if fmt == "helm":
+        files = [("helm-production-stack.yaml.j2" if engine == "vllm" else "helm-generic.yaml.j2", "values.yaml")]
+    env = _env()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tmpl, name in files:
+        text = env.get_template(tmpl).render(**ctx)
+        p = out_dir / name
+        p.write_text(text, encoding="utf-8")
+        if name.endswith(".sh"):
+            p.chmod(0o755)
+        written.append(p)
+    return written
+
+
+@dataclass
+class ExportResult:
+    choice: Choice
+    files: list[Path]
+    warnings: list[str]
+    context: dict[str, Any]
+
+
+def export(run_dir: str | Path, *, trial: str | int = "best", scenario: str | None = None,
+           objective: str | None = None, fmt: str = "json", out_dir: str | Path = "deploy",
+           options: Options | None = None) -> ExportResult:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r} (have: {', '.join(FORMATS)})")
+    run_dir = Path(run_dir)
+    choice = choose_trial(run_dir, trial, scenario, objective)
+    ctx = build_context(run_dir, choice, options or Options())
+    files = render(fmt, ctx, Path(out_dir))
+    return ExportResult(choice=choice, files=files, warnings=ctx["warnings"], context=ctx)
