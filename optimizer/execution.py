@@ -41,10 +41,13 @@ class RayExecutor:
                     kwargs["num_gpus"] = num_gpus
             ray.init(**kwargs)
         self._remote = ray.remote(_execute)
+        self._pending: dict[Any, str] = {}  # ref -> trial dir, until its result is taken
 
     def submit(self, plan: TrialPlan):
         # num_cpus=0: a trial's cost is its GPUs; the engine and load generator are processes of their own
-        return self._remote.options(num_gpus=plan.gpus, num_cpus=0, max_retries=0).remote(plan.to_dict())
+        ref = self._remote.options(num_gpus=plan.gpus, num_cpus=0, max_retries=0).remote(plan.to_dict())
+        self._pending[ref] = plan.trial_dir
+        return ref
 
     def wait(self, refs: list, timeout_s: float) -> list:
         if not refs:
@@ -54,6 +57,7 @@ class RayExecutor:
 
     def result(self, ref) -> TrialResult:
         """The trial's result; raises if the Ray worker died (the caller records that as a failure)."""
+        self._pending.pop(ref, None)
         return TrialResult.from_dict(self._ray.get(ref))
 
     def cancel(self, ref) -> None:
@@ -66,5 +70,21 @@ class RayExecutor:
         return float(self._ray.cluster_resources().get("GPU", 0))
 
     def shutdown(self) -> None:
+        """Stop for good: trials still running (Ctrl-C, an error in the driver) are cancelled, their Ray
+        workers killed, and the engines those workers can no longer stop are reaped from their pid files."""
+        from pathlib import Path
+
+        from servetune.optimizer.process import reap_orphan
+
+        pending, self._pending = dict(self._pending), {}
+        for ref in pending:
+            self.cancel(ref)
+        if pending and self._ray.is_initialized():
+            try:  # give cancelled tasks a moment to die, so their workers no longer touch the engines
+                self._ray.wait(list(pending), num_returns=len(pending), timeout=10)
+            except Exception:
+                pass
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
+        for trial_dir in pending.values():
+            reap_orphan(Path(trial_dir) / "engine.pid")

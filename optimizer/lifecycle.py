@@ -6,6 +6,8 @@ when this returns, and ``trial.json`` says what happened in one human line.
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,14 @@ from servetune.optimizer.engines.base import Failure, FailureKind
 from servetune.optimizer.records import TrialPlan, TrialResult, write_json_atomic
 
 MAX_ERROR_RATE = 0.5  # more failed requests than this and the server, not the load, is the problem
+# Seconds an engine gets between SIGTERM and SIGKILL, and a GPU to drop its memory after a trial; the
+# environment can shorten them (tests, CI) or lengthen them (engines that take long to shut down).
+STOP_GRACE_S = float(os.environ.get("SERVETUNE_STOP_GRACE_S", "20"))
+GPU_FREE_TIMEOUT_S = float(os.environ.get("SERVETUNE_GPU_FREE_TIMEOUT_S", "120"))
+# Another process took the port between free_port() and the engine's bind: relaunch on a fresh port.
+PORT_IN_USE = re.compile(r"[Aa]ddress already in use|Errno 98|EADDRINUSE|port .* is already in use|"
+                         r"error while attempting to bind")
+PORT_ATTEMPTS = 2
 
 
 def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
@@ -29,26 +39,45 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
     write_json_atomic(trial_dir / "trial.json", result.to_dict())
     ep = None
     try:
-        if not plan.fake_gpus and not process.wait_gpus_free(gpu_ids, timeout_s=120):
-            return _fail(result, Failure(FailureKind.INTERNAL, f"GPUs {gpu_ids} still hold memory from another process"))
-        port = process.free_port(plan.host)
-        launch = engine.plan(plan.params, plan.model, host=plan.host, port=port, gpu_ids=gpu_ids,
-                             extra_args=plan.extra_args, extra_env=plan.extra_env, gpu=plan.gpu,
-                             gpu_memory_gib=plan.gpu_memory_gib)
-        result.argv = list(launch.argv)
-        url_host = f"[{plan.host}]" if ":" in plan.host else ("127.0.0.1" if plan.host == "0.0.0.0" else plan.host)
-        url = f"http://{url_host}:{port}"
-        ep = process.start(launch.argv, launch.env, trial_dir / "engine.log", url)
-        t_launch = time.monotonic()
-        waited = process.wait_healthy(ep, launch.health_path, min(plan.ready_timeout_s, launch.ready_timeout_s))
-        if waited is not None:
+        if not plan.fake_gpus and not process.wait_gpus_free(gpu_ids, timeout_s=GPU_FREE_TIMEOUT_S):
+            return _fail(result, Failure(FailureKind.INTERNAL, f"GPUs {gpu_ids} still hold memory from another "
+                                         f"process after {GPU_FREE_TIMEOUT_S:.0f} s"))
+        for attempt in range(PORT_ATTEMPTS):
+            port = process.free_port(plan.host)
+            launch = engine.plan(plan.params, plan.model, host=plan.host, port=port, gpu_ids=gpu_ids,
+                                 extra_args=plan.extra_args, extra_env=plan.extra_env, gpu=plan.gpu,
+                                 gpu_memory_gib=plan.gpu_memory_gib)
+            result.argv = list(launch.argv)
+            url_host = f"[{plan.host}]" if ":" in plan.host else ("127.0.0.1" if plan.host == "0.0.0.0" else plan.host)
+            url = f"http://{url_host}:{port}"
+            ep = process.start(launch.argv, launch.env, trial_dir / "engine.log", url)
+            t_launch = time.monotonic()
+            timeout_s = min(plan.ready_timeout_s, launch.ready_timeout_s)
+            waited = process.wait_healthy(ep, launch.health_path, timeout_s)
+            if waited is None:
+                break
             code = ep.proc.poll() if waited == "exited" else None
+            tail = ep.log_tail()
+            if waited == "exited" and PORT_IN_USE.search(tail):
+                process.stop(ep, grace_s=STOP_GRACE_S)
+                ep = None
+                if attempt + 1 < PORT_ATTEMPTS:
+                    process.append_log(trial_dir / "engine.log", f"servetune: port {port} was taken before the "
+                                       "engine could bind it; relaunching on a fresh port")
+                    continue
+                line = next((ln for ln in reversed(tail.splitlines()) if PORT_IN_USE.search(ln)), "")
+                return _fail(result, Failure(FailureKind.CRASH, f"port {port} was already in use by another "
+                                             f"process ({PORT_ATTEMPTS} fresh ports tried): {line.strip()[:200]}"))
             if waited == "timeout":
-                failure = Failure(FailureKind.TIMEOUT, f"not healthy after {plan.ready_timeout_s:.0f} s")
+                failure = Failure(FailureKind.TIMEOUT, f"not healthy after {timeout_s:.0f} s")
             else:
-                failure = engine.classify(ep.log_tail(), code)
+                failure = engine.classify(tail, code)
                 if waited == "fatal":
-                    failure = Failure(failure.kind, "a worker failed while the server stayed up: " + failure.reason)
+                    reason = failure.reason
+                    if failure.kind == FailureKind.CRASH:  # nothing more specific: quote the fatal line itself
+                        line = next((ln for ln in reversed(tail.splitlines()) if process.FATAL_LOG.search(ln)), "")
+                        reason = line.strip()[:200] or reason
+                    failure = Failure(failure.kind, "a worker failed while the server stayed up: " + reason)
             return _fail(result, failure)
         result.ready_s = round(time.monotonic() - t_launch, 3)
         _measure(plan, engine, ep, url, launch.metrics_path, result)
@@ -59,10 +88,14 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
         return _fail(result, Failure(FailureKind.INTERNAL, f"{type(e).__name__}: {e}"))
     finally:
         if ep is not None:
-            process.stop(ep)
-            if not plan.fake_gpus:
-                process.wait_gpus_free(gpu_ids, timeout_s=120)
-            _redact_log(ep.log_path, plan.extra_env)
+            process.stop(ep, grace_s=STOP_GRACE_S)
+            if ep.killed_after_grace:
+                process.append_log(ep.log_path, f"servetune: the engine ignored SIGTERM for {STOP_GRACE_S:.0f} s; "
+                                   "its process group was killed")
+            if not plan.fake_gpus and not process.wait_gpus_free(gpu_ids, timeout_s=GPU_FREE_TIMEOUT_S):
+                process.append_log(ep.log_path, f"servetune: GPUs {gpu_ids} still held memory "
+                                   f"{GPU_FREE_TIMEOUT_S:.0f} s after the engine stopped")
+        _redact_trial(result, trial_dir, plan.extra_env)
         result.wall_s = round(time.monotonic() - t_start, 3)
         write_json_atomic(trial_dir / "trial.json", result.to_dict())
 
@@ -77,16 +110,17 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     before = _scrape(engine, url + metrics_path)
     first_before = before
     for sc in plan.scenarios:
-        rates = sc.settings.get("qps")
+        key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"  # the swept setting
+        rates = sc.settings.get(key)
         rates = rates if isinstance(rates, list) else [rates]
         levels = []
         for rate in rates:  # a load sweep within this one launch: no restart per level
-            settings = ScenarioSettings(**{**sc.settings, "qps": rate, "num_gpus": plan.gpus})
+            settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
             t0 = time.monotonic()
             sr = run(endpoint, requests, settings)
             result.loaded_s += time.monotonic() - t0
-            suffix = "" if len(rates) == 1 else f"_qps{rate:g}"
-            write_records(sr.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
+            suffix = "" if len(rates) == 1 else f"_{'qps' if key == 'qps' else 'c'}{rate:g}"
+            _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
             levels.append((rate, sr))
             if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
                 break  # higher rates only queue more: stop spending GPU time
@@ -94,9 +128,9 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
         rate, sr = met[-1] if met else levels[0]
         result.scenarios[sc.label] = sr.to_dict()
         if len(rates) > 1:
-            result.scenarios[sc.label]["levels"] = [{"qps": r, **s.to_dict()} for r, s in levels]
-            result.scenarios[sc.label]["summary"]["max_valid_qps"] = met[-1][0] if met else 0.0
-            write_records(sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
+            result.scenarios[sc.label]["levels"] = [{key: r, **s.to_dict()} for r, s in levels]
+            result.scenarios[sc.label]["summary"][f"max_valid_{key}"] = met[-1][0] if met else 0.0
+            _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
         after = _scrape(engine, url + metrics_path)
         if before is not None and after is not None:
             result.scenarios[sc.label]["metrics_delta"] = _delta(engine, before, after)
@@ -104,6 +138,10 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
         if not ep.alive():
             failure = engine.classify(ep.log_tail(), ep.proc.poll())
             _fail(result, Failure(FailureKind.CRASH_UNDER_LOAD, f"died during {sc.label}: {failure.reason}"))
+            return
+        if sr.summary.get("requests_ok", 0) and not sr.summary.get("output_tokens_per_s"):
+            _fail(result, Failure(FailureKind.LOAD_ERRORS, f"{sc.label}: the server answered "
+                                  f"{sr.summary.get('requests_ok')} requests but streamed no output tokens"))
             return
         err = sr.summary.get("error_rate", 0.0)
         if err > MAX_ERROR_RATE:
@@ -157,6 +195,20 @@ def _fail(result: TrialResult, failure: Failure) -> TrialResult:
     return result
 
 
+def _redact_trial(result: TrialResult, trial_dir: Path, env: dict[str, str]) -> None:
+    """Secret values an engine echoed never stay on disk: not in its log, the request records (error bodies)
+    or the failure reason quoted from its log."""
+    from servetune.optimizer.process import redact, resolve_env
+
+    secrets = resolve_env(env)
+    if not any(secrets.values()):
+        return
+    if result.failure and result.failure.get("reason"):
+        result.failure = {**result.failure, "reason": redact(result.failure["reason"], secrets)}
+    for path in [trial_dir / "engine.log", *sorted(trial_dir.glob("requests_*.csv"))]:
+        _redact_log(path, env)
+
+
 def _redact_log(path: Path, env: dict[str, str]) -> None:
     from servetune.optimizer.process import redact, resolve_env
 
@@ -167,6 +219,19 @@ def _redact_log(path: Path, env: dict[str, str]) -> None:
         text = path.read_text(encoding="utf-8", errors="replace")
         cleaned = redact(text, secrets)
         if cleaned != text:
-            path.write_text(cleaned, encoding="utf-8")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(cleaned, encoding="utf-8")
+            os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _write_records_atomic(write_records, records, path: Path) -> None:
+    """loadgen writes in place; write beside and rename so a killed trial never leaves half a CSV."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: same format
+    try:
+        write_records(records, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -46,6 +46,7 @@ class EngineProcess:
     log_path: Path
     pid_path: Path
     url: str
+    killed_after_grace: bool = False  # it ignored SIGTERM and had to be SIGKILLed
 
     @property
     def pgid(self) -> int:
@@ -76,8 +77,20 @@ def start(argv: list[str], env: dict[str, str], log_path: Path, url: str, cwd: s
     finally:
         log.close()
     pid_path = log_path.parent / "engine.pid"
-    pid_path.write_text(json.dumps({"pgid": proc.pid, "argv0": argv[0], "started": time.time()}))
+    # write-then-rename: a reaper (or a driver killed mid-write) never reads half a pid file
+    tmp = pid_path.with_name(f".{pid_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pgid": proc.pid, "argv0": argv[0], "started": time.time()}))
+    os.replace(tmp, pid_path)
     return EngineProcess(proc, log_path, pid_path, url)
+
+
+def append_log(log_path: Path, line: str) -> None:
+    """A servetune note in the engine's log (kept with the engine's own words for the report)."""
+    try:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError:
+        pass
 
 
 # A worker can die while the API process lives on and never turns healthy (seen with vLLM TP=2: an
@@ -118,7 +131,7 @@ def http_get(url: str, timeout_s: float = 5.0) -> str | None:
 
 def stop(ep: EngineProcess, grace_s: float = 20.0) -> int | None:
     """SIGTERM the group, wait, SIGKILL what is left. Returns the exit code."""
-    kill_group(ep.pgid, grace_s, ep.proc)
+    ep.killed_after_grace = kill_group(ep.pgid, grace_s, ep.proc)
     try:
         ep.pid_path.unlink()
     except OSError:
@@ -126,7 +139,9 @@ def stop(ep: EngineProcess, grace_s: float = 20.0) -> int | None:
     return ep.proc.returncode
 
 
-def kill_group(pgid: int, grace_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def kill_group(pgid: int, grace_s: float = 20.0, proc: subprocess.Popen | None = None) -> bool:
+    """SIGTERM the group, SIGKILL it after ``grace_s``; True when SIGKILL was needed."""
+    killed = False
     try:
         os.killpg(pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -139,6 +154,7 @@ def kill_group(pgid: int, grace_s: float = 20.0, proc: subprocess.Popen | None =
             break
         time.sleep(0.1)
     else:
+        killed = True
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -152,6 +168,7 @@ def kill_group(pgid: int, grace_s: float = 20.0, proc: subprocess.Popen | None =
     end = time.monotonic() + 10
     while _group_alive(pgid) and time.monotonic() < end:
         time.sleep(0.1)
+    return killed
 
 
 def _group_alive(pgid: int) -> bool:
@@ -175,6 +192,18 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _start_time(pid: int) -> float | None:
+    """Wall-clock start of a live process (None if gone or unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rfind(")") + 2:].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                     if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def reap_orphan(pid_path: Path) -> bool:
     """Kill the group a dead driver left running (pid file still present). True if one was killed."""
     try:
@@ -183,6 +212,10 @@ def reap_orphan(pid_path: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     alive = _group_alive(pgid)
+    started = info.get("started")
+    leader_start = _start_time(pgid)
+    if alive and started is not None and leader_start is not None and leader_start > float(started) + 30:
+        alive = False  # the pid was reused by a newer process: not ours to kill
     if alive:
         kill_group(pgid, grace_s=10.0)
     try:

@@ -99,8 +99,14 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
             time.sleep(0.3)
         else:
             pytest.fail("study never reached 2 complete trials with one running")
+        os.kill(driver.pid, signal.SIGSTOP)  # freeze it so nothing finishes between our look and the kill
         before = {n: t for n, t in _trial_files(run).items() if t["state"] == "complete"}
-        orphan_pgids = [json.loads(p.read_text())["pgid"] for p in running]
+        orphan_pgids = []
+        for p in running:
+            try:  # an engine that stopped between the glob and now has no pid file any more
+                orphan_pgids.append(json.loads(p.read_text())["pgid"])
+            except (OSError, ValueError):
+                pass
         os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray and engines are left to fend for themselves
         driver.wait(timeout=30)
     finally:
@@ -108,8 +114,11 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
             driver.kill()
     proc = _servetune("run", str(study), "--no-report")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resumed" in proc.stdout
     after = _trial_files(run)
+    # the interrupted trials were queued again, unless their worker finished them on disk before Ray
+    # noticed the dead driver (the rerun then keeps that measurement instead)
+    interrupted = [int(p.parent.name) for p in running]
+    assert "resumed" in proc.stdout or all(after[n]["state"] == "complete" for n in interrupted), proc.stdout
     for n, t in before.items():  # completed trials are kept: the same measurement, never re-run
         assert after[n]["state"] == "complete"
         for label, sc in t["scenarios"].items():

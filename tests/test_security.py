@@ -1,0 +1,102 @@
+"""Nobody let in: no shell anywhere, loopback by default, user strings escaped, secrets never on disk."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from reliability_helpers import ray_local  # noqa: F401  (the session's Ray instance)
+from reliability_helpers import WORKER_ENV, argv_port, fake_study, listening, run_study_inprocess, trials
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = WORKER_ENV["HF_TOKEN"]  # hf_planted_secret_123
+SHELL = re.compile(r"shell\s*=\s*True|\bos\.system\s*\(|\bos\.popen\s*\(|create_subprocess_shell|"
+                   r"\bcommands\.getoutput|\bpty\.spawn")
+
+
+def test_no_shell_anywhere_in_the_code():
+    hits = []
+    for top in ("optimizer", "loadgen", "reports", "benchmarks", "tests", "search_spaces", "deploy_templates"):
+        for p in sorted((ROOT / top).rglob("*.py")):
+            if p.name == "test_security.py":
+                continue
+            for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if SHELL.search(line):
+                    hits.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not hits, "commands are argv lists, never a shell:\n" + "\n".join(hits)
+
+
+def test_servers_bind_loopback_unless_the_study_says_otherwise(tmp_path):
+    from servetune.optimizer import process
+    from servetune.optimizer.engines import get_engine
+    from servetune.optimizer.spec import StudySpec
+    from servetune.optimizer.driver import resolve_model
+    from servetune.optimizer.spec import load_study
+    from study_fixtures import write_study
+
+    spec = load_study(str(write_study(tmp_path)))
+    assert StudySpec.model_fields["host"].default == "127.0.0.1" and spec.host == "127.0.0.1"
+    eng = get_engine("sim")
+    port = process.free_port(spec.host)
+    launch = eng.plan({}, resolve_model(spec), host=spec.host, port=port, gpu_ids=[0])
+    assert launch.argv[launch.argv.index("--host") + 1] == "127.0.0.1"
+    # the real socket: started as the lifecycle starts it, it listens on 127.0.0.1 only
+    ep = process.start(launch.argv, launch.env, tmp_path / "engine.log", f"http://127.0.0.1:{port}")
+    try:
+        assert process.wait_healthy(ep, launch.health_path, 60) is None, ep.log_tail()
+        assert listening(port) == ["0100007F"], listening(port)  # 127.0.0.1, little-endian hex
+    finally:
+        process.stop(ep, grace_s=5)
+    assert not listening(port)
+    # a study that asks for another address gets it, explicitly
+    other = eng.plan({}, resolve_model(spec), host="0.0.0.0", port=port, gpu_ids=[0])
+    assert other.argv[other.argv.index("--host") + 1] == "0.0.0.0"
+    # the report server's default is loopback too
+    from servetune.optimizer.cli import build_parser
+
+    args = build_parser().parse_args(["report", "serve", str(tmp_path)])
+    assert args.host == "127.0.0.1"
+
+
+def test_report_escaping_is_covered_by_the_report_tests():
+    """User strings (study names, params, failure reasons) are escaped: see these tests."""
+    text = (ROOT / "tests" / "test_reports.py").read_text()
+    assert "def test_report_escapes_user_strings" in text
+    assert "def test_static_report_inlines_drilldowns_and_escapes" in (ROOT / "tests" / "test_report_features.py").read_text()
+
+
+@pytest.mark.slow
+def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, ray_local, capsys):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    # the engine prints its whole environment into engine.log; trial 1 crashes at start with an error line
+    # that quotes the token, and the failure reason quotes that line
+    study, marker = fake_study(tmp_path, name="secret", fake_args=["--print-env", "--fault-by-trial",
+                                                                   "--secret-in-error"], sampler="random",
+                               search="memory_fraction: {low: 0.5, high: 0.95}", trials=2, parallel=2,
+                               env=', HF_TOKEN: "${HF_TOKEN}"')
+    run_study_inprocess(study)
+    run = tmp_path / "run"
+    got = trials(run)
+    assert [t["state"] for t in got.values()] == ["complete", "failed"], got
+    assert "token ${HF_TOKEN} may not read" in got[1]["failure"]["reason"], got[1]["failure"]
+    from servetune.optimizer import cli
+
+    assert cli.main(["report", str(run)]) == 0
+    assert (run / "report.html").exists()
+    from servetune.optimizer.export import export
+
+    exported = export(run, trial="best", fmt="json", out_dir=run / "export")
+    assert exported.files
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    # the engine really had it (its log shows the redacted reference where the value was)
+    log = (run / "trials" / "0000" / "engine.log").read_text()
+    assert "ENV HF_TOKEN=${HF_TOKEN}" in log, log[:2000]
+    # ... and the literal is nowhere in the run directory: logs, trial.json (argv/env), summary, report,
+    # the Optuna database, the study copy, exports
+    leaks = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, f"the planted secret was written to {leaks}"
+    for t in got.values():
+        assert SECRET not in repr(t)
+        assert argv_port(t["argv"]) and not listening(argv_port(t["argv"]))
