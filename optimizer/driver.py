@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 
 from servetune.optimizer import rules
@@ -34,6 +35,8 @@ FAILURE = "servetune.failure"
 KEY = "servetune.key"
 STALE = "servetune.stale"
 CONSTRAINTS = "servetune.constraints"
+PESSIMISTIC = "servetune.pessimistic"  # a failure told as an infeasible result (values are not measurements)
+ESTIMATE = "servetune.estimate"
 
 
 class StudyLocked(RuntimeError):
@@ -77,7 +80,7 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
     out = []
     for s in spec.workload.scenarios:
         ttft, tpot = s.sla.limits() if s.sla else (None, None)
-        settings = dict(kind=s.kind, qps=s.qps, duration_s=s.duration_s, num_requests=s.num_requests,
+        settings = dict(kind=s.kind, qps=s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,
                         timeout_s=s.timeout_s, ttft_limit_ms=ttft, tpot_limit_ms=tpot, seed=spec.seed,
                         # a search trial is exploratory: a short run notes the early-stopping shortfall
@@ -95,24 +98,43 @@ def dataset_args(spec: StudySpec) -> dict[str, Any]:
     return dict(kind=d.kind, path=spec.resolve_path(d.path or ""), n=d.num_requests, seed=d.seed)
 
 
-def make_sampler(spec: StudySpec, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, space: SearchSpace, n_objectives: int,
+                 seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler. Constraints reach it through ``Trial.set_constraint`` (stored with each trial),
+    which TPE, NSGA-II and GP read on their own: no ``constraints_func`` (deprecated in Optuna 5)."""
     s = spec.sampler
     seed = s.seed if s.seed is not None else spec.seed
+    seed = None if seed is None else seed + seed_offset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if s.kind == "tpe":
+            kw = {"n_startup_trials": s.startup_trials} if s.startup_trials is not None else {}
+            # group=True: conditional parameters (speculative_tokens under speculative_method) are modelled
+            # jointly with the trials that have them instead of falling back to independent sampling
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, **kw)
+        if s.kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if s.kind == "gp":
+            import importlib.util
 
-    def constraints(ft: optuna.trial.FrozenTrial) -> list[float]:
-        return ft.user_attrs.get(CONSTRAINTS, [0.0])
+            if importlib.util.find_spec("torch") is None:
+                raise ValueError("sampler kind gp needs PyTorch (Optuna's GPSampler is built on it): "
+                                 "pip install torch, or use sampler kind tpe")
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+        if s.kind == "grid":
+            grid = {n: list(d.grid()) for n, d in space.dimensions.items()}
+            if len(space.engines) > 1:
+                grid["engine"] = list(space.engines)
+            return _AskTellGrid(grid, seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
 
-    if s.kind == "tpe":
-        kw = {"n_startup_trials": s.startup_trials} if s.startup_trials is not None else {}
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True, **kw)
-    if s.kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
-    if s.kind == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
-    if s.kind == "grid":
-        grid = {n: list(d.grid()) for n, d in space.dimensions.items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+
+class _AskTellGrid(optuna.samplers.GridSampler):
+    """Optuna's GridSampler calls ``study.stop()`` once its grid is visited, which raises outside
+    ``optimize()``; the driver asks ``is_exhausted`` itself and stops launching."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
 
 
 def config_key(engine: str, params: dict[str, Any]) -> str:
@@ -146,6 +168,8 @@ class StudyDriver:
         self.objectives = objective_keys(spec)
         self.model = resolve_model(spec)
         self.gpu_mem = gpu_memory_gib(spec)
+        self._estimator_off: str | None = None
+        self._raw_estimates: dict[int, dict[str, Any]] = {}
 
     # storage ---------------------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -162,8 +186,15 @@ class StudyDriver:
         """Trials left RUNNING by a dead driver: reap their engines, mark them failed, queue them again."""
         requeued = 0
         stale_ids = set()
-        if not exclusive:
-            stale_ids = set(optuna.storages.fail_stale_trials(study) or [])
+        if not exclusive:  # fail_stale_trials returns None: find the stale trials and fail them ourselves
+            storage = study._storage
+            for tid in storage._get_stale_trial_ids(study._study_id):
+                try:
+                    storage.set_trial_user_attr(tid, STALE, True)
+                    if storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL):
+                        stale_ids.add(tid)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # another driver got there first
         for ft in study.get_trials(deepcopy=False):
             running = ft.state == optuna.trial.TrialState.RUNNING and exclusive
             if not (running or ft._trial_id in stale_ids):
@@ -218,9 +249,19 @@ class StudyDriver:
             engine, params = self.space.suggest(trial)
         trial.set_user_attr(PARAMS, params)
         trial.set_user_attr(ENGINE, engine)
+        plan = self.build_plan(trial.number, engine, params, is_baseline, self.trial_dir(trial.number))
+        return plan, self.check(engine, params)
+
+    def full_params(self, engine: str, params: dict[str, Any]) -> dict[str, Any]:
+        """What the server will actually run with: the engine's defaults under the trial's parameters."""
+        es = self.engine_specs[engine]
+        return {**get_engine(engine, es.command, es.version).defaults(), **params}
+
+    def check(self, engine: str, params: dict[str, Any]) -> list[str]:
+        """Why this configuration must not be launched (pre-launch rules), or []."""
         es = self.engine_specs[engine]
         eng = get_engine(engine, es.command, es.version)
-        full = {**eng.defaults(), **params}  # what the server will actually run with, for the rules
+        full = {**eng.defaults(), **params}
         reasons = [f"{engine} has no flag for {p}" for p in self.space.unsupported(engine) if p in params]
         reasons += rules.check(full, self.model.shape, gpus_available=self.spec.hardware.gpus,
                                max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
@@ -228,40 +269,66 @@ class StudyDriver:
                                default_memory_fraction=float(eng.defaults().get("memory_fraction") or 0.9))
         reasons += eng.check(full, self.model, gpu=self.spec.hardware.gpu, gpu_memory_gib=self.gpu_mem,
                              gpus_available=self.spec.hardware.gpus)
-        plan = TrialPlan(
-            number=trial.number, engine=engine, params=params, model=self.model,
-            gpus=rules.gpus_needed(full), trial_dir=str(self.trial_dir(trial.number).resolve()),
+        return list(dict.fromkeys(reasons))
+
+    def build_plan(self, number: int, engine: str, params: dict[str, Any], is_baseline: bool,
+                   trial_dir: Path) -> TrialPlan:
+        es = self.engine_specs[engine]
+        return TrialPlan(
+            number=number, engine=engine, params=params, model=self.model,
+            gpus=rules.gpus_needed(self.full_params(engine, params)), trial_dir=str(Path(trial_dir).resolve()),
             dataset=dataset_args(self.spec), scenarios=scenario_plans(self.spec), host=self.spec.host,
             gpu=self.spec.hardware.gpu, gpu_memory_gib=self.spec.hardware.gpu_memory_gib,
             engine_command=es.command, engine_version=es.version, extra_args=list(es.extra_args),
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
             fake_gpus=(engine == "sim"),
         )
-        return plan, list(dict.fromkeys(reasons))
 
     # results -> optuna ----------------------------------------------------------------------------------------
     def values_and_constraints(self, result: TrialResult) -> tuple[list[float] | None, list[float], str]:
-        for label, sr in result.scenarios.items():
-            self._derived_metrics(sr, result.gpus)
+        values, named, why = self.score(result.scenarios, result.gpus)
+        if values is not None:
+            for (label, metric), v in zip(self.objectives, values):
+                result.objectives[f"{label}.{metric}"] = float(v)
+        return values, list(named.values()), why
+
+    def constraint_names(self) -> list[str]:
+        """Every trial carries the same constraints, in this order (GP needs as many for each trial)."""
+        names = []
+        for sc in scenario_plans(self.spec):
+            for limit_key, short in (("ttft_limit_ms", "ttft_p99"), ("tpot_limit_ms", "tpot_p99")):
+                if sc.settings.get(limit_key):
+                    names.append(f"{sc.label}.{short}")
+        return names + ["failed"]
+
+    def score(self, scenarios: dict[str, dict[str, Any]], gpus: int
+              ) -> tuple[list[float] | None, dict[str, float], str]:
+        """Objective values and named constraints (<= 0: met) from scenario summaries, measured or estimated.
+        Adds the derived metrics and each scenario's ``sla_met`` in place."""
+        for label, sr in scenarios.items():
+            self._derived_metrics(sr, gpus)
         values = []
         for label, metric in self.objectives:
-            v = result.scenarios.get(label, {}).get("summary", {}).get(metric)
+            v = scenarios.get(label, {}).get("summary", {}).get(metric)
             if v is None or (isinstance(v, float) and not math.isfinite(v)):
-                return None, [], f"objective {label}.{metric} was not measured"
+                return None, {}, f"objective {label}.{metric} was not measured"
             values.append(float(v))
-            result.objectives[f"{label}.{metric}"] = float(v)
-        constraints = []
+        constraints: dict[str, float] = {}
         for sc in scenario_plans(self.spec):
-            summ = result.scenarios.get(sc.label, {}).get("summary", {})
-            for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
+            summ = scenarios.get(sc.label, {}).get("summary", {})
+            mine = []
+            for limit_key, metric, short in (("ttft_limit_ms", "ttft_p99_ms", "ttft_p99"),
+                                             ("tpot_limit_ms", "tpot_p99_ms", "tpot_p99")):
                 limit = sc.settings.get(limit_key)
                 if limit:
                     measured = summ.get(metric, math.inf)
-                    constraints.append(float(measured) / float(limit) - 1.0 if math.isfinite(measured) else 1e6)
-            if sc.settings.get("ttft_limit_ms") or sc.settings.get("tpot_limit_ms"):
-                sla_ok = all(c <= 0 for c in constraints[-2:])
-                result.scenarios[sc.label]["sla_met"] = sla_ok
-        return values, constraints or [0.0], ""
+                    c = float(measured) / float(limit) - 1.0 if measured is not None and math.isfinite(measured) else 1e6
+                    constraints[f"{sc.label}.{short}"] = c
+                    mine.append(c)
+            if mine and sc.label in scenarios:
+                scenarios[sc.label]["sla_met"] = all(c <= 0 for c in mine)
+        constraints["failed"] = 0.0
+        return values, constraints, ""
 
     def _derived_metrics(self, sr: dict[str, Any], gpus: int) -> None:
         summ = sr.setdefault("summary", {})
@@ -293,7 +360,8 @@ class StudyDriver:
                                     "run_dir": str(self.run_dir)})
             executor = self._executor()
             outcome = self._loop(study, executor, done_before)
-            self._write_summary(study, outcome)
+            repeats = self._repeat(study, executor) if self.spec.budget.repeats else None
+            self._write_summary(study, outcome, repeats)
             return outcome
         finally:
             if executor is not None:
@@ -314,15 +382,22 @@ class StudyDriver:
         in_flight: dict[Any, tuple[optuna.Trial, TrialPlan]] = {}
         started = done_before
         failures = sum(1 for t in study.get_trials(deepcopy=False)
-                       if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(STALE))
+                       if t.state.is_finished() and not t.user_attrs.get(STALE)
+                       and (t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get(PESSIMISTIC)))
         seen = self._seen_configs(study)
         last_beat = 0.0
         while True:
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
-                   and (b.max_failures is None or failures < b.max_failures)):
+                   and (b.max_failures is None or failures < b.max_failures) and not self._grid_done(study)):
+                picked = self._prescreen(study, seen, [p for _, p in in_flight.values()])
                 trial = study.ask()
                 started += 1
                 plan, reasons = self.plan_trial(trial)
+                # (with shared storage another driver may have taken the enqueued candidate: then this trial
+                # is whatever the sampler gave, and carries no estimate)
+                if picked is not None and picked["chosen"]["params"] == plan.params:
+                    study._storage.set_trial_user_attr(trial._trial_id, ESTIMATE, picked["chosen"])
+                    self._write_estimate(plan, picked)
                 key = config_key(plan.engine, plan.params)
                 trial.set_user_attr(KEY, key)
                 if reasons:
@@ -342,6 +417,7 @@ class StudyDriver:
                                          "gpus": plan.gpus, "baseline": plan.is_baseline})
             if not in_flight:
                 outcome.stopped_because = ("trial budget reached" if started >= b.trials else
+                                           "every grid point was visited" if self._grid_done(study) else
                                            "wall time reached" if time.monotonic() >= deadline else
                                            "too many failures")
                 break
@@ -371,6 +447,199 @@ class StudyDriver:
                         seen[config_key(plan.engine, plan.params)] = result
         return outcome
 
+    # multi-fidelity: pre-screen candidates with the estimator ------------------------------------------------
+    def _prescreen(self, study: optuna.Study, seen: dict[str, TrialResult], in_flight: list[TrialPlan]
+                   ) -> dict[str, Any] | None:
+        """Ask the sampler for ``fidelity.prescreen`` candidates in a shadow in-memory study that holds the real
+        study's finished trials, score them with the estimator, and enqueue the most promising one in the real
+        study (the next ``ask`` returns it). The real study never sees the unlaunched candidates."""
+        from servetune.optimizer import fidelity
+
+        n = self.spec.fidelity.prescreen
+        if n < 2 or self._estimator_off or self.spec.sampler.kind == "grid":
+            return None
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            return None  # a queued trial (baseline, re-queued) goes next, as queued
+        t0 = time.monotonic()
+        cal = self.calibration()
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shadow = optuna.create_study(directions=[o.direction for o in self.spec.objectives],
+                                         sampler=make_sampler(self.spec, self.space, len(self.objectives),
+                                                              seed_offset=len(study.trials) + 1))
+            shadow.add_trials(finished)
+        busy = {config_key(p.engine, p.params) for p in in_flight}
+        pessimistic = self._pessimistic_values(study)
+        cands: list[dict[str, Any]] = []
+        for _ in range(n):
+            t = shadow.ask()
+            engine, params = self.space.suggest(t)
+            key = config_key(engine, params)
+            c: dict[str, Any] = {"engine": engine, "params": params}
+            reasons = self.check(engine, params)
+            if reasons:
+                c.update(kind="rejected", reason="; ".join(reasons))
+            elif key in seen or key in busy or any(key == x.get("key") for x in cands):
+                c.update(kind="known")
+                shadow.tell(t, state=optuna.trial.TrialState.FAIL)
+                cands.append(c)
+                continue
+            else:
+                try:
+                    raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                                            {k: v for k, v in self.full_params(engine, params).items() if v is not None},
+                                            scenario_plans(self.spec), dataset_args(self.spec),
+                                            max_requests=self.spec.fidelity.max_requests)
+                except fidelity.EstimateUnavailable as e:
+                    self._estimator_off = str(e)
+                    self.on_event("note", {"text": f"prescreen off: {e}"})
+                    return None
+                if "error" in raw:
+                    c.update(kind="predicted_failure", reason=raw["error"])
+                else:
+                    est = cal.apply_all(raw)
+                    values, named, why = self.score(est, rules.gpus_needed(self.full_params(engine, params)))
+                    if values is None:
+                        c.update(kind="unscored", reason=why)
+                        shadow.tell(t, state=optuna.trial.TrialState.FAIL)
+                        cands.append(c)
+                        continue
+                    c.update(kind="scored", key=key, values=values, constraints=named, raw=raw, calibrated=est)
+                    self._set_constraints(t, named)
+                    shadow.tell(t, values)
+                    cands.append(c)
+                    continue
+            self._set_constraints(t, {nm: 1.0 for nm in self.constraint_names()})
+            shadow.tell(t, pessimistic)
+            cands.append(c)
+        chosen = self._choose(study, cands)
+        if chosen is None:
+            return None
+        fixed = dict(chosen["params"])
+        if len(self.space.engines) > 1:
+            fixed["engine"] = chosen["engine"]
+        study.enqueue_trial(fixed, skip_if_exists=False)
+        summary = {"params": chosen["params"], "candidates": len(cands), "kinds": {k: sum(1 for c in cands if c["kind"] == k)
+                                                      for k in {c["kind"] for c in cands}},
+                   "values": chosen.get("values"), "constraints": chosen.get("constraints"),
+                   "gain": chosen.get("gain"), "scale": cal.scale, "seconds": round(time.monotonic() - t0, 3)}
+        return {"chosen": summary, "raw": chosen.get("raw"), "calibrated": chosen.get("calibrated"),
+                "candidates": [{k: v for k, v in c.items() if k not in ("raw", "calibrated", "key")}
+                               for c in cands]}
+
+    def _choose(self, study: optuna.Study, cands: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Predicted-feasible candidates by hypervolume gain over the measured SLA-feasible front; else the
+        least-violating scored one; else an unscored one. None: nothing worth a launch (the real sampler picks)."""
+        from servetune.optimizer import fidelity
+
+        scored = [c for c in cands if c["kind"] == "scored"]
+        feasible = [c for c in scored if all(v <= 0 for v in c["constraints"].values())]
+        if feasible:
+            sign = [1.0 if o.direction == "minimize" else -1.0 for o in self.spec.objectives]
+            try:
+                best = study.best_trials
+            except Exception:  # nothing measured yet
+                best = []
+            front = [[v * s for v, s in zip(t.values, sign)] for t in best
+                     if not t.user_attrs.get(PESSIMISTIC) and t.user_attrs.get(STATE, "complete") == "complete"]
+            pts = [[v * s for v, s in zip(c["values"], sign)] for c in feasible]
+            allp = np.asarray(front + pts, dtype=float)
+            lo, hi = allp.min(axis=0), allp.max(axis=0)
+            span = np.where(hi - lo > 0, hi - lo, np.maximum(np.abs(hi), 1.0))
+            norm = lambda p: list((np.asarray(p) - lo) / span)  # noqa: E731
+            ref = [1.1] * len(sign)
+            nfront = [norm(f) for f in front]
+            for c, p in zip(feasible, pts):
+                c["gain"] = fidelity.hypervolume_gain(nfront, norm(p), ref)
+            return max(feasible, key=lambda c: (c["gain"], -sum(norm([v * s for v, s in zip(c["values"], sign)]))))
+        if scored:
+            return min(scored, key=lambda c: sum(max(0.0, v) for v in c["constraints"].values()))
+        unscored = [c for c in cands if c["kind"] == "unscored"]
+        return unscored[0] if unscored else None
+
+    def _write_estimate(self, plan: TrialPlan, picked: dict[str, Any]) -> None:
+        write_json_atomic(Path(plan.trial_dir) / "estimate.json", {
+            "number": plan.number, "params": plan.params, **picked})
+
+    def _record_estimate_error(self, result: TrialResult) -> None:
+        """Beside a measured trial that was pre-screened: the estimator's error, raw and as calibrated then."""
+        from servetune.optimizer.fidelity import HEADLINE, _rel
+
+        path = self.trial_dir(result.number) / "estimate.json"
+        if result.state != "complete" or result.duplicate_of is not None or not path.exists():
+            return
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        errs: dict[str, dict[str, float]] = {"raw": {}, "calibrated": {}}
+        for which in ("raw", "calibrated"):
+            for label, sc in (d.get(which) or {}).items():
+                meas = result.scenarios.get(label, {}).get("summary", {})
+                for metric in HEADLINE.values():
+                    e, m = sc.get("summary", {}).get(metric), meas.get(metric)
+                    if isinstance(e, (int, float)) and isinstance(m, (int, float)) and e > 0 and m > 0:
+                        errs[which][f"{label}.{metric}"] = _rel(abs(math.log(m / e)))
+        d["error_raw"], d["error_calibrated"] = errs["raw"], errs["calibrated"]
+        write_json_atomic(path, d)
+
+    def calibration_pairs(self) -> list[tuple[dict, dict]]:
+        """(estimated, measured) scenario summaries of the completed, measured trials of this run."""
+        from servetune.optimizer import fidelity
+
+        pairs = []
+        for p in sorted((self.run_dir / "trials").glob("*/trial.json")):
+            try:
+                r = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if r.get("state") != "complete" or r.get("duplicate_of") is not None:
+                continue
+            number = int(p.parent.name)
+            raw = self._raw_estimates.get(number)
+            if raw is None:
+                est_path = p.parent / "estimate.json"
+                try:
+                    raw = json.loads(est_path.read_text()).get("raw")
+                except (OSError, ValueError):
+                    raw = None
+                if raw is None:  # launched without a pre-screen (baseline, first trials): estimate it now
+                    engine = r.get("engine") or self.space.engines[0]
+                    if engine not in self.engine_specs:
+                        continue
+                    try:
+                        raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                                                {k: v for k, v in self.full_params(engine, r.get("params") or {}).items()
+                                                 if v is not None},
+                                                scenario_plans(self.spec), dataset_args(self.spec),
+                                                max_requests=self.spec.fidelity.max_requests)
+                    except fidelity.EstimateUnavailable:
+                        return []
+                self._raw_estimates[number] = raw
+            if not raw or "error" in raw:
+                continue
+            for label, sc in raw.items():
+                meas = (r.get("scenarios") or {}).get(label, {}).get("summary")
+                if meas:
+                    pairs.append((sc.get("summary", {}), meas))
+        return pairs
+
+    def calibration(self):
+        from servetune.optimizer.fidelity import Calibration
+
+        if not self.spec.fidelity.calibrate:
+            return Calibration()
+        return Calibration.fit(self.calibration_pairs())
+
+    @staticmethod
+    def _grid_done(study: optuna.Study) -> bool:
+        if not isinstance(study.sampler, optuna.samplers.GridSampler):
+            return False
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            return False  # queued trials (baseline, re-queued) still run
+        return study.sampler.is_exhausted(study)
+
     def _seen_configs(self, study: optuna.Study) -> dict[str, TrialResult]:
         seen: dict[str, TrialResult] = {}
         for ft in study.get_trials(deepcopy=False):
@@ -387,24 +656,63 @@ class StudyDriver:
         return seen
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, result: TrialResult, outcome: StudyOutcome) -> bool:
-        values, constraints, why = (None, [], "")
+        values, named, why = (None, {}, "")
         if result.state == "complete":
-            values, constraints, why = self.values_and_constraints(result)
+            values, named, why = self.score(result.scenarios, result.gpus)
             if values is None:
                 result.state = "failed"
                 result.failure = {"kind": "load_errors", "reason": why}
+            else:
+                for (label, metric), v in zip(self.objectives, values):
+                    result.objectives[f"{label}.{metric}"] = float(v)
         study._storage.set_trial_user_attr(trial._trial_id, STATE, result.state)
         write_json_atomic(self.trial_dir(result.number) / "trial.json", result.to_dict())
+        self._record_estimate_error(result)
         if values is not None:
-            study._storage.set_trial_user_attr(trial._trial_id, CONSTRAINTS, constraints)
+            study._storage.set_trial_user_attr(trial._trial_id, CONSTRAINTS, list(named.values()))
             study._storage.set_trial_user_attr(trial._trial_id, "servetune.objectives", result.objectives)
+            self._set_constraints(trial, named)
             study.tell(trial, values)
         else:
             study._storage.set_trial_user_attr(trial._trial_id, FAILURE, result.failure)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if self._learns_from(result):
+                # An infeasible COMPLETE with pessimistic values: the samplers model the failed region (TPE puts
+                # it in the "bad" group, GP fits the constraint, NSGA-II ranks it last) and best_trials, hence
+                # the Pareto front, never contains it.
+                study._storage.set_trial_user_attr(trial._trial_id, PESSIMISTIC, True)
+                self._set_constraints(trial, {n: 1.0 for n in self.constraint_names()})
+                study.tell(trial, self._pessimistic_values(study))
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
         outcome.results.append(result)
-        self.on_event("result", {"result": result, "constraints": constraints})
+        self.on_event("result", {"result": result, "constraints": list(named.values())})
         return values is not None
+
+    def _learns_from(self, result: TrialResult) -> bool:
+        """Failures that say something about the configuration (not the driver, Ray or a busy GPU)."""
+        kind = (result.failure or {}).get("kind")
+        return self.spec.sampler.learn_from_failures and result.state in ("failed", "rejected") \
+            and kind not in (None, "internal")
+
+    @staticmethod
+    def _set_constraints(trial: optuna.Trial, named: dict[str, float]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "already set": a trial re-told after a driver restart
+            for name, v in named.items():
+                trial.set_constraint(name, float(v) if math.isfinite(v) else 1e6)
+
+    def _pessimistic_values(self, study: optuna.Study) -> list[float]:
+        """Each objective's worst measured value (or a neutral floor before anything was measured)."""
+        measured = [t.values for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if t.values and not t.user_attrs.get(PESSIMISTIC)]
+        out = []
+        for i, o in enumerate(self.spec.objectives):
+            col = [v[i] for v in measured if math.isfinite(v[i])]
+            if o.direction == "maximize":
+                out.append(min(col) if col else 0.0)
+            else:
+                out.append(max(col) if col else 1e6)
+        return out
 
     def _finish_without_launch(self, study, trial, plan: TrialPlan, state: str, failure: dict[str, str],
                                outcome: StudyOutcome) -> None:
@@ -420,12 +728,118 @@ class StudyDriver:
             result.failure = {**result.failure, "reason": f"same config as trial {prev.number}: " + result.failure["reason"]}
         self._tell(study, trial, result, outcome)
 
-    def _write_summary(self, study: optuna.Study, outcome: StudyOutcome) -> None:
+    # noise: repeats of the Pareto candidates -------------------------------------------------------------------
+    def _repeat(self, study: optuna.Study, executor) -> dict[str, Any]:
+        """Re-measure the top Pareto candidates ``budget.repeats`` more times (fresh launches, in
+        ``trials/NNNN/repeat_K/``; a finished repeat is kept on resume), then mean ± 95 % CI per objective and
+        the noise-aware front."""
+        from servetune.optimizer import noise
+
+        b = self.spec.budget
+        front = self._pareto(study)
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        # the measured trial behind each front point (a duplicate points at the trial that ran)
+        measured: dict[int, int] = {}
+        for n in front:
+            try:
+                d = json.loads((self.trial_dir(n) / "trial.json").read_text())
+            except (OSError, ValueError):
+                continue
+            src = d.get("duplicate_of") if d.get("duplicate_of") is not None else n
+            measured.setdefault(src, n)
+        first = self.spec.objectives[0]
+        order = sorted(measured, key=lambda n: by_number[measured[n]].values[0] * (-1 if first.direction == "maximize" else 1))
+        chosen = order[:b.repeat_top]
+        runs: dict[int, list[TrialResult]] = {n: [] for n in chosen}
+        todo: list[TrialPlan] = []
+        for n in chosen:
+            orig = TrialResult.from_dict(json.loads((self.trial_dir(n) / "trial.json").read_text()))
+            for k in range(1, b.repeats + 1):
+                rdir = self.trial_dir(n) / f"repeat_{k}"
+                try:
+                    prev = TrialResult.from_dict(json.loads((rdir / "trial.json").read_text()))
+                    if prev.state == "complete":
+                        runs[n].append(prev)
+                        continue
+                except (OSError, ValueError, TypeError):
+                    pass
+                todo.append(self.build_plan(n, orig.engine, orig.params, orig.is_baseline, rdir))
+        in_flight: dict[Any, TrialPlan] = {}
+        while todo or in_flight:
+            while todo and len(in_flight) < b.parallel:
+                plan = todo.pop(0)
+                in_flight[executor.submit(plan)] = plan
+                self.on_event("repeat", {"number": plan.number, "trial_dir": plan.trial_dir})
+            for ref in executor.wait(list(in_flight), timeout_s=1.0):
+                plan = in_flight.pop(ref)
+                try:
+                    r = executor.result(ref)
+                except Exception as e:
+                    r = TrialResult(number=plan.number, engine=plan.engine, params=plan.params, state="failed",
+                                    failure={"kind": "internal", "reason": f"Ray worker died: {type(e).__name__}"})
+                if r.state == "complete":
+                    self.score(r.scenarios, r.gpus)
+                    write_json_atomic(Path(plan.trial_dir) / "trial.json", r.to_dict())
+                    runs[plan.number].append(r)
+        names = [f"{s}.{m}" for s, m in self.objectives]
+        stats: dict[int, dict[str, dict[str, Any]]] = {}
+        for n in chosen:
+            orig = TrialResult.from_dict(json.loads((self.trial_dir(n) / "trial.json").read_text()))
+            samples = [orig] + runs[n]
+            stats[n] = {}
+            for (label, metric), name in zip(self.objectives, names):
+                vals = [r.scenarios.get(label, {}).get("summary", {}).get(metric) for r in samples]
+                stats[n][name] = noise.mean_ci([v for v in vals if isinstance(v, (int, float))])
+        # noise-aware front over every SLA-feasible measured trial: repeated ones by their own CI, the rest by the
+        # pooled relative CI of the repeated ones
+        points: dict[int, list[float]] = {}
+        nz: dict[int, list[float]] = {}
+        pooled = [noise.pooled_relative_ci(stats, name) for name in names]
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get(PESSIMISTIC) or any(v > 0 for v in t.constraints.values()):
+                continue
+            if t.user_attrs.get(STATE, "complete") != "complete":
+                continue
+            src = t.number
+            try:
+                d = json.loads((self.trial_dir(t.number) / "trial.json").read_text())
+                src = d.get("duplicate_of") if d.get("duplicate_of") is not None else t.number
+            except (OSError, ValueError):
+                pass
+            if src in points:
+                continue
+            if src in stats:
+                points[src] = [stats[src][nm]["mean"] for nm in names]
+                nz[src] = [stats[src][nm]["ci"] or 0.0 for nm in names]
+            else:
+                points[src] = list(t.values)
+                nz[src] = [abs(v) * (p or 0.0) for v, p in zip(t.values, pooled)]
+        directions = [o.direction for o in self.spec.objectives]
+        return {"repeats": b.repeats, "trials": {str(n): st for n, st in stats.items()},
+                "pareto_noise_aware": noise.noise_aware_front(points, nz, directions)}
+
+    def _pareto(self, study: optuna.Study) -> list[int]:
+        """Measured, SLA-feasible Pareto trials (failures told as pessimistic results are infeasible anyway)."""
         try:
-            outcome.pareto = sorted(t.number for t in study.best_trials)
+            best = study.best_trials
         except Exception:
-            outcome.pareto = []
-        write_json_atomic(self.run_dir / "summary.json", {
+            return []
+        return sorted(t.number for t in best if not t.user_attrs.get(PESSIMISTIC)
+                      and t.user_attrs.get(STATE, "complete") == "complete")
+
+    def _write_summary(self, study: optuna.Study, outcome: StudyOutcome,
+                       repeats: dict[str, Any] | None = None) -> None:
+        outcome.pareto = self._pareto(study)
+        summary: dict[str, Any] = {
             "study": self.spec.name, "stopped_because": outcome.stopped_because, "pareto": outcome.pareto,
             "objectives": [f"{s}.{m}" for s, m in self.objectives],
-        })
+        }
+        if self.spec.fidelity.prescreen > 1:
+            from servetune.optimizer.fidelity import Calibration
+
+            summary["fidelity"] = {"prescreen": self.spec.fidelity.prescreen,
+                                   "estimator_off": self._estimator_off,
+                                   "calibration": Calibration.report(self.calibration_pairs())}
+        if repeats is not None:
+            summary["noise"] = repeats
+        write_json_atomic(self.run_dir / "summary.json", summary)

@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 ENGINES = ("sim", "vllm", "sglang")
-SCENARIOS = ("offline", "server", "interactive", "single_stream")
+SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
 # MLPerf LLM latency limits (p99 TTFT ms, p99 TPOT ms); loadgen-and-mlperf.md §1.5.
 from servetune.loadgen.sla import SLA_PRESETS  # noqa: E402  (the table lives with the load generator)
@@ -305,11 +305,15 @@ class SLASpec(_Strict):
 
 
 class ScenarioSpec(_Strict):
-    kind: Literal["offline", "server", "interactive", "single_stream"]
+    kind: Literal["offline", "server", "interactive", "single_stream", "concurrency"]
     name: str | None = Field(None, description="defaults to kind; objectives refer to it")
     qps: float | list[float] | None = Field(
         None, description="server/interactive: Poisson arrival rate; a list is a load sweep within one launch "
                           "(ascending; it stops at the first rate that misses the SLA)")
+    concurrency: int | list[int] | None = Field(
+        None, description="concurrency scenario: requests kept outstanding (closed loop); a list is a sweep within "
+                          "one launch (ascending; output tokens/s/GPU against tokens/s/user at each level; it "
+                          "stops at the first level that misses the SLA)")
     duration_s: float | None = Field(None, gt=0, description="minimum scheduled duration")
     num_requests: int | None = Field(None, ge=1, description="defaults to the dataset size")
     max_connections: int | None = Field(None, ge=1, description="client-side cap on outstanding requests (reported)")
@@ -329,6 +333,22 @@ class ScenarioSpec(_Strict):
                 _fail("scenario", [(("qps",), f"rates must be above 0 (got {r:g})")])
         if rates != sorted(rates) or len(set(rates)) != len(rates):
             _fail("scenario", [(("qps",), "list the sweep's rates in ascending order, each once")])
+        if self.kind == "concurrency":
+            levels = self.concurrency if isinstance(self.concurrency, list) else (
+                [] if self.concurrency is None else [self.concurrency])
+            if not levels:
+                _fail("scenario", [(("concurrency",), "a concurrency scenario needs concurrency (requests kept "
+                                                      "outstanding), one number or an ascending list")])
+            if any(c < 1 for c in levels):
+                _fail("scenario", [(("concurrency",), "concurrency levels must be at least 1")])
+            if levels != sorted(levels) or len(set(levels)) != len(levels):
+                _fail("scenario", [(("concurrency",), "list the sweep's levels in ascending order, each once")])
+            if self.qps is not None:
+                _fail("scenario", [(("qps",), "a concurrency scenario sends the next request when one finishes; "
+                                              "qps has no meaning there")])
+        elif self.concurrency is not None:
+            _fail("scenario", [(("concurrency",), f"concurrency applies to kind: concurrency, not {self.kind} "
+                                                  "(max_connections caps the others)")])
         if self.kind in ("offline", "single_stream") and self.qps is not None:
             _fail("scenario", [(("qps",), f"qps has no meaning for {_a(self.kind)} scenario "
                                           "(it sends as fast as it can); use kind: server for a fixed rate")])
@@ -417,6 +437,19 @@ class SamplerSpec(_Strict):
     kind: Literal["tpe", "nsga2", "random", "gp", "grid"] = "tpe"
     seed: int | None = None
     startup_trials: int | None = Field(None, ge=0)
+    learn_from_failures: bool = Field(
+        True, description="tell failed and rejected trials to the sampler as infeasible (constraint-violating) "
+                          "results with pessimistic values, so it samples fewer of their neighbours; they "
+                          "never appear on the Pareto front")
+
+
+class FidelitySpec(_Strict):
+    prescreen: int = Field(0, ge=0, description="candidates the sampler proposes per launch; each is scored by "
+                                                "the sim estimator and only the most promising is launched "
+                                                "(0 or 1: off)")
+    calibrate: bool = Field(True, description="scale the estimator by factors fitted on this study's measured "
+                                              "trials (least squares of log(measured/estimated))")
+    max_requests: int = Field(200, ge=10, description="requests per estimated scenario (cost vs fidelity)")
 
 
 class BudgetSpec(_Strict):
@@ -424,6 +457,9 @@ class BudgetSpec(_Strict):
     wall_time_s: float | None = Field(None, gt=0)
     parallel: int = Field(1, ge=1, description="trials running at once")
     max_failures: int | None = Field(None, ge=1, description="stop after this many failed trials")
+    repeats: int = Field(0, ge=0, le=20, description="re-measure the Pareto candidates this many more times "
+                                                     "(fresh launches) once the search budget is spent")
+    repeat_top: int = Field(3, ge=1, description="at most this many Pareto candidates are repeated")
 
 
 class StudySpec(_Strict):
@@ -436,6 +472,7 @@ class StudySpec(_Strict):
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
     output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
     seed: int = 0
@@ -452,7 +489,7 @@ class StudySpec(_Strict):
         # `search:` with every entry commented out reads as null: treat it as absent
         if isinstance(v, dict):
             v = {k: x for k, x in v.items()
-                 if not (x is None and k in ("hardware", "search", "sampler", "budget"))}
+                 if not (x is None and k in ("hardware", "search", "sampler", "budget", "fidelity"))}
         return v
 
     @field_validator("engines", mode="before")
@@ -538,6 +575,10 @@ class StudySpec(_Strict):
                 errs.append((("objectives", i), f"the same objective as objectives[{seen[key]}] "
                                                 f"({o.metric} on {s.label!r})"))
             seen.setdefault(key, i)
+        if self.fidelity.prescreen > 1 and self.sampler.kind == "grid":
+            errs.append((("fidelity", "prescreen"), "a grid sampler visits every point in order, so there is "
+                                                    "nothing to pre-screen; use sampler kind tpe, nsga2, gp or "
+                                                    "random, or prescreen: 0"))
         errs += self._unsupported_everywhere()
         if errs:
             _fail("StudySpec", errs)

@@ -45,8 +45,14 @@ def param_importances(run: Run) -> Importances:
             names = optuna.get_all_study_names(storage)
             # A run directory without its study.yaml is named after the folder; one study in the db is it.
             name = run.name if run.name in names or len(names) != 1 else names[0]
-            study = optuna.load_study(study_name=name, storage=storage)
-            n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            stored = optuna.load_study(study_name=name, storage=storage)
+            # Failed configs are told to the sampler as infeasible with pessimistic values (so it avoids
+            # their region); they were never measured, so they must not move the importances.
+            measured = [t for t in stored.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                        if not t.user_attrs.get("servetune.pessimistic")]
+            study = optuna.create_study(directions=stored.directions)
+            study.add_trials(measured)
+            n_done = len(measured)
             # PED-ANOVA compares the best quantile with the rest; its default 10% is a single trial in a
             # small study, so keep at least ~3 trials in the top set.
             quantile = max(0.1, min(0.5, 3 / max(n_done, 1)))
