@@ -60,7 +60,7 @@ class Clock:
 def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
     """The event loop every load-generator process runs: uvloop when installed (about twice asyncio's
     I/O rate), else asyncio's. ``SERVETUNE_EVENT_LOOP=asyncio`` forces the standard one."""
-    if os.environ.get("SERVETUNE_EVENT_LOOP", "").lower() != "asyncio":
+    if os.environ.get("SERVETUNE_EVENT_LOOP", "").lower() != "asyncio" and hasattr(asyncio, "Runner"):
         try:
             import uvloop
 
@@ -81,6 +81,9 @@ def run_loop(coro: Any) -> Any:
     async def main() -> None:
         box.append(await coro)
 
+    if not hasattr(asyncio, "Runner"):  # Python 3.10: the standard loop
+        asyncio.run(main())
+        return box[0]
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
     return box[0]

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from servetune.optimizer.export_cli import add_parser as add_export_parser
 
     add_export_parser(sub)
+    from servetune.optimizer import bench_cli
+
+    bench_cli.add_parser(sub)
     return p
 
 

@@ -309,6 +309,8 @@ def test_server_in_two_worker_processes(mock):
     assert all(r.sent >= r.scheduled for r in measured)
     assert res.summary["schedule_lag_p99_ms"] < 50.0 + 10 * timing_slack_ms()
     assert res.summary["workers_used"] == 2 and res.valid, res.invalid_reasons
+    t0 = res.settings["t0_perf_counter"]  # the shared absolute origin: records line up with other clocks
+    assert isinstance(t0, float) and t0 + measured[-1].done <= time.perf_counter()
 
 
 def test_workers_share_connection_cap_and_concurrency(mock):

@@ -115,3 +115,14 @@ def test_concurrency_sweep_points(mock):
     assert all(p["tokens_per_s_per_user_at_tpot_p90"] > 0 for p in pts)
     assert any(p["pareto"] for p in pts) and sweep.pareto()
     assert len(sweep.to_dict()["levels"]) == 2
+
+
+def test_concurrency_sweep_with_faults_counts_them_and_keeps_them_off_the_front(mock):
+    ep = mock.endpoint(mode="drop", fault_every=3, ttft_s=0.005, tpot_s=0.001)
+    sweep = concurrency_sweep(ep, DATA, ScenarioSettings(kind="concurrency", concurrency=1, num_requests=9,
+                                                         timeout_s=20), [1, 3])
+    for r in sweep.levels:
+        s = r.summary
+        assert s["requests_issued"] == 9 and s["errors_dropped"] >= 2 and not r.valid
+        assert s["output_tokens_total"] == 8 * s["requests_ok"]  # metrics from the good requests only
+    assert not any(p["pareto"] for p in sweep.points())  # failing levels are never on the front

@@ -3,7 +3,7 @@
 AIPerf and GuideLLM tokenize their synthetic prompts client-side and would otherwise download one (a
 Hugging Face repo, or tiktoken's BPE file), which this benchmark's network does not allow. One token per
 common English word, whitespace pre-tokenization: prompt lengths in tokens equal words. Run with a Python
-that has ``tokenizers`` (the peers' venvs do): ``python make_tokenizer.py OUTDIR``.
+that has ``tokenizers`` (the peers' venvs do): ``python loadgen_tokenizer.py OUTDIR``.
 """
 import json
 import sys
