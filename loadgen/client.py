@@ -161,18 +161,12 @@ def _event_payload(event: bytes) -> bytes | None:
 
 
 def _event_data(event: bytes) -> str | None:
-    """The joined ``data:`` lines of one event; None for comments/keep-alives."""
-    lines = []
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(b" ") else value)
-        elif line and not line.startswith(b":") and line.split(b":", 1)[0] not in SSE_FIELDS:
-            raise _StreamError("malformed", f"not an SSE line: {line[:80]!r}")
-    if not lines:
+    """The joined ``data:`` lines of one event as text; None for comments/keep-alives."""
+    payload = _event_payload(event)
+    if payload is None:
         return None
     try:
-        return b"\n".join(lines).decode("utf-8")
+        return payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _StreamError("malformed", f"SSE data is not UTF-8: {e}") from None
 

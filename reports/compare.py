@@ -8,7 +8,6 @@ ratio, and the best configurations' parameters next to each other.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,15 +235,9 @@ def write_compare(run_a: str | Path, run_b: str | Path, out_path: str | Path | N
     """Render the comparison of two run directories to ``out_path`` (default ``compare.html`` here)."""
     a, b = load_run(run_a), load_run(run_b)
     out = Path(out_path) if out_path is not None else Path("compare.html")
-    text = render_compare(a, b)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from servetune.reports.html import write_text_atomic
+
+    write_text_atomic(out, render_compare(a, b))
     return out
 
 

@@ -70,9 +70,13 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     """Render ``RUN_DIR/report.html`` (or ``out_path``) from what the run directory holds now."""
     run = load_run(run_dir)
     out = Path(out_path) if out_path is not None else run.run_dir / "report.html"
-    text = render_report(run)
+    write_text_atomic(out, render_report(run))
+    return out
+
+
+def write_text_atomic(out: Path, text: str) -> None:
+    """Write beside and rename: a browser reloading mid-write never sees half a page."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside and rename: a browser reloading mid-write never sees half a report.
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -80,7 +84,6 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out
 
 
 def jinja_env() -> jinja2.Environment:
