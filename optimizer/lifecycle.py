@@ -104,8 +104,12 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     from servetune.loadgen import datasets
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import ScenarioSettings, run, write_records
+    from servetune.loadgen.search import level_variant
 
     requests = _dataset(datasets, plan.dataset)
+    # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
+    # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
+    epoch = 0
     endpoint = Endpoint(base_url=url, model=plan.model.name)
     before = _scrape(engine, url + metrics_path)
     first_before = before
@@ -117,7 +121,8 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
         for rate in rates:  # a load sweep within this one launch: no restart per level
             settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
             t0 = time.monotonic()
-            sr = run(endpoint, requests, settings)
+            sr = run(endpoint, level_variant(requests, epoch), settings)
+            epoch += 1
             result.loaded_s += time.monotonic() - t0
             suffix = "" if len(rates) == 1 else f"_{'qps' if key == 'qps' else 'c'}{rate:g}"
             _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")

@@ -156,3 +156,19 @@ def test_load_sweep_within_one_launch_reports_max_valid_rate(tmp_path):
     assert sc["summary"]["max_valid_qps"] == 4
     assert sc["sla_met"] is True
     assert (tmp_path / "run" / "trials" / "0000" / "requests_server_qps600.csv").exists()
+
+
+def test_sweep_levels_never_replay_prompts_into_the_prefix_cache(tmp_path):
+    # Each level reuses the dataset's first samples; the engine keeps its prefix cache between levels. Were
+    # the prompts replayed, later levels would skip their prefill and report capacity the engine lacks.
+    study = write_study(tmp_path, trials=1, parallel=1, qps="[4, 8, 12]", duration_s=2, search="""
+      max_concurrency: [32]
+    """, extra="baseline: false\n")
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sc = _trial_files(tmp_path / "run")[0]["scenarios"]["server"]
+    assert [lvl["qps"] for lvl in sc["levels"]] == [4, 8, 12]
+    delta = sc["metrics_delta"]  # the sim's raw vLLM counters over the whole sweep
+    assert delta["vllm:prompt_tokens_total"] >= 10 * 128  # every level ran against this one engine
+    assert delta["vllm:prefix_cache_queries_total"] == delta["vllm:prompt_tokens_total"]
+    assert delta["vllm:prefix_cache_hits_total"] == 0.0
