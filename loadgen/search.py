@@ -81,10 +81,11 @@ class MaxQPSResult:
 
 
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
-                 hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True
-                 ) -> MaxQPSResult:
+                 hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
+                 level_offset: int = 0) -> MaxQPSResult:
     """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
-    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` runs."""
+    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` runs. ``level_offset`` numbers
+    the prompt variants after levels an earlier scenario already ran on the same server."""
     if settings.kind not in ("server", "interactive"):
         raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
     if not 0 < lo < hi:
@@ -96,7 +97,7 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     levels: list[ScenarioResult] = []
 
     def measure(qps: float) -> ScenarioResult:
-        reqs = level_variant(requests, len(levels)) if vary_prompts else requests
+        reqs = level_variant(requests, level_offset + len(levels)) if vary_prompts else requests
         result = run(endpoint, reqs, replace(settings, qps=qps))
         result.settings["search_level"] = len(levels)
         levels.append(result)

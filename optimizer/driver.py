@@ -80,13 +80,14 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
     out = []
     for s in spec.workload.scenarios:
         ttft, tpot = s.sla.limits() if s.sla else (None, None)
-        settings = dict(kind=s.kind, qps=s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
+        search = s.max_qps.model_dump() if s.max_qps else None
+        settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,
                         timeout_s=s.timeout_s, ttft_limit_ms=ttft, tpot_limit_ms=tpot, seed=spec.seed,
                         # a search trial is exploratory: a short run notes the early-stopping shortfall
                         # instead of failing; `servetune bench` keeps the MLPerf-strict default
                         require_early_stopping=False)
-        out.append(ScenarioPlan(label=s.label, settings=settings))
+        out.append(ScenarioPlan(label=s.label, settings=settings, max_qps=search))
     return out
 
 

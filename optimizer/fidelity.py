@@ -82,6 +82,9 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
             elif kind in ("server", "interactive", "single_stream"):
                 rates = s.get("qps")
                 rates = rates if isinstance(rates, list) else [rates if rates else 0.5]
+                m = getattr(sc, "max_qps", None)
+                if m:  # the estimate costs milliseconds: a fine geometric ladder stands in for the search
+                    rates = [m["lo"] * (m["hi"] / m["lo"]) ** (i / 15) for i in range(16)]
                 levels = []
                 for rate in rates:
                     dur = min(float(s.get("duration_s") or 30.0), max_requests / rate)

@@ -103,8 +103,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
 def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: TrialResult) -> None:
     from servetune.loadgen import datasets
     from servetune.loadgen.endpoint import Endpoint
-    from servetune.loadgen.scenarios import ScenarioSettings, run, write_records
-    from servetune.loadgen.search import level_variant
+    from servetune.loadgen.scenarios import write_records
 
     requests = _dataset(datasets, plan.dataset)
     # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
@@ -114,28 +113,24 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     before = _scrape(engine, url + metrics_path)
     first_before = before
     for sc in plan.scenarios:
-        key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"  # the swept setting
-        rates = sc.settings.get(key)
-        rates = rates if isinstance(rates, list) else [rates]
-        levels = []
-        for rate in rates:  # a load sweep within this one launch: no restart per level
-            settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
-            t0 = time.monotonic()
-            sr = run(endpoint, level_variant(requests, epoch), settings)
-            epoch += 1
-            result.loaded_s += time.monotonic() - t0
-            suffix = "" if len(rates) == 1 else f"_{'qps' if key == 'qps' else 'c'}{rate:g}"
-            _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
-            levels.append((rate, sr))
-            if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
-                break  # higher rates only queue more: stop spending GPU time
-        met = [(rate, sr) for rate, sr in levels if sla_met(sr.summary, sc.settings)]
-        rate, sr = met[-1] if met else levels[0]
+        t0 = time.monotonic()
+        if sc.max_qps:
+            sr, levels, summary_extra = _search_rate(plan, endpoint, requests, sc, epoch)
+            key = "qps"
+        else:
+            sr, levels, summary_extra = _sweep(plan, endpoint, requests, sc, epoch)
+            key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
+        epoch += len(levels)
+        result.loaded_s += time.monotonic() - t0
+        for rate, s_ in levels:
+            if len(levels) > 1 or sc.max_qps:
+                suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
+                _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
         result.scenarios[sc.label] = sr.to_dict()
-        if len(rates) > 1:
-            result.scenarios[sc.label]["levels"] = [{key: r, **s.to_dict()} for r, s in levels]
-            result.scenarios[sc.label]["summary"][f"max_valid_{key}"] = met[-1][0] if met else 0.0
-            _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
+        if len(levels) > 1 or sc.max_qps:
+            result.scenarios[sc.label]["levels"] = [{key: r, **s_.to_dict()} for r, s_ in sorted(levels, key=lambda x: x[0])]
+            result.scenarios[sc.label]["summary"].update(summary_extra)
+        _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
         after = _scrape(engine, url + metrics_path)
         if before is not None and after is not None:
             result.scenarios[sc.label]["metrics_delta"] = _delta(engine, before, after)
@@ -156,6 +151,47 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     if first_before is not None and before is not None:
         result.metrics_delta = _delta(engine, first_before, before)
     result.loaded_s = round(result.loaded_s, 3)
+
+
+def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
+    """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
+
+    Returns the result to report (the highest level that met the SLA, else the first), every level run as
+    (level, result), and what goes into the reported summary."""
+    from servetune.loadgen.scenarios import ScenarioSettings, run
+    from servetune.loadgen.search import level_variant
+
+    key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"  # the swept setting
+    rates = sc.settings.get(key)
+    rates = rates if isinstance(rates, list) else [rates]
+    levels = []
+    for rate in rates:  # a load sweep within this one launch: no restart per level
+        settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
+        sr = run(endpoint, level_variant(requests, epoch + len(levels)), settings)
+        levels.append((rate, sr))
+        if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
+            break  # higher rates only queue more: stop spending GPU time
+    met = [(rate, sr) for rate, sr in levels if sla_met(sr.summary, sc.settings)]
+    best = met[-1][1] if met else levels[0][1]
+    extra = {f"max_valid_{key}": met[-1][0] if met else 0.0} if len(rates) > 1 else {}
+    return best, levels, extra
+
+
+def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
+    """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
+    from servetune.loadgen.scenarios import ScenarioSettings
+    from servetune.loadgen.search import find_max_qps
+
+    m = sc.max_qps
+    settings = ScenarioSettings(**{**sc.settings, "qps": m["lo"], "num_gpus": plan.gpus})
+    found = find_max_qps(endpoint, requests, settings, lo=m["lo"], hi=m["hi"], tolerance=m["tolerance"],
+                         max_levels=m["max_levels"], level_offset=epoch)
+    levels = [(r.settings["qps"], r) for r in found.levels]
+    best = found.best or found.levels[0]
+    lo_valid, hi_invalid = found.bracket
+    extra = {"max_valid_qps": found.best_qps or 0.0, "max_qps_stopped_because": found.stopped_because,
+             "max_qps_bracket_low": lo_valid, "max_qps_bracket_high": hi_invalid}
+    return best, levels, {k: v for k, v in extra.items() if v is not None}
 
 
 def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: float = 0.01) -> bool:

@@ -19,6 +19,7 @@ from servetune.optimizer.engines.base import ModelRef
 class ScenarioPlan:
     label: str  # the scenario's name in the study (objectives refer to it)
     settings: dict[str, Any]  # loadgen.scenarios.ScenarioSettings fields
+    max_qps: dict[str, Any] | None = None  # lo, hi, tolerance, max_levels: search the rate (settings' qps unused)
 
 
 @dataclass

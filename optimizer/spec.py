@@ -304,6 +304,21 @@ class SLASpec(_Strict):
         return (self.ttft_p99_ms or ttft, self.tpot_p99_ms or tpot)
 
 
+class MaxQPSSpec(_Strict):
+    """The highest arrival rate that meets the SLA, searched within one launch (loadgen.search.find_max_qps)."""
+
+    lo: float = Field(gt=0, description="a rate the configuration should sustain (measured first)")
+    hi: float = Field(gt=0, description="a rate above its capacity (measured second)")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="stop once the bracket is this narrow (relative)")
+    max_levels: int = Field(8, ge=2, description="at most this many rates measured, lo and hi included")
+
+    @model_validator(mode="after")
+    def _order(self) -> "MaxQPSSpec":
+        if self.hi <= self.lo:
+            _fail("max_qps", [(("hi",), f"hi ({_num(self.hi)}) must be above lo ({_num(self.lo)})")])
+        return self
+
+
 class ScenarioSpec(_Strict):
     kind: Literal["offline", "server", "interactive", "single_stream", "concurrency"]
     name: str | None = Field(None, description="defaults to kind; objectives refer to it")
@@ -314,6 +329,9 @@ class ScenarioSpec(_Strict):
         None, description="concurrency scenario: requests kept outstanding (closed loop); a list is a sweep within "
                           "one launch (ascending; output tokens/s/GPU against tokens/s/user at each level; it "
                           "stops at the first level that misses the SLA)")
+    max_qps: MaxQPSSpec | None = Field(
+        None, description="server/interactive, instead of qps: search the highest rate that meets the SLA "
+                          "within one launch (bracket lo..hi, then narrow it to tolerance)")
     duration_s: float | None = Field(None, gt=0, description="minimum scheduled duration")
     num_requests: int | None = Field(None, ge=1, description="defaults to the dataset size")
     max_connections: int | None = Field(None, ge=1, description="client-side cap on outstanding requests (reported)")
@@ -323,8 +341,19 @@ class ScenarioSpec(_Strict):
 
     @model_validator(mode="after")
     def _rate(self) -> "ScenarioSpec":
-        if self.kind in ("server", "interactive") and self.qps is None:
-            _fail("scenario", [(("qps",), f"{_a(self.kind)} scenario needs qps (requests per second)")])
+        if self.max_qps is not None:
+            if self.kind not in ("server", "interactive"):
+                _fail("scenario", [(("max_qps",), f"max_qps searches an arrival rate: it applies to server and "
+                                                  f"interactive scenarios, not {_a(self.kind)} one")])
+            if self.qps is not None:
+                _fail("scenario", [(("qps",), "give qps (fixed rates) or max_qps (a search for the highest "
+                                              "valid rate), not both")])
+            if self.sla is None:
+                _fail("scenario", [(("max_qps",), "max_qps needs an sla: the search is for the highest rate "
+                                                  "that meets it")])
+        elif self.kind in ("server", "interactive") and self.qps is None:
+            _fail("scenario", [(("qps",), f"{_a(self.kind)} scenario needs qps (requests per second), or "
+                                          f"max_qps to search the highest rate that meets the SLA")])
         rates = self.qps if isinstance(self.qps, list) else ([] if self.qps is None else [self.qps])
         if isinstance(self.qps, list) and not self.qps:
             _fail("scenario", [(("qps",), "an empty list of rates")])

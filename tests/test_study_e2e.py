@@ -172,3 +172,31 @@ def test_sweep_levels_never_replay_prompts_into_the_prefix_cache(tmp_path):
     assert delta["vllm:prompt_tokens_total"] >= 10 * 128  # every level ran against this one engine
     assert delta["vllm:prefix_cache_queries_total"] == delta["vllm:prompt_tokens_total"]
     assert delta["vllm:prefix_cache_hits_total"] == 0.0
+
+
+def test_max_qps_search_brackets_the_highest_valid_rate_in_one_launch(tmp_path):
+    # max_qps measures lo and hi, then narrows the bracket on the same engine; the trial reports the
+    # highest rate that met the SLA, every level it ran (ascending) and why it stopped
+    study = write_study(tmp_path, trials=1, parallel=1, qps=4, duration_s=2, search="""
+      max_concurrency: [8]
+    """, extra="baseline: false\n")
+    text = study.read_text().replace("qps: 4,", "max_qps: {lo: 4, hi: 600, tolerance: 0.3, max_levels: 6},")
+    text = text.replace("num_requests: 40", "num_requests: 1300")  # no sample repeats within a level
+    study.write_text(text.replace("ttft_p99_ms: 2000", "ttft_p99_ms: 500"))
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = _trial_files(tmp_path / "run")[0]
+    sc = t["scenarios"]["server"]
+    rates = [lvl["qps"] for lvl in sc["levels"]]
+    assert 3 <= len(rates) <= 6 and rates == sorted(rates) and rates[0] == 4 and rates[-1] == 600
+    s = sc["summary"]
+    assert 4 <= s["max_valid_qps"] < 600
+    assert s["max_qps_bracket_low"] == s["max_valid_qps"] < s["max_qps_bracket_high"] <= 600
+    assert s["max_qps_stopped_because"]
+    valid = {lvl["qps"]: lvl["valid"] for lvl in sc["levels"]}
+    assert valid[s["max_valid_qps"]] and not valid[600]
+    assert sc["settings"]["qps"] == s["max_valid_qps"]  # the reported run is the best valid level
+    assert t["objectives"], t
+    for r in rates:
+        assert (tmp_path / "run" / "trials" / "0000" / f"requests_server_qps{r:.4g}.csv").exists()
+    assert sc["metrics_delta"]["vllm:prefix_cache_hits_total"] == 0.0

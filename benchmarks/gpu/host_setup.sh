@@ -9,17 +9,23 @@ set -euo pipefail
 ENGINE=${1:?engine}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 export KIT_HOME=/tmp/kit-$ENGINE SITE=/tmp/site-$ENGINE
+# servetune's wheels arrive once per host: a second engine's kit reuses the first one's
+if ! ls "$KIT_HOME"/xwheels/*.whl* >/dev/null 2>&1; then
+  for other in /tmp/kit-*/xwheels; do ls "$other"/*.whl* >/dev/null 2>&1 && mkdir -p "$KIT_HOME/xwheels" && cp "$other"/* "$KIT_HOME/xwheels/" && break; done
+fi
 bash "$KIT_HOME/bin/install.sh"
 
 
 # servetune itself without pip (no build backend offline): a copy of this checkout that outlives the
 # command, and the namespace servetune.* as symlinks into it
-rm -rf /tmp/servetune-src && cp -r "$REPO" /tmp/servetune-src && rm -rf /tmp/servetune-src/.gpukit
-mkdir -p /tmp/st/servetune
-for d in optimizer loadgen reports search_spaces deploy_templates; do ln -sfn "/tmp/servetune-src/$d" "/tmp/st/servetune/$d"; done
+# (one per engine: setting up the second engine must not pull files from under a study of the first)
+SRC=/tmp/servetune-src-$ENGINE ST=/tmp/st-$ENGINE
+rm -rf "$SRC" "$ST" && mkdir -p "$SRC" && tar -C "$REPO" --exclude=.gpukit --exclude=.git -cf - . | tar -C "$SRC" -xf -
+mkdir -p "$ST/servetune"
+for d in optimizer loadgen reports search_spaces deploy_templates; do ln -sfn "$SRC/$d" "$ST/servetune/$d"; done
 cat > "$KIT_HOME/servetune-env.sh" <<ENV
 source $KIT_HOME/env.sh
-export PYTHONPATH=/tmp/st:\$PYTHONPATH RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+export PYTHONPATH=$ST:\$PYTHONPATH RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 ENV
 source "$KIT_HOME/servetune-env.sh"

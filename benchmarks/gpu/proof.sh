@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU proof of issue 4, as one script: the vLLM (or SGLang) study on the llama-3.1-8b shape, then a
-# trial that must fail (llama-3.1-70b fp8 squeezed onto one GPU), then a summary with start times and
-# GPU duty cycle. Usage: proof.sh ENGINE OUTDIR   (after host_setup.sh; ENGINE = vllm | sglang)
+# The GPU proof of issue 4, as one script: studies from search_spaces/examples/gpu-ENGINE-*.yaml, then a
+# summary with start times, the levels each launch measured, GPU duty cycle and best valid vs baseline.
+# Usage: proof.sh ENGINE OUTDIR [STUDY ...]   (after host_setup.sh; ENGINE = vllm | sglang)
+#   STUDY: the part of the file name after gpu-ENGINE-; default: llama8b-tp1 mustfail-70b
+#   (llama8b-tp1: the ≥10-trial search on one GPU per trial; mustfail-70b: a trial that must fail with oom;
+#    llama8b-tp2: one tensor-parallel trial over both GPUs; llama8b: TP 1 and 2 searched together)
 # On hosts where one command may not run long, start it with setsid and poll OUTDIR/progress.log.
 set -uo pipefail
-ENGINE=${1:?engine}; OUT=${2:?out dir}
+ENGINE=${1:?engine}; OUT=${2:?out dir}; shift 2
+STUDIES=("$@"); [ ${#STUDIES[@]} -gt 0 ] || STUDIES=(llama8b-tp1 mustfail-70b)
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 source "/tmp/kit-$ENGINE/servetune-env.sh"
 mkdir -p "$OUT"
 cd "$OUT"
 st() { python3 -m servetune.optimizer.cli "$@"; }
 {
-  echo "== $(date -u +%FT%TZ) study $ENGINE"
-  st run "$REPO/search_spaces/examples/gpu-$ENGINE-llama8b.yaml" --output-dir "$OUT/study"
-  echo "== $(date -u +%FT%TZ) must-fail trial"
-  st run "$REPO/search_spaces/examples/gpu-$ENGINE-mustfail-70b.yaml" --output-dir "$OUT/mustfail" --no-report
+  for s in "${STUDIES[@]}"; do
+    echo "== $(date -u +%FT%TZ) study $ENGINE $s"
+    st run "$REPO/search_spaces/examples/gpu-$ENGINE-$s.yaml" --output-dir "$OUT/$s"
+  done
   echo "== $(date -u +%FT%TZ) summary"
-  python3 "$REPO/benchmarks/gpu/summarize.py" "$OUT/study" "$OUT/mustfail" > "$OUT/summary.md"
+  python3 "$REPO/benchmarks/gpu/summarize.py" "${STUDIES[@]/#/$OUT/}" > "$OUT/summary.md"
   cat "$OUT/summary.md"
   echo "== $(date -u +%FT%TZ) done"
 } 2>&1 | tee -a "$OUT/progress.log"

@@ -23,11 +23,22 @@ def fmt(v, nd=0):
     return "–" if v is None else f"{v:,.{nd}f}"
 
 
+def pct(v):
+    return "–" if v is None else f"{v:.1%}"
+
+
+def levels(sc: dict) -> str:
+    """Rates measured, ascending, ✓ where the SLA held (loadgen's validity verdict)."""
+    return " ".join(f"{lv.get('qps', lv.get('concurrency')):.4g}{'✓' if lv.get('valid') else '✗'}"
+                    for lv in sc.get("levels", [])) or "–"
+
+
 def summarize(run: Path) -> str:
     ts = trials(run)
     lines = [f"## {run.name}: {len(ts)} trials", ""]
-    lines.append("| # | state | params | ready s | loaded s | wall s | max valid qps | out tok/s | p99 TTFT ms | p99 TPOT ms | reason |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| # | state | params | ready s | loaded s | wall s | levels | max valid qps | out tok/s | p99 TTFT ms "
+                 "| p99 TPOT ms | prefix hit | reason |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in ts:
         sc = next(iter(t.get("scenarios", {}).values()), {})
         s = sc.get("summary", {})
@@ -40,8 +51,9 @@ def summarize(run: Path) -> str:
         if t.get("duplicate_of") is not None:
             reason = f"same config as #{t['duplicate_of']} " + reason
         lines.append(f"| {t['number']} | {t['state']} | {params} | {fmt(t.get('ready_s'), 1)} | {fmt(t.get('loaded_s'), 1)} "
-                     f"| {fmt(t.get('wall_s'), 1)} | {fmt(s.get('max_valid_qps'), 1)} | {fmt(s.get('output_tokens_per_s'))} "
-                     f"| {fmt(s.get('ttft_p99_ms'))} | {fmt(s.get('tpot_p99_ms'), 1)} | {reason.replace('|', '/')} |")
+                     f"| {fmt(t.get('wall_s'), 1)} | {levels(sc)} | {fmt(s.get('max_valid_qps'), 1)} "
+                     f"| {fmt(s.get('output_tokens_per_s'))} | {fmt(s.get('ttft_p99_ms'))} | {fmt(s.get('tpot_p99_ms'), 1)} "
+                     f"| {pct(sc.get('metrics_delta', {}).get('prefix_cache_hit_rate'))} | {reason.replace('|', '/')} |")
     launched = [t for t in ts if t.get("ready_s") is not None and t.get("duplicate_of") is None]
     if launched:
         starts = [t["ready_s"] for t in launched]
