@@ -410,3 +410,19 @@ def test_plan_argv_round_trips_through_the_engine_transform(engine, version):
     tail = [a for a in argv[start:] if a != "--enable-metrics"]
     decoded = _decode(e.catalog, tail, params)
     assert decoded == params
+
+
+def test_vllm_avoids_multicast_all_reduce_only_where_multicast_is_off(monkeypatch):
+    from servetune.optimizer.engines import get_engine
+
+    vllm = get_engine("vllm")
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    monkeypatch.delenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", raising=False)
+    env = vllm.base_env()
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND" not in env and "VLLM_ALLREDUCE_USE_SYMM_MEM" not in env
+    monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env = vllm.base_env()
+    assert env["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm" and env["VLLM_ALLREDUCE_USE_SYMM_MEM"] == "0"
+    monkeypatch.setenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "nccl")  # what the host sets wins
+    assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND" not in vllm.base_env()

@@ -32,6 +32,8 @@ CASES = [
     ("vllm", "vllm_killed.log", -9, FailureKind.CRASH, ["signal 9"]),
     # real: a TP=2 start on 2×H200 with NVLink multicast off (docs/results/2026-11-22-vllm-h200)
     ("vllm", "vllm_tp2_illegal_memory_access.log", None, FailureKind.CRASH, ["illegal memory access", "TP>1"]),
+    # real, the second time (2×H200 of a 4-GPU host): the log names FlashInfer's mnnvl all-reduce backend
+    ("vllm", "vllm_tp2_mnnvl_allreduce.log", None, FailureKind.CRASH, ["illegal memory access", "mnnvl"]),
     ("sglang", "sglang_not_enough_memory.log", -9, FailureKind.OOM, ["no room for the KV pool", "mem_fraction_static=0.5"]),
     ("sglang", "sglang_capture_cuda_graph_failed.log", -9, FailureKind.OOM, ["capturing CUDA graphs", "cuda_graph_max_batch"]),
     ("sglang", "sglang_ambiguous_option.log", 2, FailureKind.BAD_ARGS, ["ambiguous", "--cuda-graph-max-bs could match"]),

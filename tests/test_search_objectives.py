@@ -259,8 +259,9 @@ def test_estimator_answers_a_max_qps_scenario_with_the_highest_valid_rate():
 
     sc = ScenarioPlan(label="server", settings={"kind": "server", "qps": 1.0, "duration_s": 20,
                                                 "ttft_limit_ms": 2000, "tpot_limit_ms": 100},
-                      max_qps={"lo": 1.0, "hi": 400.0, "tolerance": 0.05, "max_levels": 8})
+                      max_qps={"lo": 1.0, "hi": 100.0, "tolerance": 0.05, "max_levels": 8})
     est = fidelity.estimate("llama-3.1-8b", "h100", {"max_concurrency": 256}, [sc],
-                            {"kind": "random", "input_tokens": 512, "output_tokens": 64})
+                            {"kind": "random", "input_tokens": 1024, "output_tokens": 128})
     rate = est["server"]["summary"]["max_valid_qps"]
-    assert 1.0 < rate < 400.0  # an 8b on one H100 sustains more than 1 req/s and less than 400
+    # prefill alone (~14 TFLOP per 1024-token prompt) caps an 8b on one H100 well below 100 req/s
+    assert 1.0 < rate < 100.0

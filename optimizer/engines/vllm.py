@@ -44,8 +44,8 @@ VLLM_RULES: list[Rule] = [
      "less GPU memory was free at startup than memory_fraction asks for: another process holds memory, "
      "or memory_fraction is too high"),
     (FailureKind.CRASH, r"CUDA error: an illegal memory access",
-     "a GPU worker hit an illegal memory access (seen with TP>1 and symmetric-memory all-reduce on hosts "
-     "with NVLink multicast off)"),
+     "a GPU worker hit an illegal memory access (seen with TP>1 on hosts with NVLink multicast off, where "
+     "FlashInfer's fused all-reduce picked its multicast 'mnnvl' backend)"),
     (FailureKind.CRASH, r"CUDA error: ", "a GPU worker died of a CUDA error"),
     (FailureKind.BAD_ARGS, r"error: unrecognized arguments",
      "vLLM does not know a flag: the installed version differs from the catalog's (run servetune's version check)"),
@@ -124,9 +124,13 @@ class VllmEngine(CatalogEngine):
             "VLLM_ENGINE_READY_TIMEOUT_S": "1800",
         }
         if os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
-            # Seen on an H200 pair with multicast off (docs/results/2026-11-22-vllm-h200): TP=2 workers died
-            # with an illegal memory access in torch's CUDASymmetricMemory; use the NCCL/custom all-reduce.
+            # With NVLink multicast off, TP>1 workers die in the profile run with an illegal memory access in
+            # torch's CUDASymmetricMemory (docs/results/2026-11-22-vllm-h200, twice). The second time the log
+            # named the culprit: the compiled all-reduce + RMSNorm fusion had FlashInfer auto-select its
+            # multicast "mnnvl" backend. trtllm is the single-node backend vLLM itself falls back to where
+            # multicast is missing; the symm-mem all-reduce needs multicast too.
             wanted["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+            wanted["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] = "trtllm"
         return {k: v for k, v in wanted.items() if k not in os.environ}  # what the host sets wins
 
     def endpoints(self) -> dict[str, Any]:
