@@ -49,8 +49,13 @@ def test_results_are_written_atomically():
     """Every writer of a result file goes through write-then-rename (a killed process leaves the old file)."""
     lifecycle = (ROOT / "optimizer" / "lifecycle.py").read_text()
     # the per-request CSVs: loadgen writes in place, so the lifecycle writes beside and renames
-    assert "write_records(sr.records" not in lifecycle.replace("_write_records_atomic(write_records, sr.records", "")
-    assert lifecycle.count("_write_records_atomic(write_records, sr.records") == 2
+    calls = list(_calls(ast.parse(lifecycle)))
+    in_place = [n.lineno for name, n in calls if name == "write_records"
+                and not (len(n.args) > 1 and isinstance(n.args[1], ast.Name) and n.args[1].id == "tmp")]
+    assert not in_place, f"write_records called in place at lifecycle.py lines {in_place}"
+    atomic = [n for name, n in calls if name == "_write_records_atomic"]
+    assert len(atomic) >= 2 and all(isinstance(n.args[0], ast.Name) and n.args[0].id == "write_records"
+                                    for n in atomic)
     # trial.json and summary.json: only via write_json_atomic
     for rel in ("optimizer/driver.py", "optimizer/lifecycle.py"):
         tree = ast.parse((ROOT / rel).read_text())
