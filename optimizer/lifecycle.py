@@ -114,20 +114,16 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     first_before = before
     for sc in plan.scenarios:
         t0 = time.monotonic()
-        if sc.max_qps:
-            sr, levels, summary_extra = _search_rate(plan, endpoint, requests, sc, epoch)
-            key = "qps"
-        else:
-            sr, levels, summary_extra = _sweep(plan, endpoint, requests, sc, epoch)
-            key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
+        measure = _search_rate if sc.max_qps else _sweep
+        sr, levels, summary_extra = measure(plan, endpoint, requests, sc, epoch)
         epoch += len(levels)
         result.loaded_s += time.monotonic() - t0
-        for rate, s_ in levels:
-            if len(levels) > 1 or sc.max_qps:
-                suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
-                _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
         result.scenarios[sc.label] = sr.to_dict()
         if len(levels) > 1 or sc.max_qps:
+            key = _swept(sc)
+            for rate, s_ in levels:
+                suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
+                _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
             result.scenarios[sc.label]["levels"] = [{key: r, **s_.to_dict()} for r, s_ in sorted(levels, key=lambda x: x[0])]
             result.scenarios[sc.label]["summary"].update(summary_extra)
         _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
@@ -153,6 +149,11 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     result.loaded_s = round(result.loaded_s, 3)
 
 
+def _swept(sc) -> str:
+    """The setting a scenario's levels vary."""
+    return "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
+
+
 def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
 
@@ -161,7 +162,7 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     from servetune.loadgen.scenarios import ScenarioSettings, run
     from servetune.loadgen.search import level_variant
 
-    key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"  # the swept setting
+    key = _swept(sc)
     rates = sc.settings.get(key)
     rates = rates if isinstance(rates, list) else [rates]
     levels = []
