@@ -25,6 +25,8 @@ Definitions (milliseconds unless the name says otherwise; times are seconds sinc
 - **Goodput** (DistServe/vLLM): requests that succeeded and met every given limit, per second of the
   window; ``goodput_output_tokens_per_s`` counts their output tokens; ``good_request_fraction`` keeps
   failed requests in the denominator.
+- **keep_up_ratio**: departures ÷ arrivals over the second half of the schedule, from the growth of the
+  number of requests in the system (see :func:`keep_up`); ``in_system_at_half`` / ``_at_end`` beside it.
 
 Only successful, non-warmup records enter latency and token statistics; failures are counted by kind.
 """
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import math
 from typing import Iterable, Sequence
+
+import numpy as np
 
 from servetune.loadgen.records import RequestRecord
 
@@ -138,6 +142,36 @@ def meets_limits(r: RequestRecord, ttft_limit_ms: float | None, tpot_limit_ms: f
     return True
 
 
+KEEP_UP_POINTS = 41
+
+
+def keep_up(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """Did departures keep pace with arrivals? Over the second half of the arrival window.
+
+    A short run can meet its p99 limits at a rate the server cannot sustain: the backlog is still small
+    when arrivals stop, and the drain after the last arrival is fast. What gives it away is the number of
+    requests in the system: steady at a sustainable rate, growing under overload. The slope of that count
+    over the second half of the schedule (least squares over evenly spaced instants), as a fraction of the
+    arrival rate, is the share of arrivals that did not leave: ``keep_up_ratio = 1 − slope / rate``. About
+    1 in steady state, 0 when nothing leaves. Meaningful for open-loop arrivals only (a closed loop holds
+    the count constant by construction); NaN where the schedule has no span.
+    """
+    scheduled = np.fromiter((r.scheduled for r in records), float, len(records))
+    if len(scheduled) < 2 or not scheduled.max() > scheduled.min():
+        return {"keep_up_ratio": NAN, "in_system_at_half": NAN, "in_system_at_end": NAN}
+    done = np.fromiter((r.done if r.done is not None else math.inf for r in records), float, len(records))
+    start, end = float(scheduled.min()), float(scheduled.max())
+    rate = (len(scheduled) - 1) / (end - start)
+    ts = np.linspace(start + (end - start) / 2, end, KEEP_UP_POINTS)
+    scheduled.sort()
+    done.sort()
+    # in system at t = scheduled by t − done by t (a request is done after it was scheduled)
+    counts = np.searchsorted(scheduled, ts, side="right") - np.searchsorted(done, ts, side="right")
+    slope = float(np.polyfit(ts, counts, 1)[0])
+    return {"keep_up_ratio": 1.0 - slope / rate, "in_system_at_half": float(counts[0]),
+            "in_system_at_end": float(counts[-1])}
+
+
 def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_limit_ms: float | None = None,
               tpot_limit_ms: float | None = None, num_gpus: int = 1) -> dict[str, float]:
     """The run summary over non-warmup records; ``duration_s`` is the run's length from t0 to its end."""
@@ -173,10 +207,13 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_limit_ms
     scheduled = sorted(r.scheduled for r in measured)
     span = scheduled[-1] - scheduled[0] if scheduled else 0.0
     out["scheduled_request_per_s"] = (len(scheduled) - 1) / span if span > 0 else NAN
+    out["first_scheduled_s"] = scheduled[0] if scheduled else NAN
     out["last_scheduled_s"] = scheduled[-1] if scheduled else NAN
     sent = [r.sent for r in measured if r.sent is not None]
     out["last_sent_s"] = max(sent) if sent else NAN
     out["last_done_s"] = max(done_times) if done_times else NAN
+
+    out.update(keep_up(measured))
 
     tpots = _present(tpot_ms(r) for r in ok)
     out["tokens_per_s_per_user"] = math.fsum(1000.0 / t for t in tpots if t > 0) / len(tpots) if tpots else NAN

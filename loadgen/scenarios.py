@@ -47,11 +47,11 @@ import numpy as np
 from servetune.loadgen.client import loop_factory, run_loop
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
-from servetune.loadgen.records import Request, RequestRecord, ScenarioResult
+from servetune.loadgen.records import Chunk, Request, RequestRecord, ScenarioResult
 from servetune.loadgen.runner import (Job, JobResult, Positions, execute, issue_order, run_in_workers,
                                       warmup_variant)
 from servetune.loadgen.sla import sla_limits
-from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, verdict
+from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, DEFAULT_MIN_KEEP_UP, verdict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,6 +77,7 @@ class ScenarioSettings:
     equal_issue: bool = False  # round the request count up to whole passes over the dataset
     require_early_stopping: bool = True  # False: an early-stopping shortfall is a note, not invalidity
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    min_keep_up: float | None = DEFAULT_MIN_KEEP_UP  # server/interactive: see loadgen.validity; None: off
     concurrency: int | None = None  # the concurrency scenario: requests kept outstanding
     workers: int = 1  # load-generator processes (each its own event loop and session)
     sla: str | None = None  # MLPerf preset (loadgen.sla); fills the limits not given explicitly
@@ -101,6 +102,8 @@ class ScenarioSettings:
             raise ValueError("timeout_s must be > 0, warmup_requests >= 0 and num_gpus >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if self.min_keep_up is not None and not 0.0 <= self.min_keep_up <= 1.0:
+            raise ValueError(f"min_keep_up must be in [0, 1] or None, got {self.min_keep_up}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
         if self.arrival not in ARRIVALS:
@@ -341,3 +344,37 @@ def write_records(records: Sequence[RequestRecord], path: str | Path) -> Path:
             frame[col] = frame[col].map(json.dumps)
         frame.to_csv(path, index=False)
     return path
+
+
+def read_records(path: str | Path) -> list[RequestRecord]:
+    """The records :func:`write_records` wrote (CSV, gzipped CSV or Parquet), so a finished run can be judged
+    again; columns it lacks (an older or trimmed file) take the record's defaults."""
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False,
+                                                                                 na_values=[""])
+    names = set(frame.columns)
+
+    def opt(v: object) -> float | None:
+        return None if v is None or v != v else float(v)  # NaN → None
+
+    def trace(row: dict) -> list[Chunk]:
+        if "chunk_t" not in names:
+            return []
+        ts, tokens = row["chunk_t"], row["chunk_tokens"]
+        ts, tokens = (json.loads(ts), json.loads(tokens)) if isinstance(ts, str) else (ts, tokens)
+        return [Chunk(float(t), int(k)) for t, k in zip(ts, tokens)]
+
+    fields = {"input_tokens": int, "output_tokens": int, "expected_output_tokens": int, "worker": int,
+              "error": str, "token_count_source": str}
+    out = []
+    for row in frame.to_dict("records"):
+        extra = {k: cast(row[k]) for k, cast in fields.items() if k in names and row[k] == row[k]}
+        if "ignore_eos" in names and row["ignore_eos"] in (True, False, "True", "False"):
+            extra["ignore_eos"] = row["ignore_eos"] in (True, "True")
+        out.append(RequestRecord(
+            index=int(row["index"]), sample=int(row["sample"]), scheduled=float(row["scheduled_s"]),
+            sent=opt(row.get("sent_s")), first_byte=opt(row.get("first_byte_s")), done=opt(row.get("done_s")),
+            chunks=trace(row), status=str(row["status"]), warmup=row.get("warmup") in (True, "True"), **extra))
+    return out

@@ -86,6 +86,15 @@ def _csv_ints(text: str) -> list[int]:
     return values
 
 
+def _keep_up_arg(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a ratio in [0, 1] or 'off', got {text!r}")
+    return value
+
+
 # loadgen.scenarios.SCENARIOS, spelled out so building the parser imports no aiohttp/numpy (every
 # ``servetune`` command builds it); a test keeps the two equal.
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
@@ -134,6 +143,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     v.add_argument("--no-early-stopping", action="store_true",
                    help="report an early-stopping shortfall as a note instead of invalidating the run")
     v.add_argument("--max-error-rate", type=float, default=0.01)
+    v.add_argument("--min-keep-up", type=_keep_up_arg, default=0.7, metavar="RATIO|off",
+                   help="server/interactive: invalidate a run whose backlog grows (departures ÷ arrivals over the "
+                        "second half below RATIO) or that is shorter than twice its median request (default 0.7)")
     q = b.add_argument_group("max-QPS search")
     q.add_argument("--find-max-qps", action="store_true", help="search the highest valid server/interactive rate")
     q.add_argument("--qps-lo", type=float, help="search bracket low end (default: --qps or 1)")
@@ -200,7 +212,7 @@ def _settings(args: argparse.Namespace):
         num_requests=args.num_requests, max_connections=args.max_connections, warmup_requests=args.warmup,
         timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
         num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
-        max_error_rate=args.max_error_rate, concurrency=args.concurrency[0] if args.concurrency else None,
+        max_error_rate=args.max_error_rate, min_keep_up=args.min_keep_up, concurrency=args.concurrency[0] if args.concurrency else None,
         workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival)
 
 

@@ -84,6 +84,7 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
         settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,
                         timeout_s=s.timeout_s, ttft_limit_ms=ttft, tpot_limit_ms=tpot, seed=spec.seed,
+                        min_keep_up=s.min_keep_up,
                         # a search trial is exploratory: a short run notes the early-stopping shortfall
                         # instead of failing; `servetune bench` keeps the MLPerf-strict default
                         require_early_stopping=False)
@@ -386,6 +387,8 @@ class StudyDriver:
                        if t.state.is_finished() and not t.user_attrs.get(STALE)
                        and (t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get(PESSIMISTIC)))
         seen = self._seen_configs(study)
+        # a config sampled while the same one is being measured waits for that result instead of a second GPU
+        parked: dict[str, list[tuple[optuna.Trial, TrialPlan]]] = {}
         last_beat = 0.0
         while True:
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
@@ -409,6 +412,13 @@ class StudyDriver:
                 if key in seen:
                     prev = seen[key]
                     self._tell_duplicate(study, trial, plan, prev, outcome)
+                    continue
+                running = next((p.number for _, p in in_flight.values() if config_key(p.engine, p.params) == key),
+                               None)
+                if running is not None:
+                    parked.setdefault(key, []).append((trial, plan))
+                    self.on_event("note", {"text": f"trial {plan.number} has the config trial {running} is "
+                                                   "measuring: it will take that result"})
                     continue
                 write_json_atomic(Path(plan.trial_dir) / "trial.json", TrialResult(
                     number=plan.number, engine=plan.engine, params=plan.params, state="running",
@@ -440,12 +450,15 @@ class StudyDriver:
                                          failure={"kind": "internal", "reason": f"Ray worker died: {type(e).__name__}"})
                     write_json_atomic(Path(plan.trial_dir) / "trial.json", result.to_dict())
                 ok = self._tell(study, trial, result, outcome)
+                key = config_key(plan.engine, plan.params)
                 if ok:
-                    seen[config_key(plan.engine, plan.params)] = result
+                    seen[key] = result
                 else:
                     failures += 1
                     if result.failure and result.failure.get("kind") != "internal":
-                        seen[config_key(plan.engine, plan.params)] = result
+                        seen[key] = result
+                for waiting, waiting_plan in parked.pop(key, []):
+                    self._tell_duplicate(study, waiting, waiting_plan, result, outcome)
         return outcome
 
     # multi-fidelity: pre-screen candidates with the estimator ------------------------------------------------

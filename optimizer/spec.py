@@ -338,6 +338,10 @@ class ScenarioSpec(_Strict):
     warmup_requests: int = Field(0, ge=0)
     timeout_s: float = Field(600.0, gt=0, description="the whole scenario never runs past this")
     sla: SLASpec | None = None
+    min_keep_up: float | None = Field(
+        0.7, ge=0, le=1, description="server/interactive: departures ÷ arrivals over the second half of the "
+        "schedule below this (beyond Poisson noise) make a run invalid, and so does a run shorter than twice "
+        "its median request lifetime; null turns both checks off (see loadgen/validity.py)")
 
     @model_validator(mode="after")
     def _rate(self) -> "ScenarioSpec":

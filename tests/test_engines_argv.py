@@ -400,8 +400,9 @@ def test_round_trip_argv_back_to_params(engine, version, case):
 
 
 @pytest.mark.parametrize("engine,version", VERSIONS)
-def test_plan_argv_round_trips_through_the_engine_transform(engine, version):
+def test_plan_argv_round_trips_through_the_engine_transform(engine, version, monkeypatch):
     """The whole plan, not just the catalog: decode the tail after the fixed command part."""
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)  # would add a flag at TP=2
     e = get_engine(engine, None, version)
     params = {"tensor_parallel": 2, "max_concurrency": 32, "prefix_caching": False, "memory_fraction": 0.8,
               "speculative_method": "eagle", "speculative_tokens": 2, "speculative_draft_path": "/d"}
@@ -426,3 +427,31 @@ def test_vllm_avoids_multicast_all_reduce_only_where_multicast_is_off(monkeypatc
     assert env["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm" and env["VLLM_ALLREDUCE_USE_SYMM_MEM"] == "0"
     monkeypatch.setenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "nccl")  # what the host sets wins
     assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND" not in vllm.base_env()
+
+
+def test_vllm_turns_the_all_reduce_fusion_off_at_tp_above_1_where_multicast_is_off(monkeypatch):
+    import json
+
+    from servetune.optimizer.engines import get_engine
+
+    vllm = get_engine("vllm")
+    fusion_off = {"pass_config": {"fuse_allreduce_rms": False}}
+
+    def compilation_config(params, extra_args=None):
+        argv = _plan(vllm, params, extra_args=extra_args).argv
+        values = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--compilation-config"]
+        return values, argv
+
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    assert compilation_config({"tensor_parallel": 2})[0] == []
+    monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    assert compilation_config({"tensor_parallel": 2})[0] == [fusion_off]
+    assert compilation_config({"tensor_parallel": 1})[0] == []  # no all-reduce at TP=1
+    # the study's own compilation config wins, in any spelling, and its other extra args stay
+    for own in (["--compilation-config", '{"level": 0}'], ["--compilation-config={\"level\": 0}"], ["-cc", "{}"],
+                ["-cc.pass_config.fuse_allreduce_rms=true"]):
+        values, argv = compilation_config({"tensor_parallel": 2}, extra_args=["--seed", "1", *own])
+        assert fusion_off not in values and argv[-len(own) - 2:] == ["--seed", "1", *own]
+    argv = get_engine("vllm", None, "0.33").plan({"tensor_parallel": 2}, _model(), host="127.0.0.1", port=1,
+                                                  gpu_ids=[0, 1]).argv
+    assert "--compilation-config" not in argv  # other releases: left as they are

@@ -2,6 +2,7 @@
 import json
 import statistics
 import time
+from dataclasses import asdict
 from collections import Counter
 
 import numpy as np
@@ -15,7 +16,8 @@ from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import ttft_ms
 from servetune.loadgen.records import Request
 from servetune.loadgen.scenarios import (ScenarioSettings, _warmup_variant, issue_order, poisson_schedule,
-                                         records_frame, run, scenario_seeds, write_records)
+                                         read_records, records_frame, run, scenario_seeds,
+                                         write_records)
 
 DATA = random_dataset(10, input_tokens=16, output_tokens=8)
 
@@ -191,6 +193,10 @@ def test_records_frame_and_files(mock, tmp_path):
     assert list(pq["chunk_tokens"].iloc[ok_row]) == [1] * 8
     assert json.loads(csv["chunk_t"].iloc[ok_row]) == pytest.approx(list(frame["chunk_t"].iloc[ok_row]))
     assert res.to_dict()["notes"] == res.notes
+    # read back, the records are the ones written: a finished run can be judged again
+    for path in (tmp_path / "r.csv", tmp_path / "sub" / "r.parquet"):
+        again = read_records(path)
+        assert [asdict(r) for r in again] == [asdict(r) for r in res.records]
 
 
 # --- MLPerf presets, arrivals, closed loops, pacing -----------------------------------------------------

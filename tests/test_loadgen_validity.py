@@ -1,8 +1,14 @@
 """MLPerf validity: the early-stopping table, the SingleStream estimate, and the verdict's rules."""
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from servetune.loadgen.metrics import summarize
 from servetune.loadgen.records import Chunk, RequestRecord
-from servetune.loadgen.scenarios import ScenarioSettings
+from servetune.loadgen.scenarios import ScenarioSettings, read_records
 from servetune.loadgen.validity import early_stopping_estimate, early_stopping_min_queries, verdict
 
 # loadgen-and-mlperf.md §1.4 (matches mlcommons/endpoints docs/early_stopping.md)
@@ -126,3 +132,98 @@ def test_offline_and_single_stream():
 def test_no_successful_requests():
     v = verdict(_records(5, failed=set(range(5))), ScenarioSettings(kind="offline"))
     assert not v.valid and "no successful requests (issued 5)" in v.reasons
+
+
+# -- keeping up ---------------------------------------------------------------------------------------------
+GPU_LEVELS = Path(__file__).parent / "fixtures" / "gpu_levels"
+
+
+def _queue(n, rate, service_s, servers, tokens=11):
+    """n arrivals every 1/rate s into a FIFO of ``servers`` parallel slots, each request busy service_s."""
+    free = [0.0] * servers
+    out = []
+    for i in range(n):
+        t0 = i / rate
+        slot = min(range(servers), key=free.__getitem__)
+        start = max(t0, free[slot])
+        free[slot] = start + service_s
+        first = start + service_s / tokens
+        out.append(RequestRecord(index=i, sample=i, scheduled=t0, sent=t0, first_byte=first, done=start + service_s,
+                                 chunks=[Chunk(first, tokens)], output_tokens=tokens, status="ok"))
+    return out
+
+
+def _gpu_level(name):
+    """A level measured on an H200 (docs/results/2026-11-22-h200x4-sglang-tp2-fp8), trimmed of token chunks."""
+    return read_records(GPU_LEVELS / f"{name}.csv.gz")
+
+
+def test_keep_up_ratio_tells_a_steady_queue_from_a_growing_one():
+    steady = summarize(_queue(401, rate=20, service_s=0.5, servers=16), duration_s=20)
+    assert steady["keep_up_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert steady["in_system_at_half"] == steady["in_system_at_end"] == 10  # Little: 20/s × 0.5 s
+    # 8 slots of 0.8 s serve 10/s: at 20/s half the arrivals stay behind, 100 over the last 10 s
+    growing = summarize(_queue(401, rate=20, service_s=0.8, servers=8), duration_s=20)
+    assert growing["keep_up_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert growing["in_system_at_end"] - growing["in_system_at_half"] == pytest.approx(100, abs=5)
+    # nothing scheduled over time (offline-like): no ratio
+    assert math.isnan(summarize(_queue(1, rate=1, service_s=0.1, servers=1), duration_s=1)["keep_up_ratio"])
+
+
+def test_a_growing_backlog_invalidates_a_server_run_within_its_latency_limits():
+    limits = dict(qps=20, duration_s=20, num_requests=400, ttft_limit_ms=60_000, tpot_limit_ms=1_000,
+                  require_early_stopping=False)
+    ok = verdict(_queue(401, rate=20, service_s=0.5, servers=16), server(**limits))
+    assert ok.valid, ok.reasons
+    # capacity 10/s offered 16/s: the median request (~7 s) still fits twice in the 20 s of arrivals
+    limits.update(qps=16, num_requests=321)
+    bad = verdict(_queue(321, rate=16, service_s=0.8, servers=8), server(**limits))
+    assert not bad.valid and len(bad.reasons) == 1 and bad.reasons[0].startswith("not keeping up: requests in the "
+                                                                                 "system grew from")
+    # off: the same run passes; closed loops and offline are never judged on it
+    assert verdict(_queue(321, rate=16, service_s=0.8, servers=8), server(**limits, min_keep_up=None)).valid
+    assert verdict(_queue(321, rate=16, service_s=0.8, servers=8),
+                   ScenarioSettings(kind="concurrency", concurrency=8, duration_s=20)).valid
+
+
+def test_a_run_shorter_than_twice_its_median_request_is_too_short_to_judge():
+    limits = dict(qps=20, duration_s=4, num_requests=80, ttft_limit_ms=60_000, tpot_limit_ms=1_000,
+                  require_early_stopping=False)
+    v = verdict(_queue(81, rate=20, service_s=3.0, servers=100), server(**limits))
+    assert not v.valid and v.reasons == ["too short to show the server keeps up: the median request took 3.0 s, "
+                                         "more than half of the 4.0 s of arrivals (lengthen duration_s to at "
+                                         "least 6 s)"]
+
+
+def test_growth_within_poisson_noise_is_not_a_backlog():
+    # 2 req/s, 5 s lifetimes: ~10 in the system, so a rise of a few is noise, not overload
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(0.5, 60))
+    records = [RequestRecord(index=i, sample=i, scheduled=t, sent=t, first_byte=t + 0.1, done=t + 5.0,
+                             chunks=[Chunk(t + 0.1, 11)], output_tokens=11, status="ok")
+               for i, t in enumerate(arrivals - arrivals[0])]
+    s = summarize(records, duration_s=float(arrivals[-1]))
+    assert s["in_system_at_end"] - s["in_system_at_half"] <= 3 * math.sqrt(s["in_system_at_half"] + 1)
+    limits = dict(qps=2, duration_s=20, num_requests=40, ttft_limit_ms=1000, tpot_limit_ms=1000,
+                  require_early_stopping=False)
+    assert verdict(records, server(**limits)).valid
+
+
+@pytest.mark.parametrize("name, valid, reason", [
+    # passed p99 TTFT 693 ms and TPOT 90.8 ms (limits 2000/100) in 20 s, as the backlog doubled
+    ("vllm-fp8-h200-qps53.44", False, "not keeping up: requests in the system grew from 300 to 621"),
+    ("vllm-fp8-h200-qps47.25", True, None),
+    # passed p99 TTFT 827 ms and TPOT 89.0 ms in 10 s; the median request took 9.2 s
+    ("sglang-baseline-h200-qps36", False, "too short to show the server keeps up: the median request took 9.2 s"),
+])
+def test_gpu_levels_that_passed_p99_in_seconds(name, valid, reason):
+    qps = float(name.rsplit("qps", 1)[1])
+    settings = ScenarioSettings(kind="server", qps=qps, duration_s=10, sla="llama3.1-8b",
+                                require_early_stopping=False)
+    records = _gpu_level(name)
+    v = verdict(records, settings)
+    assert v.valid is valid, v.reasons
+    if reason:
+        assert len(v.reasons) == 1 and v.reasons[0].startswith(reason)
+    # without the check these levels pass: the p99 limits alone do not catch them
+    assert verdict(records, replace(settings, min_keep_up=None)).valid

@@ -76,6 +76,21 @@ def test_a_failed_config_is_never_relaunched(tmp_path):
     assert not failed_numbers & set(summary["pareto"])
 
 
+def test_a_config_sampled_while_it_is_measured_waits_for_that_result(tmp_path):
+    # one configuration, two GPUs, three trials: the first takes a GPU, the others wait for its result
+    study = write_study(tmp_path, trials=3, parallel=2, duration_s=3, qps=3, search="""
+      max_concurrency: [16]
+    """, extra="baseline: false\n")
+    _, events = _run(study)
+    assert len([e for k, e in events if k == "launch"]) == 1
+    assert sum("will take that result" in e.get("text", "") for k, e in events if k == "note") == 2
+    trials = _trials(tmp_path / "run")
+    assert [t.get("duplicate_of") for _, t in sorted(trials.items())] == [None, 0, 0]
+    assert all(t["state"] == "complete" and t["objectives"] for t in trials.values())
+    st = optuna.load_study(study_name="itest", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.state for t in st.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+
+
 class _InstantExecutor:
     """Stands in for Ray where only the driver's loop is under test: every trial completes at once."""
 

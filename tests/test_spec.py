@@ -182,6 +182,17 @@ def test_minimal_study_gets_defaults():
     assert spec.storage_url.startswith("sqlite:///") and spec.storage_url.endswith("runs/minimal/study.db")
 
 
+def test_keep_up_check_reaches_the_scenario_settings():
+    from servetune.loadgen.scenarios import ScenarioSettings
+    from servetune.optimizer.driver import scenario_plans
+
+    server = MINIMAL.replace("[{kind: offline}]", "[{kind: server, qps: 4}, {kind: server, name: lenient, qps: 4, "
+                                                  "min_keep_up: null}]")
+    plans = scenario_plans(parse_study(server, "m.yaml"))
+    assert [p.settings["min_keep_up"] for p in plans] == [0.7, None]
+    assert ScenarioSettings(**plans[1].settings).min_keep_up is None
+
+
 def test_empty_sections_mean_defaults():
     spec = parse_study(MINIMAL + "search:\n  # tensor_parallel: [1, 2]\nbudget:\n", "m.yaml")
     assert spec.search == {} and spec.budget.trials == 20

@@ -84,12 +84,32 @@ VLLM_RULES: list[Rule] = [
 ]
 
 
+def _multicast_off() -> bool:
+    return os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1"
+
+
+def _without_allreduce_fusion(extra_args: list[str]) -> list[str]:
+    """Turn off the compiled all-reduce + RMSNorm fusion, unless the study sets a compilation config itself.
+
+    On a 4×H200 host with NVLink multicast off, vLLM 0.26 at TP=2 crashed with it on (FlashInfer picked its
+    multicast backend), then, with the trtllm backend forced, hung for minutes after Dynamo; with the fusion
+    off the same trial served 64 req/s within the llama3.1-8b SLA (docs/results/2026-11-22-h200x4-sglang-tp2-fp8).
+    The key is 0.26's (``PassConfig.fuse_allreduce_rms``); other releases are left as they are.
+    """
+    if any(a == "-cc" or a.startswith(("--compilation-config", "-cc=", "-cc.")) for a in extra_args):
+        return extra_args
+    return extra_args + ["--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']
+
+
 class VllmEngine(CatalogEngine):
     name = "vllm"
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, **kw):
-        return super().plan(self._effective(params), model, **kw)
+        p = self._effective(params)
+        if C.as_int(p.get("tensor_parallel"), 1) > 1 and _multicast_off() and self.version.startswith("0.26"):
+            kw["extra_args"] = _without_allreduce_fusion(list(kw.get("extra_args") or []))
+        return super().plan(p, model, **kw)
 
     def _effective(self, params: dict[str, Any]) -> dict[str, Any]:
         """What reaches argv: speculative children only when a method uses them (an ngram trial in a study
@@ -123,7 +143,7 @@ class VllmEngine(CatalogEngine):
             # vLLM's own engine handshake gives up at 600 s by default; servetune's ready timeout governs.
             "VLLM_ENGINE_READY_TIMEOUT_S": "1800",
         }
-        if os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
+        if _multicast_off():
             # With NVLink multicast off, TP>1 workers die in the profile run with an illegal memory access in
             # torch's CUDASymmetricMemory (docs/results/2026-11-22-vllm-h200, twice). The second time the log
             # named the culprit: the compiled all-reduce + RMSNorm fusion had FlashInfer auto-select its
