@@ -62,11 +62,16 @@ class Order:
 
 
 def warmup_variant(req: Request) -> Request:
-    """The same work with a different first token, so it shares no prefix-cache block with ``req``."""
+    """The same work behind one more first token, so it shares no prefix-cache block with ``req``.
+
+    Prepended, not substituted: the token that makes each load level's prompts distinct
+    (:func:`~servetune.loadgen.search.level_variant`) is the first one, and substituting it made every
+    level's warm-up the same prompts (cache hits from the second level on, measured on H200s).
+    """
     if isinstance(req.prompt, str):
-        return replace(req, prompt="warmup " + req.prompt)
+        return replace(req, prompt="warmup " + req.prompt, input_tokens=req.input_tokens + 1)
     first = SAFE_ID_LOW - 1 if req.prompt[0] != SAFE_ID_LOW - 1 else SAFE_ID_LOW - 2
-    return replace(req, prompt=[first, *req.prompt[1:]])
+    return replace(req, prompt=[first, *req.prompt], input_tokens=req.input_tokens + 1)
 
 
 class Positions:

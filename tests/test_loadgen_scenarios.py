@@ -68,7 +68,12 @@ def test_settings_validation():
 
 def test_warmup_variant_breaks_the_prefix():
     ids = Request(prompt=[SAFE_ID_LOW + 5, 2000, 3000], max_tokens=4, input_tokens=3)
-    assert _warmup_variant(ids).prompt[0] != ids.prompt[0] and _warmup_variant(ids).prompt[1:] == ids.prompt[1:]
+    assert _warmup_variant(ids).prompt[0] != ids.prompt[0] and _warmup_variant(ids).prompt[1:] == ids.prompt
+    # the warm-ups of two load levels differ as the levels' prompts do (behind the one warm-up token)
+    from servetune.loadgen.search import level_variant
+
+    one, two = (_warmup_variant(level_variant([ids], n)[0]).prompt for n in (1, 2))
+    assert one[0] == two[0] and one[1:] != two[1:]
     text = Request(prompt="the cat", max_tokens=4, input_tokens=2)
     assert _warmup_variant(text).prompt == "warmup the cat"
 

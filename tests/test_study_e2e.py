@@ -164,10 +164,12 @@ def test_sweep_levels_never_replay_prompts_into_the_prefix_cache(tmp_path):
     study = write_study(tmp_path, trials=1, parallel=1, qps="[4, 8, 12]", duration_s=2, search="""
       max_concurrency: [32]
     """, extra="baseline: false\n")
+    study.write_text(study.read_text().replace("duration_s: 2,", "duration_s: 2, warmup_requests: 4,"))
     proc = _servetune("run", str(study), "--no-report")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sc = _trial_files(tmp_path / "run")[0]["scenarios"]["server"]
     assert [lvl["qps"] for lvl in sc["levels"]] == [4, 8, 12]
+    assert all(lvl["settings"]["warmup_requests"] == 4 for lvl in sc["levels"])  # warm-ups are not replayed
     delta = sc["metrics_delta"]  # the sim's raw vLLM counters over the whole sweep
     assert delta["vllm:prompt_tokens_total"] >= 10 * 128  # every level ran against this one engine
     assert delta["vllm:prefix_cache_queries_total"] == delta["vllm:prompt_tokens_total"]
