@@ -25,6 +25,7 @@ from servetune.loadgen.datasets import SAFE_ID_LOW
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.records import Request, ScenarioResult
 from servetune.loadgen.scenarios import ScenarioSettings, run
+from servetune.loadgen.validity import steady_state_shortfall
 
 LEVEL_TOKEN_BASE = SAFE_ID_LOW - 3  # warmup variants use SAFE_ID_LOW - 1 and - 2
 
@@ -66,6 +67,7 @@ class MaxQPSResult:
     hi: float
     tolerance: float
     bracket: tuple[float | None, float | None] = (None, None)  # (highest valid, lowest invalid)
+    runs: int = 0  # scenario runs made: the levels plus the too-short runs that longer ones replaced
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.levels, self.best_qps))
@@ -76,16 +78,22 @@ class MaxQPSResult:
 
     def to_dict(self, with_records: bool = False) -> dict[str, Any]:
         return {"best_qps": self.best_qps, "stopped_because": self.stopped_because, "lo": self.lo, "hi": self.hi,
-                "tolerance": self.tolerance, "bracket": list(self.bracket),
+                "tolerance": self.tolerance, "bracket": list(self.bracket), "runs": self.runs,
                 "levels": [r.to_dict(with_records) for r in self.levels]}
 
 
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
                  hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
-                 level_offset: int = 0) -> MaxQPSResult:
+                 level_offset: int = 0, max_level_duration_s: float | None = None) -> MaxQPSResult:
     """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
-    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` runs. ``level_offset`` numbers
-    the prompt variants after levels an earlier scenario already ran on the same server."""
+    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` levels. ``level_offset``
+    numbers the prompt variants after levels an earlier scenario already ran on the same server.
+
+    With ``max_level_duration_s``, a level too short to show a steady state (shorter than twice its median
+    request, see :func:`~servetune.loadgen.validity.steady_state_shortfall`) runs once more, for 2.2× that
+    median when it fits in ``max_level_duration_s``, and the longer run is the level: near capacity a
+    request lives longer, and a fixed level length would call every such rate invalid without judging it.
+    An overloaded server gains nothing from it: its requests live longer still, and the rerun fails too."""
     if settings.kind not in ("server", "interactive"):
         raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
     if not 0 < lo < hi:
@@ -95,16 +103,30 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     if max_levels < 2:
         raise ValueError("max_levels must be >= 2 (lo and hi)")
     levels: list[ScenarioResult] = []
+    runs = 0
+
+    def run_once(level: ScenarioSettings) -> ScenarioResult:
+        nonlocal runs
+        reqs = level_variant(requests, level_offset + runs) if vary_prompts else requests  # never replayed
+        runs += 1
+        return run(endpoint, reqs, level)
 
     def measure(qps: float) -> ScenarioResult:
-        reqs = level_variant(requests, level_offset + len(levels)) if vary_prompts else requests
-        result = run(endpoint, reqs, replace(settings, qps=qps))
+        level = replace(settings, qps=qps)
+        result = run_once(level)
+        short = steady_state_shortfall(result.summary) if level.min_keep_up is not None else None
+        if short and max_level_duration_s and len(result.invalid_reasons) == 1:  # too short, and only that
+            longer = math.ceil(2.2 * short[0])
+            if (level.duration_s or 0) < longer <= max_level_duration_s:
+                result = run_once(replace(level, duration_s=float(longer)))
+                result.notes.append(f"ran for {longer} s: a {short[1]:.1f} s run was too short to judge "
+                                    f"(its median request took {short[0]:.1f} s)")
         result.settings["search_level"] = len(levels)
         levels.append(result)
         return result
 
     def done(best: float | None, why: str, bracket: tuple[float | None, float | None]) -> MaxQPSResult:
-        return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket)
+        return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket, runs)
 
     low = measure(lo)
     if not low.valid:

@@ -106,13 +106,21 @@ class Verdict:
         return iter((self.valid, self.reasons))
 
 
-def _keep_up_reasons(summary: Mapping[str, float], min_keep_up: float) -> list[str]:
+def steady_state_shortfall(summary: Mapping[str, float]) -> tuple[float, float] | None:
+    """(median request lifetime, arrival window) in seconds when the run is shorter than twice the former,
+    too short to show a steady state; None when it is long enough or there is nothing to judge."""
     first, last = summary.get("first_scheduled_s", 0.0), summary.get("last_scheduled_s", float("nan"))
     window = last - first
     lifetime = summary.get("e2e_p50_ms", float("nan")) / 1000.0
     if not window > 0 or lifetime != lifetime:
-        return []  # nothing completed or nothing scheduled: other reasons already say so
-    if lifetime > window / 2:
+        return None  # nothing completed or nothing scheduled: other reasons already say so
+    return (lifetime, window) if lifetime > window / 2 else None
+
+
+def _keep_up_reasons(summary: Mapping[str, float], min_keep_up: float) -> list[str]:
+    short = steady_state_shortfall(summary)
+    if short:
+        lifetime, window = short
         return [f"too short to show the server keeps up: the median request took {lifetime:.1f} s, more than "
                 f"half of the {window:.1f} s of arrivals (lengthen duration_s to at least {2 * lifetime:.0f} s)"]
     ratio = summary.get("keep_up_ratio", float("nan"))
@@ -182,7 +190,9 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
 
     min_keep_up = getattr(s, "min_keep_up", DEFAULT_MIN_KEEP_UP)
     if kind in OPEN_LOOP and min_keep_up is not None:
-        reasons += _keep_up_reasons(summary, min_keep_up)
+        steady = _keep_up_reasons(summary, min_keep_up)
+        reasons += steady
+        numbers["steady_state_met"] = float(not steady)
 
     percentile = SCENARIO_PERCENTILE.get(kind)
     es_checked, es_met = False, True

@@ -152,6 +152,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--qps-hi", type=float, help="search bracket high end")
     q.add_argument("--qps-tolerance", type=float, default=0.05, help="relative (default 0.05)")
     q.add_argument("--max-levels", type=int, default=10)
+    q.add_argument("--max-level-duration", type=float, metavar="S",
+                   help="a level too short to judge runs once more for 2.2× its median request, up to S seconds "
+                        "(default: 3× --duration)")
     d = b.add_argument_group("dataset")
     d.add_argument("--dataset", choices=("random", "sharegpt", "token_ids"), default="random")
     d.add_argument("--dataset-path", help="file for sharegpt / token_ids")
@@ -283,10 +286,12 @@ def _bench(args: argparse.Namespace) -> int:
         f"{len(requests)} samples")
     if args.find_max_qps:
         lo = args.qps_lo or settings.qps
-        sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels)
+        longest = args.max_level_duration or (3 * settings.duration_s if settings.duration_s else None)
+        sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
+                          max_level_duration_s=longest)
         results = sr.levels
         doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
-                   bracket=list(sr.bracket))
+                   bracket=list(sr.bracket), runs=sr.runs)
     elif args.concurrency and len(args.concurrency) > 1:
         sw = concurrency_sweep(endpoint, requests, settings, args.concurrency)
         results = sw.levels

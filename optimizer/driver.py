@@ -76,6 +76,12 @@ def objective_keys(spec: StudySpec) -> list[tuple[str, str]]:
     return [(o.scenario or first, o.metric) for o in spec.objectives]
 
 
+def _judges_steady_state(sc: ScenarioPlan) -> bool:
+    s = sc.settings
+    return s["kind"] in ("server", "interactive") and s.get("min_keep_up") is not None and bool(
+        s.get("ttft_limit_ms") or s.get("tpot_limit_ms"))
+
+
 def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
     out = []
     for s in spec.workload.scenarios:
@@ -301,6 +307,8 @@ class StudyDriver:
             for limit_key, short in (("ttft_limit_ms", "ttft_p99"), ("tpot_limit_ms", "tpot_p99")):
                 if sc.settings.get(limit_key):
                     names.append(f"{sc.label}.{short}")
+            if _judges_steady_state(sc):
+                names.append(f"{sc.label}.steady")
         return names + ["failed"]
 
     def score(self, scenarios: dict[str, dict[str, Any]], gpus: int
@@ -327,6 +335,12 @@ class StudyDriver:
                     c = float(measured) / float(limit) - 1.0 if measured is not None and math.isfinite(measured) else 1e6
                     constraints[f"{sc.label}.{short}"] = c
                     mine.append(c)
+            if _judges_steady_state(sc):
+                # the keep-up rule (loadgen.validity): p99 within limits at a rate the server cannot sustain is
+                # no SLA met; estimates carry no verdict and count as met
+                c = 0.0 if summ.get("steady_state_met", 1.0) else 1.0
+                constraints[f"{sc.label}.steady"] = c
+                mine.append(c)
             if mine and sc.label in scenarios:
                 scenarios[sc.label]["sla_met"] = all(c <= 0 for c in mine)
         constraints["failed"] = 0.0

@@ -115,8 +115,8 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     for sc in plan.scenarios:
         t0 = time.monotonic()
         measure = _search_rate if sc.max_qps else _sweep
-        sr, levels, summary_extra = measure(plan, endpoint, requests, sc, epoch)
-        epoch += len(levels)
+        sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch)
+        epoch += runs
         result.loaded_s += time.monotonic() - t0
         result.scenarios[sc.label] = sr.to_dict()
         if len(levels) > 1 or sc.max_qps:
@@ -158,7 +158,7 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
 
     Returns the result to report (the highest level that met the SLA, else the first), every level run as
-    (level, result), and what goes into the reported summary."""
+    (level, result), what goes into the reported summary, and how many runs were made."""
     from servetune.loadgen.scenarios import ScenarioSettings, run
     from servetune.loadgen.search import level_variant
 
@@ -175,7 +175,7 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     met = [(rate, sr) for rate, sr in levels if sla_met(sr.summary, sc.settings)]
     best = met[-1][1] if met else levels[0][1]
     extra = {f"max_valid_{key}": met[-1][0] if met else 0.0} if len(rates) > 1 else {}
-    return best, levels, extra
+    return best, levels, extra, len(levels)
 
 
 def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
@@ -185,18 +185,22 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
 
     m = sc.max_qps
     settings = ScenarioSettings(**{**sc.settings, "qps": m["lo"], "num_gpus": plan.gpus})
+    longest = m.get("max_level_duration_s") or (3 * settings.duration_s if settings.duration_s else None)
     found = find_max_qps(endpoint, requests, settings, lo=m["lo"], hi=m["hi"], tolerance=m["tolerance"],
-                         max_levels=m["max_levels"], level_offset=epoch)
+                         max_levels=m["max_levels"], level_offset=epoch, max_level_duration_s=longest)
     levels = [(r.settings["qps"], r) for r in found.levels]
     best = found.best or found.levels[0]
     lo_valid, hi_invalid = found.bracket
     extra = {"max_valid_qps": found.best_qps or 0.0, "max_qps_stopped_because": found.stopped_because,
              "max_qps_bracket_low": lo_valid, "max_qps_bracket_high": hi_invalid}
-    return best, levels, {k: v for k, v in extra.items() if v is not None}
+    return best, levels, {k: v for k, v in extra.items() if v is not None}, found.runs
 
 
 def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: float = 0.01) -> bool:
-    """p99 TTFT and TPOT within the scenario's limits, and (almost) no failed requests."""
+    """p99 TTFT and TPOT within the scenario's limits, (almost) no failed requests, and a server that kept up
+    (loadgen.validity's keep-up rule, where it was judged)."""
+    if not summary.get("steady_state_met", 1.0):
+        return False
     for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
         limit = settings.get(limit_key)
         value = summary.get(metric)

@@ -311,6 +311,9 @@ class MaxQPSSpec(_Strict):
     hi: float = Field(gt=0, description="a rate above its capacity (measured second)")
     tolerance: float = Field(0.05, gt=0, lt=1, description="stop once the bracket is this narrow (relative)")
     max_levels: int = Field(8, ge=2, description="at most this many rates measured, lo and hi included")
+    max_level_duration_s: float | None = Field(
+        None, gt=0, description="a level too short to judge (its median request longer than half the level) runs "
+        "once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
 
     @model_validator(mode="after")
     def _order(self) -> "MaxQPSSpec":

@@ -1,5 +1,6 @@
 """Load sweeps against one running server: max valid QPS search, concurrency sweep, Pareto points."""
 import math
+from dataclasses import replace
 
 import pytest
 from loadgen_mock import MockServer
@@ -126,3 +127,23 @@ def test_concurrency_sweep_with_faults_counts_them_and_keeps_them_off_the_front(
         assert s["requests_issued"] == 9 and s["errors_dropped"] >= 2 and not r.valid
         assert s["output_tokens_total"] == 8 * s["requests_ok"]  # metrics from the good requests only
     assert not any(p["pareto"] for p in sweep.points())  # failing levels are never on the front
+
+
+def test_a_level_too_short_to_judge_runs_once_more_for_longer(mock):
+    # ~0.3 s requests in 0.4 s levels: too short to show a steady state (median > half the level)
+    slow = mock.endpoint(ttft_s=0.01, tpot_s=0.04)
+    settings = _search_settings(duration_s=0.4, ttft_limit_ms=1000)
+    judged_short = find_max_qps(slow, DATA, settings, lo=5, hi=40)
+    assert judged_short.best_qps is None and judged_short.runs == 1
+    assert "too short to show the server keeps up" in judged_short.stopped_because
+    longer = find_max_qps(slow, DATA, settings, lo=5, hi=40, max_level_duration_s=2)
+    assert longer.best_qps == 40 and [r.valid for r in longer.levels] == [True, True]
+    assert longer.runs == 4  # each level ran twice: the short run, then a 1 s one (2.2 × ~0.3 s, rounded up)
+    for r in longer.levels:
+        assert r.settings["duration_s"] == 1.0 and r.summary["last_scheduled_s"] >= 0.95
+        assert any(n.startswith("ran for 1 s: a 0.") for n in r.notes), r.notes
+    # a longer run that would not fit is not made; and the rule off judges nothing of the kind
+    capped = find_max_qps(slow, DATA, settings, lo=5, hi=40, max_level_duration_s=0.5)
+    assert capped.best_qps is None and capped.runs == 1
+    off = find_max_qps(slow, DATA, replace(settings, min_keep_up=None), lo=5, hi=40, max_level_duration_s=2)
+    assert off.best_qps == 40 and off.runs == 2

@@ -50,7 +50,7 @@ def test_sla_constraints_reach_optuna_and_keep_infeasible_off_the_front(tmp_path
     _ask_tell(d, study, tps=9000, tpot=150)  # best throughput but breaks p99 TPOT 100 ms
     _ask_tell(d, study, tps=500, tpot=20)  # feasible, faster tokens
     ts = study.trials
-    assert set(ts[0].constraints) == {"server.ttft_p99", "server.tpot_p99", "failed"}
+    assert set(ts[0].constraints) == {"server.ttft_p99", "server.tpot_p99", "server.steady", "failed"}
     assert ts[1].constraints["server.tpot_p99"] == pytest.approx(0.5)
     assert all(v <= 0 for v in ts[0].constraints.values())
     assert sorted(t.number for t in study.best_trials) == [0, 2]
@@ -265,3 +265,22 @@ def test_estimator_answers_a_max_qps_scenario_with_the_highest_valid_rate():
     rate = est["server"]["summary"]["max_valid_qps"]
     # prefill alone (~14 TFLOP per 1024-token prompt) caps an 8b on one H100 well below 100 req/s
     assert 1.0 < rate < 100.0
+
+
+def test_a_server_run_that_did_not_keep_up_misses_the_sla_within_its_p99_limits(tmp_path):
+    d = _driver(tmp_path)
+    assert d.constraint_names() == ["server.ttft_p99", "server.tpot_p99", "server.steady", "failed"]
+
+    def judged(steady):
+        summary = {"output_tokens_per_s": 1000.0, "tpot_p99_ms": 50.0, "ttft_p99_ms": 300.0}
+        if steady is not None:
+            summary["steady_state_met"] = steady
+        scenarios = {"server": {"summary": summary}}
+        values, named, _ = d.score(scenarios, 1)
+        return named["server.steady"], scenarios["server"]["sla_met"]
+
+    assert judged(1.0) == (0.0, True)
+    assert judged(0.0) == (1.0, False)  # p99 within the limits, backlog growing: not met
+    assert judged(None) == (0.0, True)  # an estimate (or an older record) carries no verdict
+    d.spec.workload.scenarios[0].min_keep_up = None
+    assert "server.steady" not in d.constraint_names()
