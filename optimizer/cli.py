@@ -101,6 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         err_console.print("interrupted: completed trials are saved; rerun the same command to continue")
         return 130
     console.print(f"done in {time.monotonic() - t0:.0f} s ({outcome.stopped_because})")
+    if outcome.gpu_use:
+        u = outcome.gpu_use
+        console.print(f"GPU use: {u['utilization']:.0%} ({u['busy_gpu_s']:,.0f} of {u['available_gpu_s']:,.0f} "
+                      "GPU-seconds held by trials)")
     _print_pareto(outcome.run_dir, spec_objectives)
     if not args.no_report:
         from servetune.reports.html import write_report

@@ -14,6 +14,7 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,29 @@ class StudyOutcome:
     results: list[TrialResult] = field(default_factory=list)
     pareto: list[int] = field(default_factory=list)
     stopped_because: str = ""
+    gpu_use: dict[str, float] = field(default_factory=dict)
+
+
+def gpu_use(trials: list[dict[str, Any]], gpus: int) -> dict[str, float]:
+    """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
+    the GPUs × the span from the first launch to the last release. Duplicates and rejected configs hold none.
+    Empty when nothing was launched."""
+    spans = []
+    for t in trials:
+        if t.get("duplicate_of") is not None or not t.get("gpu_ids") or not t.get("started_at"):
+            continue
+        try:
+            start = datetime.fromisoformat(t["started_at"]).timestamp()
+        except ValueError:
+            continue
+        spans.append((start, start + float(t.get("wall_s") or 0.0), len(t["gpu_ids"])))
+    if not spans:
+        return {}
+    window = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    busy = sum((end - start) * n for start, end, n in spans)
+    available = window * max(gpus, 1)
+    return {"busy_gpu_s": round(busy, 1), "available_gpu_s": round(available, 1),
+            "utilization": round(busy / available, 4) if available > 0 else 0.0}
 
 
 # -- building blocks ----------------------------------------------------------------------------------------
@@ -870,4 +894,11 @@ class StudyDriver:
                                    "calibration": Calibration.report(self.calibration_pairs())}
         if repeats is not None:
             summary["noise"] = repeats
+        records = []
+        for path in sorted((self.run_dir / "trials").glob("*/trial.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
         write_json_atomic(self.run_dir / "summary.json", summary)

@@ -34,7 +34,8 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
     engine = get_engine(plan.engine, plan.engine_command, plan.engine_version)
     result = TrialResult(number=plan.number, engine=plan.engine, params=dict(plan.params), state="running",
                          is_baseline=plan.is_baseline, engine_version=engine.version, gpus=plan.gpus,
-                         gpu_ids=list(gpu_ids), started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                         gpu_ids=list(gpu_ids),
+                         started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"))
     t_start = time.monotonic()
     write_json_atomic(trial_dir / "trial.json", result.to_dict())
     ep = None

@@ -45,7 +45,7 @@ def test_trials_of_1_2_4_gpus_pack_on_4_gpus_without_sharing(tmp_path):
     for t in trials:
         assert len(t["gpu_ids"]) == t["gpus"] == t["params"]["tensor_parallel"]
         assert set(t["gpu_ids"]) <= {0, 1, 2, 3}
-        start = dt.datetime.fromisoformat(t["started_at"]).timestamp()  # whole seconds
+        start = dt.datetime.fromisoformat(t["started_at"]).timestamp()  # milliseconds (whole seconds before)
         spans.append((start, start + t["wall_s"], set(t["gpu_ids"]), t["number"]))
     concurrent = 0
     for (s1, e1, g1, n1), (s2, e2, g2, n2) in itertools.combinations(spans, 2):
@@ -54,6 +54,11 @@ def test_trials_of_1_2_4_gpus_pack_on_4_gpus_without_sharing(tmp_path):
             concurrent += 1
             assert not g1 & g2, f"trials {n1} and {n2} ran at once on GPUs {g1 & g2}"
     assert concurrent >= 1, "no two trials ran at once: packing was not exercised"
+    # GPU use of the study: the GPU-seconds the launched trials held, over 4 GPUs × the span they covered
+    use = json.loads((tmp_path / "run" / "summary.json").read_text())["gpu_use"]
+    held = sum(t["wall_s"] * len(t["gpu_ids"]) for t in trials)
+    assert use["busy_gpu_s"] == pytest.approx(held, abs=0.5)
+    assert 0 < use["utilization"] <= 1.0 and use["available_gpu_s"] >= held
 
 
 def test_a_failed_config_is_never_relaunched(tmp_path):

@@ -64,6 +64,13 @@ def summarize(run: Path) -> str:
         wall = sum(t.get("wall_s", 0) * t.get("gpus", 1) for t in launched)
         lines.append(f"GPU duty cycle (GPU-seconds under measured load ÷ GPU-seconds of launched trials): "
                      f"{loaded / wall:.0%} ({loaded:,.0f} / {wall:,.0f} GPU-s).")
+    try:
+        use = json.loads((run / "summary.json").read_text()).get("gpu_use") or {}
+    except (OSError, ValueError):
+        use = {}
+    if use:
+        lines.append(f"GPU use of the study (GPU-seconds held by trials ÷ GPUs × study span): {use['utilization']:.0%} "
+                     f"({use['busy_gpu_s']:,.0f} / {use['available_gpu_s']:,.0f} GPU-s).")
     valid = [t for t in ts if t["state"] == "complete" and next(iter(t["scenarios"].values()), {}).get("sla_met")]
     base = next((t for t in ts if t.get("is_baseline")), None)
     if base and base["state"] == "complete" and valid:
