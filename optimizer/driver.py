@@ -14,7 +14,6 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ import optuna
 from servetune.optimizer import rules
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.records import ScenarioPlan, TrialPlan, TrialResult, write_json_atomic
+from servetune.optimizer.records import ScenarioPlan, TrialPlan, TrialResult, gpu_use, write_json_atomic
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
 
@@ -51,28 +50,6 @@ class StudyOutcome:
     pareto: list[int] = field(default_factory=list)
     stopped_because: str = ""
     gpu_use: dict[str, float] = field(default_factory=dict)
-
-
-def gpu_use(trials: list[dict[str, Any]], gpus: int) -> dict[str, float]:
-    """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
-    the GPUs × the span from the first launch to the last release. Duplicates and rejected configs hold none.
-    Empty when nothing was launched."""
-    spans = []
-    for t in trials:
-        if t.get("duplicate_of") is not None or not t.get("gpu_ids") or not t.get("started_at"):
-            continue
-        try:
-            start = datetime.fromisoformat(t["started_at"]).timestamp()
-        except ValueError:
-            continue
-        spans.append((start, start + float(t.get("wall_s") or 0.0), len(t["gpu_ids"])))
-    if not spans:
-        return {}
-    window = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-    busy = sum((end - start) * n for start, end, n in spans)
-    available = window * max(gpus, 1)
-    return {"busy_gpu_s": round(busy, 1), "available_gpu_s": round(available, 1),
-            "utilization": round(busy / available, 4) if available > 0 else 0.0}
 
 
 # -- building blocks ----------------------------------------------------------------------------------------

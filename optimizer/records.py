@@ -9,8 +9,9 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from servetune.optimizer.engines.base import ModelRef
 
@@ -101,3 +102,29 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         except OSError:
             pass
         raise
+
+
+def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, float]:
+    """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
+    the GPUs × the span from the first launch to the last release. Duplicates and rejected configs hold none.
+    Empty when nothing was launched. Takes trial records (``gpu_ids`` a list) or report rows ("0,1")."""
+    spans = []
+    for t in trials:
+        ids, started, dup = t.get("gpu_ids"), t.get("started_at"), t.get("duplicate_of")
+        if isinstance(ids, str):
+            ids = [i for i in ids.split(",") if i.strip()]
+        if (dup is not None and dup == dup) or not ids or not isinstance(started, str) or not started:
+            continue  # (a report row holds NaN where a record holds None)
+        try:
+            start = datetime.fromisoformat(started).timestamp()
+        except ValueError:
+            continue
+        wall = t.get("wall_s")
+        spans.append((start, start + (float(wall) if wall == wall and wall else 0.0), len(ids)))
+    if not spans:
+        return {}
+    window = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    busy = sum((end - start) * n for start, end, n in spans)
+    available = window * max(gpus, 1)
+    return {"busy_gpu_s": round(busy, 1), "available_gpu_s": round(available, 1),
+            "utilization": round(busy / available, 4) if available > 0 else 0.0}

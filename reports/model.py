@@ -106,6 +106,11 @@ class Run:
         return f"{hw['gpus']} × {kind}" if hw.get("gpus") else kind
 
     @property
+    def gpu_count(self) -> int | None:
+        hw = self.spec.get("hardware") if isinstance(self.spec.get("hardware"), dict) else {}
+        return int(hw["gpus"]) if isinstance(hw.get("gpus"), (int, float)) else None
+
+    @property
     def study_db(self) -> Path | None:
         """The SQLite storage beside the trials; remote storage is never opened by a report."""
         p = self.run_dir / "study.db"

@@ -226,3 +226,20 @@ def test_units():
     assert fmt_number(1015.4) == "1,015" and fmt_number(24.31) == "24.3" and fmt_number(0.853) == "0.85"
     assert fmt_metric(80.2, "ttft_p99_ms") == "80.2 ms" and fmt_metric(0.0123, "error_rate") == "1.2%"
     assert fmt_metric(float("nan"), "tpot_p99_ms") == "—"
+
+
+def test_report_states_the_study_gpu_use(run_dir, report):
+    """The header's GPU use is the one the driver writes to summary.json, from the same trial records."""
+    from servetune.optimizer.records import gpu_use
+
+    records = []
+    for p in sorted((run_dir / "trials").glob("*/trial.json")):
+        try:
+            records.append(json.loads(p.read_text()))
+        except ValueError:
+            continue  # the fixture's unreadable trial file
+    use = gpu_use(records, 2)
+    launched = [r for r in records if r.get("gpu_ids") and r.get("duplicate_of") is None and r.get("started_at")]
+    assert use["busy_gpu_s"] == pytest.approx(sum((r["wall_s"] or 0) * len(r["gpu_ids"]) for r in launched), abs=0.1)
+    assert 0 < use["utilization"] < 1  # the fixture's trials start a minute apart and run 40-55 s
+    assert f"GPU use <b>{use['utilization']:.0%}</b>" in report
