@@ -87,6 +87,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"{_fmt_params(data['params'])}{tag}", markup=True)
         elif kind == "result":
             console.print("  " + _result_line(data["result"], spec_objectives), markup=True)
+        elif kind == "repeat":
+            console.print(f"  #{data['number']:<3} repeat  (re-measuring a Pareto candidate)")
+        elif kind == "note":
+            from rich.markup import escape
+
+            console.print(f"  [dim]{escape(data['text'])}[/]", markup=True, highlight=False)
 
     try:
         driver = StudyDriver(spec, on_event=on_event, ray_address=args.ray_address)

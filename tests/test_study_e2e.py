@@ -202,3 +202,15 @@ def test_max_qps_search_brackets_the_highest_valid_rate_in_one_launch(tmp_path):
     for r in rates:
         assert (tmp_path / "run" / "trials" / "0000" / f"requests_server_qps{r:.4g}.csv").exists()
     assert sc["metrics_delta"]["vllm:prefix_cache_hits_total"] == 0.0
+
+
+def test_the_console_says_when_a_trial_waits_for_a_running_one(tmp_path):
+    # one configuration on two GPUs: trial 1 is sampled while trial 0 measures it, and takes its result
+    study = write_study(tmp_path, trials=2, parallel=2, qps=2, duration_s=1, search="""
+      max_concurrency: [16]
+    """, extra="baseline: false\n")
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trial 1 has the config trial 0 is measuring: it will take that result" in proc.stdout, proc.stdout
+    assert proc.stdout.count(" start ") == 1
+    assert "GPU use: " in proc.stdout
