@@ -1,0 +1,49 @@
+"""benchmarks/gpu's scripts against records of a real GPU run (the levels kept as fixtures)."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = Path(__file__).parent / "fixtures" / "gpu_levels"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "gpu" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trial(trials: Path, number: int, levels: dict[str, bool], baseline: bool = False) -> None:
+    """A trial record as the lifecycle writes it, with the named fixture levels and their verdicts then."""
+    d = trials / f"{number:04d}"
+    d.mkdir(parents=True)
+    recorded = []
+    for name, valid in levels.items():
+        qps = float(name.rsplit("qps", 1)[1])
+        with gzip.open(LEVELS / f"{name}.csv.gz") as src, open(d / f"requests_server_qps{qps:.4g}.csv", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        settings = {"kind": "server", "qps": qps, "duration_s": 20.0, "ttft_limit_ms": 2000.0, "tpot_limit_ms": 100.0,
+                    "require_early_stopping": False, "endpoint": {"base_url": "http://127.0.0.1:1"}}
+        recorded.append({"qps": qps, "settings": settings, "duration_s": 25.0, "valid": valid})
+    (d / "trial.json").write_text(json.dumps({"number": number, "is_baseline": baseline,
+                                              "scenarios": {"server": {"levels": recorded}}}))
+
+
+def test_rejudge_applies_this_checkout_s_rules_to_a_finished_study(tmp_path, capsys):
+    rejudge = _script("rejudge")
+    trials = tmp_path / "trials"
+    _trial(trials, 0, {"vllm-fp8-h200-qps47.25": True}, baseline=True)
+    _trial(trials, 1, {"vllm-fp8-h200-qps47.25": True, "vllm-fp8-h200-qps53.44": True})
+    judged = rejudge.rejudge_trial(trials / "0001", "server", 0.7)
+    assert [(x["qps"], x["was"], x["now"]) for x in judged["levels"]] == [(47.25, True, True), (53.44, True, False)]
+    assert judged["levels"][1]["reasons"][0].startswith("not keeping up")
+    assert rejudge.best_level(judged["levels"], "now")["qps"] == 47.25
+    rejudge.main([str(trials)])
+    out = capsys.readouterr().out
+    assert "- as measured: best valid" in out and "at 53.44 req/s" in out
+    assert "- judged again: best valid" in out and "1.00×" in out  # the same level as the baseline's now
