@@ -82,6 +82,12 @@ class MaxQPSResult:
                 "levels": [r.to_dict(with_records) for r in self.levels]}
 
 
+def longest_level_s(settings: ScenarioSettings, given: float | None = None) -> float | None:
+    """How long a too-short level may run again (``max_level_duration_s``): as given, else 3× the level's
+    ``duration_s``; None (no re-run) for a level with no duration."""
+    return given or (3 * settings.duration_s if settings.duration_s else None)
+
+
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
                  hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
                  level_offset: int = 0, max_level_duration_s: float | None = None) -> MaxQPSResult:

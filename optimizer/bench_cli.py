@@ -143,7 +143,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     v.add_argument("--no-early-stopping", action="store_true",
                    help="report an early-stopping shortfall as a note instead of invalidating the run")
     v.add_argument("--max-error-rate", type=float, default=0.01)
-    v.add_argument("--min-keep-up", type=_keep_up_arg, default=0.7, metavar="RATIO|off",
+    v.add_argument("--min-keep-up", type=_keep_up_arg, default=argparse.SUPPRESS, metavar="RATIO|off",
                    help="server/interactive: invalidate a run whose backlog grows (departures ÷ arrivals over the "
                         "second half below RATIO) or that is shorter than twice its median request (default 0.7)")
     q = b.add_argument_group("max-QPS search")
@@ -215,8 +215,9 @@ def _settings(args: argparse.Namespace):
         num_requests=args.num_requests, max_connections=args.max_connections, warmup_requests=args.warmup,
         timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
         num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
-        max_error_rate=args.max_error_rate, min_keep_up=args.min_keep_up, concurrency=args.concurrency[0] if args.concurrency else None,
-        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival)
+        max_error_rate=args.max_error_rate, concurrency=args.concurrency[0] if args.concurrency else None,
+        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival,
+        **({"min_keep_up": args.min_keep_up} if "min_keep_up" in args else {}))  # else loadgen's default
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -249,7 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import records_frame, run
-    from servetune.loadgen.search import concurrency_sweep, find_max_qps
+    from servetune.loadgen.search import concurrency_sweep, find_max_qps, longest_level_s
 
     headers = dict(resolve_header(h) for h in args.header)
     extra: dict[str, Any] = {}
@@ -286,9 +287,8 @@ def _bench(args: argparse.Namespace) -> int:
         f"{len(requests)} samples")
     if args.find_max_qps:
         lo = args.qps_lo or settings.qps
-        longest = args.max_level_duration or (3 * settings.duration_s if settings.duration_s else None)
         sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
-                          max_level_duration_s=longest)
+                          max_level_duration_s=longest_level_s(settings, args.max_level_duration))
         results = sr.levels
         doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
                    bracket=list(sr.bracket), runs=sr.runs)

@@ -23,7 +23,8 @@ import optuna
 from servetune.optimizer import rules
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.records import ScenarioPlan, TrialPlan, TrialResult, gpu_use, write_json_atomic
+from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, gpu_use, trial_records,
+                                         write_json_atomic)
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
 
@@ -78,8 +79,11 @@ def objective_keys(spec: StudySpec) -> list[tuple[str, str]]:
 
 
 def _judges_steady_state(sc: ScenarioPlan) -> bool:
+    """Whether the scenario's verdict applies the keep-up rule, and the SLA has limits it could be part of."""
+    from servetune.loadgen.validity import OPEN_LOOP
+
     s = sc.settings
-    return s["kind"] in ("server", "interactive") and s.get("min_keep_up") is not None and bool(
+    return s["kind"] in OPEN_LOOP and s.get("min_keep_up") is not None and bool(
         s.get("ttft_limit_ms") or s.get("tpot_limit_ms"))
 
 
@@ -618,17 +622,12 @@ class StudyDriver:
         from servetune.optimizer import fidelity
 
         pairs = []
-        for p in sorted((self.run_dir / "trials").glob("*/trial.json")):
-            try:
-                r = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
+        for number, r in trial_records(self.run_dir).items():
             if r.get("state") != "complete" or r.get("duplicate_of") is not None:
                 continue
-            number = int(p.parent.name)
             raw = self._raw_estimates.get(number)
             if raw is None:
-                est_path = p.parent / "estimate.json"
+                est_path = self.trial_dir(number) / "estimate.json"
                 try:
                     raw = json.loads(est_path.read_text()).get("raw")
                 except (OSError, ValueError):
@@ -871,11 +870,6 @@ class StudyDriver:
                                    "calibration": Calibration.report(self.calibration_pairs())}
         if repeats is not None:
             summary["noise"] = repeats
-        records = []
-        for path in sorted((self.run_dir / "trials").glob("*/trial.json")):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
+        records = trial_records(self.run_dir).values()
         outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
         write_json_atomic(self.run_dir / "summary.json", summary)

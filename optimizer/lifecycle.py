@@ -182,13 +182,13 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
 def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
     from servetune.loadgen.scenarios import ScenarioSettings
-    from servetune.loadgen.search import find_max_qps
+    from servetune.loadgen.search import find_max_qps, longest_level_s
 
     m = sc.max_qps
     settings = ScenarioSettings(**{**sc.settings, "qps": m["lo"], "num_gpus": plan.gpus})
-    longest = m.get("max_level_duration_s") or (3 * settings.duration_s if settings.duration_s else None)
     found = find_max_qps(endpoint, requests, settings, lo=m["lo"], hi=m["hi"], tolerance=m["tolerance"],
-                         max_levels=m["max_levels"], level_offset=epoch, max_level_duration_s=longest)
+                         max_levels=m["max_levels"], level_offset=epoch,
+                         max_level_duration_s=longest_level_s(settings, m.get("max_level_duration_s")))
     levels = [(r.settings["qps"], r) for r in found.levels]
     best = found.best or found.levels[0]
     lo_valid, hi_invalid = found.bracket

@@ -104,6 +104,17 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+def trial_records(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """Every readable ``trials/NNNN/trial.json`` of a run, by trial number (a file being written is skipped)."""
+    out: dict[int, dict[str, Any]] = {}
+    for path in sorted(Path(run_dir, "trials").glob("*/trial.json")):
+        try:
+            out[int(path.parent.name)] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, float]:
     """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
     the GPUs × the span from the first launch to the last release. Duplicates and rejected configs hold none.

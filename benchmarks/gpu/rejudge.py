@@ -34,7 +34,7 @@ def rejudge_trial(trial_dir: Path, scenario: str, min_keep_up: float | None) -> 
             continue
         settings = ScenarioSettings(**{k: v for k, v in level["settings"].items() if k in SETTING_NAMES},
                                     min_keep_up=min_keep_up)
-        records = [r for r in read_records(path) if not r.warmup]
+        records = read_records(path)  # summarize and verdict leave the warm-ups out
         summary = summarize(records, level["duration_s"], settings.ttft_limit_ms, settings.tpot_limit_ms,
                             settings.num_gpus)
         v = verdict(records, settings, summary=summary)
