@@ -55,6 +55,8 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     from servetune.optimizer.engines.sim.estimate import simulate_offline, simulate_server
     from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
     from servetune.optimizer.hardware import get_gpu
+    from servetune.optimizer.rules import gpus_needed
+    from servetune.optimizer.spec import rate_bracket
 
     try:
         gpu_spec = get_gpu(gpu)
@@ -84,7 +86,8 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
                 rates = rates if isinstance(rates, list) else [rates if rates else 0.5]
                 m = getattr(sc, "max_qps", None)
                 if m:  # the estimate costs milliseconds: a fine geometric ladder stands in for the search
-                    rates = [m["lo"] * (m["hi"] / m["lo"]) ** (i / 15) for i in range(16)]
+                    lo, hi = rate_bracket(m, gpus_needed(cfg_params))
+                    rates = [lo * (hi / lo) ** (i / 15) for i in range(16)]
                 levels = []
                 for rate in rates:
                     dur = min(float(s.get("duration_s") or 30.0), max_requests / rate)

@@ -183,10 +183,12 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
     from servetune.loadgen.scenarios import ScenarioSettings
     from servetune.loadgen.search import find_max_qps, longest_level_s
+    from servetune.optimizer.spec import rate_bracket
 
     m = sc.max_qps
-    settings = ScenarioSettings(**{**sc.settings, "qps": m["lo"], "num_gpus": plan.gpus})
-    found = find_max_qps(endpoint, requests, settings, lo=m["lo"], hi=m["hi"], tolerance=m["tolerance"],
+    lo, hi = rate_bracket(m, plan.gpus)
+    settings = ScenarioSettings(**{**sc.settings, "qps": lo, "num_gpus": plan.gpus})
+    found = find_max_qps(endpoint, requests, settings, lo=lo, hi=hi, tolerance=m["tolerance"],
                          max_levels=m["max_levels"], level_offset=epoch,
                          max_level_duration_s=longest_level_s(settings, m.get("max_level_duration_s")))
     levels = [(r.settings["qps"], r) for r in found.levels]

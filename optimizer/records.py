@@ -115,15 +115,17 @@ def trial_records(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return out
 
 
-def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, float]:
+def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, Any]:
     """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
-    the GPUs × the span from the first launch to the last release. Duplicates and rejected configs hold none.
-    Empty when nothing was launched. Takes trial records (``gpu_ids`` a list) or report rows ("0,1")."""
+    the GPUs × the span from the first launch to the last release; the most GPUs held at once; and any two
+    trials that held the same GPU at the same time (``shared``: [a, b, [ids]], empty unless packing broke).
+    Duplicates and rejected configs hold none. Empty when nothing was launched. Takes trial records
+    (``gpu_ids`` a list) or report rows ("0,1")."""
     spans = []
     for t in trials:
         ids, started, dup = t.get("gpu_ids"), t.get("started_at"), t.get("duplicate_of")
         if isinstance(ids, str):
-            ids = [i for i in ids.split(",") if i.strip()]
+            ids = [i.strip() for i in ids.split(",") if i.strip()]
         if (dup is not None and dup == dup) or not ids or not isinstance(started, str) or not started:
             continue  # (a report row holds NaN where a record holds None)
         try:
@@ -131,11 +133,16 @@ def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, float]:
         except ValueError:
             continue
         wall = t.get("wall_s")
-        spans.append((start, start + (float(wall) if wall == wall and wall else 0.0), len(ids)))
+        end = start + (float(wall) if wall == wall and wall else 0.0)
+        spans.append((start, end, {str(i) for i in ids}, t.get("number")))
     if not spans:
         return {}
-    window = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-    busy = sum((end - start) * n for start, end, n in spans)
+    window = max(s[1] for s in spans) - min(s[0] for s in spans)
+    busy = sum((end - start) * len(ids) for start, end, ids, _ in spans)
     available = window * max(gpus, 1)
+    peak = max(sum(len(ids) for s, e, ids, _ in spans if s <= at < e) for at, _, _, _ in spans)
+    shared = [[a[3], b[3], sorted(a[2] & b[2], key=str)] for i, a in enumerate(spans) for b in spans[i + 1:]
+              if a[0] < b[1] and b[0] < a[1] and a[2] & b[2]]
     return {"busy_gpu_s": round(busy, 1), "available_gpu_s": round(available, 1),
-            "utilization": round(busy / available, 4) if available > 0 else 0.0}
+            "utilization": round(busy / available, 4) if available > 0 else 0.0,
+            "peak_gpus": peak, "shared": shared}

@@ -314,12 +314,21 @@ class MaxQPSSpec(_Strict):
     max_level_duration_s: float | None = Field(
         None, gt=0, description="a level too short to judge (its median request longer than half the level) runs "
         "once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
+    per_gpu: bool = Field(
+        False, description="lo and hi are rates per GPU: a trial on G GPUs searches lo·G..hi·G (a sharding search "
+        "then starts each trial near its own capacity instead of overloading one GPU with an 8-GPU bracket)")
 
     @model_validator(mode="after")
     def _order(self) -> "MaxQPSSpec":
         if self.hi <= self.lo:
             _fail("max_qps", [(("hi",), f"hi ({_num(self.hi)}) must be above lo ({_num(self.lo)})")])
         return self
+
+
+def rate_bracket(max_qps: dict[str, Any], gpus: int) -> tuple[float, float]:
+    """The (lo, hi) a trial on ``gpus`` GPUs searches, from a dumped :class:`MaxQPSSpec`."""
+    scale = gpus if max_qps.get("per_gpu") else 1
+    return max_qps["lo"] * scale, max_qps["hi"] * scale
 
 
 class ScenarioSpec(_Strict):

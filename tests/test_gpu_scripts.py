@@ -47,3 +47,25 @@ def test_rejudge_applies_this_checkout_s_rules_to_a_finished_study(tmp_path, cap
     out = capsys.readouterr().out
     assert "- as measured: best valid" in out and "at 53.44 req/s" in out
     assert "- judged again: best valid" in out and "1.00×" in out  # the same level as the baseline's now
+
+
+def test_summarize_states_packing_and_the_pareto_front_of_a_sharding_study(tmp_path):
+    from servetune.optimizer.driver import StudyDriver
+    from servetune.optimizer.spec import load_study
+    from study_fixtures import write_study
+
+    study = write_study(tmp_path, trials=4, parallel=3, duration_s=1, qps=3, search="""
+      tensor_parallel: [1, 2]
+      max_concurrency: [8, 64]
+    """, extra="baseline: false\nsampler: {kind: random, seed: 1}\n")
+    study.write_text(study.read_text().replace("gpus: 2}", "gpus: 4}").replace("sampler: {kind: tpe, seed: 3}\n", ""))
+    StudyDriver(load_study(study)).run()
+    text = _script("summarize").summarize(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"Packing: at most {summary['gpu_use']['peak_gpus']} GPUs held at once" in text
+    assert "no two trials held a GPU at the same time" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2:3].isdigit()]
+    trials = {int(p.parent.name): json.loads(p.read_text()) for p in (tmp_path / "run" / "trials").glob("*/trial.json")}
+    front = [n for n in summary["pareto"] if trials[n].get("duplicate_of") is None]
+    assert front and len(rows) == 4 + len(front)  # the trial table, then one row per Pareto config
+    assert "Pareto front (server.output_tokens_per_s_per_gpu vs server.tpot_p99_ms)" in text

@@ -59,6 +59,23 @@ def test_trials_of_1_2_4_gpus_pack_on_4_gpus_without_sharing(tmp_path):
     held = sum(t["wall_s"] * len(t["gpu_ids"]) for t in trials)
     assert use["busy_gpu_s"] == pytest.approx(held, abs=0.5)
     assert 0 < use["utilization"] <= 1.0 and use["available_gpu_s"] >= held
+    assert use["shared"] == [] and 2 <= use["peak_gpus"] <= 4
+
+
+def test_gpu_use_names_trials_that_held_one_gpu_at_once():
+    # what the packing check reports when two launches overlapped on a GPU (here: made up to overlap on 1)
+    from servetune.optimizer.records import gpu_use
+
+    records = [
+        {"number": 0, "gpu_ids": [0, 1], "started_at": "2026-11-22T10:00:00.000+00:00", "wall_s": 100.0},
+        {"number": 1, "gpu_ids": [1, 2], "started_at": "2026-11-22T10:01:00.000+00:00", "wall_s": 100.0},
+        {"number": 2, "gpu_ids": [3], "started_at": "2026-11-22T10:00:30.000+00:00", "wall_s": 10.0},
+        {"number": 3, "gpu_ids": [1], "started_at": "2026-11-22T10:03:00.000+00:00", "wall_s": 10.0},
+    ]
+    use = gpu_use(records, 4)
+    assert use["shared"] == [[0, 1, ["1"]]]  # trial 3 starts on GPU 1 after trial 1 released it
+    assert use["peak_gpus"] == 4  # from 10:01:00, trials 0 and 1 (trial 2 ended at 10:00:40)
+    assert use["busy_gpu_s"] == 200 + 200 + 10 + 10
 
 
 def test_a_failed_config_is_never_relaunched(tmp_path):

@@ -204,6 +204,22 @@ def test_max_qps_search_brackets_the_highest_valid_rate_in_one_launch(tmp_path):
     assert sc["metrics_delta"]["vllm:prefix_cache_hits_total"] == 0.0
 
 
+def test_a_per_gpu_rate_bracket_scales_with_the_trials_gpus(tmp_path):
+    # per_gpu: a 2-GPU trial searches 2·lo..2·hi, so a sharding search brackets each trial near its capacity
+    study = write_study(tmp_path, trials=1, parallel=1, qps=4, duration_s=1, search="""
+      tensor_parallel: [2]
+      max_concurrency: [8]
+    """, extra="baseline: false\n")
+    text = study.read_text().replace("qps: 4,", "max_qps: {lo: 2, hi: 300, per_gpu: true, max_levels: 3},")
+    study.write_text(text.replace("num_requests: 40", "num_requests: 700"))
+    proc = _servetune("run", str(study), "--no-report")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = _trial_files(tmp_path / "run")[0]
+    assert t["gpus"] == 2
+    rates = [lvl["qps"] for lvl in t["scenarios"]["server"]["levels"]]
+    assert rates[0] == 4 and rates[-1] == 600 and len(rates) == 3, rates
+
+
 def test_the_console_says_when_a_trial_waits_for_a_running_one(tmp_path):
     # one configuration on two GPUs: trial 1 is sampled while trial 0 measures it, and takes its result
     study = write_study(tmp_path, trials=2, parallel=2, qps=2, duration_s=1, search="""

@@ -1,4 +1,5 @@
-"""Summarize GPU proof runs as Markdown: trials, engine start times, GPU duty cycle, best valid vs baseline.
+"""Summarize GPU proof runs as Markdown: trials, engine start times, GPU duty cycle and use, how trials were
+packed on the GPUs, the Pareto front, best valid vs baseline.
 
 Usage: summarize.py STUDY_RUN_DIR [MORE_RUN_DIRS...]
 """
@@ -36,9 +37,9 @@ def levels(sc: dict) -> str:
 def summarize(run: Path) -> str:
     ts = trials(run)
     lines = [f"## {run.name}: {len(ts)} trials", ""]
-    lines.append("| # | state | params | ready s | loaded s | wall s | levels | max valid qps | out tok/s | p99 TTFT ms "
-                 "| p99 TPOT ms | prefix hit | reason |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| # | state | params | GPUs | ready s | loaded s | wall s | levels | max valid qps | out tok/s "
+                 "| p99 TTFT ms | p99 TPOT ms | prefix hit | reason |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in ts:
         sc = next(iter(t.get("scenarios", {}).values()), {})
         s = sc.get("summary", {})
@@ -50,7 +51,8 @@ def summarize(run: Path) -> str:
             reason += ": " + t["failure"]["reason"][:160]
         if t.get("duplicate_of") is not None:
             reason = f"same config as #{t['duplicate_of']} " + reason
-        lines.append(f"| {t['number']} | {t['state']} | {params} | {fmt(t.get('ready_s'), 1)} | {fmt(t.get('loaded_s'), 1)} "
+        gpus = ",".join(map(str, t.get("gpu_ids") or [])) or "–"
+        lines.append(f"| {t['number']} | {t['state']} | {params} | {gpus} | {fmt(t.get('ready_s'), 1)} | {fmt(t.get('loaded_s'), 1)} "
                      f"| {fmt(t.get('wall_s'), 1)} | {levels(sc)} | {fmt(s.get('max_valid_qps'), 1)} "
                      f"| {fmt(s.get('output_tokens_per_s'))} | {fmt(s.get('ttft_p99_ms'))} | {fmt(s.get('tpot_p99_ms'), 1)} "
                      f"| {pct(sc.get('metrics_delta', {}).get('prefix_cache_hit_rate'))} | {reason.replace('|', '/')} |")
@@ -65,12 +67,20 @@ def summarize(run: Path) -> str:
         lines.append(f"GPU duty cycle (GPU-seconds under measured load ÷ GPU-seconds of launched trials): "
                      f"{loaded / wall:.0%} ({loaded:,.0f} / {wall:,.0f} GPU-s).")
     try:
-        use = json.loads((run / "summary.json").read_text()).get("gpu_use") or {}
+        summary = json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
-        use = {}
+        summary = {}
+    use = summary.get("gpu_use") or {}
     if use:
         lines.append(f"GPU use of the study (GPU-seconds held by trials ÷ GPUs × study span): {use['utilization']:.0%} "
                      f"({use['busy_gpu_s']:,.0f} / {use['available_gpu_s']:,.0f} GPU-s).")
+    if "shared" in use:
+        together = sorted({len(t.get("gpu_ids") or []) for t in launched})
+        lines.append(f"Packing: at most {use['peak_gpus']} GPUs held at once by trials of {together} GPUs; "
+                     + ("no two trials held a GPU at the same time." if not use["shared"] else
+                        "**GPUs held by two trials at once: " + "; ".join(f"#{a} and #{b} on {ids}"
+                                                                        for a, b, ids in use["shared"]) + "**."))
+    lines += pareto_table(summary, {t["number"]: t for t in ts})
     valid = [t for t in ts if t["state"] == "complete" and next(iter(t["scenarios"].values()), {}).get("sla_met")]
     base = next((t for t in ts if t.get("is_baseline")), None)
     if base and base["state"] == "complete" and valid:
@@ -84,6 +94,25 @@ def summarize(run: Path) -> str:
         else:
             lines.append(f"Baseline met the SLA at no measured rate; best SLA-valid trial #{best['number']}: {bs[key]:,.0f} out tok/s.")
     return "\n".join(lines) + "\n"
+
+
+def pareto_table(summary: dict, by_number: dict[int, dict]) -> list[str]:
+    """The study's Pareto trials (summary.json) with their sharding and objective values; a trial that took
+    another's result (same config) is that trial's row."""
+    names = summary.get("objectives") or []
+    front = [n for n in summary.get("pareto") or [] if by_number.get(n, {}).get("duplicate_of") is None]
+    if not front:
+        return []
+    out = ["", "Pareto front (" + " vs ".join(names) + "):", "",
+           "| # | GPUs | TP | PP | DP | quantization | max concurrency | " + " | ".join(names) + " |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for n in front:
+        t = by_number.get(n, {})
+        p, obj = t.get("params", {}), t.get("objectives", {})
+        out.append(f"| {n} | {t.get('gpus', '–')} | {p.get('tensor_parallel', 1)} | {p.get('pipeline_parallel', 1)} "
+                   f"| {p.get('data_parallel', 1)} | {p.get('quantization', '–')} | {p.get('max_concurrency', '–')} | "
+                   + " | ".join(fmt(obj.get(nm), 1) for nm in names) + " |")
+    return out
 
 
 if __name__ == "__main__":
