@@ -17,7 +17,7 @@ latency constraints hold at the scenario percentile, and early stopping passes. 
   last at least twice the median request lifetime (e2e p50), else nothing can be said about its steady
   state, and (b) show departures keeping pace with arrivals over the second half of the schedule:
   ``keep_up_ratio`` (:func:`~servetune.loadgen.metrics.keep_up`) ≥ ``min_keep_up``, unless the growth is
-  within Poisson noise (3·√ of the count). Measured on H200s, rates that passed p99 in 10 s had
+  within Poisson noise (3·√ of the sum of the two counts). Measured on H200s, rates that passed p99 in 10 s had
   keep-up 0.07–0.45 (docs/results/2026-11-22-h200x4-sglang-tp2-fp8).
 
 Short runs (a 15 s quickstart, an optimizer trial) cannot meet early stopping at useful rates. With
@@ -125,7 +125,11 @@ def _keep_up_reasons(summary: Mapping[str, float], min_keep_up: float) -> list[s
                 f"half of the {window:.1f} s of arrivals (lengthen duration_s to at least {2 * lifetime:.0f} s)"]
     ratio = summary.get("keep_up_ratio", float("nan"))
     half, end = summary.get("in_system_at_half", 0.0), summary.get("in_system_at_end", 0.0)
-    if ratio < min_keep_up and end - half > 3.0 * math.sqrt(half + 1.0):
+    # Where the server keeps up, the count in the system at a time is about Poisson: the difference of two
+    # such counts has variance ≈ their sum. 3σ of that, not of the first count alone: with 3·√(half + 1),
+    # 20 s levels at 2-3 req/s whose arrivals bunched late were called backlogs on a 70B that was far from
+    # its capacity (docs/results/2026-11-22-h200x4-llama70b-sharding).
+    if ratio < min_keep_up and end - half > 3.0 * math.sqrt(half + end + 1.0):
         return [f"not keeping up: requests in the system grew from {half:.0f} to {end:.0f} over the second half "
                 f"of the arrivals (keep-up {ratio:.2f} < {min_keep_up:g}); the backlog grows with the run's length"]
     return []

@@ -203,23 +203,28 @@ def test_growth_within_poisson_noise_is_not_a_backlog():
                              chunks=[Chunk(t + 0.1, 11)], output_tokens=11, status="ok")
                for i, t in enumerate(arrivals - arrivals[0])]
     s = summarize(records, duration_s=float(arrivals[-1]))
-    assert s["in_system_at_end"] - s["in_system_at_half"] <= 3 * math.sqrt(s["in_system_at_half"] + 1)
+    assert s["in_system_at_end"] - s["in_system_at_half"] <= 3 * math.sqrt(s["in_system_at_half"] + s["in_system_at_end"] + 1)
     limits = dict(qps=2, duration_s=20, num_requests=40, ttft_limit_ms=1000, tpot_limit_ms=1000,
                   require_early_stopping=False)
     assert verdict(records, server(**limits)).valid
 
 
-@pytest.mark.parametrize("name, valid, reason", [
+@pytest.mark.parametrize("name, sla, valid, reason", [
     # passed p99 TTFT 693 ms and TPOT 90.8 ms (limits 2000/100) in 20 s, as the backlog doubled
-    ("vllm-fp8-h200-qps53.44", False, "not keeping up: requests in the system grew from 300 to 621"),
-    ("vllm-fp8-h200-qps47.25", True, None),
+    ("vllm-fp8-h200-qps53.44", "llama3.1-8b", False, "not keeping up: requests in the system grew from 300 to 621"),
+    ("vllm-fp8-h200-qps47.25", "llama3.1-8b", True, None),
     # passed p99 TTFT 827 ms and TPOT 89.0 ms in 10 s; the median request took 9.2 s
-    ("sglang-baseline-h200-qps36", False, "too short to show the server keeps up: the median request took 9.2 s"),
+    ("sglang-baseline-h200-qps36", "llama3.1-8b", False, "too short to show the server keeps up: the median request "
+                                                         "took 9.2 s"),
+    # a 70B far from its capacity (the same engines served 2.7-3.9 and 9.6 req/s): arrivals bunched late
+    # (24 of 36, 41 of 59 in the second half), 4 → 17 and 6 → 18 in the system, which a gate of 3·√(first
+    # count + 1) called a backlog; 3·√ of both counts (the variance of their difference) does not
+    ("vllm-70b-fp8-tp1-h200-qps2.087", "llama2-70b", True, None),
+    ("vllm-70b-tp2-h200-qps3", "llama2-70b", True, None),
 ])
-def test_gpu_levels_that_passed_p99_in_seconds(name, valid, reason):
+def test_gpu_levels_that_passed_p99_in_seconds(name, sla, valid, reason):
     qps = float(name.rsplit("qps", 1)[1])
-    settings = ScenarioSettings(kind="server", qps=qps, duration_s=10, sla="llama3.1-8b",
-                                require_early_stopping=False)
+    settings = ScenarioSettings(kind="server", qps=qps, duration_s=10, sla=sla, require_early_stopping=False)
     records = _gpu_level(name)
     v = verdict(records, settings)
     assert v.valid is valid, v.reasons
