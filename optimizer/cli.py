@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[yellow]resumed: {data['requeued']} trial(s) interrupted earlier were queued again[/]")
         elif kind == "launch":
             tag = " [cyan](baseline)[/]" if data["baseline"] else ""
-            console.print(f"  #{data['number']:<3} start  {data['engine']} on {data['gpus']} GPU(s): "
+            verb = "queued" if data.get("queued") else "start "
+            console.print(f"  #{data['number']:<3} {verb} {data['engine']} on {data['gpus']} GPU(s): "
                           f"{_fmt_params(data['params'])}{tag}", markup=True)
         elif kind == "result":
             console.print("  " + _result_line(data["result"], spec_objectives), markup=True)

@@ -32,6 +32,9 @@ BASELINE = "servetune.baseline"
 PARAMS = "servetune.params"
 ENGINE = "servetune.engine"
 STATE = "servetune.state"
+# Rejected configurations cost no GPU time and do not count against budget.trials; a search space the rules
+# mostly reject still ends after this many rejections per trial of the budget.
+REJECTIONS_PER_TRIAL = 10
 FAILURE = "servetune.failure"
 KEY = "servetune.key"
 STALE = "servetune.stale"
@@ -219,14 +222,19 @@ class StudyDriver:
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
                 continue
-            if running:
-                study._storage.set_trial_user_attr(ft._trial_id, STALE, True)
-                study._storage.set_trial_state_values(ft._trial_id, optuna.trial.TrialState.FAIL)
-            user_attrs = {BASELINE: True} if ft.user_attrs.get(BASELINE) else {}
-            study.enqueue_trial(ft.params, user_attrs=user_attrs, skip_if_exists=False)
-            self._mark_stale_file(ft.number)
+            self._requeue(study, ft._trial_id, ft.number, ft.params, bool(ft.user_attrs.get(BASELINE)),
+                          "driver stopped while this trial ran; it was queued again", fail=running)
             requeued += 1
         return requeued
+
+    def _requeue(self, study: optuna.Study, trial_id: int, number: int, params: dict[str, Any], baseline: bool,
+                 reason: str, fail: bool = True) -> None:
+        """A trial that will not be measured here: failed as stale (not counted), its config queued again."""
+        if fail:
+            study._storage.set_trial_user_attr(trial_id, STALE, True)
+            study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(params, user_attrs={BASELINE: True} if baseline else {}, skip_if_exists=False)
+        self._mark_stale_file(number, reason)
 
     def _finished_on_disk(self, number: int) -> TrialResult | None:
         try:
@@ -237,16 +245,37 @@ class StudyDriver:
             return r
         return None
 
-    def _mark_stale_file(self, number: int) -> None:
+    def _mark_stale_file(self, number: int, reason: str) -> None:
         path = self.trial_dir(number) / "trial.json"
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError):
             d = {"number": number, "engine": "", "params": {}}
         d["state"] = "failed"
-        d["failure"] = {"kind": "internal", "reason": "driver stopped while this trial ran; it was queued again"}
+        d["failure"] = {"kind": "internal", "reason": reason}
         d["stale"] = True
         write_json_atomic(path, d)
+
+    @staticmethod
+    def _launched(plan: TrialPlan) -> bool:
+        """Whether the trial's Ray task has begun (run_trial writes started_at before it starts an engine)."""
+        try:
+            return bool(json.loads((Path(plan.trial_dir) / "trial.json").read_text()).get("started_at"))
+        except (OSError, ValueError):
+            return False
+
+    def _withdraw(self, study: optuna.Study, trial: optuna.Trial, plan: TrialPlan,
+                  parked: list[tuple[optuna.Trial, TrialPlan]]) -> None:
+        """A trial still waiting for GPUs at the wall time: not run, queued again for a resumed study (trials
+        parked on its config are dropped: the requeued one measures it)."""
+        why = "the wall time came before GPUs for this trial were free; it was queued again for a resumed study"
+        self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline, why)
+        for waiting, waiting_plan in parked:
+            study._storage.set_trial_user_attr(waiting._trial_id, STALE, True)
+            study._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.FAIL)
+            self._mark_stale_file(waiting_plan.number, why)
+        self.on_event("note", {"text": f"trial {plan.number} had not started by the wall time: withdrawn, "
+                                       "queued again for a resumed study"})
 
     def trial_dir(self, number: int) -> Path:
         return self.run_dir / "trials" / f"{number:04d}"
@@ -279,7 +308,8 @@ class StudyDriver:
         reasons += rules.check(full, self.model.shape, gpus_available=self.spec.hardware.gpus,
                                max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
                                gpu_memory_gib=self.gpu_mem,
-                               default_memory_fraction=float(eng.defaults().get("memory_fraction") or 0.9))
+                               default_memory_fraction=float(eng.defaults().get("memory_fraction") or 0.9),
+                               covered=eng.covers)
         reasons += eng.check(full, self.model, gpu=self.spec.hardware.gpu, gpu_memory_gib=self.gpu_mem,
                              gpus_available=self.spec.hardware.gpus)
         return list(dict.fromkeys(reasons))
@@ -372,7 +402,8 @@ class StudyDriver:
             requeued = self.recover(study, exclusive)
             if requeued:
                 self.on_event("resumed", {"requeued": requeued})
-            counted = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(STALE)]
+            counted = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(STALE)
+                       and t.user_attrs.get(STATE) != "rejected"]  # the budget counts what was measured
             if self.spec.baseline and not any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)):
                 for e in self.space.engines:
                     study.enqueue_trial({}, user_attrs={BASELINE: True, ENGINE: e})
@@ -402,15 +433,19 @@ class StudyDriver:
         outcome = StudyOutcome(run_dir=self.run_dir)
         in_flight: dict[Any, tuple[optuna.Trial, TrialPlan]] = {}
         started = done_before
-        failures = sum(1 for t in study.get_trials(deepcopy=False)
-                       if t.state.is_finished() and not t.user_attrs.get(STALE)
+        trials = study.get_trials(deepcopy=False)
+        rejected = sum(1 for t in trials if t.user_attrs.get(STATE) == "rejected")
+        failures = sum(1 for t in trials
+                       if t.state.is_finished() and not t.user_attrs.get(STALE) and t.user_attrs.get(STATE) != "rejected"
                        and (t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get(PESSIMISTIC)))
         seen = self._seen_configs(study)
         # a config sampled while the same one is being measured waits for that result instead of a second GPU
         parked: dict[str, list[tuple[optuna.Trial, TrialPlan]]] = {}
+        withdrawn: set[Any] = set()  # queued in Ray at the wall time, never launched
         last_beat = 0.0
         while True:
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
+                   and rejected < REJECTIONS_PER_TRIAL * b.trials
                    and (b.max_failures is None or failures < b.max_failures) and not self._grid_done(study)):
                 picked = self._prescreen(study, seen, [p for _, p in in_flight.values()])
                 trial = study.ask()
@@ -423,10 +458,11 @@ class StudyDriver:
                     self._write_estimate(plan, picked)
                 key = config_key(plan.engine, plan.params)
                 trial.set_user_attr(KEY, key)
-                if reasons:
+                if reasons:  # costs no GPU time, so no trial of the budget: the sampler learns and draws again
                     self._finish_without_launch(study, trial, plan, "rejected",
                                                 {"kind": "rejected", "reason": "; ".join(reasons)}, outcome)
-                    failures += 1
+                    started -= 1
+                    rejected += 1
                     continue
                 if key in seen:
                     prev = seen[key]
@@ -442,16 +478,25 @@ class StudyDriver:
                 write_json_atomic(Path(plan.trial_dir) / "trial.json", TrialResult(
                     number=plan.number, engine=plan.engine, params=plan.params, state="running",
                     is_baseline=plan.is_baseline, gpus=plan.gpus).to_dict())
+                held = sum(p.gpus for _, p in in_flight.values())
                 in_flight[executor.submit(plan)] = (trial, plan)
                 self.on_event("launch", {"number": trial.number, "engine": plan.engine, "params": plan.params,
-                                         "gpus": plan.gpus, "baseline": plan.is_baseline})
+                                         "gpus": plan.gpus, "baseline": plan.is_baseline,
+                                         "queued": held + plan.gpus > self.spec.hardware.gpus})
             if not in_flight:
                 outcome.stopped_because = ("trial budget reached" if started >= b.trials else
+                                           f"the sampler drew {rejected} configurations the rules reject"
+                                           if rejected >= REJECTIONS_PER_TRIAL * b.trials else
                                            "every grid point was visited" if self._grid_done(study) else
                                            "wall time reached" if time.monotonic() >= deadline else
                                            "too many failures")
                 break
             ready = executor.wait(list(in_flight), timeout_s=1.0)
+            if time.monotonic() >= deadline:  # no engine starts after the wall time: unqueue what has not
+                for ref, (trial, plan) in in_flight.items():
+                    if ref not in withdrawn and not self._launched(plan):
+                        executor.cancel(ref, force=False)
+                        withdrawn.add(ref)
             if time.monotonic() - last_beat > 10:
                 for trial, _ in in_flight.values():
                     study._storage.record_heartbeat(trial._trial_id)
@@ -460,10 +505,14 @@ class StudyDriver:
                 trial, plan = in_flight.pop(ref)
                 try:
                     result = executor.result(ref)
-                except Exception as e:  # the Ray worker died: its engine may be orphaned
+                except Exception as e:  # the Ray worker died (or was cancelled): its engine may be orphaned
                     from servetune.optimizer.process import reap_orphan
 
                     reap_orphan(Path(plan.trial_dir) / "engine.pid")
+                    if ref in withdrawn:
+                        self._withdraw(study, trial, plan, parked.pop(config_key(plan.engine, plan.params), []))
+                        started -= 1  # not run: a resumed study runs it within the same budget
+                        continue
                     result = TrialResult(number=plan.number, engine=plan.engine, params=plan.params, state="failed",
                                          is_baseline=plan.is_baseline, gpus=plan.gpus,
                                          failure={"kind": "internal", "reason": f"Ray worker died: {type(e).__name__}"})

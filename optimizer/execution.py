@@ -60,9 +60,10 @@ class RayExecutor:
         self._pending.pop(ref, None)
         return TrialResult.from_dict(self._ray.get(ref))
 
-    def cancel(self, ref) -> None:
+    def cancel(self, ref, force: bool = True) -> None:
+        """force=False: a queued task is dropped, a running one gets KeyboardInterrupt (its engine is stopped)."""
         try:
-            self._ray.cancel(ref, force=True)
+            self._ray.cancel(ref, force=force)
         except Exception:
             pass
 

@@ -16,16 +16,22 @@ def gpus_needed(params: dict[str, Any]) -> int:
 
 
 def check(params: dict[str, Any], shape: dict[str, Any], *, gpus_available: int, max_gpus_per_trial: int | None,
-          gpu_memory_gib: float, default_memory_fraction: float) -> list[str]:
+          gpu_memory_gib: float, default_memory_fraction: float,
+          covered: frozenset[str] = frozenset()) -> list[str]:
+    """Why the configuration cannot run on any engine. ``covered``: topics ("gpus", "heads", "weights") the
+    engine's own check judges (Engine.covers), left out here."""
     reasons: list[str] = []
     tp = int(params.get("tensor_parallel") or 1)
     pp = int(params.get("pipeline_parallel") or 1)
     need = gpus_needed(params)
     cap = min(gpus_available, max_gpus_per_trial or gpus_available)
-    if need > cap:
+    # beyond the host's GPUs a covering engine says so itself; the per-trial cap is known only here
+    if need > cap and not ("gpus" in covered and need > gpus_available):
         reasons.append(f"needs {need} GPUs (tensor_parallel·pipeline_parallel·data_parallel) but a trial may use {cap}")
     heads = shape.get("num_attention_heads")
     kv_heads = shape.get("num_key_value_heads") or heads
+    if "heads" in covered:
+        heads = kv_heads = None
     if heads and heads % tp:
         reasons.append(f"tensor_parallel={tp} does not divide the model's {heads} attention heads")
     elif kv_heads and kv_heads % tp and tp % kv_heads:
@@ -33,7 +39,7 @@ def check(params: dict[str, Any], shape: dict[str, Any], *, gpus_available: int,
     layers = shape.get("num_hidden_layers")
     if layers and pp > layers:
         reasons.append(f"pipeline_parallel={pp} exceeds the model's {layers} layers")
-    weights = weight_bytes(shape, params.get("quantization"))
+    weights = weight_bytes(shape, params.get("quantization")) if "weights" not in covered else None
     if weights:
         fraction = float(params.get("memory_fraction") or default_memory_fraction)
         per_gpu = weights / (tp * pp)

@@ -499,7 +499,8 @@ class FidelitySpec(_Strict):
 
 class BudgetSpec(_Strict):
     trials: int = Field(20, ge=1)
-    wall_time_s: float | None = Field(None, gt=0)
+    wall_time_s: float | None = Field(None, gt=0, description="no trial starts after this; one still waiting for "
+                                      "GPUs then is queued again for a resumed run")
     parallel: int = Field(1, ge=1, description="trials running at once")
     max_failures: int | None = Field(None, ge=1, description="stop after this many failed trials")
     repeats: int = Field(0, ge=0, le=20, description="re-measure the Pareto candidates this many more times "

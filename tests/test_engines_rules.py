@@ -283,3 +283,32 @@ def test_check_does_not_mutate_params():
     before = copy.deepcopy(p)
     e.check(p, model("mixtral-8x7b"), gpu="h100", gpu_memory_gib=80, gpus_available=8)
     assert p == before
+
+
+@pytest.mark.parametrize("engine, gpus", [("vllm", 4), ("sglang", 4), ("sim", 4)])
+def test_a_study_states_each_reason_once(engine, gpus):
+    # the engine's own rules (GPU count, heads, weights + activations + KV) and the engine-neutral ones said
+    # the same things twice in one rejection on the 70B sharding study; the sim has no such rules of its own
+    from servetune.optimizer.driver import StudyDriver
+    from servetune.optimizer.spec import parse_study
+
+    spec = parse_study(f"""
+name: once
+model: {{preset: llama-3.1-70b}}
+engines: [{engine}]
+hardware: {{gpu: h200, gpus: {gpus}, max_gpus_per_trial: 2}}
+search: {{tensor_parallel: [1, 2, 4, 8], max_model_len: [4096]}}
+workload:
+  dataset: {{kind: random, input_tokens: 128, output_tokens: 16, num_requests: 10}}
+  scenarios: [{{kind: offline}}]
+objectives: [{{metric: output_tokens_per_s, scenario: offline}}]
+""", "once.yaml")
+    check = StudyDriver(spec).check
+    reasons = check(engine, {"tensor_parallel": 1, "max_model_len": 4096})
+    assert len(reasons) == 1 and "weights need" in reasons[0], reasons
+    assert check(engine, {"tensor_parallel": 2, "max_model_len": 4096}) == []
+    assert check(engine, {"tensor_parallel": 4, "max_model_len": 4096}) == ["needs 4 GPUs (tensor_parallel·"
+                                                                            "pipeline_parallel·data_parallel) but "
+                                                                            "a trial may use 2"]
+    assert len(check(engine, {"tensor_parallel": 8, "max_model_len": 4096})) == 1
+    assert sum("attention heads" in r for r in check(engine, {"tensor_parallel": 3, "max_model_len": 4096})) == 1

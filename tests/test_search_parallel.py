@@ -226,3 +226,53 @@ def test_concurrency_sweep_within_one_launch(tmp_path):
     tps = [lvl["summary"]["output_tokens_per_s"] for lvl in sc["levels"]]
     assert tps[0] < tps[-1]  # more outstanding requests, more throughput on one GPU
     assert (tmp_path / "run" / "trials" / "0000" / "requests_concurrency_c4.csv").exists()
+
+
+def test_a_trial_still_queued_at_the_wall_time_is_withdrawn_and_runs_on_resume(tmp_path):
+    # two trials in flight that each need all 4 GPUs (the Ray instance of other tests declares 4 too): the
+    # second waits in Ray's queue; when the wall time comes it must not start an engine after it (on a GPU
+    # host it launched 11 minutes late), and a resumed study measures it
+    study = write_study(tmp_path, trials=2, parallel=2, duration_s=3, qps=3, search="""
+      tensor_parallel: [4]
+      max_concurrency: [8, 64]
+    """, extra="baseline: false\n")
+    text = study.read_text().replace("gpus: 2}", "gpus: 4}").replace("sampler: {kind: tpe, seed: 3}", "sampler: {kind: grid}")
+    study.write_text(text.replace("budget: {trials: 2, parallel: 2}", "budget: {trials: 2, parallel: 2, wall_time_s: 2}"))
+    _, events = _run(study)
+    assert [e["queued"] for k, e in events if k == "launch"] == [False, True]
+    assert any(k == "note" and "had not started by the wall time" in e["text"] for k, e in events), events
+    trials = _trials(tmp_path / "run")
+    ran = [t for t in trials.values() if t.get("started_at")]
+    withdrawn = [t for t in trials.values() if not t.get("started_at")]
+    assert len(ran) == 1 and ran[0]["state"] == "complete"
+    assert len(withdrawn) == 1 and withdrawn[0]["stale"] and "wall time" in withdrawn[0]["failure"]["reason"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_because"] == "wall time reached"
+    # resumed without the wall time: the withdrawn config is measured, the budget of 2 is met
+    study.write_text(study.read_text().replace(", wall_time_s: 2}", "}"))
+    _run(study)
+    done = [t for t in _trials(tmp_path / "run").values() if t["state"] == "complete"]
+    assert sorted(t["params"]["max_concurrency"] for t in done) == [8, 64]
+
+
+def test_rejected_configurations_do_not_spend_the_trial_budget(tmp_path):
+    # one GPU: tensor_parallel 2 and 4 are rejected before launch (no GPU time); the budget of 3 trials is
+    # 3 measured ones, however many rejections the sampler drew on the way
+    study = write_study(tmp_path, trials=3, parallel=1, duration_s=1, qps=2, search="""
+      tensor_parallel: [1, 2, 4]
+      max_concurrency: [8, 16, 32, 64]
+    """, extra="baseline: false\n")
+    study.write_text(study.read_text().replace("gpus: 2}", "gpus: 1}"))
+    d, events = _run(study, sampler="{kind: random, seed: 0}")
+    trials = _trials(tmp_path / "run")
+    rejected = [t for t in trials.values() if t["state"] == "rejected"]
+    measured = [t for t in trials.values() if t["state"] != "rejected"]
+    assert rejected and all(t["params"]["tensor_parallel"] > 1 for t in rejected)
+    assert len(measured) == 3 and all(t["state"] == "complete" for t in measured)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_because"] == "trial budget reached"
+    # a space the rules reject entirely ends after 10 rejections per trial of the budget, not never
+    study.write_text(study.read_text().replace("tensor_parallel: [1, 2, 4]", "tensor_parallel: [3, 5]")
+                     .replace("gpus: 1}", "gpus: 8}")  # neither divides the model's 32 heads
+                     .replace(f"output_dir: {tmp_path / 'run'}", f"output_dir: {tmp_path / 'run2'}"))
+    _run(study, sampler="{kind: random, seed: 0}")
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["stopped_because"] == "the sampler drew 30 configurations the rules reject"

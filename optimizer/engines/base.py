@@ -54,6 +54,10 @@ class Engine(abc.ABC):
 
     name: str = ""
     version: str = ""
+    # rules.check topics this engine's check() already judges (more precisely): "gpus" (the GPU count),
+    # "heads" (tensor_parallel against the heads), "weights" (weights, activations and KV against memory);
+    # the study does not state them twice
+    covers: frozenset[str] = frozenset()
 
     @abc.abstractmethod
     def plan(self, params: dict[str, Any], model: ModelRef, *, host: str, port: int,

@@ -80,6 +80,7 @@ SGLANG_RULES: list[Rule] = [
 
 class SglangEngine(CatalogEngine):
     name = "sglang"
+    covers = frozenset({"gpus", "heads", "weights"})
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, *, extra_args: list[str] | None = None, **kw):

@@ -103,6 +103,7 @@ def _without_allreduce_fusion(extra_args: list[str]) -> list[str]:
 
 class VllmEngine(CatalogEngine):
     name = "vllm"
+    covers = frozenset({"gpus", "heads", "weights"})
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, **kw):
