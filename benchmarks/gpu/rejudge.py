@@ -3,7 +3,8 @@
 A trial directory keeps every level's requests (``requests_<scenario>_qps<rate>.csv``) beside its
 ``trial.json``; this reads them back (loadgen.scenarios.read_records), runs loadgen.validity.verdict with
 each level's own settings, and prints per trial: each level before → now (with the reason when it changed),
-the highest level valid now, its output tok/s, and best ÷ baseline.
+the highest level valid now, its output tok/s, and best ÷ baseline; then each trial's highest valid level
+before and now as output tok/s/GPU and tok/s/user, with the Pareto front of those two.
 
 Usage: python benchmarks/gpu/rejudge.py TRIALS_DIR [TRIALS_DIR ...] [--scenario server] [--min-keep-up 0.7]
 (TRIALS_DIR: a run's ``trials/`` folder, one subfolder per trial.)
@@ -32,17 +33,39 @@ def rejudge_trial(trial_dir: Path, scenario: str, min_keep_up: float | None) -> 
         path = trial_dir / f"requests_{scenario}_qps{rate:.4g}.csv"
         if not path.exists():
             continue
-        settings = ScenarioSettings(**{k: v for k, v in level["settings"].items() if k in SETTING_NAMES},
-                                    min_keep_up=min_keep_up)
+        settings = ScenarioSettings(**{**{k: v for k, v in level["settings"].items() if k in SETTING_NAMES},
+                                       "min_keep_up": min_keep_up})
         records = read_records(path)  # summarize and verdict leave the warm-ups out
         summary = summarize(records, level["duration_s"], settings.ttft_limit_ms, settings.tpot_limit_ms,
                             settings.num_gpus)
         v = verdict(records, settings, summary=summary)
         levels.append({"qps": rate, "was": level["valid"], "now": v.valid, "reasons": v.reasons,
                        "out_tok_s": summary["output_tokens_per_s"], "keep_up": summary["keep_up_ratio"],
+                       "out_tok_s_gpu": summary["output_tokens_per_s_per_gpu"],
+                       "tok_s_user": summary["tokens_per_s_per_user"],
                        "e2e_p50_s": summary["e2e_p50_ms"] / 1000})
     levels.sort(key=lambda x: x["qps"])
-    return {"number": record["number"], "baseline": record.get("is_baseline", False), "levels": levels}
+    return {"number": record["number"], "baseline": record.get("is_baseline", False), "levels": levels,
+            "params": record.get("params", {}), "gpus": record.get("gpus")}
+
+
+def front(judged: list[dict], key: str) -> list[str]:
+    """Per trial, its highest level valid (before or now) as tok/s/GPU and tok/s/user; ★ on the Pareto front."""
+    import numpy as np
+
+    from servetune.reports.pareto import pareto_mask
+
+    rows = [(t, best_level(t["levels"], key)) for t in judged]
+    rows = [(t, b) for t, b in rows if b]
+    if not rows:
+        return []
+    mask = pareto_mask(np.array([[b["out_tok_s_gpu"], b["tok_s_user"]] for _, b in rows]), ["maximize", "maximize"])
+    out = ["| # | GPUs | params | req/s | out tok/s/GPU | tok/s/user | Pareto |", "|---|---|---|---|---|---|---|"]
+    for (t, b), on in sorted(zip(rows, mask), key=lambda x: -x[0][1]["out_tok_s_gpu"]):
+        params = " ".join(f"{k}={v}" for k, v in t["params"].items())
+        out.append(f"| {t['number']} | {t['gpus'] or '–'} | {params} | {b['qps']:.4g} | {b['out_tok_s_gpu']:,.0f} "
+                   f"| {b['tok_s_user']:.1f} | {'★' if on else ''} |")
+    return out
 
 
 def best_level(levels: list[dict], key: str) -> dict | None:
@@ -78,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"- {label}: {'no valid baseline level' if not base else 'no valid level'}")
         print()
+        for key, label in (("was", "as measured"), ("now", "judged again")):
+            table = front(judged, key)
+            if table:
+                print(f"Highest valid level per trial, {label}:\n")
+                print("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

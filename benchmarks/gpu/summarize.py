@@ -70,7 +70,7 @@ def summarize(run: Path) -> str:
         summary = json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}
-    use = summary.get("gpu_use") or {}
+    use = summary.get("gpu_use") or _gpu_use_from_records(run, ts)
     if use:
         lines.append(f"GPU use of the study (GPU-seconds held by trials ÷ GPUs × study span): {use['utilization']:.0%} "
                      f"({use['busy_gpu_s']:,.0f} / {use['available_gpu_s']:,.0f} GPU-s).")
@@ -94,6 +94,19 @@ def summarize(run: Path) -> str:
         else:
             lines.append(f"Baseline met the SLA at no measured rate; best SLA-valid trial #{best['number']}: {bs[key]:,.0f} out tok/s.")
     return "\n".join(lines) + "\n"
+
+
+def _gpu_use_from_records(run: Path, ts: list[dict]) -> dict:
+    """A study stopped before its summary.json: GPU use from its trial records and its study's GPU count."""
+    import yaml
+
+    from servetune.optimizer.records import gpu_use
+
+    try:
+        gpus = int(yaml.safe_load((run / "study.yaml").read_text())["hardware"]["gpus"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}
+    return gpu_use(ts, gpus)
 
 
 def pareto_table(summary: dict, by_number: dict[int, dict]) -> list[str]:
