@@ -88,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"{_fmt_params(data['params'])}{tag}", markup=True)
         elif kind == "result":
             console.print("  " + _result_line(data["result"], spec_objectives), markup=True)
+        elif kind == "interrupted":
+            err_console.print("interrupted: stopping the running trials and their engines…")
         elif kind == "repeat":
             console.print(f"  #{data['number']:<3} repeat  (re-measuring a Pareto candidate)")
         elif kind == "note":

@@ -415,6 +415,9 @@ class StudyDriver:
             repeats = self._repeat(study, executor) if self.spec.budget.repeats else None
             self._write_summary(study, outcome, repeats)
             return outcome
+        except KeyboardInterrupt:  # say so now: stopping a 70B engine takes a while
+            self.on_event("interrupted", {})
+            raise
         finally:
             if executor is not None:
                 executor.shutdown()
