@@ -171,6 +171,13 @@ def _print_pareto(run_dir: Path, objectives) -> None:
     if ok.empty:
         console.print("[yellow]no trial met every SLA[/]")
         return
+    # a trial that took another's result (same config) is that trial's row, named beside it
+    also: dict[int, list[int]] = {}
+    if "duplicate_of" in ok:
+        for n, dup in zip(ok["number"], ok["duplicate_of"]):
+            if dup == dup and dup is not None:
+                also.setdefault(int(dup), []).append(int(n))
+        ok = ok[ok["duplicate_of"].isna()]
     mask = pareto_mask(ok[cols].to_numpy(dtype=float), spec_dirs)
     front = ok[mask].sort_values(cols[0], ascending=spec_dirs[0] == "minimize")
     table = Table(title="Pareto-optimal trials (SLA met)")
@@ -181,6 +188,8 @@ def _print_pareto(run_dir: Path, objectives) -> None:
     for _, row in front.iterrows():
         params = {k.removeprefix("param."): row[k] for k in row.index if k.startswith("param.") and row[k] == row[k]}
         mark = " (baseline)" if row.get("is_baseline") else ""
+        if also.get(int(row["number"])):
+            mark += " (also #" + ", #".join(map(str, also[int(row["number"])])) + ")"
         table.add_row(str(int(row["number"])), _esc(_fmt_params(params)) + mark, *[f"{row[c]:,.1f}" for c in cols])
     console.print(table)
 

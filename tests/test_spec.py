@@ -320,3 +320,26 @@ def test_gpu_example_studies_are_valid_but_for_the_checkpoint_the_host_makes(pat
     assert "preset:" in text, "the GPU study should load a checkpoint made by host_setup.sh"
     spec = parse_study(text, str(path))
     assert spec.model.preset and spec.budget.trials >= 1
+
+
+def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
+    """sharding-sim.yaml runs the 8-GPU study's search on the sim: the same space and the same 22 of 32
+    sharding × quantization combinations pass the pre-launch rules (the rest never reach a GPU)."""
+    import itertools
+
+    from servetune.optimizer.driver import StudyDriver
+
+    sim = load_study(str(ROOT / "search_spaces" / "examples" / "sharding-sim.yaml"))
+    x8 = (ROOT / "search_spaces" / "examples" / "gpu-vllm-llama70b-x8.yaml").read_text()
+    gpu = parse_study(re.sub(r"path: /tmp/models/([\w.-]+), name: (\w+), load_format: dummy",
+                             r"preset: \1, name: \2", x8), "x8.yaml")
+    assert sim.search == gpu.search and sim.hardware.gpus == gpu.hardware.gpus == 8
+    assert sim.workload.scenarios[0].max_qps.per_gpu and gpu.workload.scenarios[0].max_qps.per_gpu
+    passed = {}
+    for spec, engine in ((sim, "sim"), (gpu, "vllm")):
+        check = StudyDriver(spec).check
+        passed[engine] = {(tp, pp, dp, q) for tp, pp, dp, q in itertools.product([1, 2, 4, 8], [1, 2], [1, 2], ["none", "fp8"])
+                          if not check(engine, {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
+                                                "quantization": q, "max_concurrency": 256, "max_model_len": 4096})}
+    assert passed["sim"] == passed["vllm"] and len(passed["vllm"]) == 22
+    assert (1, 1, 1, "none") not in passed["vllm"] and (1, 1, 1, "fp8") in passed["vllm"]

@@ -229,4 +229,5 @@ def test_the_console_says_when_a_trial_waits_for_a_running_one(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trial 1 has the config trial 0 is measuring: it will take that result" in proc.stdout, proc.stdout
     assert proc.stdout.count(" start ") == 1
+    assert "(also #1)" in proc.stdout  # one Pareto row for the one config measured
     assert "GPU use: " in proc.stdout
