@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def write_study(tmp: Path, *, name: str = "itest", trials: int = 6, parallel: int = 2, search: str | None = None,
-                extra: str = "", duration_s: float = 3, qps: float = 4) -> Path:
+                extra: str = "", duration_s: float = 3, qps: float = 4, gpus: int = 2,
+                sampler: str = "{kind: tpe, seed: 3}") -> Path:
     search = search or """
       tensor_parallel: [1, 2]
       max_concurrency: [8, 32, 128]
@@ -17,7 +18,7 @@ def write_study(tmp: Path, *, name: str = "itest", trials: int = 6, parallel: in
     name: {name}
     model: {{preset: llama-3.2-1b}}
     engines: [sim]
-    hardware: {{gpu: h100, gpus: 2}}
+    hardware: {{gpu: h100, gpus: {gpus}}}
     workload:
       dataset: {{kind: random, input_tokens: 128, output_tokens: 16, num_requests: 40}}
       scenarios:
@@ -25,7 +26,7 @@ def write_study(tmp: Path, *, name: str = "itest", trials: int = 6, parallel: in
     objectives:
       - {{metric: output_tokens_per_s_per_gpu, scenario: server}}
       - {{metric: tpot_p99_ms, scenario: server, direction: minimize}}
-    sampler: {{kind: tpe, seed: 3}}
+    sampler: {sampler}
     budget: {{trials: {trials}, parallel: {parallel}}}
     output_dir: {tmp / 'run'}
     """)

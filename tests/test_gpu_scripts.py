@@ -28,7 +28,7 @@ def _trial(trials: Path, number: int, levels: dict[str, bool], baseline: bool = 
         with gzip.open(LEVELS / f"{name}.csv.gz") as src, open(d / f"requests_server_qps{qps:.4g}.csv", "wb") as dst:
             shutil.copyfileobj(src, dst)
         settings = {"kind": "server", "qps": qps, "duration_s": 20.0, "ttft_limit_ms": 2000.0, "tpot_limit_ms": 100.0,
-                    "require_early_stopping": False, "endpoint": {"base_url": "http://127.0.0.1:1"}}
+                    "require_early_stopping": False, "min_keep_up": 0.7, "endpoint": {"base_url": "http://127.0.0.1:1"}}
         recorded.append({"qps": qps, "settings": settings, "duration_s": 25.0, "valid": valid})
     (d / "trial.json").write_text(json.dumps({"number": number, "is_baseline": baseline,
                                               "scenarios": {"server": {"levels": recorded}}}))
@@ -54,11 +54,11 @@ def test_summarize_states_packing_and_the_pareto_front_of_a_sharding_study(tmp_p
     from servetune.optimizer.spec import load_study
     from study_fixtures import write_study
 
-    study = write_study(tmp_path, trials=4, parallel=3, duration_s=1, qps=3, search="""
+    study = write_study(tmp_path, trials=4, parallel=3, duration_s=1, qps=3, gpus=4, sampler="{kind: random, seed: 1}",
+                        search="""
       tensor_parallel: [1, 2]
       max_concurrency: [8, 64]
-    """, extra="baseline: false\nsampler: {kind: random, seed: 1}\n")
-    study.write_text(study.read_text().replace("gpus: 2}", "gpus: 4}").replace("sampler: {kind: tpe, seed: 3}\n", ""))
+    """, extra="baseline: false\n")
     StudyDriver(load_study(study)).run()
     text = _script("summarize").summarize(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -33,11 +33,10 @@ def _run(path: Path, sampler: str | None = None) -> tuple[StudyDriver, list[tupl
 
 
 def test_trials_of_1_2_4_gpus_pack_on_4_gpus_without_sharing(tmp_path):
-    study = write_study(tmp_path, trials=7, parallel=4, duration_s=3, qps=3, search="""
+    study = write_study(tmp_path, trials=7, parallel=4, duration_s=3, qps=3, gpus=4, search="""
       tensor_parallel: [1, 2, 4]
       max_concurrency: [8, 16, 32, 64]
     """, extra="baseline: false\n")
-    study.write_text(study.read_text().replace("gpus: 2}", "gpus: 4}"))
     _, events = _run(study, sampler="{kind: random, seed: 5}")
     trials = [t for t in _trials(tmp_path / "run").values() if t.get("duplicate_of") is None and t["gpu_ids"]]
     assert {t["gpus"] for t in trials} >= {1, 2}, [t["params"] for t in trials]
@@ -232,12 +231,11 @@ def test_a_trial_still_queued_at_the_wall_time_is_withdrawn_and_runs_on_resume(t
     # two trials in flight that each need all 4 GPUs (the Ray instance of other tests declares 4 too): the
     # second waits in Ray's queue; when the wall time comes it must not start an engine after it (on a GPU
     # host it launched 11 minutes late), and a resumed study measures it
-    study = write_study(tmp_path, trials=2, parallel=2, duration_s=3, qps=3, search="""
+    study = write_study(tmp_path, trials=2, parallel=2, duration_s=3, qps=3, gpus=4, sampler="{kind: grid}", search="""
       tensor_parallel: [4]
       max_concurrency: [8, 64]
     """, extra="baseline: false\n")
-    text = study.read_text().replace("gpus: 2}", "gpus: 4}").replace("sampler: {kind: tpe, seed: 3}", "sampler: {kind: grid}")
-    study.write_text(text.replace("budget: {trials: 2, parallel: 2}", "budget: {trials: 2, parallel: 2, wall_time_s: 2}"))
+    study.write_text(study.read_text().replace("budget: {trials: 2, parallel: 2}", "budget: {trials: 2, parallel: 2, wall_time_s: 2}"))
     _, events = _run(study)
     assert [e["queued"] for k, e in events if k == "launch"] == [False, True]
     assert any(k == "note" and "had not started by the wall time" in e["text"] for k, e in events), events
@@ -257,12 +255,12 @@ def test_a_trial_still_queued_at_the_wall_time_is_withdrawn_and_runs_on_resume(t
 def test_rejected_configurations_do_not_spend_the_trial_budget(tmp_path):
     # one GPU: tensor_parallel 2 and 4 are rejected before launch (no GPU time); the budget of 3 trials is
     # 3 measured ones, however many rejections the sampler drew on the way
-    study = write_study(tmp_path, trials=3, parallel=1, duration_s=1, qps=2, search="""
+    study = write_study(tmp_path, trials=3, parallel=1, duration_s=1, qps=2, gpus=1, sampler="{kind: random, seed: 0}",
+                        search="""
       tensor_parallel: [1, 2, 4]
       max_concurrency: [8, 16, 32, 64]
     """, extra="baseline: false\n")
-    study.write_text(study.read_text().replace("gpus: 2}", "gpus: 1}"))
-    d, events = _run(study, sampler="{kind: random, seed: 0}")
+    _run(study)
     trials = _trials(tmp_path / "run")
     rejected = [t for t in trials.values() if t["state"] == "rejected"]
     measured = [t for t in trials.values() if t["state"] != "rejected"]
@@ -273,6 +271,6 @@ def test_rejected_configurations_do_not_spend_the_trial_budget(tmp_path):
     study.write_text(study.read_text().replace("tensor_parallel: [1, 2, 4]", "tensor_parallel: [3, 5]")
                      .replace("gpus: 1}", "gpus: 8}")  # neither divides the model's 32 heads
                      .replace(f"output_dir: {tmp_path / 'run'}", f"output_dir: {tmp_path / 'run2'}"))
-    _run(study, sampler="{kind: random, seed: 0}")
+    _run(study)
     summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert summary["stopped_because"] == "the sampler drew 30 configurations the rules reject"
