@@ -231,9 +231,15 @@ class StudyDriver:
                  reason: str, fail: bool = True) -> None:
         """A trial that will not be measured here: failed as stale (not counted), its config queued again."""
         if fail:
-            study._storage.set_trial_user_attr(trial_id, STALE, True)
-            study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            self._drop(study, trial_id, number, reason)
+        else:
+            self._mark_stale_file(number, reason)
         study.enqueue_trial(params, user_attrs={BASELINE: True} if baseline else {}, skip_if_exists=False)
+
+    def _drop(self, study: optuna.Study, trial_id: int, number: int, reason: str) -> None:
+        """Fail a trial as stale: it is not counted against the budget and its record says why."""
+        study._storage.set_trial_user_attr(trial_id, STALE, True)
+        study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         self._mark_stale_file(number, reason)
 
     def _finished_on_disk(self, number: int) -> TrialResult | None:
@@ -271,9 +277,7 @@ class StudyDriver:
         why = "the wall time came before GPUs for this trial were free; it was queued again for a resumed study"
         self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline, why)
         for waiting, waiting_plan in parked:
-            study._storage.set_trial_user_attr(waiting._trial_id, STALE, True)
-            study._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.FAIL)
-            self._mark_stale_file(waiting_plan.number, why)
+            self._drop(study, waiting._trial_id, waiting_plan.number, why)
         self.on_event("note", {"text": f"trial {plan.number} had not started by the wall time: withdrawn, "
                                        "queued again for a resumed study"})
 
