@@ -25,7 +25,7 @@ from servetune.loadgen.datasets import SAFE_ID_LOW
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.records import Request, ScenarioResult
 from servetune.loadgen.scenarios import ScenarioSettings, run
-from servetune.loadgen.validity import steady_state_shortfall
+from servetune.loadgen.validity import NOT_KEEPING_UP, steady_state_shortfall
 
 LEVEL_TOKEN_BASE = SAFE_ID_LOW - 3  # warmup variants use SAFE_ID_LOW - 1 and - 2
 
@@ -82,6 +82,32 @@ class MaxQPSResult:
                 "levels": [r.to_dict(with_records) for r in self.levels]}
 
 
+# A keep-up verdict on fewer measured arrivals than this is judged again on a longer run: at 2-3 req/s a
+# 20 s level's arrivals can bunch (41 of 59 in its second half on an H200 70B run) and look like a backlog.
+KEEP_UP_ARRIVALS = 120
+
+
+def longer_run(reasons: Sequence[str], summary: dict[str, float], level: ScenarioSettings,
+               limit: float | None) -> tuple[int, str] | None:
+    """(seconds, why) to run a level once more when the keep-up rule could not judge it, its only reason
+    for being invalid: a run shorter than twice its median request runs for 2.2× that median (when that
+    fits in ``limit``); a backlog seen in fewer than KEEP_UP_ARRIVALS arrivals runs for that many arrivals
+    (at most ``limit``). None: the verdict stands."""
+    if level.min_keep_up is None or not limit or len(reasons) != 1:
+        return None
+    short = steady_state_shortfall(summary)
+    if short:
+        seconds = math.ceil(2.2 * short[0])
+        why = f"a {short[1]:.1f} s run was too short to judge (its median request took {short[0]:.1f} s)"
+        return (seconds, why) if (level.duration_s or 0) < seconds <= limit else None
+    arrivals = int(summary.get("requests_issued", 0))
+    if reasons[0].startswith(NOT_KEEPING_UP) and arrivals < KEEP_UP_ARRIVALS and level.qps:
+        seconds = min(math.ceil(KEEP_UP_ARRIVALS / level.qps), math.floor(limit))
+        why = f"{arrivals} arrivals were too few to tell a backlog from arrivals that bunched"
+        return (seconds, why) if (level.duration_s or 0) < seconds else None
+    return None
+
+
 def longest_level_s(settings: ScenarioSettings, given: float | None = None) -> float | None:
     """How long a too-short level may run again (``max_level_duration_s``): as given, else 3× the level's
     ``duration_s``; None (no re-run) for a level with no duration."""
@@ -120,13 +146,11 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     def measure(qps: float) -> ScenarioResult:
         level = replace(settings, qps=qps)
         result = run_once(level)
-        short = steady_state_shortfall(result.summary) if level.min_keep_up is not None else None
-        if short and max_level_duration_s and len(result.invalid_reasons) == 1:  # too short, and only that
-            longer = math.ceil(2.2 * short[0])
-            if (level.duration_s or 0) < longer <= max_level_duration_s:
-                result = run_once(replace(level, duration_s=float(longer)))
-                result.notes.append(f"ran for {longer} s: a {short[1]:.1f} s run was too short to judge "
-                                    f"(its median request took {short[0]:.1f} s)")
+        again = longer_run(result.invalid_reasons, result.summary, level, max_level_duration_s)
+        if again:
+            seconds, why = again
+            result = run_once(replace(level, duration_s=float(seconds)))
+            result.notes.append(f"ran for {seconds} s: {why}")
         result.settings["search_level"] = len(levels)
         levels.append(result)
         return result

@@ -106,6 +106,9 @@ class Verdict:
         return iter((self.valid, self.reasons))
 
 
+NOT_KEEPING_UP = "not keeping up"  # how the keep-up reason begins (loadgen.search re-runs such levels)
+
+
 def steady_state_shortfall(summary: Mapping[str, float]) -> tuple[float, float] | None:
     """(median request lifetime, arrival window) in seconds when the run is shorter than twice the former,
     too short to show a steady state; None when it is long enough or there is nothing to judge."""
@@ -130,7 +133,7 @@ def _keep_up_reasons(summary: Mapping[str, float], min_keep_up: float) -> list[s
     # 20 s levels at 2-3 req/s whose arrivals bunched late were called backlogs on a 70B that was far from
     # its capacity (docs/results/2026-11-22-h200x4-llama70b-sharding).
     if ratio < min_keep_up and end - half > 3.0 * math.sqrt(half + end + 1.0):
-        return [f"not keeping up: requests in the system grew from {half:.0f} to {end:.0f} over the second half "
+        return [f"{NOT_KEEPING_UP}: requests in the system grew from {half:.0f} to {end:.0f} over the second half "
                 f"of the arrivals (keep-up {ratio:.2f} < {min_keep_up:g}); the backlog grows with the run's length"]
     return []
 

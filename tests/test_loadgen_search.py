@@ -147,3 +147,32 @@ def test_a_level_too_short_to_judge_runs_once_more_for_longer(mock):
     assert capped.best_qps is None and capped.runs == 1
     off = find_max_qps(slow, DATA, replace(settings, min_keep_up=None), lo=5, hi=40, max_level_duration_s=2)
     assert off.best_qps == 40 and off.runs == 2
+
+
+@pytest.mark.parametrize("name, seconds", [
+    # an H200 70B level at 3 req/s: 59 arrivals, 41 of them in the second half, judged a backlog (3.4σ)
+    ("vllm-70b-fp8-tp1pp2-h200-qps3", 40),
+    # a real backlog (300 → 621 in the system) seen in 1,035 arrivals: the verdict stands
+    ("vllm-fp8-h200-qps53.44", None),
+    # valid: nothing to run again
+    ("vllm-70b-tp2-h200-qps3", None),
+])
+def test_a_backlog_seen_in_few_arrivals_is_judged_again_on_a_longer_run(name, seconds):
+    from pathlib import Path
+
+    from servetune.loadgen.metrics import summarize
+    from servetune.loadgen.scenarios import read_records
+    from servetune.loadgen.search import KEEP_UP_ARRIVALS, longer_run
+    from servetune.loadgen.validity import verdict
+
+    qps = float(name.rsplit("qps", 1)[1])
+    level = ScenarioSettings(kind="server", qps=qps, duration_s=20, sla="llama2-70b", require_early_stopping=False)
+    records = read_records(Path(__file__).parent / "fixtures" / "gpu_levels" / f"{name}.csv.gz")
+    summary = summarize(records, 25.0, level.ttft_limit_ms, level.tpot_limit_ms)
+    reasons = verdict(records, level, summary=summary).reasons
+    again = longer_run(reasons, summary, level, 60)
+    assert (again and again[0]) == seconds, (reasons, again)
+    if seconds:
+        assert seconds == math.ceil(KEEP_UP_ARRIVALS / qps) and again[1].startswith("59 arrivals were too few")
+        assert longer_run(reasons, summary, level, 30)[0] == 30  # as long as the limit allows
+        assert longer_run(reasons, summary, replace(level, duration_s=40), 60) is None  # already that long
