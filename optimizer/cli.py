@@ -174,9 +174,9 @@ def _print_pareto(run_dir: Path, objectives) -> None:
     # a trial that took another's result (same config) is that trial's row, named beside it
     also: dict[int, list[int]] = {}
     if "duplicate_of" in ok:
-        for n, dup in zip(ok["number"], ok["duplicate_of"]):
-            if dup == dup and dup is not None:
-                also.setdefault(int(dup), []).append(int(n))
+        dups = ok[ok["duplicate_of"].notna()]
+        for n, dup in zip(dups["number"], dups["duplicate_of"]):
+            also.setdefault(int(dup), []).append(int(n))
         ok = ok[ok["duplicate_of"].isna()]
     mask = pareto_mask(ok[cols].to_numpy(dtype=float), spec_dirs)
     front = ok[mask].sort_values(cols[0], ascending=spec_dirs[0] == "minimize")

@@ -448,7 +448,7 @@ class StudyDriver:
         seen = self._seen_configs(study)
         # a config sampled while the same one is being measured waits for that result instead of a second GPU
         parked: dict[str, list[tuple[optuna.Trial, TrialPlan]]] = {}
-        withdrawn: set[Any] = set()  # queued in Ray at the wall time, never launched
+        withdrawn: set[Any] | None = None  # at the wall time: the trials still queued in Ray, never launched
         last_beat = 0.0
         while True:
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
@@ -499,11 +499,12 @@ class StudyDriver:
                                            "too many failures")
                 break
             ready = executor.wait(list(in_flight), timeout_s=1.0)
-            if time.monotonic() >= deadline:  # no engine starts after the wall time: unqueue what has not
-                for ref, (trial, plan) in in_flight.items():
-                    if ref not in withdrawn and not self._launched(plan):
-                        executor.cancel(ref, force=False)
-                        withdrawn.add(ref)
+            if withdrawn is None and time.monotonic() >= deadline:
+                # no engine starts after the wall time: unqueue what has not (nothing is submitted after it,
+                # so one look at the in-flight trials is enough)
+                withdrawn = {ref for ref, (_, plan) in in_flight.items() if not self._launched(plan)}
+                for ref in withdrawn:
+                    executor.cancel(ref, force=False)
             if time.monotonic() - last_beat > 10:
                 for trial, _ in in_flight.values():
                     study._storage.record_heartbeat(trial._trial_id)
@@ -516,7 +517,7 @@ class StudyDriver:
                     from servetune.optimizer.process import reap_orphan
 
                     reap_orphan(Path(plan.trial_dir) / "engine.pid")
-                    if ref in withdrawn:
+                    if withdrawn and ref in withdrawn:
                         self._withdraw(study, trial, plan, parked.pop(config_key(plan.engine, plan.params), []))
                         started -= 1  # not run: a resumed study runs it within the same budget
                         continue

@@ -9,15 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def trials(run: Path) -> list[dict]:
-    out = []
-    for p in sorted((run / "trials").glob("*/trial.json")):
-        try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            pass
-    return out
+from servetune.optimizer.records import gpu_use, trial_records
 
 
 def fmt(v, nd=0):
@@ -35,7 +27,7 @@ def levels(sc: dict) -> str:
 
 
 def summarize(run: Path) -> str:
-    ts = trials(run)
+    ts = list(trial_records(run).values())
     lines = [f"## {run.name}: {len(ts)} trials", ""]
     lines.append("| # | state | params | GPUs | ready s | loaded s | wall s | levels | max valid qps | out tok/s "
                  "| p99 TTFT ms | p99 TPOT ms | prefix hit | reason |")
@@ -99,8 +91,6 @@ def summarize(run: Path) -> str:
 def _gpu_use_from_records(run: Path, ts: list[dict]) -> dict:
     """A study stopped before its summary.json: GPU use from its trial records and its study's GPU count."""
     import yaml
-
-    from servetune.optimizer.records import gpu_use
 
     try:
         gpus = int(yaml.safe_load((run / "study.yaml").read_text())["hardware"]["gpus"])
