@@ -93,7 +93,7 @@ def _judges_steady_state(sc: ScenarioPlan) -> bool:
 def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
     out = []
     for s in spec.workload.scenarios:
-        ttft, tpot = s.sla.limits() if s.sla else (None, None)
+        ttft, tpot = s.sla.limits(s.kind) if s.sla else (None, None)
         search = s.max_qps.model_dump() if s.max_qps else None
         settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,

@@ -26,7 +26,7 @@ ENGINES = ("sim", "vllm", "sglang")
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
 # MLPerf LLM latency limits (p99 TTFT ms, p99 TPOT ms); loadgen-and-mlperf.md §1.5.
-from servetune.loadgen.sla import SLA_PRESETS  # noqa: E402  (the table lives with the load generator)
+from servetune.loadgen.sla import SLA_PRESETS, sla_limits  # noqa: E402  (the table lives with the load generator)
 
 # Objective metrics a scenario summary carries, with the direction that makes a config better.
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
@@ -299,8 +299,10 @@ class SLASpec(_Strict):
             raise ValueError("an empty sla; give preset (e.g. llama3.1-8b) and/or ttft_p99_ms, tpot_p99_ms")
         return self
 
-    def limits(self) -> tuple[float | None, float | None]:
-        ttft, tpot = SLA_PRESETS.get(self.preset or "", (None, None))
+    def limits(self, scenario: str | None = None) -> tuple[float | None, float | None]:
+        """(p99 TTFT ms, p99 TPOT ms) for a scenario of kind ``scenario``: the preset as it applies there
+        (loadgen.sla's one resolution, so run and bench agree), overridden by explicit limits."""
+        ttft, tpot = sla_limits(self.preset, scenario) if self.preset else (None, None)
         return (self.ttft_p99_ms or ttft, self.tpot_p99_ms or tpot)
 
 
@@ -428,11 +430,11 @@ class WorkloadSpec(_Strict):
                 first[s.label] = j
         # An interactive scenario is the server scenario with tighter latency limits (MLPerf); looser ones
         # almost always mean the presets were swapped.
-        servers = [(s, s.sla.limits()) for s in self.scenarios if s.kind == "server" and s.sla]
+        servers = [(s, s.sla.limits(s.kind)) for s in self.scenarios if s.kind == "server" and s.sla]
         for j, s in enumerate(self.scenarios):
             if s.kind != "interactive" or not s.sla:
                 continue
-            ttft, tpot = s.sla.limits()
+            ttft, tpot = s.sla.limits(s.kind)
             for srv, (sttft, stpot) in servers:
                 looser = [f"{n} {_num(a)} ms > {_num(b)} ms" for n, a, b in
                           (("ttft_p99", ttft, sttft), ("tpot_p99", tpot, stpot))

@@ -323,10 +323,10 @@ def _num(v: Any) -> Any:
     return v
 
 
-def _sla_presets() -> dict[str, tuple[float, float]]:
-    from servetune.optimizer.spec import SLA_PRESETS
+def _preset_limits(preset: Any, kind: str) -> tuple[float | None, float | None]:
+    from servetune.loadgen.sla import SLA_PRESETS, sla_limits
 
-    return SLA_PRESETS
+    return sla_limits(preset, kind) if preset in SLA_PRESETS else (None, None)
 
 
 def _scenarios(spec: dict[str, Any], raw: list[dict[str, Any]]) -> list[Scenario]:
@@ -352,7 +352,7 @@ def _scenarios(spec: dict[str, Any], raw: list[dict[str, Any]]) -> list[Scenario
             continue
         name = str(sc.get("name") or sc["kind"])
         sla = sc.get("sla") if isinstance(sc.get("sla"), dict) else {}
-        ttft, tpot = _sla_presets().get(str(sla.get("preset") or ""), (None, None))
+        ttft, tpot = _preset_limits(sla.get("preset"), str(sc["kind"]))
         ttft, tpot = sla.get("ttft_p99_ms") or ttft, sla.get("tpot_p99_ms") or tpot
         got = applied.get(name, {})
         out[name] = Scenario(name=name, kind=str(sc["kind"]), qps=got.get("qps", sc.get("qps")),

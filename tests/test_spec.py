@@ -343,3 +343,17 @@ def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
                                                 "quantization": q, "max_concurrency": 256, "max_model_len": 4096})}
     assert passed["sim"] == passed["vllm"] and len(passed["vllm"]) == 22
     assert (1, 1, 1, "none") not in passed["vllm"] and (1, 1, 1, "fp8") in passed["vllm"]
+
+
+def test_interactive_preset_means_the_same_limits_in_run_and_bench():
+    """One resolution of an SLA preset: `servetune run` (scenario_plans) and `servetune bench`
+    (ScenarioSettings) judge an interactive scenario with `preset: llama3.1-8b` at the Interactive limits."""
+    from servetune.loadgen.scenarios import ScenarioSettings
+    from servetune.optimizer.driver import scenario_plans
+
+    study = MINIMAL.replace("[{kind: offline}]", "[{kind: interactive, qps: 2, sla: {preset: llama3.1-8b}}]")
+    plan = scenario_plans(parse_study(study, "m.yaml"))[0]
+    bench = ScenarioSettings(kind="interactive", qps=2, sla="llama3.1-8b")
+    expected = SLA_PRESETS["llama3.1-8b-interactive"]
+    assert (plan.settings["ttft_limit_ms"], plan.settings["tpot_limit_ms"]) == expected
+    assert (bench.ttft_limit_ms, bench.tpot_limit_ms) == expected
