@@ -96,14 +96,20 @@ def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     return out
 
 
+FLATTERS, HURTS, UNKNOWN = "flatters", "hurts", "unknown"  # which way a finding moved the level's numbers
+
+
 def judge(client: dict[str, float], server: dict[str, float], events: Sequence[dict[str, Any]], *,
           max_prefix_hit_fraction: float | None = MAX_PREFIX_HIT_FRACTION,
-          token_tolerance: float = TOKEN_TOLERANCE) -> tuple[list[str], list[str]]:
-    """(reasons, notes) of one measured window: reasons make the level invalid, notes are findings.
+          token_tolerance: float = TOKEN_TOLERANCE) -> tuple[list[str], list[str], list[str]]:
+    """(reasons, notes, effects) of one measured window: reasons make the level invalid, notes are findings,
+    and each reason's effect says which way it moved the numbers: replayed prompts skip prefill (FLATTERS),
+    a compile stalls steps (HURTS), a token mismatch could be either (UNKNOWN).
 
     ``max_prefix_hit_fraction`` None: the workload shares prefixes on purpose, hits are what it measures."""
     reasons: list[str] = []
     notes: list[str] = []
+    effects: list[str] = []
     for what, key, failed_key in (("prompt", "prompt_tokens", "failed_prompt_tokens"),
                                   ("generation", "generation_tokens", "failed_generation_tokens")):
         got = server.get(key)
@@ -119,10 +125,12 @@ def judge(client: dict[str, float], server: dict[str, float], events: Sequence[d
         if got < low - slack:
             reasons.append(f"the server counted {got:,.0f} {what} tokens, the client {low:,.0f} in successful "
                            f"requests: {low - got:,.0f} never reached the server's counters")
+            effects.append(UNKNOWN)
         elif got > high + slack:
             extra = f" (+ up to {client[failed_key]:,.0f} in failed requests)" if client[failed_key] else ""
             reasons.append(f"the server counted {got:,.0f} {what} tokens, the client sent {low:,.0f}{extra}: "
                            f"{got - high:,.0f} more, from other traffic on the server or work counted twice")
+            effects.append(UNKNOWN)
     hits = server.get("prefix_cache_hits")
     prompt = server.get("prompt_tokens", client.get("prompt_tokens"))
     if hits is not None and prompt:
@@ -131,6 +139,7 @@ def judge(client: dict[str, float], server: dict[str, float], events: Sequence[d
             reasons.append(f"prefix-cache hits were {frac:.1%} of the prompt tokens ({hits:,.0f} of {prompt:,.0f}) "
                            f"on a workload that declares no shared prefix (limit {max_prefix_hit_fraction:.0%}): "
                            "prompts were replayed and their prefill skipped")
+            effects.append(FLATTERS)
         elif hits:
             notes.append(f"prefix-cache hits {frac:.2%} of the prompt tokens ({hits:,.0f})")
     elif hits is None:
@@ -143,9 +152,11 @@ def judge(client: dict[str, float], server: dict[str, float], events: Sequence[d
         text = f"{len(lines)} {kind} line{'s' if len(lines) != 1 else ''} in the engine log during the level " \
                f"(first: {_clip(lines[0])})"
         (reasons if invalidates else notes).append(text)
+        if invalidates:
+            effects.append(HURTS)
     if server.get("preemptions"):
         notes.append(f"{server['preemptions']:,.0f} preemptions during the level")
-    return reasons, notes
+    return reasons, notes, effects
 
 
 def _clip(line: str, limit: int = 240) -> str:
@@ -225,7 +236,7 @@ class Auditor:
         if self.probe.has_log and start_off is not None and end_off is not None:
             events = self.probe.log_events(start_off, end_off)
             audit["log"] = {"bytes": end_off - start_off, "events": events[:MAX_LOG_LINES],
-                            "counts": _counts(events)}
+                            "counts": _counts(events), "invalidating": sum(1 for e in events if e.get("invalidates"))}
         else:
             audit["log"] = None
         audit["_events"] = events
@@ -235,14 +246,14 @@ class Auditor:
     def judged(self, audit: dict[str, Any]) -> dict[str, Any]:
         events = audit.pop("_events", [])
         if audit["server"] is None:
-            reasons, notes = [], ["the server's /metrics could not be read: nothing audited"]
+            reasons, notes, effects = [], ["the server's /metrics could not be read: nothing audited"], []
         else:
-            reasons, notes = judge(audit["client"], audit["server"], events,
-                                   max_prefix_hit_fraction=self.max_prefix_hit_fraction,
-                                   token_tolerance=self.token_tolerance)
+            reasons, notes, effects = judge(audit["client"], audit["server"], events,
+                                            max_prefix_hit_fraction=self.max_prefix_hit_fraction,
+                                            token_tolerance=self.token_tolerance)
         if audit.get("log") is None:
             notes.append("no engine log to read: JIT and compile lines not checked")
-        audit.update(passed=not reasons, reasons=reasons, notes=notes)
+        audit.update(passed=not reasons, reasons=reasons, notes=notes, effects=effects)
         return audit
 
     def run_level(self, run: Callable[[], ScenarioResult]) -> ScenarioResult:
@@ -256,6 +267,12 @@ class Auditor:
         prompts on each call (the re-run must not replay the failed run's prompts)."""
         first = self.run_level(run)
         if first.audit["passed"]:
+            return first
+        if first.audit["effects"] and set(first.audit["effects"]) == {FLATTERS} and _own_reasons(first):
+            # it failed on its own even with replayed prompts flattering it: a clean run can only fail too
+            first.audit["verdict_stands"] = True
+            first.notes.append(f"{AUDIT}not re-run: the level is invalid on its own even with the replayed "
+                               "prompts in its favour")
             return first
         if not self.rerun:
             return contaminate(first)
@@ -272,6 +289,10 @@ class Auditor:
 
 
 _KEPT = ("requests_ok", "requests_issued", "output_tokens_per_s", "ttft_p99_ms", "tpot_p99_ms", "error_rate")
+
+
+def _own_reasons(result: ScenarioResult) -> list[str]:
+    return [r for r in result.invalid_reasons if not r.startswith(AUDIT)]
 
 
 def _counts(events: Sequence[dict[str, Any]]) -> dict[str, int]:

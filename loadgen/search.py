@@ -116,7 +116,8 @@ def longest_level_s(settings: ScenarioSettings, given: float | None = None) -> f
 
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
                  hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
-                 level_offset: int = 0, max_level_duration_s: float | None = None) -> MaxQPSResult:
+                 level_offset: int = 0, max_level_duration_s: float | None = None,
+                 auditor: Any = None) -> MaxQPSResult:
     """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
     ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` levels. ``level_offset``
     numbers the prompt variants after levels an earlier scenario already ran on the same server.
@@ -125,7 +126,12 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     request, see :func:`~servetune.loadgen.validity.steady_state_shortfall`) runs once more, for 2.2× that
     median when it fits in ``max_level_duration_s``, and the longer run is the level: near capacity a
     request lives longer, and a fixed level length would call every such rate invalid without judging it.
-    An overloaded server gains nothing from it: its requests live longer still, and the rerun fails too."""
+    An overloaded server gains nothing from it: its requests live longer still, and the rerun fails too.
+
+    With an ``auditor`` (:class:`~servetune.loadgen.audit.Auditor`), every run is audited against the
+    engine's counters and log; one whose audit fails runs once more, with fresh prompts, after more warm-up.
+    A level still contaminated after that counts as not valid here (no capacity is claimed from it) and is
+    marked so in its summary."""
     if settings.kind not in ("server", "interactive"):
         raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
     if not 0 < lo < hi:
@@ -137,11 +143,16 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     levels: list[ScenarioResult] = []
     runs = 0
 
-    def run_once(level: ScenarioSettings) -> ScenarioResult:
+    def sent_once(level: ScenarioSettings) -> ScenarioResult:
         nonlocal runs
         reqs = level_variant(requests, level_offset + runs) if vary_prompts else requests  # never replayed
         runs += 1
         return run(endpoint, reqs, level)
+
+    def run_once(level: ScenarioSettings) -> ScenarioResult:
+        if auditor is None:
+            return sent_once(level)
+        return auditor.measure(lambda: sent_once(level), level)  # the audit's one re-run, fresh prompts
 
     def measure(qps: float) -> ScenarioResult:
         level = replace(settings, qps=qps)
@@ -160,7 +171,8 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
 
     low = measure(lo)
     if not low.valid:
-        return done(None, f"the lowest rate {lo:g}/s is not valid: {'; '.join(low.invalid_reasons)}", (None, lo))
+        verdict = "contaminated" if low.summary.get("audit_contaminated") else "not valid"
+        return done(None, f"the lowest rate {lo:g}/s is {verdict}: {'; '.join(low.invalid_reasons)}", (None, lo))
     high = measure(hi)
     if high.valid:
         return done(hi, f"the highest rate {hi:g}/s is valid: the server sustains at least that (raise hi)",
