@@ -259,16 +259,24 @@ def pareto_front(points: Sequence[dict[str, Any]], x: str = PARETO_X, y: str = P
 
 
 def concurrency_sweep(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings,
-                      levels: Sequence[int], vary_prompts: bool = True) -> SweepResult:
+                      levels: Sequence[int], vary_prompts: bool = True, auditor: Any = None) -> SweepResult:
     """Run the fixed-concurrency scenario at each level of ``levels`` (``settings`` gives run length,
-    warmup, limits, workers...; its kind and rate are replaced)."""
+    warmup, limits, workers...; its kind and rate are replaced). With an ``auditor``, each level is audited
+    and re-run once, with fresh prompts, when its audit fails (as in :func:`find_max_qps`)."""
     if not levels or any(int(c) < 1 for c in levels):
         raise ValueError(f"levels must be concurrencies >= 1, got {list(levels)}")
     out = SweepResult()
+    runs = 0
     for i, c in enumerate(levels):
-        reqs = level_variant(requests, i) if vary_prompts else requests
         level = replace(settings, kind="concurrency", qps=None, concurrency=int(c), max_connections=None)
-        result = run(endpoint, reqs, level)
+
+        def once() -> ScenarioResult:
+            nonlocal runs
+            reqs = level_variant(requests, runs) if vary_prompts else requests
+            runs += 1
+            return run(endpoint, reqs, level)
+
+        result = auditor.measure(once, level) if auditor is not None else once()
         result.settings["search_level"] = i
         out.levels.append(result)
     return out
