@@ -40,6 +40,7 @@ AUDIT = "audit: "  # how the audit's reasons and notes begin among a result's ow
 COUNTERS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "preemptions",
             "requests_finished")
 KV_USAGE = "kv_cache_usage"  # ... and of the KV-cache gauge (0..1)
+IN_FLIGHT = "in_flight"  # ... and of the requests the engine holds now (running + waiting)
 # Relative slack on the token comparison. The counters and the usage the client records count the same
 # tokens, so for requests that succeeded they agree exactly (they did on vLLM 0.26: issue 15); the slack
 # only absorbs a counter the engine updates a step after the response went out (at most a token per
@@ -49,6 +50,9 @@ TOKEN_TOLERANCE = 0.01
 MAX_PREFIX_HIT_FRACTION = 0.01  # rule (b): hits above 1 % of the prompt tokens on a workload without sharing
 SETTLE_S = 0.5  # one more scrape after this long when the server's counts still trail the client's
 POLL_S = 1.0  # KV-cache gauge sampling period during a level
+# A window opens once the engine holds no request of an earlier run (at most this long): the stragglers of a
+# level cut at its timeout would otherwise land their tokens, and their load, in the next level's window.
+QUIET_S = 5.0
 MAX_LOG_LINES = 20  # disturbance lines kept per window (all are counted)
 
 
@@ -58,7 +62,8 @@ class EngineProbe(Protocol):
     has_log: bool  # False: no engine log to read (servetune bench against someone else's server)
 
     def counters(self) -> dict[str, float] | None:
-        """Cumulative :data:`COUNTERS` and the :data:`KV_USAGE` gauge now; None when /metrics is unreachable."""
+        """Cumulative :data:`COUNTERS` and the :data:`KV_USAGE` and :data:`IN_FLIGHT` gauges now; None when
+        /metrics is unreachable."""
 
     def kv_usage(self) -> float | None:
         """The KV-cache gauge alone (polled about once a second during a level, so it must be cheap)."""
@@ -204,12 +209,13 @@ class Auditor:
     rewarm: Callable[[Any], dict[str, Any] | None] | None = None
     poll_s: float = POLL_S
     settle_s: float = SETTLE_S
+    quiet_s: float = QUIET_S
     windows: list[dict[str, Any]] = field(default_factory=list)  # every window audited, in order
 
     def window(self, run: Callable[[], Any], records_of: Callable[[Any], Sequence[RequestRecord]],
                kind: str = "level") -> tuple[Any, dict[str, Any]]:
         """Run ``run()`` between two scrapes and return (its result, the window's audit, unjudged)."""
-        before = self.probe.counters()
+        before = self._quiet()
         start_off = self.probe.log_offset()
         t0 = time.monotonic()
         with _Peak(self.probe, self.poll_s) as peak:
@@ -223,6 +229,8 @@ class Auditor:
                 after = self.probe.counters() or after
         end_off = self.probe.log_offset()
         audit: dict[str, Any] = {"window": kind, "seconds": round(time.monotonic() - t0, 3), "client": client}
+        if before is not None and before.get(IN_FLIGHT):
+            audit["in_flight_at_start"] = before[IN_FLIGHT]
         if before is None or after is None:
             audit["server"] = None
         else:
@@ -243,6 +251,14 @@ class Auditor:
         self.windows.append(audit)
         return result, audit
 
+    def _quiet(self) -> dict[str, float] | None:
+        deadline = time.monotonic() + self.quiet_s
+        while True:
+            now = self.probe.counters()
+            if now is None or not now.get(IN_FLIGHT) or time.monotonic() >= deadline:
+                return now
+            time.sleep(0.1)
+
     def judged(self, audit: dict[str, Any]) -> dict[str, Any]:
         events = audit.pop("_events", [])
         if audit["server"] is None:
@@ -253,6 +269,9 @@ class Auditor:
                                             token_tolerance=self.token_tolerance)
         if audit.get("log") is None:
             notes.append("no engine log to read: JIT and compile lines not checked")
+        if audit.get("in_flight_at_start"):
+            notes.append(f"the engine still held {audit['in_flight_at_start']:,.0f} requests of an earlier run "
+                         f"when the level began (waited {self.quiet_s:g} s)")
         audit.update(passed=not reasons, reasons=reasons, notes=notes, effects=effects)
         return audit
 

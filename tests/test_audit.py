@@ -153,4 +153,19 @@ def test_every_engine_maps_the_same_neutral_counters(engine):
     text = BEFORE if engine != "sglang" else 'sglang:prompt_tokens_total{model_name="m"} 1.0\n'
     assert set(e.audit_counters(e.parse_metrics(text))) <= {
         "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "preemptions",
-        "requests_finished", "kv_cache_usage"}
+        "requests_finished", "kv_cache_usage", "in_flight"}
+
+
+def test_a_window_opens_once_the_engine_holds_no_earlier_request():
+    probe = _FakeProbe([0])
+    left = iter([2.0, 1.0, 0.0])
+    counters = probe.counters
+    probe.counters = lambda: {**counters(), "in_flight": next(left, 0.0)}
+    res = Auditor(probe, poll_s=0.01, settle_s=0).run_level(probe.run)
+    assert res.audit["passed"] and "in_flight_at_start" not in res.audit  # it waited for the two stragglers
+    probe = _FakeProbe([0])
+    stuck = probe.counters
+    probe.counters = lambda: {**stuck(), "in_flight": 4.0}
+    res = Auditor(probe, poll_s=0.01, settle_s=0, quiet_s=0.2).run_level(probe.run)
+    assert res.audit["in_flight_at_start"] == 4.0
+    assert any("still held 4 requests of an earlier run" in n for n in res.notes)

@@ -325,7 +325,10 @@ def vllm_audit_counters(m: dict[str, float]) -> dict[str, float]:
              "prefix_cache_queries": "vllm:prefix_cache_queries_total",
              "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
              "requests_finished": "vllm:request_success_total", "kv_cache_usage": "vllm:kv_cache_usage_perc"}
-    return {k: m[n] for k, n in names.items() if n in m}
+    out = {k: m[n] for k, n in names.items() if n in m}
+    if "vllm:num_requests_running" in m:
+        out["in_flight"] = m["vllm:num_requests_running"] + m.get("vllm:num_requests_waiting", 0.0)
+    return out
 
 
 def sglang_audit_counters(m: dict[str, float]) -> dict[str, float]:
@@ -336,4 +339,7 @@ def sglang_audit_counters(m: dict[str, float]) -> dict[str, float]:
              "prefix_cache_queries": "sglang:prompt_tokens_total", "prefix_cache_hits": "sglang:cached_tokens_total",
              "preemptions": "sglang:num_retracted_requests_total", "requests_finished": "sglang:num_requests_total",
              "kv_cache_usage": "sglang:token_usage"}
-    return {k: m[n] for k, n in names.items() if n in m}
+    out = {k: m[n] for k, n in names.items() if n in m}
+    if "sglang:num_running_reqs" in m:
+        out["in_flight"] = m["sglang:num_running_reqs"] + m.get("sglang:num_queue_reqs", 0.0)
+    return out
