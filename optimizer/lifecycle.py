@@ -182,24 +182,26 @@ def _audit_tools(plan: TrialPlan, engine, endpoint, requests, metrics_url: str):
     auditor = Auditor(probe, max_prefix_hit_fraction=audit.get("max_prefix_cache_hit_fraction", 0.01),
                       rerun=audit.get("rerun", True))
     cap = plan.params.get("max_concurrency") or engine.defaults().get("max_concurrency")
-    top = ramp_top(plan.scenarios, len(requests), plan.gpus, cap if isinstance(cap, int) else None,
+    top = ramp_top(plan.scenarios, requests, plan.gpus, cap if isinstance(cap, int) else None,
                    warm.get("max_concurrency"))
     warmer = Warmer(endpoint, requests, auditor, top, max_s=float(warm.get("max_s") or 300.0))
     auditor.rewarm = warmer.rewarm
     return (auditor if audit.get("enabled") else None), warmer
 
 
-def _fresh(endpoint, requests, settings, first: int):
-    """A run of ``settings`` that sends prompts no earlier run sent, on every call; ``.runs`` counts them."""
-    from servetune.loadgen.scenarios import run
-    from servetune.loadgen.search import level_variant
+class _Fresh:
+    """Runs of one level, each sending prompts no earlier run sent (the audit's re-run among them)."""
 
-    def once():
-        once.runs += 1
-        return run(endpoint, level_variant(requests, first + once.runs - 1), settings)
+    def __init__(self, endpoint, requests, settings, first: int) -> None:
+        self.endpoint, self.requests, self.settings, self.first = endpoint, requests, settings, first
+        self.runs = 0
 
-    once.runs = 0
-    return once
+    def __call__(self):
+        from servetune.loadgen.scenarios import run
+        from servetune.loadgen.search import level_variant
+
+        self.runs += 1
+        return run(self.endpoint, level_variant(self.requests, self.first + self.runs - 1), self.settings)
 
 
 def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
@@ -220,7 +222,7 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
     runs = 0
     for rate in rates:  # a load sweep within this one launch: no restart per level
         settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
-        once = _fresh(endpoint, requests, settings, epoch + runs)
+        once = _Fresh(endpoint, requests, settings, epoch + runs)
         sr = auditor.measure(once, settings) if auditor is not None else once()
         runs += once.runs
         levels.append((rate, sr))

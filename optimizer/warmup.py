@@ -4,8 +4,8 @@ An engine compiles kernels for the shapes it meets: a Triton MoE kernel per toke
 ops per batch layout. A level that meets a shape first pays the compile in its latencies (a fused_moe JIT
 gave a 4 req/s level p99 TTFT 2.8 s on an H200 that serves 12 req/s once warm: issue 15). So every launch,
 the baseline's as every candidate's, is warmed in *rounds*: a concurrency ramp 1, 2, 4, ... up to the most
-requests a level keeps in flight (capped by the engine's batch limit), each step sending that many
-requests at once, with the dataset's prompt lengths (the prefill shapes) and a short output
+requests a level keeps in flight (:func:`level_peak`, capped by the engine's batch limit), each step
+sending that many requests at once, with the dataset's prompt lengths (the prefill shapes) and a short output
 (:data:`OUTPUT_TOKENS`: decode shapes depend on the batch, not on how long it runs). Rounds repeat until
 one writes no compilation line to the engine log, or ``max_s`` is spent; every round is an audit window
 (the engine's counters and log lines are recorded with it).
@@ -16,6 +16,7 @@ in-level warm-up sends (:func:`prewarm_variant`), and no warm-up prompt is sent 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -46,8 +47,12 @@ def prewarm_variant(req: Request, pass_no: int) -> Request:
                    max_tokens=min(req.max_tokens, OUTPUT_TOKENS))
 
 
-def level_peak(settings: dict[str, Any], dataset_size: int, max_qps: dict[str, Any] | None, gpus: int) -> int:
-    """The most requests one level of this scenario can keep in flight: its batch can be no larger."""
+def level_peak(settings: dict[str, Any], dataset_size: int, max_qps: dict[str, Any] | None, gpus: int,
+               max_tokens: int = 0) -> int:
+    """The most requests one level of this scenario keeps in flight while it can still meet its SLA: its
+    batch grows no larger. At most the level's request count; for an arrival rate with latency limits, at
+    most rate × the longest request that meets them (Little's law: TTFT limit + output tokens × TPOT
+    limit), since a rate that holds more has missed the SLA anyway."""
     kind = settings.get("kind")
     cap = settings.get("max_connections") or None
     if kind == "single_stream":
@@ -64,16 +69,20 @@ def level_peak(settings: dict[str, Any], dataset_size: int, max_qps: dict[str, A
             qps = max_qps["hi"] * (gpus if max_qps.get("per_gpu") else 1)
         qps = max(qps) if isinstance(qps, list) else qps
         n = max(n, int(qps * (settings.get("duration_s") or 0)) + 1) if qps else n or dataset_size
-    return int(min(n, cap) if cap else n)
+        ttft, tpot = settings.get("ttft_limit_ms"), settings.get("tpot_limit_ms")
+        if qps and ttft and tpot and max_tokens:
+            n = min(n, math.ceil(qps * (ttft + max_tokens * tpot) / 1000.0))
+    return max(1, int(min(n, cap) if cap else n))
 
 
-def ramp_top(scenarios: Sequence[Any], dataset_size: int, gpus: int, engine_cap: int | None,
+def ramp_top(scenarios: Sequence[Any], requests: Sequence[Request], gpus: int, engine_cap: int | None,
              given: int | None = None) -> int:
     """Top of the warm-up ramp: as given, else the largest level peak over the scenarios, capped by the
     engine's batch limit."""
     if given:
         return int(given)
-    top = max((level_peak(sc.settings, dataset_size, sc.max_qps, gpus) for sc in scenarios), default=1)
+    longest = max((r.max_tokens for r in requests), default=0)
+    top = max((level_peak(sc.settings, len(requests), sc.max_qps, gpus, longest) for sc in scenarios), default=1)
     return max(1, min(top, int(engine_cap)) if engine_cap else top)
 
 

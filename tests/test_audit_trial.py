@@ -60,3 +60,22 @@ def test_study_keys_for_warmup_and_audit(tmp_path):
     study.write_text(study.read_text().replace("max_s: 60", "max_s: -1"))
     with pytest.raises(SpecError, match=r"study.yaml:\d+: workload.warmup.max_s"):
         load_study(str(study))
+
+
+def test_the_ramp_reaches_what_a_level_can_hold_while_meeting_its_sla():
+    from servetune.loadgen.datasets import random_dataset
+    from servetune.optimizer.records import ScenarioPlan
+    from servetune.optimizer.warmup import ramp_top
+
+    reqs = random_dataset(50, input_tokens=16, output_tokens=128)
+    sla = {"ttft_limit_ms": 2000, "tpot_limit_ms": 100}
+    search = ScenarioPlan("s", {"kind": "server", "qps": 4, "duration_s": 60, **sla},
+                          max_qps={"lo": 4, "hi": 30, "per_gpu": True})
+    # 60 req/s (30 per GPU, 2 GPUs) × (2 s + 128 × 0.1 s): 888 requests at most while within the SLA
+    assert ramp_top([search], reqs, gpus=2, engine_cap=1024) == 888
+    assert ramp_top([search], reqs, gpus=2, engine_cap=256) == 256  # the engine batches no more
+    fixed = ScenarioPlan("f", {"kind": "server", "qps": [2, 4], "duration_s": 10})  # no limits: 4 × 10 + 1
+    offline = ScenarioPlan("o", {"kind": "offline", "max_connections": 32})
+    assert ramp_top([fixed], reqs, 1, None) == 41 and ramp_top([offline, fixed], reqs, 1, None) == 41
+    assert ramp_top([ScenarioPlan("c", {"kind": "concurrency", "concurrency": [1, 8, 64]})], reqs, 1, 16) == 16
+    assert ramp_top([fixed], reqs, 1, None, given=7) == 7
