@@ -64,7 +64,7 @@ def test_token_counts_must_agree_within_the_tolerance():
 
 
 def test_the_vllm_jit_warning_inside_the_window_invalidates_the_level(tmp_path):
-    text = (FIX / "engine_logs" / "vllm_jit_during_inference.log").read_bytes()
+    text = (FIX / "level_logs" / "vllm_jit_during_inference.log").read_bytes()
     log = tmp_path / "engine.log"
     log.write_bytes(text)
     probe = EngineProbe(get_engine("vllm"), "http://127.0.0.1:9/metrics", log)
@@ -88,7 +88,7 @@ def test_sglang_names_and_a_retraction_is_a_note_not_a_reason():
     server = counter_deltas(e.audit_counters(e.parse_metrics(before)), e.audit_counters(e.parse_metrics(after)))
     assert server == {"prompt_tokens": 4000.0, "generation_tokens": 400.0, "prefix_cache_queries": 4000.0,
                       "prefix_cache_hits": 0.0, "preemptions": 1.0, "requests_finished": 4.0}
-    events = D.scan((FIX / "engine_logs" / "sglang_retract.log").read_text(), e.disturbances)
+    events = D.scan((FIX / "level_logs" / "sglang_retract.log").read_text(), e.disturbances)
     assert [ev["kind"] for ev in events] == ["preemption"]
     reasons, notes, _ = judge(client_counts(_records(4, 1000, 100)), server, events)
     assert reasons == [] and any("1 preemption line" in n for n in notes) and "1 preemptions during the level" in notes
