@@ -70,6 +70,7 @@ class ScenarioResult:
     valid: bool = True
     invalid_reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # non-fatal findings (e.g. early stopping not required)
+    audit: dict[str, Any] | None = None  # the engine-side audit of this run (loadgen.audit), when one was made
 
     def to_dict(self, with_records: bool = False) -> dict[str, Any]:
         d = {
@@ -81,6 +82,8 @@ class ScenarioResult:
             "invalid_reasons": self.invalid_reasons,
             "notes": self.notes,
         }
+        if self.audit is not None:
+            d["audit"] = self.audit
         if with_records:
             d["records"] = [r.to_dict() for r in self.records]
         return d

@@ -116,7 +116,8 @@ def longest_level_s(settings: ScenarioSettings, given: float | None = None) -> f
 
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
                  hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
-                 level_offset: int = 0, max_level_duration_s: float | None = None) -> MaxQPSResult:
+                 level_offset: int = 0, max_level_duration_s: float | None = None,
+                 auditor: Any = None) -> MaxQPSResult:
     """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
     ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` levels. ``level_offset``
     numbers the prompt variants after levels an earlier scenario already ran on the same server.
@@ -125,7 +126,12 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     request, see :func:`~servetune.loadgen.validity.steady_state_shortfall`) runs once more, for 2.2× that
     median when it fits in ``max_level_duration_s``, and the longer run is the level: near capacity a
     request lives longer, and a fixed level length would call every such rate invalid without judging it.
-    An overloaded server gains nothing from it: its requests live longer still, and the rerun fails too."""
+    An overloaded server gains nothing from it: its requests live longer still, and the rerun fails too.
+
+    With an ``auditor`` (:class:`~servetune.loadgen.audit.Auditor`), every run is audited against the
+    engine's counters and log; one whose audit fails runs once more, with fresh prompts, after more warm-up.
+    A level still contaminated after that counts as not valid here (no capacity is claimed from it) and is
+    marked so in its summary."""
     if settings.kind not in ("server", "interactive"):
         raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
     if not 0 < lo < hi:
@@ -137,11 +143,16 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     levels: list[ScenarioResult] = []
     runs = 0
 
-    def run_once(level: ScenarioSettings) -> ScenarioResult:
+    def sent_once(level: ScenarioSettings) -> ScenarioResult:
         nonlocal runs
         reqs = level_variant(requests, level_offset + runs) if vary_prompts else requests  # never replayed
         runs += 1
         return run(endpoint, reqs, level)
+
+    def run_once(level: ScenarioSettings) -> ScenarioResult:
+        if auditor is None:
+            return sent_once(level)
+        return auditor.measure(lambda: sent_once(level), level)  # the audit's one re-run, fresh prompts
 
     def measure(qps: float) -> ScenarioResult:
         level = replace(settings, qps=qps)
@@ -160,7 +171,8 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
 
     low = measure(lo)
     if not low.valid:
-        return done(None, f"the lowest rate {lo:g}/s is not valid: {'; '.join(low.invalid_reasons)}", (None, lo))
+        verdict = "contaminated" if low.summary.get("audit_contaminated") else "not valid"
+        return done(None, f"the lowest rate {lo:g}/s is {verdict}: {'; '.join(low.invalid_reasons)}", (None, lo))
     high = measure(hi)
     if high.valid:
         return done(hi, f"the highest rate {hi:g}/s is valid: the server sustains at least that (raise hi)",
@@ -247,16 +259,24 @@ def pareto_front(points: Sequence[dict[str, Any]], x: str = PARETO_X, y: str = P
 
 
 def concurrency_sweep(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings,
-                      levels: Sequence[int], vary_prompts: bool = True) -> SweepResult:
+                      levels: Sequence[int], vary_prompts: bool = True, auditor: Any = None) -> SweepResult:
     """Run the fixed-concurrency scenario at each level of ``levels`` (``settings`` gives run length,
-    warmup, limits, workers...; its kind and rate are replaced)."""
+    warmup, limits, workers...; its kind and rate are replaced). With an ``auditor``, each level is audited
+    and re-run once, with fresh prompts, when its audit fails (as in :func:`find_max_qps`)."""
     if not levels or any(int(c) < 1 for c in levels):
         raise ValueError(f"levels must be concurrencies >= 1, got {list(levels)}")
     out = SweepResult()
+    runs = 0
     for i, c in enumerate(levels):
-        reqs = level_variant(requests, i) if vary_prompts else requests
         level = replace(settings, kind="concurrency", qps=None, concurrency=int(c), max_connections=None)
-        result = run(endpoint, reqs, level)
+
+        def once() -> ScenarioResult:
+            nonlocal runs
+            reqs = level_variant(requests, runs) if vary_prompts else requests
+            runs += 1
+            return run(endpoint, reqs, level)
+
+        result = auditor.measure(once, level) if auditor is not None else once()
         result.settings["search_level"] = i
         out.levels.append(result)
     return out

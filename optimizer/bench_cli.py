@@ -169,6 +169,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="ask for exactly max_tokens (default for random data)")
     eos.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                      help="let the model stop at EOS (default for sharegpt / token_ids)")
+    a = b.add_argument_group("audit (the server's own /metrics, when it exposes vLLM's or SGLang's)")
+    a.add_argument("--no-audit", action="store_true", help="do not compare the run with the server's /metrics")
+    a.add_argument("--metrics-url", help="where the server's Prometheus metrics are (default: URL/metrics)")
+    a.add_argument("--allow-prefix-hits", action="store_true",
+                   help="the workload shares prefixes on purpose: prefix-cache hits are measured, not a reason")
     o = b.add_argument_group("output")
     o.add_argument("-o", "--output-dir", required=True)
     o.add_argument("--records-format", choices=("parquet", "csv"), default="parquet")
@@ -237,6 +242,46 @@ def _line(res) -> str:
             f"lag p99 {_fmt(s['schedule_lag_p99_ms'], 2)} ms — {verdict}")
 
 
+def _auditor(args: argparse.Namespace):
+    """(the level auditor or None, what result.json says about the audit)."""
+    from servetune.loadgen.audit import Auditor
+    from servetune.loadgen.endpoint import _redact_url
+
+    if args.no_audit:
+        return None, {"how": "off (--no-audit)"}
+    from servetune.optimizer.engines.probe import probe_for_server
+
+    url = args.metrics_url or args.url.rstrip("/").removesuffix("/v1") + "/metrics"
+    probe, how = probe_for_server(url)
+    how = how.replace(url, _redact_url(url))
+    if probe is None:
+        return None, {"how": how}
+    # A server started elsewhere: no engine log to read (JIT and compile lines cannot be checked), and no
+    # warm-up before a re-run but the failed run itself.
+    return (Auditor(probe, max_prefix_hit_fraction=None if args.allow_prefix_hits else 0.01),
+            {"how": how + "; no engine log here, so JIT and compile lines are not checked", "engine_log": False})
+
+
+def _audit_line(a: dict[str, Any]) -> str:
+    s, c = a.get("server") or {}, a.get("client") or {}
+    if not s:
+        return "audit: " + "; ".join(a.get("notes") or ["nothing read"])
+    hits = s.get("prefix_cache_hits")
+    bits = [f"server counted {s.get('prompt_tokens', float('nan')):,.0f} prompt / "
+            f"{s.get('generation_tokens', float('nan')):,.0f} output tokens (client {c.get('prompt_tokens', 0):,.0f} / "
+            f"{c.get('generation_tokens', 0):,.0f})"]
+    if hits is not None and s.get("prompt_tokens"):
+        bits.append(f"prefix-cache hits {hits / s['prompt_tokens']:.1%}")
+    if s.get("kv_cache_usage_peak") is not None:
+        bits.append(f"KV cache peak {s['kv_cache_usage_peak']:.0%}")
+    if s.get("preemptions"):
+        bits.append(f"{s['preemptions']:,.0f} preemptions")
+    verdict = "passed" if a.get("passed") else "FAILED: " + "; ".join(a.get("reasons") or [])
+    if a.get("rerun_of"):
+        verdict += " (after one re-run)"
+    return f"audit {verdict} — {', '.join(bits)}"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
         return _bench(args)
@@ -285,23 +330,29 @@ def _bench(args: argparse.Namespace) -> int:
     }
     say(f"servetune bench: {settings.kind} against {endpoint.describe()['base_url']} ({args.model}), "
         f"{len(requests)} samples")
+    auditor, doc["audit"] = _auditor(args)
+    say(f"audit: {doc['audit']['how']}")
     if args.find_max_qps:
         lo = args.qps_lo or settings.qps
         sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
-                          max_level_duration_s=longest_level_s(settings, args.max_level_duration))
+                          max_level_duration_s=longest_level_s(settings, args.max_level_duration), auditor=auditor)
         results = sr.levels
         doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
                    bracket=list(sr.bracket), runs=sr.runs)
     elif args.concurrency and len(args.concurrency) > 1:
-        sw = concurrency_sweep(endpoint, requests, settings, args.concurrency)
+        sw = concurrency_sweep(endpoint, requests, settings, args.concurrency, auditor=auditor)
         results = sw.levels
         doc.update(mode="concurrency_sweep", points=sw.points())
     else:
-        results = [run(endpoint, requests, settings)]
+        # one run of the dataset as given: nothing fresh to re-run it with, so its audit is recorded only
+        once = lambda: run(endpoint, requests, settings)  # noqa: E731
+        results = [auditor.run_level(once) if auditor is not None else once()]
         doc.update(mode="single")
     doc["results"] = [r.to_dict() for r in results]
     for r in results:
         say("  " + _line(r))
+        if r.audit is not None:
+            say("    " + _audit_line(r.audit))
     if args.find_max_qps:
         say(f"best valid rate: {_fmt(doc['best_qps'], 2)} req/s ({doc['stopped_because']})")
     if doc.get("points"):

@@ -136,6 +136,8 @@ def _result_line(r, objectives) -> str:
         s = sr.get("summary", {})
         sla = sr.get("sla_met")
         verdict = "" if sla is None else (" [green]SLA ok[/]" if sla else " [red]SLA missed[/]")
+        if sr.get("contaminated"):
+            verdict = " [yellow]contaminated (audit failed twice: no verdict)[/]"
         bits.append(f"{label}: {s.get('output_tokens_per_s', 0):,.0f} tok/s "
                     f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
                     f"p99 TPOT {s.get('tpot_p99_ms', float('nan')):.1f} ms{verdict}")
@@ -168,6 +170,8 @@ def _print_pareto(run_dir: Path, objectives) -> None:
     valid_cols = [c for c in ok.columns if c.endswith(".sla_met")]
     for c in valid_cols:
         ok = ok[ok[c].fillna(True).astype(bool)]
+    for c in [c for c in ok.columns if c.endswith(".contaminated")]:
+        ok = ok[~ok[c].eq(True)]  # a contaminated measurement is no point of the front
     if ok.empty:
         console.print("[yellow]no trial met every SLA[/]")
         return

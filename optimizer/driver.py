@@ -328,7 +328,8 @@ class StudyDriver:
             gpu=self.spec.hardware.gpu, gpu_memory_gib=self.spec.hardware.gpu_memory_gib,
             engine_command=es.command, engine_version=es.version, extra_args=list(es.extra_args),
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
-            fake_gpus=(engine == "sim"),
+            fake_gpus=(engine == "sim"), warmup=self.spec.workload.warmup.model_dump(),
+            audit=self.spec.workload.audit.model_dump(),
         )
 
     # results -> optuna ----------------------------------------------------------------------------------------
@@ -382,6 +383,12 @@ class StudyDriver:
                 mine.append(c)
             if mine and sc.label in scenarios:
                 scenarios[sc.label]["sla_met"] = all(c <= 0 for c in mine)
+        dirty = [label for label, sr in scenarios.items() if sr.get("contaminated")]
+        for label in dirty:
+            # its reported level failed the engine-side audit twice (loadgen.audit): neither met nor missed
+            scenarios[label]["sla_met"] = None
+        if dirty:
+            return None, {}, f"contaminated measurement in {', '.join(dirty)}: the audit failed after a re-run"
         constraints["failed"] = 0.0
         return values, constraints, ""
 
@@ -744,10 +751,13 @@ class StudyDriver:
         values, named, why = (None, {}, "")
         if result.state == "complete":
             values, named, why = self.score(result.scenarios, result.gpus)
-            if values is None:
+            contaminated = values is None and any(sr.get("contaminated") for sr in result.scenarios.values())
+            # a contaminated measurement stays complete, as measured and flagged; Optuna is told it failed and
+            # learns nothing from it (it measured the engine warming up or replayed prompts, not the config)
+            if values is None and not contaminated:
                 result.state = "failed"
                 result.failure = {"kind": "load_errors", "reason": why}
-            else:
+            elif values is not None:
                 for (label, metric), v in zip(self.objectives, values):
                     result.objectives[f"{label}.{metric}"] = float(v)
         study._storage.set_trial_user_attr(trial._trial_id, STATE, result.state)

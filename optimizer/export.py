@@ -166,6 +166,8 @@ def _passes_sla(t: dict[str, Any], scenario: str) -> bool:
         return False
     for label, r in scen.items():
         met = r.get("sla_met")
+        if r.get("contaminated"):  # the engine-side audit failed twice: nothing known about this config
+            return False
         if met is None:  # no SLA on this scenario: the run itself must be valid where it is the chosen one
             if label == scenario and r.get("valid") is False:
                 return False

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from servetune.loadgen.audit import contaminated
 from servetune.optimizer import process
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import Failure, FailureKind
@@ -111,12 +112,19 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
     epoch = 0
     endpoint = Endpoint(base_url=url, model=plan.model.name)
+    auditor, warmer = _audit_tools(plan, engine, endpoint, requests, url + metrics_path)
+    if warmer is not None and plan.warmup.get("enabled"):
+        result.warmup = warmer.warm()
+        if not ep.alive():
+            failure = engine.classify(ep.log_tail(), ep.proc.poll())
+            _fail(result, Failure(FailureKind.CRASH_UNDER_LOAD, f"died during the warm-up: {failure.reason}"))
+            return
     before = _scrape(engine, url + metrics_path)
     first_before = before
     for sc in plan.scenarios:
         t0 = time.monotonic()
         measure = _search_rate if sc.max_qps else _sweep
-        sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch)
+        sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch, auditor)
         epoch += runs
         result.loaded_s += time.monotonic() - t0
         result.scenarios[sc.label] = sr.to_dict()
@@ -127,6 +135,12 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
                 _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
             result.scenarios[sc.label]["levels"] = [{key: r, **s_.to_dict()} for r, s_ in sorted(levels, key=lambda x: x[0])]
             result.scenarios[sc.label]["summary"].update(summary_extra)
+        dirty = [rate for rate, s_ in levels if contaminated(s_)]
+        if dirty:
+            result.scenarios[sc.label]["contaminated_levels"] = sorted(dirty)
+        if contaminated(sr):
+            # the reported level still failed its audit after a re-run: no verdict on the configuration
+            result.scenarios[sc.label]["contaminated"] = True
         _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
         after = _scrape(engine, url + metrics_path)
         if before is not None and after is not None:
@@ -155,31 +169,73 @@ def _swept(sc) -> str:
     return "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
 
 
-def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
+def _audit_tools(plan: TrialPlan, engine, endpoint, requests, metrics_url: str):
+    """The launch's level auditor and warmer (None, None when both are off)."""
+    from servetune.loadgen.audit import Auditor
+    from servetune.optimizer.engines.probe import EngineProbe
+    from servetune.optimizer.warmup import Warmer, ramp_top
+
+    audit, warm = plan.audit, plan.warmup
+    if not (audit.get("enabled") or warm.get("enabled")):
+        return None, None
+    probe = EngineProbe(engine, metrics_url, Path(plan.trial_dir) / "engine.log")
+    auditor = Auditor(probe, max_prefix_hit_fraction=audit.get("max_prefix_cache_hit_fraction", 0.01),
+                      rerun=audit.get("rerun", True))
+    cap = plan.params.get("max_concurrency") or engine.defaults().get("max_concurrency")
+    top = ramp_top(plan.scenarios, requests, plan.gpus, cap if isinstance(cap, int) else None,
+                   warm.get("max_concurrency"))
+    warmer = Warmer(endpoint, requests, auditor, top, max_s=float(warm.get("max_s") or 300.0))
+    auditor.rewarm = warmer.rewarm
+    return (auditor if audit.get("enabled") else None), warmer
+
+
+class _Fresh:
+    """Runs of one level, each sending prompts no earlier run sent (the audit's re-run among them)."""
+
+    def __init__(self, endpoint, requests, settings, first: int) -> None:
+        self.endpoint, self.requests, self.settings, self.first = endpoint, requests, settings, first
+        self.runs = 0
+
+    def __call__(self):
+        from servetune.loadgen.scenarios import run
+        from servetune.loadgen.search import level_variant
+
+        self.runs += 1
+        return run(self.endpoint, level_variant(self.requests, self.first + self.runs - 1), self.settings)
+
+
+def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
     """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
 
-    Returns the result to report (the highest level that met the SLA, else the first), every level run as
-    (level, result), what goes into the reported summary, and how many runs were made."""
-    from servetune.loadgen.scenarios import ScenarioSettings, run
-    from servetune.loadgen.search import level_variant
+    A level whose audit fails runs once more after more warm-up; one still contaminated after that is no
+    SLA miss: the sweep goes on past it and never reports it as met.
+
+    Returns the result to report (the highest level that met the SLA, else the first clean one, else the
+    first), every level run as (level, result), what goes into the reported summary, and how many runs
+    were made."""
+    from servetune.loadgen.scenarios import ScenarioSettings
 
     key = _swept(sc)
     rates = sc.settings.get(key)
     rates = rates if isinstance(rates, list) else [rates]
     levels = []
+    runs = 0
     for rate in rates:  # a load sweep within this one launch: no restart per level
         settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
-        sr = run(endpoint, level_variant(requests, epoch + len(levels)), settings)
+        once = _Fresh(endpoint, requests, settings, epoch + runs)
+        sr = auditor.measure(once, settings) if auditor is not None else once()
+        runs += once.runs
         levels.append((rate, sr))
-        if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
+        if len(rates) > 1 and not contaminated(sr) and not sla_met(sr.summary, sc.settings):
             break  # higher rates only queue more: stop spending GPU time
     met = [(rate, sr) for rate, sr in levels if sla_met(sr.summary, sc.settings)]
-    best = met[-1][1] if met else levels[0][1]
+    clean = [sr for _, sr in levels if not contaminated(sr)]
+    best = met[-1][1] if met else (clean or [levels[0][1]])[0]
     extra = {f"max_valid_{key}": met[-1][0] if met else 0.0} if len(rates) > 1 else {}
-    return best, levels, extra, len(levels)
+    return best, levels, extra, runs
 
 
-def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
+def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
     """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
     from servetune.loadgen.scenarios import ScenarioSettings
     from servetune.loadgen.search import find_max_qps, longest_level_s
@@ -190,7 +246,8 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     settings = ScenarioSettings(**{**sc.settings, "qps": lo, "num_gpus": plan.gpus})
     found = find_max_qps(endpoint, requests, settings, lo=lo, hi=hi, tolerance=m["tolerance"],
                          max_levels=m["max_levels"], level_offset=epoch,
-                         max_level_duration_s=longest_level_s(settings, m.get("max_level_duration_s")))
+                         max_level_duration_s=longest_level_s(settings, m.get("max_level_duration_s")),
+                         auditor=auditor)
     levels = [(r.settings["qps"], r) for r in found.levels]
     best = found.best or found.levels[0]
     lo_valid, hi_invalid = found.bracket
@@ -201,8 +258,9 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int):
 
 def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: float = 0.01) -> bool:
     """p99 TTFT and TPOT within the scenario's limits, (almost) no failed requests, and a server that kept up
-    (loadgen.validity's keep-up rule, where it was judged)."""
-    if not summary.get("steady_state_met", 1.0):
+    (loadgen.validity's keep-up rule, where it was judged). A contaminated level (loadgen.audit) meets
+    nothing: what it measured is not the configuration's."""
+    if not summary.get("steady_state_met", 1.0) or summary.get("audit_contaminated"):
         return False
     for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
         limit = settings.get(limit_key)

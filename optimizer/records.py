@@ -43,6 +43,8 @@ class TrialPlan:
     ready_timeout_s: float = 900.0
     is_baseline: bool = False
     fake_gpus: bool = False  # the sim: GPU ids come from Ray's bookkeeping, no NVML checks
+    warmup: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # spec.WarmupSpec fields
+    audit: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # spec.AuditSpec fields
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +77,7 @@ class TrialResult:
     metrics_delta: dict[str, float] = field(default_factory=dict)
     objectives: dict[str, float] = field(default_factory=dict)
     duplicate_of: int | None = None
+    warmup: dict[str, Any] | None = None  # what the launch's warm-up did (optimizer.warmup)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -406,9 +406,35 @@ class ScenarioSpec(_Strict):
         return self.name or self.kind
 
 
+class WarmupSpec(_Strict):
+    """Warm-up before a launch's first measured level (optimizer/warmup.py)."""
+
+    enabled: bool = Field(True, description="warm the engine across the batch sizes the levels will reach "
+                          "before measuring, in rounds until one shows no new kernel compilation")
+    max_s: float = Field(300.0, gt=0, description="no warm-up round starts once this many seconds are spent "
+                         "(also the bound of the warm-up before an audit re-run)")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="top of the concurrency ramp; default: the engine's batch limit "
+        "(max_concurrency) or the most requests a level keeps in flight, whichever is smaller")
+
+
+class AuditSpec(_Strict):
+    """The engine-side audit of every measured level (loadgen/audit.py)."""
+
+    enabled: bool = Field(True, description="compare each level with the engine's /metrics and log: token "
+                          "counts, prefix-cache hits, compilation during the level")
+    max_prefix_cache_hit_fraction: float | None = Field(
+        0.01, ge=0, le=1, description="prefix-cache hits above this fraction of the prompt tokens make a level "
+        "invalid; null for a workload that shares prefixes on purpose (hits are then what it measures)")
+    rerun: bool = Field(True, description="run a level whose audit fails once more after more warm-up (the "
+                        "re-run replaces it; one that fails again is reported as contaminated)")
+
+
 class WorkloadSpec(_Strict):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     scenarios: list[ScenarioSpec] = Field(min_length=1)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @model_validator(mode="before")
     @classmethod

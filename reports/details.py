@@ -257,8 +257,84 @@ def _metric_rows(row: pd.Series, scenario: str) -> list[dict[str, str]]:
     return out
 
 
+AUDIT_HEAD = ["level", "audit", "prompt tokens server / client", "output tokens server / client",
+              "prefix-cache hits", "KV cache peak", "preemptions", "engine log", "why"]
+
+
+def _tokens(server: dict[str, Any], client: dict[str, Any], key: str) -> str:
+    got, sent = server.get(key), client.get(key)
+    return f"{fmt_number(got) if _present(got) else '—'} / {fmt_number(sent) if _present(sent) else '—'}"
+
+
+def _audit_row(label: str, a: dict[str, Any], status: str) -> list[str]:
+    server = a.get("server") if isinstance(a.get("server"), dict) else {}
+    client = a.get("client") if isinstance(a.get("client"), dict) else {}
+    hits, prompt = server.get("prefix_cache_hits"), server.get("prompt_tokens")
+    hit_text = f"{hits / prompt:.1%}" if _present(hits) and prompt else "—"
+    peak = server.get("kv_cache_usage_peak")
+    log = a.get("log")
+    if isinstance(log, dict):
+        counts = log.get("counts") or {}
+        log_text = ", ".join(f"{n} {k}" for k, n in counts.items()) or "clean"
+    else:
+        log_text = "not read"
+    why = "; ".join(str(x) for x in (a.get("reasons") or []) + (a.get("notes") or []))
+    return [label, status, _tokens(server, client, "prompt_tokens"), _tokens(server, client, "generation_tokens"),
+            hit_text, f"{peak:.0%}" if _present(peak) else "—",
+            fmt_number(server.get("preemptions")) if _present(server.get("preemptions")) else "—", log_text, why]
+
+
+def audit_table(raw_sc: Any) -> dict[str, Any] | None:
+    """The engine-side audit of each level of one scenario (loadgen.audit), first runs a re-run replaced
+    included, for the drill-down; None when the trial recorded none."""
+    if not isinstance(raw_sc, dict):
+        return None
+    levels = raw_sc.get("levels") if isinstance(raw_sc.get("levels"), list) else [raw_sc]
+    rows, flags = [], []
+    for lvl in levels:
+        a = lvl.get("audit") if isinstance(lvl, dict) else None
+        if not isinstance(a, dict):
+            continue
+        settings = lvl.get("settings") if isinstance(lvl.get("settings"), dict) else {}
+        rate = lvl.get("qps", lvl.get("concurrency", settings.get("qps") or settings.get("concurrency")))
+        label = (f"{fmt_number(rate)} q/s" if "concurrency" not in lvl and settings.get("kind") != "concurrency"
+                 else f"concurrency {fmt_number(rate)}") if _present(rate) else str(settings.get("kind") or "run")
+        first = a.get("rerun_of") if isinstance(a.get("rerun_of"), dict) else None
+        if first and isinstance(first.get("audit"), dict):
+            rows.append(_audit_row(label + " (first run)", first["audit"], "failed: re-run after more warm-up"))
+            flags.append("replaced")
+        status = ("contaminated" if a.get("contaminated") else "passed" if a.get("passed")
+                  else "failed (the level is invalid anyway)" if a.get("verdict_stands") else "failed")
+        rows.append(_audit_row(label + (" (re-run)" if first else ""), a, status))
+        flags.append("contaminated" if a.get("contaminated") else "")
+    if not rows:
+        return None
+    return {"head": AUDIT_HEAD, "rows": rows, "flags": flags, "contaminated": bool(raw_sc.get("contaminated"))}
+
+
+def warmup_summary(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """What the launch's warm-up did (optimizer.warmup), for the drill-down."""
+    w = raw.get("warmup")
+    if not isinstance(w, dict) or not isinstance(w.get("rounds"), list):
+        return None
+    rows = [[str(r.get("round")), fmt_number(r.get("seconds")), fmt_number(r.get("requests")),
+             fmt_number(r.get("compile_lines")), str((r.get("lines") or [""])[0])]
+            for r in w["rounds"] if isinstance(r, dict)]
+    text = (f"{len(rows)} round{'s' if len(rows) != 1 else ''} of a concurrency ramp up to "
+            f"{fmt_number(w.get('max_concurrency'))}, {fmt_number(w.get('requests'))} requests in "
+            f"{fmt_number(w.get('seconds'))} s, {fmt_number(w.get('compile_lines'))} compile lines; stopped at "
+            f"{w.get('stopped_because') or '—'}")
+    return {"text": text, "clean": bool(w.get("clean")), "head": ["round", "seconds", "requests", "compile lines",
+                                                                   "first compile line"], "rows": rows}
+
+
 def _verdict(row: pd.Series, scenario: str) -> dict[str, Any]:
     sla, valid = row.get(f"{scenario}.sla_met"), row.get(f"{scenario}.valid")
+    if row.get(f"{scenario}.contaminated") is True:
+        return {"sla": "contaminated", "sla_reason": "the engine-side audit failed twice: no verdict on the "
+                "configuration", "valid": "not valid",
+                "invalid_reasons": str(row.get(f"{scenario}.invalid_reasons") or ""),
+                "notes": str(row.get(f"{scenario}.notes") or "")}
     return {"sla": "met" if sla is True else "missed" if sla is False else "not measured",
             "sla_reason": str(row.get(f"{scenario}.sla_reason") or ""),
             "valid": "valid" if valid is True else "not valid" if valid is False else "no verdict",
@@ -305,9 +381,11 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
         if sc.name not in measured:
             continue
         rf = estimate(run, row, sc.name)
+        raw_sc = (raw.get("scenarios") or {}).get(sc.name) if isinstance(raw.get("scenarios"), dict) else None
         scenarios.append({"name": sc.name, "kind": sc.kind,
                           "qps": fmt_number(sc.qps) if sc.qps else "",
                           "verdict": _verdict(row, sc.name), "metrics": _metric_rows(row, sc.name),
+                          "audit": audit_table(raw_sc),
                           "roofline": {**rf.to_dict(),
                                        "text": f"{rf.fraction:.0%}" if rf.fraction is not None else "—",
                                        "bound": fmt_metric(rf.bound_tok_s, "output_tokens_per_s"),
@@ -338,6 +416,7 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
         "scenarios": scenarios,
         "roofline_note": EXPLANATION,
         "deltas": _deltas(row, raw, [s.name for s in run.scenarios]),
+        "warmup": warmup_summary(raw),
         "log_tail": log_tail(row.get("trial_dir")),
         "figures": {k: v for k, v in (("load", load_curve_figure(run, row)),
                                       ("cdf", cdf_figure(run, row.get("trial_dir"), measured))) if v},
@@ -354,4 +433,4 @@ def all_details(run: Run) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["trial_detail", "all_details", "config_diff", "command_parts", "read_latencies", "cdf_figure",
-           "load_curve_figure", "log_tail", "read_trial_json"]
+           "load_curve_figure", "log_tail", "read_trial_json", "audit_table", "warmup_summary"]

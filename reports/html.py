@@ -351,6 +351,9 @@ def _cell(r: pd.Series, c: TableColumn) -> dict[str, Any]:
             return {"text": "met", "cls": "ok", "title": "", "v": "met"}
         if v is False:
             return {"text": "missed", "cls": "bad", "title": str(r.get(f"{scen}.sla_reason") or ""), "v": "missed"}
+        if r.get(f"{scen}.contaminated") is True:  # the engine-side audit failed twice: no verdict either way
+            return {"text": "contaminated", "cls": "bad", "title": str(r.get(f"{scen}.sla_reason") or ""),
+                    "v": "contaminated"}
         return {"text": "—", "cls": "na", "title": "", "v": ""}
     if not _present(v):
         return {"text": "—", "cls": "na num", "title": "", "v": ""}
@@ -378,7 +381,10 @@ def failures(run: Run) -> list[dict[str, Any]]:
 def _scenario_problems(r: pd.Series, run: Run) -> list[dict[str, Any]]:
     out = []
     for sc in run.scenarios:
-        if r.get(f"{sc.name}.sla_met") is False:
+        if r.get(f"{sc.name}.contaminated") is True:
+            out.append({"number": int(r["number"]), "scenario": sc.name, "kind": "contaminated (no verdict)",
+                        "reasons": r.get(f"{sc.name}.invalid_reasons") or "no reason recorded"})
+        elif r.get(f"{sc.name}.sla_met") is False:
             out.append({"number": int(r["number"]), "scenario": sc.name, "kind": "SLA missed",
                         "reasons": r.get(f"{sc.name}.sla_reason") or "no reason recorded"})
         elif r.get(f"{sc.name}.valid") is False:

@@ -18,6 +18,8 @@ Columns of :attr:`Run.trials` (one row per trial, sorted by ``number``):
 - ``<scenario>.valid`` / ``<scenario>.invalid_reasons`` / ``<scenario>.notes``: loadgen's MLPerf-style
   verdict on the run itself (duration, query count, early stopping, latency). A short exploratory run can be
   "not valid" with its SLA met; the report shows that, but does not drop the point for it.
+- ``<scenario>.contaminated``: its reported level failed the engine-side audit twice (loadgen.audit), so
+  ``sla_met`` is None (neither met nor missed); ``<scenario>.contaminated_levels`` lists every level that did
 - ``<scenario>.duration_s``, ``duplicate_of`` (a trial that reused an identical config's measurement)
 - ``delta.<prometheus name>``: the engine's /metrics change over the trial
 """
@@ -128,6 +130,13 @@ class Run:
     def sla_met(self, scenario: str) -> pd.Series:
         """Complete trials whose measurement of ``scenario`` met its latency SLA (or that has none)."""
         col = f"{scenario}.sla_met"
+        if col not in self.trials:
+            return pd.Series(False, index=self.trials.index)
+        return self.complete & self.trials[col].eq(True)
+
+    def contaminated(self, scenario: str) -> pd.Series:
+        """Complete trials whose reported ``scenario`` level failed the engine-side audit twice: no verdict."""
+        col = f"{scenario}.contaminated"
         if col not in self.trials:
             return pd.Series(False, index=self.trials.index)
         return self.complete & self.trials[col].eq(True)
@@ -264,6 +273,11 @@ def _flatten(data: dict[str, Any], d: Path) -> dict[str, Any]:
             v = sc.get(key) or []
             row[f"{name}.{key}"] = "; ".join(map(str, v)) if isinstance(v, list) else str(v)
         row[f"{name}.duration_s"] = _num(sc.get("duration_s"))
+        # the engine-side audit (loadgen.audit): the reported level failed it twice, or some levels did
+        row[f"{name}.contaminated"] = bool(sc.get("contaminated"))
+        dirty = sc.get("contaminated_levels")
+        row[f"{name}.contaminated_levels"] = ", ".join(f"{v:g}" for v in dirty if isinstance(v, (int, float))) \
+            if isinstance(dirty, list) and dirty else None
         summary = sc.get("summary") or {}
         for metric, value in summary.items() if isinstance(summary, dict) else ():
             row[f"{name}.{metric}"] = _num(value)
@@ -294,6 +308,10 @@ def _judge_sla(row: dict[str, Any], scenarios: list[Scenario]) -> None:
             if not (isinstance(v, (int, float)) and v <= limit):  # NaN or absent cannot show it was met
                 shown = f"{v:,.0f} ms" if isinstance(v, (int, float)) and v == v else "not measured"
                 missed.append(f"{label} {shown} > {limit:,.0f} ms limit")
+        if row.get(f"{sc.name}.contaminated") is True:
+            row[f"{sc.name}.sla_met"] = None  # the audit failed twice: no verdict on the configuration
+            row[f"{sc.name}.sla_reason"] = "contaminated: " + (row.get(f"{sc.name}.invalid_reasons") or "")
+            continue
         if row.get(f"{sc.name}.sla_met") is None:
             row[f"{sc.name}.sla_met"] = not missed
         if row[f"{sc.name}.sla_met"] is False:

@@ -85,6 +85,16 @@ class Engine(abc.ABC):
         """The engine's own defaults for engine-neutral parameters (the baseline trial)."""
         return {}
 
+    # -- the audit of a measured level (loadgen.audit) ---------------------------------------------------
+    kv_usage_metric: str | None = None  # the KV-cache usage gauge (0..1) sampled for a level's peak
+    disturbances: tuple = ()  # engines.disturbances.Signature: log lines that disturb a measured level
+
+    def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        """One parsed /metrics scrape as loadgen.audit's cumulative engine-neutral counters
+        (prompt_tokens, generation_tokens, prefix_cache_queries, prefix_cache_hits, preemptions,
+        requests_finished) and the kv_cache_usage gauge; what the engine does not expose is left out."""
+        return {}
+
 
 class CatalogEngine(Engine):
     """An engine whose flags come from a ``search_spaces/<name>.yaml`` catalog."""

@@ -315,3 +315,31 @@ def summarize_sglang_metrics(before: dict[str, float], after: dict[str, float]) 
         "generation_tokens": d("sglang:generation_tokens_total"),
         "requests_succeeded": d("sglang:num_requests_total"),
     })
+
+
+# -- the audit's counters (loadgen.audit.COUNTERS) ----------------------------------------------------------
+def vllm_audit_counters(m: dict[str, float]) -> dict[str, float]:
+    """vLLM's (and the sim's) cumulative counters. ``vllm:request_success_total`` carries every finish
+    reason (stop, length, abort, ...), summed here: the requests the engine finished."""
+    names = {"prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+             "prefix_cache_queries": "vllm:prefix_cache_queries_total",
+             "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
+             "requests_finished": "vllm:request_success_total", "kv_cache_usage": "vllm:kv_cache_usage_perc"}
+    out = {k: m[n] for k, n in names.items() if n in m}
+    if "vllm:num_requests_running" in m:
+        out["in_flight"] = m["vllm:num_requests_running"] + m.get("vllm:num_requests_waiting", 0.0)
+    return out
+
+
+def sglang_audit_counters(m: dict[str, float]) -> dict[str, float]:
+    """SGLang's cumulative counters (``--enable-metrics``). Its radix cache looks up every prompt token, so
+    the prompt tokens are the queries; ``cached_tokens_total`` are the hits; a retracted request is
+    SGLang's preemption. Its token counters move when a request finishes (tokenizer manager)."""
+    names = {"prompt_tokens": "sglang:prompt_tokens_total", "generation_tokens": "sglang:generation_tokens_total",
+             "prefix_cache_queries": "sglang:prompt_tokens_total", "prefix_cache_hits": "sglang:cached_tokens_total",
+             "preemptions": "sglang:num_retracted_requests_total", "requests_finished": "sglang:num_requests_total",
+             "kv_cache_usage": "sglang:token_usage"}
+    out = {k: m[n] for k, n in names.items() if n in m}
+    if "sglang:num_running_reqs" in m:
+        out["in_flight"] = m["sglang:num_running_reqs"] + m.get("sglang:num_queue_reqs", 0.0)
+    return out

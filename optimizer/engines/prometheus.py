@@ -27,3 +27,28 @@ def parse_prometheus(text: str) -> dict[str, float]:
             continue
         out[name] = out.get(name, 0.0) + value
     return out
+
+
+def gauge_max(text: str, name: str) -> float | None:
+    """The largest sample of one metric over its labelled series (a gauge per data-parallel engine or rank,
+    where :func:`parse_prometheus`'s sum would exceed 1 for a usage fraction). None when absent."""
+    best = None
+    start = 0
+    while True:
+        i = text.find(name, start)
+        if i < 0:
+            return best
+        start = i + len(name)
+        if i and text[i - 1] != "\n":
+            continue  # a longer name that ends with this one, or a comment line
+        rest = text[start:text.find("\n", start) if text.find("\n", start) >= 0 else len(text)]
+        if rest[:1] not in ("{", " "):
+            continue  # a longer name that starts with this one
+        if rest.startswith("{"):
+            rest = rest[rest.rfind("}") + 1:]
+        try:
+            value = float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if not math.isnan(value):
+            best = value if best is None else max(best, value)

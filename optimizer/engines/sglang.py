@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from servetune.optimizer.engines import common as C
+from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines.base import CatalogEngine, Failure, FailureKind, ModelRef
 from servetune.optimizer.engines.classify import Rule, classify_with
 
@@ -78,9 +79,23 @@ SGLANG_RULES: list[Rule] = [
 ]
 
 
+# Log lines that disturb a measured level (engines.disturbances). SGLang compiles its Triton kernels on
+# first use without a log line; what it does log: FlashInfer's JIT, torch.compile's recompile limit, the
+# scheduler's retraction ("KV cache pool is full. Retract requests. #retracted_reqs: 1, ...") and, in older
+# versions, "Decode out of memory happened" before it retracts.
+SGLANG_DISTURBANCES = (
+    D.TORCH_RECOMPILE,
+    D.FLASHINFER_JIT,
+    D.sig("preemption", r"KV cache pool is full\. Retract requests", False),
+    D.sig("oom_retry", r"(?:Decode|Prefill) out of memory happened", False),
+)
+
+
 class SglangEngine(CatalogEngine):
     name = "sglang"
     covers = frozenset({"gpus", "heads", "weights"})
+    kv_usage_metric = "sglang:token_usage"
+    disturbances = SGLANG_DISTURBANCES
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, *, extra_args: list[str] | None = None, **kw):
@@ -127,7 +142,8 @@ class SglangEngine(CatalogEngine):
         return ["--load-format", model.load_format] if model.load_format else []
 
     def base_env(self) -> dict[str, str]:
-        wanted = {"HF_HUB_OFFLINE": "1", "NCCL_NVLS_ENABLE": "0"}
+        # unbuffered: the level audit attributes a log line to the level whose window it was written in
+        wanted = {"HF_HUB_OFFLINE": "1", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"}
         return {k: v for k, v in wanted.items() if k not in os.environ}  # what the host sets wins
 
     def endpoints(self) -> dict[str, Any]:
@@ -325,3 +341,6 @@ class SglangEngine(CatalogEngine):
 
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return C.summarize_sglang_metrics(before, after)
+
+    def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        return C.sglang_audit_counters(metrics)

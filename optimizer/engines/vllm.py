@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from servetune.optimizer.engines import common as C
+from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines.base import CatalogEngine, Failure, FailureKind, ModelRef
 from servetune.optimizer.engines.classify import Rule, classify_with
 
@@ -101,9 +102,25 @@ def _without_allreduce_fusion(extra_args: list[str]) -> list[str]:
     return extra_args + ["--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']
 
 
+# Log lines that disturb a measured level (engines.disturbances). vLLM's jit_monitor warns when a Triton
+# (or TileLang) kernel compiles after warm-up, e.g. "(EngineCore_DP0 pid=1234) WARNING 12-04 10:11:12
+# [jit_monitor.py:103] Triton kernel JIT compilation during inference: fused_moe_kernel. This causes a latency
+# spike; ...". Some versions warn once per kernel name (warning_once), so a later shape of a kernel already
+# named compiles silently: the audit sees a kernel's first JIT only. vLLM v1 logs no preemption (the counter
+# counts them); the v0 wording is kept for older servers.
+VLLM_DISTURBANCES = (
+    D.sig("jit", r"JIT compilation during inference", True),
+    D.TORCH_RECOMPILE,
+    D.FLASHINFER_JIT,
+    D.sig("preemption", r"is preempted by PreemptionMode", False),
+)
+
+
 class VllmEngine(CatalogEngine):
     name = "vllm"
     covers = frozenset({"gpus", "heads", "weights"})
+    kv_usage_metric = "vllm:kv_cache_usage_perc"
+    disturbances = VLLM_DISTURBANCES
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, **kw):
@@ -143,6 +160,9 @@ class VllmEngine(CatalogEngine):
             "NCCL_NVLS_ENABLE": "0",  # NVLink multicast off (the GPU hosts' rule)
             # vLLM's own engine handshake gives up at 600 s by default; servetune's ready timeout governs.
             "VLLM_ENGINE_READY_TIMEOUT_S": "1800",
+            # vLLM logs to stdout, block-buffered into engine.log otherwise: the level audit attributes a log
+            # line (a kernel JIT) to the level whose window it was written in, so it must land when written
+            "PYTHONUNBUFFERED": "1",
         }
         if _multicast_off():
             # With NVLink multicast off, TP>1 workers die in the profile run with an illegal memory access in
@@ -353,6 +373,9 @@ class VllmEngine(CatalogEngine):
 
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return C.summarize_vllm_metrics(before, after)
+
+    def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        return C.vllm_audit_counters(metrics)
 
 
 def _at_least(version: str, floor: str) -> bool:

@@ -347,12 +347,19 @@
       var v = s.verdict;
       body.appendChild(el("h3", null, "Scenario " + s.name + " ", el("span", {class: "hint", text: s.kind + (s.qps ? " · " + s.qps + " queries/s" : "")})));
       body.appendChild(el("div", {class: "verdict"},
-        "SLA ", el("span", {class: v.sla === "met" ? "ok" : v.sla === "missed" ? "bad" : "", text: v.sla}),
+        "SLA ", el("span", {class: v.sla === "met" ? "ok" : v.sla === "missed" ? "bad" : v.sla === "contaminated" ? "warn-text" : "", text: v.sla}),
         v.sla_reason ? " (" + v.sla_reason + ")" : "",
         " · run ", el("span", {class: v.valid === "valid" ? "ok" : v.valid === "not valid" ? "warn-text" : "", text: v.valid}),
         v.invalid_reasons ? " (" + v.invalid_reasons + ")" : "",
         v.notes ? " · " + v.notes : ""));
       body.appendChild(el("div", {class: "metrics"}, s.metrics.map(function (m) { return kv(m.name, m.value); })));
+      if (s.audit && s.audit.rows.length) {
+        var aid = "drill-audit-" + s.name.replace(/[^A-Za-z0-9_-]+/g, "_");
+        body.appendChild(el("h4", {text: "Audit against the engine's own counters and log"}));
+        body.appendChild(plainTable(aid, "trial-" + d.number + "-" + s.name + "-audit", s.audit.head, s.audit.rows,
+          function (i) { return s.audit.flags[i] || null; }));
+        body.appendChild(el("p", null, csvButton(aid)));
+      }
       var r = s.roofline;
       body.appendChild(el("div", {class: "roofline"},
         el("b", {text: "roofline: " + r.text}), el("span", {class: "estimate", text: "estimate"}), " ",
@@ -406,6 +413,12 @@
       body.appendChild(el("p", null, copy, d.is_baseline ? "" : el("span", {class: "hint", text: "  highlighted: not in the baseline's command"})));
     } else {
       body.appendChild(el("p", {class: "empty", text: "No command: the trial never launched an engine."}));
+    }
+
+    if (d.warmup) {
+      body.appendChild(el("h3", {text: "Warm-up before the first level"}));
+      body.appendChild(el("p", {class: d.warmup.clean ? "" : "warn-text", text: d.warmup.text}));
+      body.appendChild(plainTable("drill-warmup", "trial-" + d.number + "-warmup", d.warmup.head, d.warmup.rows));
     }
 
     body.appendChild(el("h3", {text: "Engine /metrics over the trial"}));

@@ -8,6 +8,19 @@ from servetune.optimizer.engines.base import CatalogEngine, Failure, FailureKind
 
 class SimEngine(CatalogEngine):
     name = "sim"
+    # The sim exposes vLLM's metric names and, with --emulate-jit, logs vLLM's JIT warning.
+    kv_usage_metric = "vllm:kv_cache_usage_perc"
+
+    @property
+    def disturbances(self) -> tuple:  # type: ignore[override]
+        from servetune.optimizer.engines.vllm import VLLM_DISTURBANCES
+
+        return VLLM_DISTURBANCES
+
+    def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        from servetune.optimizer.engines.common import vllm_audit_counters
+
+        return vllm_audit_counters(metrics)
 
     def model_flags(self, model: ModelRef) -> list[str]:
         return []

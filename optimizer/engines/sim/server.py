@@ -143,12 +143,32 @@ class _SseOutput(_Output):
         return True
 
 
+class JitEmulator:
+    """--emulate-jit: a kernel compiles the first time a step's token count falls in a new power-of-two
+    bucket (as MoE GEMM configs are picked per token-count bucket), costing ``compile_s`` once and logging
+    vLLM's jit_monitor warning, so warm-up coverage and the level audit can be exercised without a GPU."""
+
+    def __init__(self, compile_s: float, kernel: str):
+        self.compile_s, self.kernel = compile_s, kernel
+        self.seen: set[int] = set()
+
+    def step(self, tokens: int) -> float:
+        bucket = 1 << max(tokens - 1, 0).bit_length()
+        if tokens <= 0 or bucket in self.seen:
+            return 0.0
+        self.seen.add(bucket)
+        log.warning("Triton kernel JIT compilation during inference: %s (M<=%d). This causes a latency spike; "
+                    "consider extending warmup to cover this shape/config.", self.kernel, bucket)
+        return self.compile_s
+
+
 class Replica:
     """One data-parallel engine: a scheduler and the loop that plays its steps out in real time."""
 
-    def __init__(self, index: int, sched: Scheduler):
+    def __init__(self, index: int, sched: Scheduler, jit: JitEmulator | None = None):
         self.index = index
         self.sched = sched
+        self.jit = jit
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
 
@@ -177,6 +197,8 @@ class Replica:
                 continue
             idle = False
             t_end = start + res.duration_s
+            if self.jit is not None:
+                t_end += self.jit.step(res.batch.decode_tokens + res.batch.prefill_tokens)
             delay = t_end - loop.time()
             await asyncio.sleep(delay if delay > 0 else 0)
             for req, n in res.emitted:
@@ -224,7 +246,9 @@ class SimServer:
         log.info("Maximum concurrency for %d tokens per request: %.2fx", plan.max_model_len,
                  plan.max_concurrency_at_max_len)
         self.max_model_len = plan.max_model_len
-        self.replicas = [Replica(k, Scheduler(self.shape, self.gpu, cfg, plan=plan, seed=cfg.seed * 1000 + k))
+        kernel = "fused_moe_kernel" if self.shape.is_moe else "sim_gemm_kernel"
+        self.replicas = [Replica(k, Scheduler(self.shape, self.gpu, cfg, plan=plan, seed=cfg.seed * 1000 + k),
+                                 JitEmulator(self.args.jit_compile_s, kernel) if self.args.emulate_jit else None)
                          for k in range(cfg.data_parallel)]
         for r in self.replicas:
             r.task = asyncio.get_running_loop().create_task(r.run(), name=f"sim-engine-{r.index}")
@@ -289,7 +313,7 @@ class SimServer:
                total("spec_accepted"))
         out.append("# HELP vllm:request_success_total Count of successfully processed requests.\n"
                    "# TYPE vllm:request_success_total counter\n")
-        for reason in ("stop", "length"):
+        for reason in ("stop", "length", "abort"):  # vLLM labels every FinishReason, abort included
             n = sum(s.stats.finished[reason] for s in scheds)
             out.append(f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {n}\n')
         metric("sim:startup_seconds", "gauge", "Seconds from engine start (module import) to ready.", self.startup_s)
@@ -464,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="no CUDA graphs: higher per-step overhead")
     p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
+    p.add_argument("--emulate-jit", action="store_true",
+                   help="compile a kernel (and log vLLM's JIT warning) the first time a step's token count falls "
+                        "in a new power-of-two bucket, as a real engine does after a warm-up that missed a shape")
+    p.add_argument("--jit-compile-s", type=float, default=0.3, help="seconds one emulated JIT compile stalls a step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p

@@ -1,0 +1,132 @@
+"""The level audit end to end on real sim servers: replayed prompts and kernel JIT are flagged from the
+engine's own /metrics and log, the level is re-run once, and the launch warm-up covers the shapes."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_sim_server import Server
+
+from servetune.loadgen.audit import Auditor, contaminated
+from servetune.loadgen.datasets import random_dataset
+from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.scenarios import ScenarioSettings, run
+from servetune.loadgen.search import find_max_qps, level_variant
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines.probe import EngineProbe
+from servetune.optimizer.warmup import Warmer
+
+DATA = random_dataset(24, input_tokens=64, output_tokens=8, seed=5)
+LEVEL = ScenarioSettings(kind="server", qps=8, duration_s=1.0, require_early_stopping=False, min_keep_up=None,
+                         ttft_limit_ms=2000, tpot_limit_ms=200)
+
+
+def _burst(n: int) -> ScenarioSettings:
+    return replace(LEVEL, kind="offline", qps=None, duration_s=None, num_requests=n)
+
+
+def _sim(tmp_path_factory, *args):
+    srv = Server(tmp_path_factory.mktemp("sim"), "--model", "llama-3.2-1b", "--served-model-name", "m", *args,
+                 delay=0.1)
+    srv.wait_healthy()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    srv = _sim(tmp_path_factory)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def jit(tmp_path_factory):
+    srv = _sim(tmp_path_factory, "--emulate-jit", "--jit-compile-s", "0.05")
+    yield srv
+    srv.stop()
+
+
+def _tools(srv):
+    endpoint = Endpoint(base_url=srv.url, model="m")
+    probe = EngineProbe(get_engine("sim"), srv.url + "/metrics", srv.log)
+    auditor = Auditor(probe, poll_s=0.2)
+    warmer = Warmer(endpoint, DATA, auditor, top=8, max_s=30)
+    auditor.rewarm = warmer.rewarm
+    return endpoint, auditor, warmer
+
+
+def test_a_level_that_replays_prompts_is_flagged_and_rerun_with_fresh_ones(plain):
+    endpoint, auditor, _ = _tools(plain)
+    run(endpoint, level_variant(DATA, 0), _burst(len(DATA)))  # the replay to come
+    found = find_max_qps(endpoint, DATA, LEVEL, lo=8, hi=16, max_levels=2, auditor=auditor)
+    first = found.levels[0]
+    assert found.runs == 3  # lo, its re-run, hi
+    replaced = first.audit["rerun_of"]
+    assert "prefix-cache hits were" in replaced["audit"]["reasons"][0] and not replaced["valid"]
+    hits = replaced["audit"]["server"]["prefix_cache_hits"]
+    assert hits > 0.5 * replaced["audit"]["server"]["prompt_tokens"]  # the sim counted the replay's hits
+    assert first.audit["passed"] and first.valid and first.summary["audit_reruns"] == 1.0
+    assert first.audit["rewarm"]["rounds"] and first.audit["server"]["prefix_cache_hits"] == 0
+    a = first.audit
+    assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] > 0  # the sim counts what was sent
+    assert a["server"]["generation_tokens"] == a["client"]["generation_tokens"]
+    assert found.levels[1].audit["passed"] and found.best_qps == 16
+
+
+def test_a_level_still_replaying_after_its_rerun_is_contaminated_not_an_sla_miss(plain):
+    endpoint, auditor, _ = _tools(plain)
+    auditor.rewarm = None
+    run(endpoint, DATA, _burst(len(DATA)))
+    found = find_max_qps(endpoint, DATA, LEVEL, lo=8, hi=16, max_levels=2, vary_prompts=False, auditor=auditor)
+    low = found.levels[0]
+    assert contaminated(low) and low.audit["contaminated"] and found.best_qps is None
+    assert found.stopped_because.startswith("the lowest rate 8/s is contaminated: audit: prefix-cache hits")
+    assert low.summary["ttft_p99_ms"] < LEVEL.ttft_limit_ms  # its latencies met the SLA: no miss to report
+
+
+def test_warmup_rounds_run_until_no_kernel_compiles_and_the_measured_level_stays_clean(jit):
+    endpoint, auditor, warmer = _tools(jit)
+    warm = warmer.warm()
+    rounds = warm["rounds"]
+    assert rounds[0]["compile_lines"] > 0 and "JIT compilation during inference" in rounds[0]["lines"][0]
+    assert rounds[-1]["compile_lines"] == 0 and warm["clean"] and len(rounds) >= 2
+    assert warm["stopped_because"] == f"round {len(rounds)} compiled nothing"
+    assert rounds[0]["server"]["prefix_cache_hits"] == 0  # warm-up prompts are never sent twice
+    level = auditor.measure(lambda: run(endpoint, level_variant(DATA, 0), _burst(8)))
+    assert level.audit["passed"] and level.audit["log"]["events"] == [] and "audit_reruns" not in level.summary
+    assert level.audit["server"]["prefix_cache_hits"] == 0  # nor replayed by a level
+
+
+def test_a_jit_inside_a_cold_level_invalidates_it_and_the_rerun_after_warmup_is_clean(tmp_path_factory):
+    srv = _sim(tmp_path_factory, "--emulate-jit", "--jit-compile-s", "0.05")
+    try:
+        endpoint, auditor, _ = _tools(srv)
+        variant = iter(range(100))
+        burst = _burst(6)
+        level = auditor.measure(lambda: run(endpoint, level_variant(DATA, next(variant)), burst), burst)
+        first = level.audit["rerun_of"]
+        assert first["audit"]["log"]["counts"]["jit"] > 0 and "jit line" in first["audit"]["reasons"][0]
+        assert level.audit["passed"] and level.valid and not contaminated(level)
+        assert level.audit["rewarm"]["why"].startswith("before re-running")
+    finally:
+        srv.stop()
+
+
+def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsys):
+    from servetune.optimizer.bench_cli import main
+
+    args = ["--url", plain.url, "--model", "m", "--scenario", "offline", "--num-requests", "12", "--dataset-size",
+            "12", "--input-tokens", "32", "--output-tokens", "4", "--seed", "7", "-o"]
+    assert main(args + [str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert "vllm metrics at" in first["audit"]["how"] and "no engine log" in first["audit"]["how"]
+    a = first["results"][0]["audit"]
+    assert a["passed"] and a["log"] is None and first["results"][0]["valid"]
+    assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] == 12 * 32
+    assert main(args + [str(tmp_path / "b")]) == 0  # the same prompts again: the prefix cache serves them
+    again = json.loads((tmp_path / "b" / "result.json").read_text())["results"][0]
+    assert not again["valid"] and any(r.startswith("audit: prefix-cache hits") for r in again["invalid_reasons"])
+    out = capsys.readouterr().out
+    assert "audit passed — server counted 384 prompt / 48 output tokens (client 384 / 48)" in out
+    assert "audit FAILED: prefix-cache hits were" in out
