@@ -27,6 +27,7 @@ from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, g
                                          write_json_atomic)
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
+from servetune.optimizer.vs_baseline import compare
 
 BASELINE = "servetune.baseline"
 PARAMS = "servetune.params"
@@ -936,6 +937,8 @@ class StudyDriver:
                                    "calibration": Calibration.report(self.calibration_pairs())}
         if repeats is not None:
             summary["noise"] = repeats
-        records = trial_records(self.run_dir).values()
+        records = list(trial_records(self.run_dir).values())
         outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
+        summary["vs_baseline"] = compare(records, [(s, m, o.direction) for (s, m), o
+                                                   in zip(self.objectives, self.spec.objectives)])
         write_json_atomic(self.run_dir / "summary.json", summary)
