@@ -81,8 +81,8 @@ def _side(value: float | None, trial: Any, brk: list[float | None] | None) -> st
     text = f"{value:,.4g} (trial #{trial}" if value is not None else f"(trial #{trial}"
     if brk is not None:
         low, high = brk
-        text += (f", valid up to {low:g} req/s, invalid at {high:g}" if low is not None and high is not None
-                 else f", valid at {low:g} req/s and above (the search's hi)" if low is not None
+        text += (f", valid up to {low:.4g} req/s, invalid at {high:.4g}" if low is not None and high is not None
+                 else f", valid at {low:.4g} req/s and above (the search's hi)" if low is not None
                  else ", no valid rate")
     return text + ")"
 
