@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import sys
@@ -80,7 +81,10 @@ def load_servetune(path: Path) -> dict[str, Any]:
            "tpot": {"mean": s["tpot_mean_ms"], "p50": s["tpot_p50_ms"], "p99": s["tpot_p99_ms"]},
            "ttft_from_send_mean": s.get("ttft_from_send_mean_ms"), "schedule_lag_mean": s.get("schedule_lag_mean_ms")}
     starts, ttfts, lasts, outs, ins = [], [], [], [], []
-    with open(path.parent / doc.get("records_file", "requests.csv"), newline="") as f:
+    records = path.parent / doc.get("records_file", "requests.csv")
+    if not records.exists() and records.with_name(records.name + ".gz").exists():  # packed to travel
+        records = records.with_name(records.name + ".gz")
+    with (gzip.open(records, "rt", newline="") if records.suffix == ".gz" else open(records, newline="")) as f:
         for row in csv.DictReader(f):
             if row["status"] != "ok" or row["warmup"] == "True" or not row["first_byte_s"]:
                 continue
