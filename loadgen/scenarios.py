@@ -2,7 +2,8 @@
 
 - **offline**: every request is issued at t0 (bounded by ``max_connections`` when set; latency still counts
   from t0, so waiting for a connection slot is visible).
-- **server** / **interactive**: arrivals at ``qps``, Poisson by default (``arrival="constant"`` for evenly
+- **server** / **interactive**: arrivals at ``qps``, Poisson by default (``arrival="poisson_exact"``: the same
+  draws rescaled so that the last lands at (n − 1)/qps, as vLLM's client does; ``arrival="constant"`` for evenly
   spaced ones). The whole schedule is drawn up front from a seeded generator as absolute offsets from t0,
   and the issue loop wakes for each one (a timerfd pacer on Linux, see :mod:`~servetune.loadgen.pacer`).
   Latency is measured from the scheduled time, so a late issue loop or a full connection pool is charged
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
-ARRIVALS = ("poisson", "constant")
+ARRIVALS = ("poisson", "constant", "poisson_exact")
 _warmup_variant = warmup_variant  # the name the tests and older callers use
 
 
@@ -85,7 +86,7 @@ class ScenarioSettings:
     workers: int = 1  # load-generator processes (each its own event loop and session)
     sla: str | None = None  # MLPerf preset (loadgen.sla); fills the limits not given explicitly
     ignore_eos: bool | None = None  # force ignore_eos on every request (None: as the dataset says)
-    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant
+    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant | poisson_exact (see schedule_for)
     # Prompt reuse the workload declares (the engine audit reads these: prefix-cache hits are expected only
     # then). replay: a sample issued again sends the same prompt (default: a distinct one, runner.repeat_variant).
     replay: bool = False
@@ -188,8 +189,13 @@ def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[in
         times: list[float] = [0.0] * count
     else:
         multiple = dataset_size if settings.equal_issue else 1
-        times = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
-                 else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple)).tolist()
+        arr = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
+               else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple))
+        if settings.arrival == "poisson_exact" and len(arr) > 1:
+            # the same draws rescaled so the run's mean rate is exactly qps, as vllm bench serve rescales its
+            # own: 1,200 Poisson arrivals span their nominal time ±2.9 % (1/√n), which moves throughput as much
+            arr = arr * ((len(arr) - 1) / settings.qps / arr[-1])
+        times = arr.tolist()
     order = issue_order(dataset_size, seeds[1])
     return [(i, next(order), t) for i, t in enumerate(times)]
 

@@ -121,7 +121,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--scenario", choices=SCENARIOS, default=None,
                    help="default: server with --qps, concurrency with --concurrency, else offline")
     s.add_argument("--qps", type=float, help="arrival rate for server/interactive")
-    s.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    s.add_argument("--arrival", choices=("poisson", "constant", "poisson_exact"), default="poisson",
+                   help="poisson_exact: Poisson gaps rescaled so the run's mean rate is exactly --qps (as vllm bench "
+                        "serve does)")
     s.add_argument("--duration", type=float, help="minimum run length in seconds")
     s.add_argument("--num-requests", type=int, help="minimum number of measured requests")
     s.add_argument("--concurrency", type=_csv_ints, metavar="N[,N...]",

@@ -90,3 +90,13 @@ def test_crosscheck_sh_parses_and_refuses_a_bad_engine(tmp_path):
     r = subprocess.run(["bash", str(script), "http://127.0.0.1:9", "/nowhere", "tgi", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "vllm or sglang" in r.stderr
+
+
+def test_poisson_exact_arrivals_keep_the_draws_and_land_on_the_nominal_span():
+    from servetune.loadgen.scenarios import ScenarioSettings, schedule_for
+
+    raw = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3), 100)]
+    exact = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3,
+                                                            arrival="poisson_exact"), 100)]
+    assert exact[-1] == pytest.approx(1199 / 20) and raw[-1] != pytest.approx(1199 / 20, rel=1e-3)
+    assert np.allclose(np.asarray(exact) / exact[-1], np.asarray(raw) / raw[-1])  # the same draws, rescaled

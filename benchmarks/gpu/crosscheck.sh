@@ -16,6 +16,9 @@
 # Environment (defaults): QPS=20 NUM_REQUESTS=1200 INPUT_TOKENS=1024 OUTPUT_TOKENS=128 WARMUP_REQUESTS=300
 #   RUNS=2 (runs per client)  SERVED_NAME=MODEL  EXTRA_RUNS="" ("usage": add servetune text runs that ask for
 #   the final usage only, as vllm bench does, instead of per-chunk usage)  SGLANG_BACKEND=sglang-oai
+#   ARRIVAL=poisson_exact for vllm (vllm bench rescales its Poisson gaps so the mean rate is exact; 1,200 raw
+#   Poisson arrivals span their nominal time ±2.9 %, and throughput with them), poisson for sglang (its client
+#   does not rescale)
 # On the GPU hosts: after host_setup.sh (it writes /tmp/kit-ENGINE/servetune-env.sh, sourced here), e.g.
 #   vllm serve /tmp/models/llama-3.1-8b --load-format dummy &   (wait for /health), then
 #   bash benchmarks/gpu/crosscheck.sh http://127.0.0.1:8000 /tmp/models/llama-3.1-8b vllm /tmp/res/crosscheck
@@ -25,6 +28,8 @@ OUT=${4:-/tmp/crosscheck-$ENGINE}
 case "$ENGINE" in vllm|sglang) ;; *) echo "ENGINE must be vllm or sglang, got $ENGINE" >&2; exit 2;; esac
 QPS=${QPS:-20}; N=${NUM_REQUESTS:-1200}; IN=${INPUT_TOKENS:-1024}; OUTLEN=${OUTPUT_TOKENS:-128}
 WARM=${WARMUP_REQUESTS:-300}; RUNS=${RUNS:-2}; SERVED=${SERVED_NAME:-$MODEL}; EXTRA_RUNS=${EXTRA_RUNS:-}
+DEFAULT_ARRIVAL=poisson_exact; [ "$ENGINE" = sglang ] && DEFAULT_ARRIVAL=poisson
+ARRIVAL=${ARRIVAL:-$DEFAULT_ARRIVAL}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ENV_SH=/tmp/kit-$ENGINE/servetune-env.sh
 [ -f "$ENV_SH" ] && source "$ENV_SH"
@@ -33,7 +38,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 cc() { "$PY" "$HERE/crosscheck.py" "$@"; }
 st() { "$PY" -m servetune.optimizer.cli bench --url "$URL" --model "$SERVED" --tokenizer "$MODEL" \
-         --scenario server --qps "$QPS" --input-tokens "$IN" --output-tokens "$OUTLEN" --records-format csv "$@"; }
+         --scenario server --qps "$QPS" --arrival "$ARRIVAL" --input-tokens "$IN" --output-tokens "$OUTLEN" \
+         --records-format csv "$@"; }
 RUNLIST="$OUT/runs.tsv"
 : > "$RUNLIST"
 
@@ -52,20 +58,27 @@ measure() {
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$tool" "$result" "$t0" "$t1" >> "$RUNLIST"
 }
 
+# the peer's optional flags, asked once: skip its ready-check / warm-up request (it would count in the deltas)
+PEER_OPTS=()
+if [ "$ENGINE" = vllm ]; then  # (the help text first: with pipefail, grep -q closing the pipe fails the test)
+  PEER_HELP=$(vllm bench serve --help 2>&1)
+  grep -q -- "--ready-check-timeout-sec" <<< "$PEER_HELP" && PEER_OPTS=(--ready-check-timeout-sec 0)
+else
+  PEER_HELP=$("$PY" -m sglang.bench_serving --help 2>&1)
+  grep -q -- "--warmup-requests" <<< "$PEER_HELP" && PEER_OPTS=(--warmup-requests 0)
+fi
 peer() {  # the engine's own client, seed $1, results to $2
   if [ "$ENGINE" = vllm ]; then
-    local ready=(); vllm bench serve --help 2>/dev/null | grep -q -- "--ready-check-timeout-sec" && ready=(--ready-check-timeout-sec 0)
     vllm bench serve --backend vllm --base-url "$URL" --endpoint /v1/completions --model "$SERVED" \
       --tokenizer "$MODEL" --dataset-name random --random-input-len "$IN" --random-output-len "$OUTLEN" \
       --random-range-ratio 0 --num-prompts "$N" --request-rate "$QPS" --seed "$1" --ignore-eos \
-      --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --disable-tqdm "${ready[@]}" \
+      --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --disable-tqdm "${PEER_OPTS[@]}" \
       --save-result --save-detailed --result-dir "$(dirname "$2")" --result-filename "$(basename "$2")"
   else
-    local warm=(); "$PY" -m sglang.bench_serving --help 2>/dev/null | grep -q -- "--warmup-requests" && warm=(--warmup-requests 0)
     rm -f "$2"  # bench_serving appends to its output file
     "$PY" -m sglang.bench_serving --backend "${SGLANG_BACKEND:-sglang-oai}" --base-url "$URL" --model "$SERVED" \
       --tokenizer "$MODEL" --dataset-name random-ids --random-input-len "$IN" --random-output-len "$OUTLEN" \
-      --random-range-ratio 1.0 --num-prompts "$N" --request-rate "$QPS" --seed "$1" "${warm[@]}" \
+      --random-range-ratio 1.0 --num-prompts "$N" --request-rate "$QPS" --seed "$1" "${PEER_OPTS[@]}" \
       --output-file "$2" --output-details
   fi
 }
@@ -73,7 +86,7 @@ peer() {  # the engine's own client, seed $1, results to $2
 SAMPLING=(); [ "$ENGINE" = sglang ] && SAMPLING=(--extra-body '{"temperature": 0.0}')
 PEER_EXT=json; [ "$ENGINE" = sglang ] && PEER_EXT=jsonl
 
-echo "== $(date -u +%FT%TZ) crosscheck on $URL ($ENGINE, $MODEL): $N requests at $QPS req/s, $IN in / $OUTLEN out"
+echo "== $(date -u +%FT%TZ) crosscheck on $URL ($ENGINE, $MODEL): $N requests at $QPS req/s ($ARRIVAL), $IN in / $OUTLEN out"
 # warm-up at the measured rate (kernels, CUDA graphs, allocator): not part of the table
 measure warmup servetune "$OUT/warmup/result.json" -- st --num-requests "$WARM" --prompt-format token_ids --seed 99 \
   "${SAMPLING[@]}" -o "$OUT/warmup"
