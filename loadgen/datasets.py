@@ -2,28 +2,37 @@
 
 Three sources:
 
-- ``random_dataset``: synthetic prompts of known length. Token-id prompts (the default) are exact: vLLM
-  and SGLang accept ``prompt`` as a list of ints on ``/v1/completions``, so no tokenizer is needed here.
-  Text prompts are space-separated common English words; with Llama/Qwen/GPT-style BPE vocabularies one
-  such word is about one token, so ``input_tokens`` is an approximation there (the server's
-  ``usage.prompt_tokens`` is the truth and ends up in the records).
+- ``random_dataset``: synthetic prompts of known length, as text or as token ids (``prompt_format``).
+  With the model's tokenizer (:mod:`~servetune.loadgen.tokenizer`) both are exact and the same tokens: the
+  text encodes back to the ids it was decoded from, so the server counts ``input_tokens`` either way, and
+  text makes the server tokenize inside TTFT as it does for real clients. Without a tokenizer, token ids
+  are exact (vLLM and SGLang accept ``prompt`` as a list of ints on ``/v1/completions``) and text is
+  space-separated common English words, about one token each with Llama/Qwen/GPT-style BPE vocabularies
+  (the server's ``usage.prompt_tokens`` is the truth and ends up in the records).
 - ``sharegpt_dataset``: the first human turn of ShareGPT conversations, with the first answer's length as
-  the output budget (word count, the same one-word-one-token approximation).
+  the output budget (word count, the same one-word-one-token approximation). A prompt that appears twice
+  in the file is kept once.
 - ``token_id_dataset``: pre-tokenized JSONL, ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
 
 Every synthetic prompt starts with a per-request salt: random leading tokens that are unique within the
 dataset, so no two prompts share a prefix-cache block and a warm cache cannot inflate throughput
-(vllm#52884). The salt depends on ``seed``, so rerunning with another seed also misses the cache.
+(vllm#52884). The salt depends on ``seed``, so rerunning with another seed also misses the cache. A
+workload that measures the prefix cache on purpose declares it: ``shared_prefix_tokens`` puts the same
+leading tokens (then the salt) in every prompt. Issuing a sample more than once (more requests than the
+dataset holds) still sends a distinct prompt each time; see :func:`~servetune.loadgen.runner.repeat_variant`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from servetune.loadgen.records import Request
+
+if TYPE_CHECKING:
+    from servetune.loadgen.tokenizer import PromptTokenizer
 
 # Ids below this are avoided: many vocabularies keep special/control tokens (BOS, EOS, pad, byte
 # fallbacks) at the bottom, and a random EOS would end a request early when ignore_eos is off.
@@ -80,6 +89,9 @@ def _unique_salts(rng: np.random.Generator, n: int, length: int, alphabet: int) 
         salts[dup] = rng.integers(0, alphabet, size=(dup.size, length))
 
 
+PROMPT_FORMATS = ("text", "token_ids")
+
+
 def random_dataset(
     n: int,
     input_tokens: int,
@@ -89,37 +101,68 @@ def random_dataset(
     seed: int = 0,
     vocab_size: int = 32000,
     ignore_eos: bool = True,
-    as_token_ids: bool = True,
+    prompt_format: str = "token_ids",
+    tokenizer: "PromptTokenizer | None" = None,
+    shared_prefix_tokens: int = 0,
 ) -> list[Request]:
     """``n`` salted random prompts of ``input_tokens`` (±``input_range``) asking for ``output_tokens``.
 
-    Token ids are drawn from ``[1000, vocab_size)``. ``ignore_eos`` defaults on because random prompts
-    give the model no reason to stop where the benchmark wants; MLPerf-style runs on real data turn it off.
+    ``prompt_format`` is ``token_ids`` or ``text``. With ``tokenizer`` the ids are the vocabulary's word
+    tokens and ``input_tokens`` counts what the server holds, its special tokens included (see
+    :mod:`~servetune.loadgen.tokenizer`); without it, ids are drawn from ``[1000, vocab_size)`` and text
+    is common words. ``shared_prefix_tokens`` leading tokens are the same in every prompt (a declared
+    prefix-cache workload); the unique salt follows them. ``ignore_eos`` defaults on because random
+    prompts give the model no reason to stop where the benchmark wants; MLPerf-style runs on real data
+    turn it off.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     _check_lengths("input_tokens", input_tokens, input_range)
     _check_lengths("output_tokens", output_tokens, output_range)
-    if vocab_size <= SAFE_ID_LOW + 1:
+    if tokenizer is None and vocab_size <= SAFE_ID_LOW + 1:
         raise ValueError(f"vocab_size must exceed {SAFE_ID_LOW + 1}, got {vocab_size}")
     rng = np.random.default_rng(seed)
     in_lens = _lengths(rng, n, input_tokens, input_range)
     out_lens = _lengths(rng, n, output_tokens, output_range)
-    alphabet = vocab_size - SAFE_ID_LOW if as_token_ids else len(WORDS)
-    salt_len = SALT_TOKENS if as_token_ids else SALT_WORDS
+    specials = tokenizer.specials if tokenizer is not None else 0
+    body_lens = np.maximum(in_lens - specials, 1)  # the server adds its special tokens to what we send
+    if not 0 <= shared_prefix_tokens < int(body_lens.min()):
+        raise ValueError(f"shared_prefix_tokens must be below the shortest prompt ({int(body_lens.min())} tokens "
+                         f"to draw), got {shared_prefix_tokens}")
+    if tokenizer is not None:
+        alphabet = tokenizer.pool
+    elif prompt_format == "token_ids":
+        alphabet = np.arange(SAFE_ID_LOW, vocab_size)
+    else:
+        alphabet = np.arange(len(WORDS))
+    salt_len = SALT_WORDS if (tokenizer is None and prompt_format == "text") else SALT_TOKENS
+    prefix = alphabet[rng.integers(0, alphabet.size, size=shared_prefix_tokens)]
     # A prompt shorter than the salt is all salt; it must still be unique on its own.
-    salts = _unique_salts(rng, n, min(salt_len, int(in_lens.min())), alphabet)
-    requests = []
+    salts = _unique_salts(rng, n, min(salt_len, int(body_lens.min()) - shared_prefix_tokens), alphabet.size)
+    rows = []
     for i in range(n):
-        body = rng.integers(0, alphabet, size=int(in_lens[i]))
+        body = rng.integers(0, alphabet.size, size=int(body_lens[i]) - shared_prefix_tokens)
         body[: salts.shape[1]] = salts[i]
-        if as_token_ids:
-            prompt: str | list[int] = (body + SAFE_ID_LOW).tolist()
-        else:
-            prompt = " ".join(WORDS[w] for w in body)
-        requests.append(Request(prompt=prompt, max_tokens=int(out_lens[i]), input_tokens=int(in_lens[i]),
-                                ignore_eos=ignore_eos))
-    return requests
+        rows.append(np.concatenate((prefix, alphabet[body])))
+    if tokenizer is not None:
+        texts, ids = tokenizer.prompts(rows, rng)
+        prompts: list[str | list[int]] = (list(texts) if prompt_format == "text"
+                                          else [tokenizer.with_specials(x) for x in ids])
+        lengths = [len(x) + specials for x in ids]
+    elif prompt_format == "token_ids":
+        prompts, lengths = [r.tolist() for r in rows], [len(r) for r in rows]
+    else:
+        prompts, lengths = [" ".join(WORDS[w] for w in r) for r in rows], [len(r) for r in rows]
+    return [Request(prompt=p, max_tokens=int(o), input_tokens=int(k), ignore_eos=ignore_eos)
+            for p, o, k in zip(prompts, out_lens, lengths)]
+
+
+def prompt_format_of(requests: Iterable[Request]) -> str:
+    """``text``, ``token_ids``, or ``mixed``: what a list of requests sends (recorded with every run)."""
+    kinds = {"text" if isinstance(r.prompt, str) else "token_ids" for r in requests}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def _read_records(path: str | Path) -> list[Any]:
@@ -186,11 +229,12 @@ def sharegpt_dataset(
     items = _read_records(path)
     if not isinstance(items, list):
         raise ValueError(f"dataset {path}: expected a list of conversations, got {type(items).__name__}")
-    usable = []
+    usable, seen = [], set()
     for item in items:
         pair = _sharegpt_pair(item)
-        if pair is None:
+        if pair is None or pair[0] in seen:  # a repeated prompt would be a prefix-cache hit, not a new request
             continue
+        seen.add(pair[0])
         in_words, out_words = len(pair[0].split()), len(pair[1].split())
         if in_words < min_words or out_words < min_words:
             continue

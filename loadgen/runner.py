@@ -74,6 +74,34 @@ def warmup_variant(req: Request) -> Request:
     return replace(req, prompt=[first, *req.prompt], input_tokens=req.input_tokens + 1)
 
 
+# Reissue markers: the digits of the reissue count in base REPEAT_BASE, as ids from REPEAT_TOKEN_LOW up (below
+# SAFE_ID_LOW, where the random datasets draw no ids without a tokenizer; a prompt with a marker is longer than
+# the sample, so it never equals another sample's prompt either way).
+REPEAT_TOKEN_LOW = 100
+REPEAT_BASE = SAFE_ID_LOW - 3 - REPEAT_TOKEN_LOW
+
+
+def _repeat_marker(repeat: int) -> list[int]:
+    digits = []
+    while repeat:
+        repeat, d = divmod(repeat, REPEAT_BASE)
+        digits.append(REPEAT_TOKEN_LOW + d)
+    return digits[::-1]
+
+
+def repeat_variant(req: Request, repeat: int) -> Request:
+    """A sample's ``repeat``-th reissue (0: the sample itself): the same work behind a marker no other issue
+    carries, so a scenario that sends more requests than its dataset holds sends no prompt twice (a resent
+    prompt is a prefix-cache hit, whose prefill the server skips). A text prompt gets a word, a token-id
+    prompt one or two tokens."""
+    if repeat <= 0:
+        return req
+    if isinstance(req.prompt, str):
+        return replace(req, prompt=f"R{repeat} {req.prompt}", input_tokens=req.input_tokens + 1)
+    marker = _repeat_marker(repeat)
+    return replace(req, prompt=[*marker, *req.prompt], input_tokens=req.input_tokens + len(marker))
+
+
 class Positions:
     """Issue positions for closed-loop senders, in one process or shared by many.
 
@@ -119,6 +147,12 @@ class Job:
     loops: int = 0  # closed-loop senders (single_stream, concurrency); used when items is None
     max_connections: int | None = None
     warmup: list[tuple[int, int]] = field(default_factory=list)  # (index, sample)
+    dataset_size: int = 0  # samples in the whole dataset: issue index // dataset_size is a sample's reissue count
+    replay: bool = False  # a reissued sample sends its prompt again (a workload that measures the prefix cache)
+
+    def repeat(self, index: int) -> int:
+        """How many times the sample at issue position ``index`` was issued before (0 when replaying)."""
+        return 0 if self.replay or self.dataset_size < 1 else index // self.dataset_size
 
 
 @dataclass
@@ -197,7 +231,8 @@ async def _warmup(issuer: _Issuer, requests: Mapping[int, Request] | Sequence[Re
 
     async def issue(tasks: set[asyncio.Task]) -> None:
         for rec in records:
-            _spawn(tasks, issuer(warmup_variant(requests[rec.sample]), rec, clock, None))
+            req = warmup_variant(repeat_variant(requests[rec.sample], job.repeat(rec.index)))
+            _spawn(tasks, issuer(req, rec, clock, None))
 
     if await _bounded(issue, deadline):
         mark_timeouts(records, clock(), timeout_s)
@@ -206,8 +241,10 @@ async def _warmup(issuer: _Issuer, requests: Mapping[int, Request] | Sequence[Re
 
 def _payloads(endpoint: Endpoint, requests: Mapping[int, Request] | Sequence[Request],
               job: Job) -> dict[int, bytes]:
-    """Request bodies encoded before the run, so no JSON encoding sits between a schedule time and its send."""
-    samples = ({s for _, s, _ in job.items} if job.items is not None
+    """Bodies of the samples' first issues, encoded before the run, so no JSON encoding sits between a
+    schedule time and its send. A reissue's body (one per run: it is unique) is encoded when the issue loop
+    reaches it, before it waits for that request's time."""
+    samples = ({s for i, s, _ in job.items if job.repeat(i) == 0} if job.items is not None
                else (requests.keys() if isinstance(requests, Mapping) else range(len(requests))))
     return {s: encode_body(endpoint, requests[s]) for s in samples}
 
@@ -219,6 +256,14 @@ async def execute(endpoint: Endpoint, requests: Mapping[int, Request] | Sequence
     ``perf_counter`` time, possibly in the future), or None to abandon the run."""
     payloads = _payloads(endpoint, requests, job)
     order = Order(len(requests), order_seed) if job.items is None else None
+
+    def body(index: int, sample: int) -> tuple[Request, bytes]:
+        repeat = job.repeat(index)
+        if repeat == 0:
+            return requests[sample], payloads[sample]
+        req = repeat_variant(requests[sample], repeat)
+        return req, encode_body(endpoint, req)
+
     records: list[RequestRecord] = []
     async with open_session() as session:
         issuer = _Issuer(session, endpoint, job.max_connections)
@@ -231,22 +276,23 @@ async def execute(endpoint: Endpoint, requests: Mapping[int, Request] | Sequence
 
         async def scheduled(tasks: set[asyncio.Task]) -> None:
             for index, sample, at in job.items:
+                req, payload = body(index, sample)
                 if clock() < at:
                     await pacer.until(t0 + at)
                 rec = RequestRecord(index=index, sample=sample, scheduled=at)
                 records.append(rec)
-                _spawn(tasks, issuer(requests[sample], rec, clock, payloads[sample]))
+                _spawn(tasks, issuer(req, rec, clock, payload))
 
         async def sender() -> None:
             while True:
-                now = clock()
-                p = positions.take(now)
+                p = positions.take(clock())
                 if p is None:
                     return
                 sample = order[p]
-                rec = RequestRecord(index=p, sample=sample, scheduled=now)
+                req, payload = body(p, sample)
+                rec = RequestRecord(index=p, sample=sample, scheduled=clock())
                 records.append(rec)
-                await issuer(requests[sample], rec, clock, payloads[sample])
+                await issuer(req, rec, clock, payload)
 
         async def closed(tasks: set[asyncio.Task]) -> None:
             await pacer.until(t0)

@@ -2,7 +2,8 @@
 
 - **offline**: every request is issued at t0 (bounded by ``max_connections`` when set; latency still counts
   from t0, so waiting for a connection slot is visible).
-- **server** / **interactive**: arrivals at ``qps``, Poisson by default (``arrival="constant"`` for evenly
+- **server** / **interactive**: arrivals at ``qps``, Poisson by default (``arrival="poisson_exact"``: the same
+  draws rescaled so that the last lands at (n − 1)/qps, as vLLM's client does; ``arrival="constant"`` for evenly
   spaced ones). The whole schedule is drawn up front from a seeded generator as absolute offsets from t0,
   and the issue loop wakes for each one (a timerfd pacer on Linux, see :mod:`~servetune.loadgen.pacer`).
   Latency is measured from the scheduled time, so a late issue loop or a full connection pool is charged
@@ -18,7 +19,9 @@ Run length follows LoadGen: keep issuing until both ``num_requests`` and ``durat
 scheduled time of the last query for server/interactive, by its issue time for single_stream and
 concurrency). Offline issues ``num_requests`` (default: one pass over the dataset). Samples are taken in
 equal-issue order: whole seeded permutations of the dataset, one after another; ``equal_issue=True`` also
-rounds the count up to whole passes, as MLPerf's LLM rules require.
+rounds the count up to whole passes, as MLPerf's LLM rules require. A sample's second and later passes send
+a marked variant of its prompt (:func:`~servetune.loadgen.runner.repeat_variant`), so no prompt is sent twice
+at any request count; ``replay=True`` sends it again instead, for a workload that measures the prefix cache.
 
 ``warmup_requests`` are sent before t0 (their times are relative to the warmup's own start), drained,
 and marked ``warmup`` so no metric sees them. Their prompts are altered in the first token (or word) so
@@ -45,6 +48,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from servetune.loadgen.client import loop_factory, run_loop
+from servetune.loadgen.datasets import prompt_format_of
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
 from servetune.loadgen.records import Chunk, Request, RequestRecord, ScenarioResult
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
-ARRIVALS = ("poisson", "constant")
+ARRIVALS = ("poisson", "constant", "poisson_exact")
 _warmup_variant = warmup_variant  # the name the tests and older callers use
 
 
@@ -82,7 +86,11 @@ class ScenarioSettings:
     workers: int = 1  # load-generator processes (each its own event loop and session)
     sla: str | None = None  # MLPerf preset (loadgen.sla); fills the limits not given explicitly
     ignore_eos: bool | None = None  # force ignore_eos on every request (None: as the dataset says)
-    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant
+    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant | poisson_exact (see schedule_for)
+    # Prompt reuse the workload declares (the engine audit reads these: prefix-cache hits are expected only
+    # then). replay: a sample issued again sends the same prompt (default: a distinct one, runner.repeat_variant).
+    replay: bool = False
+    shared_prefix_tokens: int = 0  # leading tokens every prompt of the dataset shares
 
     def __post_init__(self) -> None:
         if self.kind not in SCENARIOS:
@@ -106,6 +114,8 @@ class ScenarioSettings:
             raise ValueError(f"min_keep_up must be in [0, 1] or None, got {self.min_keep_up}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        if self.shared_prefix_tokens < 0:
+            raise ValueError(f"shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
         if self.arrival not in ARRIVALS:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.sla is not None:
@@ -179,8 +189,13 @@ def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[in
         times: list[float] = [0.0] * count
     else:
         multiple = dataset_size if settings.equal_issue else 1
-        times = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
-                 else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple)).tolist()
+        arr = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
+               else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple))
+        if settings.arrival == "poisson_exact" and len(arr) > 1:
+            # the same draws rescaled so the run's mean rate is exactly qps, as vllm bench serve rescales its
+            # own: 1,200 Poisson arrivals span their nominal time ±2.9 % (1/√n), which moves throughput as much
+            arr = arr * ((len(arr) - 1) / settings.qps / arr[-1])
+        times = arr.tolist()
     order = issue_order(dataset_size, seeds[1])
     return [(i, next(order), t) for i, t in enumerate(times)]
 
@@ -209,7 +224,8 @@ def plan_jobs(settings: ScenarioSettings, dataset_size: int) -> tuple[list[Job],
     warm_order = issue_order(dataset_size, scenario_seeds(settings.seed)[2])
     warm = [(i, next(warm_order)) for i in range(settings.warmup_requests)]
     jobs = [Job(worker=w, items=items[w::workers] if items is not None else None, loops=loops[w],
-                max_connections=caps[w], warmup=warm[w::workers]) for w in range(workers)]
+                max_connections=caps[w], warmup=warm[w::workers], dataset_size=dataset_size,
+                replay=settings.replay) for w in range(workers)]
     return jobs, notes
 
 
@@ -290,6 +306,7 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
                         f"requests were recorded as timeout")
     recorded = asdict(settings)
     recorded.update(endpoint=endpoint.describe(), dataset_size=len(requests), workers_used=len(jobs),
+                    prompt_format=prompt_format_of(requests),
                     pacer=next((res.pacer for res in results if res.pacer), ""), event_loop=loop_factory()[1],
                     # records' times are seconds since this time.perf_counter() value (CLOCK_MONOTONIC on
                     # Linux): it lines them up with other logs of the same machine (server traces, ...)

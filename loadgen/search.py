@@ -6,7 +6,10 @@
   first, then narrows the bracket [highest valid, lowest invalid] until it is within ``tolerance``
   (relative). Each next rate is interpolated where the worst latency margin (p99 / limit − 1) crosses
   zero, when both ends have one, clamped to the middle half of the bracket so it shrinks by at least a
-  quarter per step; otherwise (an end failed on errors or run length) it bisects.
+  quarter per step; otherwise (an end failed on errors or run length) it bisects. When ``lo`` itself is not
+  valid, the rate is halved down to ``floor`` (default ``lo``/16) until one is, and that bracket is narrowed
+  the same way: a configuration that serves at all gets a capacity, and "no valid rate" means none down to
+  the floor.
 - :func:`concurrency_sweep`: the fixed-concurrency load pattern (MLPerf Endpoints) at each level, giving
   output tokens/s/GPU against tokens/s/user points and their Pareto front.
 
@@ -68,6 +71,7 @@ class MaxQPSResult:
     tolerance: float
     bracket: tuple[float | None, float | None] = (None, None)  # (highest valid, lowest invalid)
     runs: int = 0  # scenario runs made: the levels plus the too-short runs that longer ones replaced
+    floor: float | None = None  # the lowest rate the search would try when lo is not valid
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.levels, self.best_qps))
@@ -78,7 +82,7 @@ class MaxQPSResult:
 
     def to_dict(self, with_records: bool = False) -> dict[str, Any]:
         return {"best_qps": self.best_qps, "stopped_because": self.stopped_because, "lo": self.lo, "hi": self.hi,
-                "tolerance": self.tolerance, "bracket": list(self.bracket), "runs": self.runs,
+                "tolerance": self.tolerance, "bracket": list(self.bracket), "runs": self.runs, "floor": self.floor,
                 "levels": [r.to_dict(with_records) for r in self.levels]}
 
 
@@ -114,13 +118,22 @@ def longest_level_s(settings: ScenarioSettings, given: float | None = None) -> f
     return given or (3 * settings.duration_s if settings.duration_s else None)
 
 
+# How far below lo the search looks by default: four halvings. A configuration that cannot sustain a
+# sixteenth of the rate the study expects it to is no contender, and each halving costs a level (and at
+# such rates a level of the same length holds too few arrivals to judge a backlog).
+FLOOR_DIVISOR = 16
+
+
 def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSettings, lo: float,
                  hi: float, tolerance: float = 0.05, max_levels: int = 10, vary_prompts: bool = True,
                  level_offset: int = 0, max_level_duration_s: float | None = None,
-                 auditor: Any = None) -> MaxQPSResult:
-    """The highest valid ``qps`` in [lo, hi] to within ``tolerance`` (relative), for a server/interactive
-    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` levels. ``level_offset``
-    numbers the prompt variants after levels an earlier scenario already ran on the same server.
+                 floor: float | None = None, auditor: Any = None) -> MaxQPSResult:
+    """The highest valid ``qps`` in [floor, hi] to within ``tolerance`` (relative), for a server/interactive
+    ``settings`` (its ``qps`` is replaced per level). At most ``max_levels`` levels, plus the halvings
+    below ``lo`` (at most log2(lo / floor), ``floor`` defaulting to lo / :data:`FLOOR_DIVISOR`) when ``lo``
+    is not valid. ``level_offset`` numbers the prompt variants after levels an earlier scenario already ran
+    on the same server. A level the audit still finds contaminated after its re-run ends the search with
+    that verdict: contamination says nothing about capacity, so it is never halved below or bracketed on.
 
     With ``max_level_duration_s``, a level too short to show a steady state (shorter than twice its median
     request, see :func:`~servetune.loadgen.validity.steady_state_shortfall`) runs once more, for 2.2× that
@@ -140,6 +153,9 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
         raise ValueError(f"tolerance is relative and must be in (0, 1), got {tolerance}")
     if max_levels < 2:
         raise ValueError("max_levels must be >= 2 (lo and hi)")
+    floor = lo / FLOOR_DIVISOR if floor is None else floor
+    if not 0 < floor <= lo:
+        raise ValueError(f"need 0 < floor <= lo, got floor={floor}, lo={lo}")
     levels: list[ScenarioResult] = []
     runs = 0
 
@@ -167,17 +183,36 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
         return result
 
     def done(best: float | None, why: str, bracket: tuple[float | None, float | None]) -> MaxQPSResult:
-        return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket, runs)
+        return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket, runs, floor)
+
+    def contaminated(r: ScenarioResult) -> MaxQPSResult | None:
+        if not r.summary.get("audit_contaminated"):
+            return None
+        q = r.settings["qps"]
+        return done(None, f"the rate {q:g}/s is contaminated: {'; '.join(r.invalid_reasons)}", (None, None))
 
     low = measure(lo)
-    if not low.valid:
-        verdict = "contaminated" if low.summary.get("audit_contaminated") else "not valid"
-        return done(None, f"the lowest rate {lo:g}/s is {verdict}: {'; '.join(low.invalid_reasons)}", (None, lo))
-    high = measure(hi)
-    if high.valid:
-        return done(hi, f"the highest rate {hi:g}/s is valid: the server sustains at least that (raise hi)",
-                    (hi, None))
-    good_q, bad_q = lo, hi
+    if (stop := contaminated(low)) is not None:
+        return stop
+    if low.valid:
+        high = measure(hi)
+        if high.valid:
+            return done(hi, f"the highest rate {hi:g}/s is valid: the server sustains at least that (raise hi)",
+                        (hi, None))
+        good_q, bad_q = lo, hi
+    else:  # a failing low end is no verdict yet: halve down to the floor until a rate is valid
+        high, bad_q = low, lo
+        while not low.valid:
+            if bad_q <= floor:
+                return done(None, f"not valid at any rate down to the floor {floor:g}/s (lo {lo:g}/s); at "
+                                  f"{bad_q:g}/s: {'; '.join(low.invalid_reasons)}", (None, bad_q))
+            good_q = max(bad_q / 2, floor)
+            low = measure(good_q)
+            if (stop := contaminated(low)) is not None:
+                return stop
+            if not low.valid:
+                high, bad_q = low, good_q
+        max_levels += len(levels) - 2  # the halvings come on top of max_levels
     good_m, bad_m = latency_margin(low), latency_margin(high)
     while bad_q - good_q > tolerance * good_q:
         if len(levels) >= max_levels:

@@ -121,7 +121,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--scenario", choices=SCENARIOS, default=None,
                    help="default: server with --qps, concurrency with --concurrency, else offline")
     s.add_argument("--qps", type=float, help="arrival rate for server/interactive")
-    s.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    s.add_argument("--arrival", choices=("poisson", "constant", "poisson_exact"), default="poisson",
+                   help="poisson_exact: Poisson gaps rescaled so the run's mean rate is exactly --qps (as vllm bench "
+                        "serve does)")
     s.add_argument("--duration", type=float, help="minimum run length in seconds")
     s.add_argument("--num-requests", type=int, help="minimum number of measured requests")
     s.add_argument("--concurrency", type=_csv_ints, metavar="N[,N...]",
@@ -155,10 +157,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--max-level-duration", type=float, metavar="S",
                    help="a level too short to judge runs once more for 2.2× its median request, up to S seconds "
                         "(default: 3× --duration)")
+    q.add_argument("--qps-floor", type=float, metavar="R",
+                   help="when --qps-lo is not valid, halve the rate down to R before calling the SLA missed "
+                        "(default: --qps-lo / 16)")
     d = b.add_argument_group("dataset")
     d.add_argument("--dataset", choices=("random", "sharegpt", "token_ids"), default="random")
     d.add_argument("--dataset-path", help="file for sharegpt / token_ids")
-    d.add_argument("--dataset-size", type=int, default=None, help="samples (random: default 1000; sharegpt: all usable)")
+    d.add_argument("--dataset-size", type=int, default=None,
+                   help="samples (random: default the larger of 1000 and --num-requests; sharegpt: all usable)")
+    d.add_argument("--prompt-format", choices=("auto", "text", "token_ids"), default="auto",
+                   help="random prompts as text (the server tokenizes them inside TTFT, as for real clients) or as "
+                        "token ids (MLPerf's harness); auto: text when a tokenizer is found, else token ids")
+    d.add_argument("--tokenizer", metavar="PATH",
+                   help="model directory or tokenizer.json for exact-length prompts (default: --model, when it is "
+                        "a directory holding tokenizer.json)")
+    d.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                   help="random: every prompt starts with the same N tokens (a declared prefix-cache workload)")
+    d.add_argument("--replay", action="store_true",
+                   help="send a sample's prompt again when it is issued again (default: every request is unique)")
     d.add_argument("--input-tokens", type=int, default=1024)
     d.add_argument("--output-tokens", type=int, default=256)
     d.add_argument("--input-range", type=float, default=0.0)
@@ -182,22 +198,50 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return b
 
 
+def _tokenizer(args: argparse.Namespace):
+    """The tokenizer random prompts are built with: --tokenizer, else --model when it is a model directory."""
+    from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
+
+    if args.tokenizer:
+        return PromptTokenizer(args.tokenizer)
+    return PromptTokenizer(args.model) if find_tokenizer(args.model) else None
+
+
+def _prompt_format(args: argparse.Namespace, tokenizer) -> str:
+    if args.api == "chat":
+        if args.prompt_format == "token_ids":
+            raise UsageError("the chat API sends text: use --prompt-format text (or auto) with --api chat")
+        return "text"
+    if args.prompt_format != "auto":
+        return args.prompt_format
+    return "text" if tokenizer is not None else "token_ids"
+
+
 def _dataset(args: argparse.Namespace):
     from servetune.loadgen import datasets
 
+    if args.dataset != "random" and (args.shared_prefix_tokens or args.prompt_format != "auto"):
+        raise UsageError("--shared-prefix-tokens and --prompt-format shape random prompts; "
+                         f"--dataset {args.dataset} sends the file's prompts as they are")
     if args.dataset == "random":
-        return datasets.random_dataset(args.dataset_size or 1000, args.input_tokens, args.output_tokens,
-                                       input_range=args.input_range, output_range=args.output_range,
-                                       seed=args.seed, as_token_ids=args.api == "completions")
+        tokenizer = _tokenizer(args)
+        fmt = _prompt_format(args, tokenizer)
+        # one sample per request by default: reissued samples would be marked variants anyway (runner),
+        # but unmarked prompts keep every length exactly what was asked
+        size = args.dataset_size or max(1000, args.num_requests or 0)
+        reqs = datasets.random_dataset(size, args.input_tokens, args.output_tokens, input_range=args.input_range,
+                                       output_range=args.output_range, seed=args.seed, prompt_format=fmt,
+                                       tokenizer=tokenizer, shared_prefix_tokens=args.shared_prefix_tokens)
+        return reqs, tokenizer
     if not args.dataset_path:
         raise UsageError(f"--dataset {args.dataset} needs --dataset-path")
     if args.dataset == "sharegpt":
         return datasets.sharegpt_dataset(args.dataset_path, args.dataset_size, seed=args.seed,
-                                         max_output_tokens=args.max_output_tokens)
+                                         max_output_tokens=args.max_output_tokens), None
     reqs = datasets.token_id_dataset(args.dataset_path)
     if args.api == "chat":
         raise UsageError("--dataset token_ids sends token ids: use --api completions")
-    return reqs[:args.dataset_size] if args.dataset_size else reqs
+    return (reqs[:args.dataset_size] if args.dataset_size else reqs), None
 
 
 def _settings(args: argparse.Namespace):
@@ -221,7 +265,8 @@ def _settings(args: argparse.Namespace):
         timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
         num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
         max_error_rate=args.max_error_rate, concurrency=args.concurrency[0] if args.concurrency else None,
-        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival,
+        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival, replay=args.replay,
+        shared_prefix_tokens=args.shared_prefix_tokens,
         **({"min_keep_up": args.min_keep_up} if "min_keep_up" in args else {}))  # else loadgen's default
 
 
@@ -293,6 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from servetune.loadgen.datasets import prompt_format_of
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import records_frame, run
     from servetune.loadgen.search import concurrency_sweep, find_max_qps, longest_level_s
@@ -310,7 +356,7 @@ def _bench(args: argparse.Namespace) -> int:
         endpoint = Endpoint(base_url=args.url, model=args.model, api=args.api, headers=headers,
                             request_timeout_s=args.request_timeout, extra_body=extra)
         settings = _settings(args)
-        requests = _dataset(args)
+        requests, tokenizer = _dataset(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.find_max_qps and not args.qps_hi:
@@ -326,19 +372,30 @@ def _bench(args: argparse.Namespace) -> int:
                     "input_tokens": args.input_tokens if args.dataset == "random" else None,
                     "output_tokens": args.output_tokens if args.dataset == "random" else None,
                     "ignore_eos": settings.ignore_eos if settings.ignore_eos is not None
-                    else sorted({r.ignore_eos for r in requests})},
+                    else sorted({r.ignore_eos for r in requests}),
+                    "prompt_format": prompt_format_of(requests),
+                    "tokenizer": tokenizer.path if tokenizer is not None else None,
+                    "replay": settings.replay, "shared_prefix_tokens": settings.shared_prefix_tokens},
     }
+    reuse = ("a reissued sample sends its prompt again (--replay)" if settings.replay
+             else "every request unique")
+    if settings.shared_prefix_tokens:
+        reuse += f", {settings.shared_prefix_tokens} shared prefix tokens"
     say(f"servetune bench: {settings.kind} against {endpoint.describe()['base_url']} ({args.model}), "
-        f"{len(requests)} samples")
+        f"{len(requests)} samples, {doc['dataset']['prompt_format']} prompts"
+        + (f" (tokenizer {tokenizer.path})" if tokenizer is not None else "") + f", {reuse}")
     auditor, doc["audit"] = _auditor(args)
     say(f"audit: {doc['audit']['how']}")
     if args.find_max_qps:
         lo = args.qps_lo or settings.qps
+        if args.qps_floor is not None and not 0 < args.qps_floor <= lo:
+            raise UsageError(f"--qps-floor must be in (0, {lo:g}] (the lowest rate tried below --qps-lo)")
         sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
-                          max_level_duration_s=longest_level_s(settings, args.max_level_duration), auditor=auditor)
+                          max_level_duration_s=longest_level_s(settings, args.max_level_duration),
+                          floor=args.qps_floor, auditor=auditor)
         results = sr.levels
         doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
-                   bracket=list(sr.bracket), runs=sr.runs)
+                   bracket=list(sr.bracket), runs=sr.runs, floor=sr.floor)
     elif args.concurrency and len(args.concurrency) > 1:
         sw = concurrency_sweep(endpoint, requests, settings, args.concurrency, auditor=auditor)
         results = sw.levels

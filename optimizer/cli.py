@@ -115,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"GPU use: {u['utilization']:.0%} ({u['busy_gpu_s']:,.0f} of {u['available_gpu_s']:,.0f} "
                       "GPU-seconds held by trials)")
     _print_pareto(outcome.run_dir, spec_objectives)
+    _print_vs_baseline(outcome.run_dir)
     if not args.no_report:
         from servetune.reports.html import write_report
 
@@ -142,6 +143,18 @@ def _result_line(r, objectives) -> str:
                     f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
                     f"p99 TPOT {s.get('tpot_p99_ms', float('nan')):.1f} ms{verdict}")
     return f"{head} {'; '.join(bits)}  [dim]{r.wall_s:.0f} s[/]"
+
+
+def _print_vs_baseline(run_dir: Path) -> None:
+    """summary.json's best-vs-baseline lines: a ratio only when both sides met the SLA, else why not."""
+    import json
+
+    try:
+        entries = json.loads((Path(run_dir) / "summary.json").read_text()).get("vs_baseline") or []
+    except (OSError, ValueError):
+        return
+    for e in entries:
+        console.print(("[bold]" if e.get("ratio") is not None else "[yellow]") + _esc(e["text"]) + "[/]")
 
 
 def _esc(s: str) -> str:

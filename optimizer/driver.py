@@ -27,6 +27,7 @@ from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, g
                                          write_json_atomic)
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
+from servetune.optimizer.vs_baseline import compare
 
 BASELINE = "servetune.baseline"
 PARAMS = "servetune.params"
@@ -98,7 +99,8 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
         settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,
                         timeout_s=s.timeout_s, ttft_limit_ms=ttft, tpot_limit_ms=tpot, seed=spec.seed,
-                        min_keep_up=s.min_keep_up,
+                        min_keep_up=s.min_keep_up, replay=spec.workload.dataset.replay,
+                        shared_prefix_tokens=spec.workload.dataset.shared_prefix_tokens,
                         # a search trial is exploratory: a short run notes the early-stopping shortfall
                         # instead of failing; `servetune bench` keeps the MLPerf-strict default
                         require_early_stopping=False)
@@ -109,8 +111,16 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
 def dataset_args(spec: StudySpec) -> dict[str, Any]:
     d = spec.workload.dataset
     if d.kind == "random":
+        from servetune.loadgen.tokenizer import find_tokenizer
+
+        source = spec.resolve_path(d.tokenizer) if d.tokenizer else (
+            spec.resolve_path(spec.model.path) if spec.model.path else None)
+        tokenizer = find_tokenizer(source)
+        fmt = d.prompt_format if d.prompt_format != "auto" else ("text" if tokenizer else "token_ids")
         return dict(kind="random", n=d.num_requests, input_tokens=d.input_tokens, output_tokens=d.output_tokens,
-                    input_range=d.input_range, output_range=d.output_range, seed=d.seed, ignore_eos=d.ignore_eos)
+                    input_range=d.input_range, output_range=d.output_range, seed=d.seed, ignore_eos=d.ignore_eos,
+                    prompt_format=fmt, tokenizer=str(tokenizer) if tokenizer else None,
+                    shared_prefix_tokens=d.shared_prefix_tokens)
     return dict(kind=d.kind, path=spec.resolve_path(d.path or ""), n=d.num_requests, seed=d.seed)
 
 
@@ -937,6 +947,8 @@ class StudyDriver:
                                    "calibration": Calibration.report(self.calibration_pairs())}
         if repeats is not None:
             summary["noise"] = repeats
-        records = trial_records(self.run_dir).values()
+        records = list(trial_records(self.run_dir).values())
         outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
+        summary["vs_baseline"] = compare(records, [(s, m, o.direction) for (s, m), o
+                                                   in zip(self.objectives, self.spec.objectives)])
         write_json_atomic(self.run_dir / "summary.json", summary)

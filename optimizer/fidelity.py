@@ -56,7 +56,8 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
     from servetune.optimizer.hardware import get_gpu
     from servetune.optimizer.rules import gpus_needed
-    from servetune.optimizer.spec import rate_bracket
+    from servetune.loadgen.search import FLOOR_DIVISOR
+    from servetune.optimizer.spec import rate_bracket, rate_floor
 
     try:
         gpu_spec = get_gpu(gpu)
@@ -87,7 +88,9 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
                 m = getattr(sc, "max_qps", None)
                 if m:  # the estimate costs milliseconds: a fine geometric ladder stands in for the search
                     lo, hi = rate_bracket(m, gpus_needed(cfg_params))
-                    rates = [lo * (hi / lo) ** (i / 15) for i in range(16)]
+                    floor = rate_floor(m, gpus_needed(cfg_params)) or lo / FLOOR_DIVISOR
+                    below = [lo / 2 ** k for k in range(1, 5) if lo / 2 ** k > floor] + ([floor] if floor < lo else [])
+                    rates = sorted(below) + [lo * (hi / lo) ** (i / 15) for i in range(16)]
                 levels = []
                 for rate in rates:
                     dur = min(float(s.get("duration_s") or 30.0), max_requests / rate)

@@ -239,7 +239,7 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=No
     """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
     from servetune.loadgen.scenarios import ScenarioSettings
     from servetune.loadgen.search import find_max_qps, longest_level_s
-    from servetune.optimizer.spec import rate_bracket
+    from servetune.optimizer.spec import rate_bracket, rate_floor
 
     m = sc.max_qps
     lo, hi = rate_bracket(m, plan.gpus)
@@ -247,12 +247,13 @@ def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=No
     found = find_max_qps(endpoint, requests, settings, lo=lo, hi=hi, tolerance=m["tolerance"],
                          max_levels=m["max_levels"], level_offset=epoch,
                          max_level_duration_s=longest_level_s(settings, m.get("max_level_duration_s")),
-                         auditor=auditor)
+                         floor=rate_floor(m, plan.gpus), auditor=auditor)
     levels = [(r.settings["qps"], r) for r in found.levels]
-    best = found.best or found.levels[0]
+    # no valid rate: report the lowest one tried (the floor), the level the "SLA missed" verdict rests on
+    best = found.best or min(found.levels, key=lambda r: r.settings["qps"])
     lo_valid, hi_invalid = found.bracket
     extra = {"max_valid_qps": found.best_qps or 0.0, "max_qps_stopped_because": found.stopped_because,
-             "max_qps_bracket_low": lo_valid, "max_qps_bracket_high": hi_invalid}
+             "max_qps_bracket_low": lo_valid, "max_qps_bracket_high": hi_invalid, "max_qps_floor": found.floor}
     return best, levels, {k: v for k, v in extra.items() if v is not None}, found.runs
 
 
@@ -274,7 +275,10 @@ def _dataset(datasets, d: dict[str, Any]):
     d = dict(d)
     kind = d.pop("kind", "random")
     if kind == "random":
-        return datasets.random_dataset(**d)
+        from servetune.loadgen.tokenizer import PromptTokenizer
+
+        tokenizer = d.pop("tokenizer", None)
+        return datasets.random_dataset(**d, tokenizer=PromptTokenizer(tokenizer) if tokenizer else None)
     if kind == "sharegpt":
         return datasets.sharegpt_dataset(d["path"], d["n"], seed=d.get("seed", 0))
     return datasets.token_id_dataset(d["path"])

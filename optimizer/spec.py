@@ -252,9 +252,28 @@ class DatasetSpec(_Strict):
     path: str | None = None
     seed: int = 0
     ignore_eos: bool = True
+    prompt_format: Literal["auto", "text", "token_ids"] = Field(
+        "auto", description="random prompts as text (the server tokenizes them inside TTFT, as for real clients) "
+        "or as token ids (MLPerf's harness); auto: text when a tokenizer is found (tokenizer, else model.path), "
+        "else token ids")
+    tokenizer: str | None = Field(
+        None, description="model directory or tokenizer.json for exact-length prompts; default model.path")
+    shared_prefix_tokens: int = Field(
+        0, ge=0, description="random: every prompt starts with the same this many tokens, a declared prefix-cache "
+        "workload (its cache hits are expected, not a flaw of the measurement)")
+    replay: bool = Field(
+        False, description="a sample issued again (more requests than num_requests) resends its prompt, a "
+        "declared prefix-cache workload; default false: every request is unique")
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "DatasetSpec":
+        if self.kind != "random" and (self.shared_prefix_tokens or self.prompt_format != "auto"):
+            key = "shared_prefix_tokens" if self.shared_prefix_tokens else "prompt_format"
+            _fail("dataset", [((key,), f"{key} shapes random prompts; {_a(self.kind)} dataset sends the file's "
+                                       "prompts as they are")])
+        if self.shared_prefix_tokens >= self.input_tokens * (1 - self.input_range):
+            _fail("dataset", [(("shared_prefix_tokens",), f"shared_prefix_tokens ({self.shared_prefix_tokens}) "
+                                                          "must be below the shortest prompt's input_tokens")])
         if self.kind != "random" and not self.path:
             _fail("dataset", [(("path",), f"{_a(self.kind)} dataset needs path (the file to read prompts from)")])
         if self.kind == "random" and self.path:
@@ -278,6 +297,12 @@ class DatasetSpec(_Strict):
                     problem = f"cannot read {self.path!r}: {e.strerror or e}"
             if problem:
                 _fail("dataset", [(("path",), problem)])
+        if self.tokenizer and base is not None:
+            from servetune.loadgen.tokenizer import find_tokenizer
+
+            if find_tokenizer(_resolve(base, self.tokenizer)) is None:
+                _fail("dataset", [(("tokenizer",), f"no tokenizer.json at {self.tokenizer!r}; give the model "
+                                                   "directory that holds it, or the file")])
         return self
 
 
@@ -319,11 +344,18 @@ class MaxQPSSpec(_Strict):
     per_gpu: bool = Field(
         False, description="lo and hi are rates per GPU: a trial on G GPUs searches lo·G..hi·G (a sharding search "
         "then starts each trial near its own capacity instead of overloading one GPU with an 8-GPU bracket)")
+    floor: float | None = Field(
+        None, gt=0, description="when lo is not valid, the rate is halved down to this before the trial is called "
+        "'SLA missed' (so every configuration that serves at all gets a capacity); default lo/16, four halvings "
+        "at most, each one more level; floor: lo turns the halving off")
 
     @model_validator(mode="after")
     def _order(self) -> "MaxQPSSpec":
         if self.hi <= self.lo:
             _fail("max_qps", [(("hi",), f"hi ({_num(self.hi)}) must be above lo ({_num(self.lo)})")])
+        if self.floor is not None and self.floor > self.lo:
+            _fail("max_qps", [(("floor",), f"floor ({_num(self.floor)}) must be at most lo ({_num(self.lo)}): it is "
+                                           "the lowest rate tried when lo is not valid")])
         return self
 
 
@@ -331,6 +363,12 @@ def rate_bracket(max_qps: dict[str, Any], gpus: int) -> tuple[float, float]:
     """The (lo, hi) a trial on ``gpus`` GPUs searches, from a dumped :class:`MaxQPSSpec`."""
     scale = gpus if max_qps.get("per_gpu") else 1
     return max_qps["lo"] * scale, max_qps["hi"] * scale
+
+
+def rate_floor(max_qps: dict[str, Any], gpus: int) -> float | None:
+    """The lowest rate a trial on ``gpus`` GPUs tries when lo is not valid (None: the search's default)."""
+    floor = max_qps.get("floor")
+    return None if floor is None else floor * (gpus if max_qps.get("per_gpu") else 1)
 
 
 class ScenarioSpec(_Strict):

@@ -191,10 +191,13 @@ def headlines(run: Run) -> list[Headline]:
             h.note = f"baseline trial #{int(base['number'])} has no value ({base['state']})"
         else:
             h.baseline = fmt_metric(b, o.metric)
-            if b != 0:
-                h.ratio = f"{best / b:.2f}× baseline"
+            # a ratio needs an SLA-valid level on both sides: a baseline that missed has no capacity to divide by
             if base.get(f"{o.scenario}.sla_met") is False:
-                h.note = "the baseline missed the SLA"
+                floor = _finite(base.get(f"{o.scenario}.max_qps_floor"))
+                h.note = "no ratio: the baseline missed the SLA" + (
+                    f" even at the floor {floor:g} req/s" if floor is not None else "")
+            elif b != 0:
+                h.ratio = f"{best / b:.2f}× baseline"
         out.append(h)
     return out
 

@@ -315,7 +315,11 @@ def _judge_sla(row: dict[str, Any], scenarios: list[Scenario]) -> None:
         if row.get(f"{sc.name}.sla_met") is None:
             row[f"{sc.name}.sla_met"] = not missed
         if row[f"{sc.name}.sla_met"] is False:
-            row[f"{sc.name}.sla_reason"] = "; ".join(missed) or "the optimizer judged the SLA missed"
+            reason = "; ".join(missed) or "the optimizer judged the SLA missed"
+            floor = row.get(f"{sc.name}.max_qps_floor")
+            if isinstance(floor, (int, float)) and floor == floor and not row.get(f"{sc.name}.max_valid_qps"):
+                reason = f"no valid rate down to the floor {floor:g} req/s (at it: {reason})"
+            row[f"{sc.name}.sla_reason"] = reason
 
 
 def _flat_into(row: dict[str, Any], prefix: str, params: Any) -> None:

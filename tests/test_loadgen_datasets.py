@@ -46,7 +46,7 @@ def test_random_ranges():
 
 
 def test_random_text_mode_word_per_token():
-    reqs = random_dataset(300, input_tokens=40, output_tokens=8, as_token_ids=False, ignore_eos=False)
+    reqs = random_dataset(300, input_tokens=40, output_tokens=8, prompt_format="text", ignore_eos=False)
     for r in reqs:
         words = r.prompt.split(" ")
         assert len(words) == r.input_tokens == 40 and all(w in WORDS for w in words)

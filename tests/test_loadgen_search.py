@@ -97,8 +97,28 @@ def test_find_max_qps_ends_early(mock):
     r = find_max_qps(fast, DATA, _search_settings(duration_s=0.2), lo=5, hi=40)
     assert r.best_qps == 40 and len(r.levels) == 2 and "raise hi" in r.stopped_because
     broken = mock.endpoint(mode="http500")
-    r = find_max_qps(broken, DATA, _search_settings(duration_s=0.2), lo=5, hi=40)
-    assert r.best_qps is None and len(r.levels) == 1 and "error rate" in r.stopped_because
+    r = find_max_qps(broken, DATA, _search_settings(duration_s=0.2), lo=5, hi=40, floor=1.5)
+    assert [x.settings["qps"] for x in r.levels] == [5, 2.5, 1.5]  # halved down to the floor, never below
+    assert r.best_qps is None and r.bracket == (None, 1.5) and r.floor == 1.5
+    assert "down to the floor 1.5/s" in r.stopped_because and "error rate" in r.stopped_because
+    assert r.to_dict()["floor"] == 1.5
+    assert find_max_qps(fast, DATA, _search_settings(duration_s=0.2), lo=5, hi=40).floor == 5 / 16  # the default
+    with pytest.raises(ValueError, match="floor"):
+        find_max_qps(fast, DATA, _search_settings(), lo=5, hi=40, floor=6)
+
+
+def test_find_max_qps_probes_below_a_failing_lo(mock):
+    # capacity ~80 req/s (see _search_settings): lo=320 fails, so do its halvings down to one that is valid
+    # (40 req/s, or 80 on a quiet machine); that bracket is then narrowed, and hi is never measured
+    ep = mock.endpoint(ttft_s=0.01, tpot_s=0.002, capacity=2)
+    r = find_max_qps(ep, DATA, _search_settings(), lo=320, hi=640, tolerance=0.2, max_levels=4, floor=10)
+    qps, valid = [x.settings["qps"] for x in r.levels], [x.valid for x in r.levels]
+    first = valid.index(True)
+    assert qps[:first + 1] == [320 / 2 ** k for k in range(first + 1)] and 640 not in qps, (qps, valid)
+    assert 2 <= first <= 3 and not any(valid[:first])
+    good, bad = r.bracket
+    assert r.best_qps == good and qps[first] <= good < bad <= 2 * qps[first] and (bad - good) <= 0.2 * good
+    assert len(r.levels) <= 4 + first - 1  # halvings past the first come on top of max_levels
 
 
 def test_concurrency_sweep_points(mock):

@@ -29,7 +29,7 @@ export PYTHONPATH=$ST:\$PYTHONPATH RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 NC
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 ENV
 source "$KIT_HOME/servetune-env.sh"
-for m in llama-3.1-8b llama-3.1-70b; do
+for m in llama-3.1-8b llama-3.1-70b mixtral-8x7b; do
   [ -d "/tmp/models/$m" ] || python3 "$KIT_HOME/bin/mkmodel.py" "$m" "/tmp/models/$m" >/dev/null
 done
 python3 -c "import servetune.optimizer.driver, ray, optuna, plotly; print('servetune ready; ray', ray.__version__, 'optuna', optuna.__version__)"

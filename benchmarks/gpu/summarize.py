@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from servetune.optimizer.records import gpu_use, trial_records
+from servetune.optimizer.vs_baseline import compare
 
 
 def fmt(v, nd=0):
@@ -73,18 +74,11 @@ def summarize(run: Path) -> str:
                         "**GPUs held by two trials at once: " + "; ".join(f"#{a} and #{b} on {ids}"
                                                                         for a, b, ids in use["shared"]) + "**."))
     lines += pareto_table(summary, {t["number"]: t for t in ts})
-    valid = [t for t in ts if t["state"] == "complete" and next(iter(t["scenarios"].values()), {}).get("sla_met")]
-    base = next((t for t in ts if t.get("is_baseline")), None)
-    if base and base["state"] == "complete" and valid:
-        key = "output_tokens_per_s"
-        b = next(iter(base["scenarios"].values()))
-        best = max(valid, key=lambda t: next(iter(t["scenarios"].values()))["summary"].get(key, 0))
-        bs = next(iter(best["scenarios"].values()))["summary"]
-        if b.get("sla_met"):
-            lines.append(f"Best SLA-valid throughput: trial #{best['number']} {bs[key]:,.0f} out tok/s vs baseline "
-                         f"{b['summary'][key]:,.0f} → **{bs[key] / b['summary'][key]:.2f}×** (same study, same host).")
-        else:
-            lines.append(f"Baseline met the SLA at no measured rate; best SLA-valid trial #{best['number']}: {bs[key]:,.0f} out tok/s.")
+    # best vs baseline on the first scenario's output tok/s: a ratio only when both met the SLA, with brackets
+    first_sc = next((name for t in ts for name in t.get("scenarios", {})), None)
+    if first_sc and any(t.get("is_baseline") for t in ts):
+        e = compare(ts, [(first_sc, "output_tokens_per_s", "maximize")])[0]
+        lines += ["", f"Best vs baseline (same study, same host): {e['text']}."]
     return "\n".join(lines) + "\n"
 
 

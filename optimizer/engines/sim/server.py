@@ -8,9 +8,11 @@ no aiohttp writer round trip per token, because the load generator shares the CP
 step that emits several tokens for one request (speculative decoding) sends them as one chunk whose
 ``usage`` (when asked for) keeps the count exact; handlers only wait for the end.
 
-Token accounting: a string prompt counts one token per whitespace-separated word (chat: the words of all
-message contents, no template overhead); a list of ints counts one token per id. Generated text is filler
-words, one word per token, deterministic in the token position.
+Token accounting: a list of ints counts one token per id. A string prompt is tokenized with the model's
+``tokenizer.json`` when ``--model`` is a directory holding one, special tokens added as vLLM does (so text and
+token-id prompts of the same tokens are the same to the sim, prefix cache included); otherwise it counts one
+token per whitespace-separated word (chat: the words of all message contents, no template overhead).
+Generated text is filler words, one word per token, deterministic in the token position.
 """
 from __future__ import annotations
 
@@ -220,6 +222,7 @@ class SimServer:
         self.max_model_len = shape.max_position_embeddings
         self._rr = itertools.count()
         self._ids = itertools.count()
+        self._tokenizer = _load_tokenizer(args.model)
         self._rng = random.Random(cfg.seed)
         self._outputs: set[_Output] = set()
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -329,19 +332,22 @@ class SimServer:
         if name is not None and name not in (self.served_name, self.args.model):
             raise _BadRequest(f"The model `{name}` does not exist.")
 
-    @staticmethod
-    def _prompt_tokens(prompt: Any) -> tuple[int, list]:
+    def _text_tokens(self, text: str, specials: bool = True) -> list:
+        if self._tokenizer is not None:
+            return self._tokenizer.encode(text, add_special_tokens=specials).ids
+        return text.split()
+
+    def _prompt_tokens(self, prompt: Any) -> tuple[int, list]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            words = prompt.split()
-            return len(words), words
+            tokens = self._text_tokens(prompt)
+            return len(tokens), tokens
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return len(prompt), prompt
         raise _BadRequest("prompt must be a string or a list of token ids (batched prompts are not supported)")
 
-    @staticmethod
-    def _chat_tokens(messages: Any) -> tuple[int, list]:
+    def _chat_tokens(self, messages: Any) -> tuple[int, list]:
         if not isinstance(messages, list) or not messages:
             raise _BadRequest("messages must be a non-empty list")
         words: list = []
@@ -350,11 +356,11 @@ class SimServer:
                 raise _BadRequest("each message must be an object with role and content")
             content = m.get("content")
             if isinstance(content, str):
-                words.extend(content.split())
+                words.extend(self._text_tokens(content, specials=False))
             elif isinstance(content, list):
                 for part in content:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        words.extend(part["text"].split())
+                        words.extend(self._text_tokens(part["text"], specials=False))
             elif content is not None:
                 raise _BadRequest("message content must be a string or a list of parts")
         return len(words), words
@@ -506,6 +512,16 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
         speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
         speculative_acceptance=args.speculative_acceptance, enforce_eager=args.enforce_eager, seed=args.seed)
+
+
+def _load_tokenizer(model: str) -> Any:
+    """The model directory's tokenizer.json (the ``tokenizers`` library), or None: count words instead."""
+    path = os.path.join(model, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
 
 
 def load_model(model: str) -> ModelShape:

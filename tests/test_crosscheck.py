@@ -1,0 +1,102 @@
+"""benchmarks/gpu/crosscheck.py: the peers' result files and servetune's, read into one table."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_gpu_scripts import _script
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = Path(__file__).parent / "fixtures" / "crosscheck"
+
+
+@pytest.fixture(scope="module")
+def cc():
+    return _script("crosscheck")
+
+
+def test_vllm_result_read_in_its_own_and_the_common_definitions(cc):
+    run = cc.load_vllm(FIX / "vllm-bench-1.json")
+    raw = json.loads((FIX / "vllm-bench-1.json").read_text())
+    assert run["own"]["requests_ok"] == 40 and run["own"]["ttft"]["mean"] == raw["mean_ttft_ms"]
+    assert run["own"]["ttft"]["p50"] == raw["p50_ttft_ms"] and run["own"]["tpot"]["p99"] == raw["p99_tpot_ms"]
+    # vLLM's TTFT counts from the send and its TPOT is (latency − TTFT) / (output − 1): recomputed from the
+    # per-request lists (seconds) they are its own summary (milliseconds)
+    assert run["same"]["ttft"]["mean"] == pytest.approx(raw["mean_ttft_ms"])
+    assert run["same"]["ttft"]["p99"] == pytest.approx(raw["p99_ttft_ms"])
+    assert run["same"]["tpot"]["mean"] == pytest.approx(raw["mean_tpot_ms"])
+    assert run["same"]["output_tokens_per_s"] == pytest.approx(raw["output_throughput"], rel=0.01)
+    gaps = np.diff(raw["start_times"])
+    assert run["same"]["arrival_rate"] == pytest.approx(len(gaps) / gaps.sum())
+    assert run["client_input_tokens"] == 128
+
+
+def test_sglang_result_is_the_last_line_of_its_output_file(cc):
+    run = cc.load_sglang(FIX / "sglang-bench-1.jsonl")
+    last = json.loads((FIX / "sglang-bench-1.jsonl").read_text().splitlines()[-1])
+    assert run["own"]["requests_ok"] == 40 and run["own"]["ttft"]["mean"] == last["mean_ttft_ms"] != 999.0
+    assert run["same"]["ttft"]["mean"] == pytest.approx(last["mean_ttft_ms"])
+    assert run["same"]["tpot"]["mean"] == pytest.approx(last["mean_tpot_ms"])
+    assert np.isnan(run["same"]["arrival_rate"])  # it records no send times
+
+
+def test_servetune_result_from_a_real_run(cc):
+    run = cc.load_servetune(FIX / "servetune-text-1" / "result.json")
+    summary = json.loads((FIX / "servetune-text-1" / "result.json").read_text())["results"][0]["summary"]
+    assert run["prompt_format"] == "text" and run["own"]["ttft"]["mean"] == summary["ttft_mean_ms"]
+    # from the send, both ways: servetune's own ttft_from_send and the per-request recomputation
+    assert run["same"]["ttft"]["mean"] == pytest.approx(summary["ttft_from_send_mean_ms"], rel=1e-6)
+    assert run["same"]["ttft"]["mean"] < run["own"]["ttft"]["mean"]  # its own counts from the schedule
+    assert run["client_input_tokens"] == 128
+
+
+def test_server_deltas_from_vllm_metrics(cc):
+    parse = cc._parse_prometheus
+    d = cc.server_delta(parse((FIX / "vllm-bench-2.before.prom").read_text()),
+                        parse((FIX / "vllm-bench-2.after.prom").read_text()))
+    raw = json.loads((FIX / "vllm-bench-2.json").read_text())
+    assert (d["requests"], d["prompt_tokens"], d["generation_tokens"]) == (40, 40 * 128, 40 * 8)
+    assert d["prefix_cache_hits"] == 16 and d["prefix_cache_hit_rate"] == pytest.approx(16 / 5120)
+    assert d["ttft_mean_ms"] == pytest.approx(raw["mean_ttft_ms"] - 4.0)  # the fixture's server TTFT: 4 ms less
+    assert d["queue_mean_ms"] == pytest.approx(1.0) and d["prefill_mean_ms"] == pytest.approx(12.0)
+    assert d["itl_mean_ms"] == pytest.approx(raw["mean_itl_ms"])
+
+
+def test_table_and_goal(cc, tmp_path):
+    out = tmp_path / "cc"
+    shutil.copytree(FIX, out)
+    assert cc.main(["table", str(out)]) == 0
+    text = (out / "crosscheck.md").read_text()
+    head = text.splitlines()[0]
+    assert head.startswith("| section | metric | servetune-text-1 | vllm-bench-1 | servetune-ids-1")
+    assert "| server | client − server TTFT ms (outside the engine) | – | 4.0 |" in text
+    assert "| server | prefix-cache hit tokens | 0 | 0 | 0 | 0 | 16 | 0 |" in text
+    doc = json.loads((out / "crosscheck.json").read_text())
+    goal = {g["metric"]: g for g in doc["goal"]}
+    assert set(goal) == {"output tok/s", "mean TTFT", "mean TPOT", "p99 TTFT", "p99 TPOT"}
+    g = goal["mean TTFT"]
+    assert g["servetune_runs"] == [r["own"]["ttft"]["mean"] for r in doc["runs"] if r["name"].startswith("servetune-text")]
+    assert g["diff"] == pytest.approx(g["servetune"] / g["peer"] - 1) and g["ok"] is (abs(g["diff"]) <= 0.03)
+    assert "text − token ids, client TTFT mean (from send)" in text and "vllm bench − servetune text" in text
+
+
+def test_crosscheck_sh_parses_and_refuses_a_bad_engine(tmp_path):
+    script = ROOT / "benchmarks" / "gpu" / "crosscheck.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "http://127.0.0.1:9", "/nowhere", "tgi", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "vllm or sglang" in r.stderr
+
+
+def test_poisson_exact_arrivals_keep_the_draws_and_land_on_the_nominal_span():
+    from servetune.loadgen.scenarios import ScenarioSettings, schedule_for
+
+    raw = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3), 100)]
+    exact = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3,
+                                                            arrival="poisson_exact"), 100)]
+    assert exact[-1] == pytest.approx(1199 / 20) and raw[-1] != pytest.approx(1199 / 20, rel=1e-3)
+    assert np.allclose(np.asarray(exact) / exact[-1], np.asarray(raw) / raw[-1])  # the same draws, rescaled
