@@ -186,10 +186,13 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
         return MaxQPSResult(levels, best, why, lo, hi, tolerance, bracket, runs, floor)
 
     def contaminated(r: ScenarioResult) -> MaxQPSResult | None:
+        """A level the audit still finds contaminated after its re-run ends the search: contamination says
+        nothing about capacity, so a lower rate would not cure it."""
         if not r.summary.get("audit_contaminated"):
             return None
         q = r.settings["qps"]
-        return done(None, f"the rate {q:g}/s is contaminated: {'; '.join(r.invalid_reasons)}", (None, None))
+        which = "the lowest rate" if q == lo else "the rate"
+        return done(None, f"{which} {q:g}/s is contaminated: {'; '.join(r.invalid_reasons)}", (None, None))
 
     low = measure(lo)
     if (stop := contaminated(low)) is not None:
