@@ -303,7 +303,8 @@ def _auditor(args: argparse.Namespace):
         return None, {"how": how}
     # A server started elsewhere: no engine log to read (JIT and compile lines cannot be checked), and no
     # warm-up before a re-run but the failed run itself.
-    return (Auditor(probe, max_prefix_hit_fraction=None if args.allow_prefix_hits else 0.01),
+    return (Auditor(probe, max_prefix_hit_fraction=None if (args.allow_prefix_hits or args.replay
+                                                              or args.shared_prefix_tokens) else 0.01),
             {"how": how + "; no engine log here, so JIT and compile lines are not checked", "engine_log": False})
 
 

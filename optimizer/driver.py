@@ -339,7 +339,7 @@ class StudyDriver:
             engine_command=es.command, engine_version=es.version, extra_args=list(es.extra_args),
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
             fake_gpus=(engine == "sim"), warmup=self.spec.workload.warmup.model_dump(),
-            audit=self.spec.workload.audit.model_dump(),
+            audit=self.spec.workload.audit_settings(),
         )
 
     # results -> optuna ----------------------------------------------------------------------------------------

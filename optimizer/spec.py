@@ -474,6 +474,14 @@ class WorkloadSpec(_Strict):
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
 
+    def audit_settings(self) -> dict[str, Any]:
+        """The audit as trials apply it: a dataset that declares prompt reuse (a shared prefix, or replay)
+        expects prefix-cache hits, so the hit rule is off there; everywhere else a hit is a flaw."""
+        audit = self.audit.model_dump()
+        if self.dataset.shared_prefix_tokens or self.dataset.replay:
+            audit["max_prefix_cache_hit_fraction"] = None
+        return audit
+
     @model_validator(mode="before")
     @classmethod
     def _none_dataset(cls, v: Any) -> Any:

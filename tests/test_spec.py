@@ -357,3 +357,11 @@ def test_interactive_preset_means_the_same_limits_in_run_and_bench():
     expected = SLA_PRESETS["llama3.1-8b-interactive"]
     assert (plan.settings["ttft_limit_ms"], plan.settings["tpot_limit_ms"]) == expected
     assert (bench.ttft_limit_ms, bench.tpot_limit_ms) == expected
+
+
+def test_a_declared_prefix_reuse_turns_the_audits_hit_rule_off():
+    plain = parse_study(MINIMAL, "m.yaml").workload
+    assert plain.audit_settings()["max_prefix_cache_hit_fraction"] == 0.01
+    for declared in ("shared_prefix_tokens: 64", "replay: true"):
+        study = MINIMAL.replace("workload:\n", f"workload:\n  dataset: {{kind: random, {declared}}}\n", 1)
+        assert parse_study(study, "m.yaml").workload.audit_settings()["max_prefix_cache_hit_fraction"] is None
