@@ -153,7 +153,7 @@ def test_a_level_too_short_to_judge_runs_once_more_for_longer(mock):
     # ~0.3 s requests in 0.4 s levels: too short to show a steady state (median > half the level)
     slow = mock.endpoint(ttft_s=0.01, tpot_s=0.04)
     settings = _search_settings(duration_s=0.4, ttft_limit_ms=1000)
-    judged_short = find_max_qps(slow, DATA, settings, lo=5, hi=40)
+    judged_short = find_max_qps(slow, DATA, settings, lo=5, hi=40, floor=5)  # floor=lo: no halving below lo
     assert judged_short.best_qps is None and judged_short.runs == 1
     assert "too short to show the server keeps up" in judged_short.stopped_because
     longer = find_max_qps(slow, DATA, settings, lo=5, hi=40, max_level_duration_s=2)
@@ -163,7 +163,7 @@ def test_a_level_too_short_to_judge_runs_once_more_for_longer(mock):
         assert r.settings["duration_s"] == 1.0 and r.summary["last_scheduled_s"] >= 0.95
         assert any(n.startswith("ran for 1 s: a 0.") for n in r.notes), r.notes
     # a longer run that would not fit is not made; and the rule off judges nothing of the kind
-    capped = find_max_qps(slow, DATA, settings, lo=5, hi=40, max_level_duration_s=0.5)
+    capped = find_max_qps(slow, DATA, settings, lo=5, hi=40, max_level_duration_s=0.5, floor=5)
     assert capped.best_qps is None and capped.runs == 1
     off = find_max_qps(slow, DATA, replace(settings, min_keep_up=None), lo=5, hi=40, max_level_duration_s=2)
     assert off.best_qps == 40 and off.runs == 2
