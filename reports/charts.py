@@ -26,8 +26,9 @@ KEY_METRICS = ["output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per
 
 # Trace names are part of the page's contract: tests and the legend both read them.
 FRONT, DOMINATED, INVALID, BASELINE, FAILED = "Pareto front", "dominated", "SLA missed", "baseline", "failed"
+LOSSY = "{kind} limits missed"  # .format(kind="quality" | "drift")
 
-_BLUE, _GREY, _RED, _GOLD = "#1f5fbf", "#8a94a6", "#d62728", "#f2b705"
+_BLUE, _GREY, _RED, _GOLD, _ORANGE = "#1f5fbf", "#8a94a6", "#d62728", "#f2b705", "#e07b00"
 _BAR_COLORS = ["#1f5fbf", "#2a9d8f", "#8e6cc2", "#c77d1a"]
 _LOG_SPAN = 30.0  # switch an axis to log when its values (and SLA line) span more than this factor
 
@@ -79,6 +80,19 @@ def hover_text(row: pd.Series, scenario: str, param_cols: list[str]) -> str:
         lines.append(f"<b>SLA missed</b>: {_esc(row.get(f'{scenario}.sla_reason') or 'no reason recorded')}")
     elif row.get(f"{scenario}.valid") is False:
         lines.append(f"<b>run not valid</b>: {_esc(row.get(f'{scenario}.invalid_reasons') or 'no reason recorded')}")
+    kind = row.get("quality.kind")
+    if isinstance(kind, str):
+        figures = []
+        em, kl = row.get("quality.exact_match"), row.get("quality.kl_mean")
+        if isinstance(em, float) and em == em:
+            figures.append(f"exact match {em:.0%}")
+        if isinstance(kl, float) and kl == kl:
+            figures.append(f"mean KL {kl:.3g}")
+        status = row.get("quality.status") or ""
+        lines.append(f"{_esc(kind)}: {_esc(', '.join(figures) or status)}"
+                     + (f" · <b>{_esc(status)}</b>" if status in ("failed", "not checked") else ""))
+        if row.get("quality.passed") is False:
+            lines.append(f"<b>{_esc(LOSSY.format(kind=kind))}</b>: {_esc(row.get('quality.reason') or '')}")
     return "<br>".join(lines)
 
 
@@ -98,9 +112,11 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
     if pts.empty and failed.empty:
         return None
     pts["_sla_met"] = run.sla_met(sc.name).loc[pts.index]
-    on_front = front(pts, xc, yc, spec.x_dir, spec.y_dir, only_valid_col="_sla_met")
-    dominated = pts[pts["_sla_met"] & ~pts.index.isin(on_front.index)]
+    pts["_feasible"] = run.feasible(sc.name).loc[pts.index]
+    on_front = front(pts, xc, yc, spec.x_dir, spec.y_dir, only_valid_col="_feasible")
+    dominated = pts[pts["_feasible"] & ~pts.index.isin(on_front.index)]
     invalid = pts[~pts["_sla_met"]]
+    lossy = pts[pts["_sla_met"] & ~pts["_feasible"]]  # the SLA met, the outputs changed too much
     params = run.param_columns
 
     def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
@@ -117,6 +133,10 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
         fig.add_trace(trace(invalid, name=INVALID, mode="markers",
                             marker=dict(color=_RED, size=10, symbol="x-thin-open", opacity=0.8,
                                         line=dict(width=2, color=_RED))))
+    if not lossy.empty:
+        fig.add_trace(trace(lossy, name=LOSSY.format(kind=run.quality_kind or "quality"), mode="markers",
+                            marker=dict(color=_ORANGE, size=11, symbol="diamond-open", opacity=0.9,
+                                        line=dict(width=2, color=_ORANGE))))
     if not failed.empty:
         fig.add_trace(trace(failed, name=FAILED, mode="markers",
                             marker=dict(color=_GREY, size=9, symbol="x", opacity=0.3)))
@@ -234,4 +254,4 @@ def _no_nan(o):
 
 
 __all__ = ["Chart", "ChartSpec", "chart_specs", "pareto_chart", "scenario_charts", "importance_chart",
-           "hover_text", "template", "KEY_METRICS", "FRONT", "DOMINATED", "INVALID", "BASELINE", "FAILED"]
+           "hover_text", "template", "KEY_METRICS", "FRONT", "DOMINATED", "INVALID", "BASELINE", "FAILED", "LOSSY"]
