@@ -61,7 +61,7 @@ async def _run_all(base_url: str, model: str, items: list[EvalItem], settings: d
                         return
                     import json
 
-                    out[k].update(_parse(json.loads(text)))
+                    out[k].update(_parse(json.loads(text), keep_top=item.kind == "compare"))
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, IndexError) as e:
                 out[k]["error"] = f"{type(e).__name__}: {e}"[:300]
 
@@ -78,14 +78,17 @@ async def _run_all(base_url: str, model: str, items: list[EvalItem], settings: d
     return out
 
 
-def _parse(body: dict[str, Any]) -> dict[str, Any]:
-    """One OpenAI completion (non-streamed) with logprobs, as eval.json keeps it."""
+def _parse(body: dict[str, Any], keep_top: bool = True) -> dict[str, Any]:
+    """One OpenAI completion (non-streamed) with logprobs, as eval.json keeps it: logprobs to 1e-6 (far finer
+    than any KL limit reads), the top-K maps only where a comparison uses them (tasks are scored on text)."""
     choice = body["choices"][0]
     lp = choice.get("logprobs")
     if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list):
         raise ValueError("the answer carries no logprobs (does the engine support them on /v1/completions?)")
     tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
-    return {"text": choice.get("text") or "", "finish_reason": choice.get("finish_reason"),
-            "tokens": [str(t) for t in lp["tokens"]],
-            "token_logprobs": [None if x is None else float(x) for x in lp.get("token_logprobs") or []],
-            "top_logprobs": [{str(t): float(v) for t, v in (m or {}).items()} for m in tops]}
+    out = {"text": choice.get("text") or "", "finish_reason": choice.get("finish_reason"),
+           "tokens": [str(t) for t in lp["tokens"]],
+           "token_logprobs": [None if x is None else round(float(x), 6) for x in lp.get("token_logprobs") or []]}
+    if keep_top:
+        out["top_logprobs"] = [{str(t): round(float(v), 6) for t, v in (m or {}).items()} for m in tops]
+    return out
