@@ -206,9 +206,7 @@ class SimServer:
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self._outputs: set[_Output] = set()
-        self.drift = {"weights": args.drift_weights if cfg.quantization != "none" else 0.0,
-                      "kv_cache": args.drift_kv_cache if cfg.kv_cache_dtype.startswith("fp8") else 0.0,
-                      "speculation": args.fault_lossy_speculation if cfg.spec_enabled else 0.0}
+        self.drift = eval_drift(args, cfg)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.add_routes([
             web.get("/health", self.health),
@@ -511,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def eval_drift(args: argparse.Namespace, cfg: SimConfig) -> dict[str, float]:
+    """The logit noise of each lossy setting this launch has (see :mod:`.logits`); lossless ones add none."""
+    return {"weights": args.drift_weights if cfg.quantization != "none" else 0.0,
+            "kv_cache": args.drift_kv_cache if cfg.kv_cache_dtype.startswith("fp8") else 0.0,
+            "speculation": args.fault_lossy_speculation if cfg.spec_enabled else 0.0}
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
