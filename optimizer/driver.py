@@ -828,14 +828,16 @@ class StudyDriver:
     def _judge_quality(self, result: TrialResult) -> dict[str, Any]:
         from servetune.optimizer import quality as q
 
+        engine = result.engine
         measured = result.duplicate_of if result.duplicate_of is not None else result.number
         own = q.load_eval(self.trial_dir(measured))
-        ref = q.reference_trial(trial_records(self.run_dir), result.engine)
+        base = self.full_params(engine, {k: v for k, v in self.space.baseline(engine).items() if k != "engine"})
+        ref = q.reference_trial(trial_records(self.run_dir), engine, lambda r: not q.numerics_changes(
+            self.full_params(engine, r.get("params") or {}), base))
         reference = None if ref is None else (ref[0], own if ref[1] == measured else q.load_eval(self.trial_dir(ref[1])))
-        base = {k: v for k, v in self.space.baseline(result.engine).items() if k != "engine"}
-        changes = q.numerics_changes(self.full_params(result.engine, result.params),
-                                     self.full_params(result.engine, base))
-        return self.quality.judge(result.quality, own, reference, changes, is_reference=result.is_baseline)
+        changes = q.numerics_changes(self.full_params(engine, result.params), base)
+        return self.quality.judge(result.quality, own, reference, changes,
+                                  is_reference=result.is_baseline or (ref is not None and ref[0] == result.number))
 
     def _flush_deferred(self, study: optuna.Study, engine: str | None = None) -> None:
         """Tell the deferred trials of ``engine`` (None: all, judged with what there is: the study is ending)."""

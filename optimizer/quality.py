@@ -3,7 +3,8 @@
 Every trial of a study with a ``quality:`` section runs the evaluation set after its load levels, on the same
 launch (:mod:`servetune.optimizer.quality_run`). The driver then compares its answers with those of the
 baseline trial of the same engine (the engine's defaults: the checkpoint's own precision) and records a
-verdict in ``trial.json`` under ``quality``. Figures, over the evaluation set's items:
+verdict in ``trial.json`` under ``quality`` (when that baseline failed or was rejected, the first completed trial
+that runs the baseline's numerics stands in for it). Figures, over the evaluation set's items:
 
 - ``exact_match``: the share of items whose greedy continuation (the generated tokens) equals the baseline's.
 - ``first_divergence_mean``: the mean, over items, of the position of the first generated token that differs
@@ -34,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from servetune.optimizer import evalset
 from servetune.optimizer.catalog import parameters
@@ -134,15 +135,20 @@ def load_eval(trial_dir: str | Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) and isinstance(d.get("items"), list) else None
 
 
-def reference_trial(records: Mapping[int, Mapping[str, Any]], engine: str) -> tuple[int, int] | None:
-    """(baseline trial, trial that measured it) of ``engine``'s first complete baseline with an evaluation."""
-    for n in sorted(records):
-        r = records[n]
-        q = r.get("quality") or {}
-        if r.get("is_baseline") and r.get("engine") == engine and r.get("state") == "complete" \
-                and q.get("file") and not q.get("error"):
-            return n, (r["duplicate_of"] if r.get("duplicate_of") is not None else n)
-    return None
+def reference_trial(records: Mapping[int, Mapping[str, Any]], engine: str,
+                    same_numerics: Callable[[Mapping[str, Any]], bool] | None = None) -> tuple[int, int] | None:
+    """(reference trial, trial that measured it) for ``engine``: its first complete baseline with an evaluation;
+    when there is none (the baseline failed or was rejected), the first such trial for which ``same_numerics``
+    holds (it runs the baseline's numerics: e.g. the defaults on more GPUs)."""
+    usable = {n: r for n, r in records.items() if r.get("engine") == engine and r.get("state") == "complete"
+              and (r.get("quality") or {}).get("file") and not (r.get("quality") or {}).get("error")}
+    pick = next((n for n in sorted(usable) if usable[n].get("is_baseline")), None)
+    if pick is None and same_numerics is not None:
+        pick = next((n for n in sorted(usable) if same_numerics(usable[n])), None)
+    if pick is None:
+        return None
+    r = usable[pick]
+    return pick, (r["duplicate_of"] if r.get("duplicate_of") is not None else pick)
 
 
 # -- the gate -------------------------------------------------------------------------------------------------

@@ -153,6 +153,21 @@ def test_the_verdict_names_each_missed_limit_and_an_unchecked_trial_is_infeasibl
     assert free["passed"] is None and free["constraint"] == 0.0 and free["kind"] == "drift"
 
 
+def test_the_reference_is_the_baseline_else_the_first_trial_with_the_baselines_numerics():
+    from servetune.optimizer.quality import reference_trial
+
+    ev = {"file": "eval.json"}
+    recs = {0: {"engine": "vllm", "is_baseline": True, "state": "rejected"},
+            1: {"engine": "vllm", "state": "complete", "quality": ev, "params": {"quantization": "fp8"}},
+            2: {"engine": "vllm", "state": "complete", "quality": ev, "params": {"tensor_parallel": 2}},
+            3: {"engine": "vllm", "state": "complete", "quality": ev, "params": {}, "duplicate_of": 2}}
+    same = lambda r: "quantization" not in r["params"]  # noqa: E731
+    assert reference_trial(recs, "vllm") is None
+    assert reference_trial(recs, "vllm", same) == (2, 2)
+    recs[5] = {"engine": "vllm", "is_baseline": True, "state": "complete", "quality": ev, "duplicate_of": 2}
+    assert reference_trial(recs, "vllm", same) == (5, 2) and reference_trial(recs, "sglang", same) is None
+
+
 # -- the sim answers evaluations ------------------------------------------------------------------------------
 
 def test_the_sim_drifts_for_each_lossy_setting_and_never_for_speculation_unless_faulted():
