@@ -1,8 +1,8 @@
 """The quality guardrail: its figures, the shipped evaluation set, the sim's logprobs, and a whole study.
 
 The study runs for real in this process (StudyDriver, Optuna SQLite, sim servers, the load generator and the
-evaluation client over HTTP); only Ray is replaced, by an executor that hands the baseline's result back last,
-so the verdicts that must wait for the baseline's evaluation are exercised every time.
+evaluation client over HTTP); only Ray is replaced, by an executor that runs the baseline last, so the verdicts
+that must wait for the baseline's evaluation are exercised every time.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def test_the_sim_drifts_for_each_lossy_setting_and_never_for_speculation_unless_
     assert drift("--quantization", "fp8") == {"weights": 0.3}
     assert drift("--kv-cache-dtype", "fp8", "--drift-kv-cache", "0.2") == {"kv_cache": 0.2}
     assert drift("--speculative-method", "ngram", "--fault-lossy-speculation", "0.5") == {"speculation": 0.5}
-    prompts = [i.prompt for i in evalset.load("builtin", "compare", 8)[:24]]
+    prompts = [i.prompt for i in evalset.load("builtin", "compare", 8)[:16]]
     base = [logits.greedy(p, 16, 5) for p in prompts]
     assert [c.tokens for c in base] == [logits.greedy(p, 16, 5).tokens for p in prompts]
     for noise in ({"weights": 0.3}, {"kv_cache": 0.3}, {"speculation": 0.5}):
@@ -190,44 +190,15 @@ def test_the_sim_drifts_for_each_lossy_setting_and_never_for_speculation_unless_
         assert 0 < sum(a.tokens == b.tokens for a, b in zip(base, other)) < len(prompts), noise
 
 
-def test_the_sim_answers_evaluations_over_http_like_an_openai_server(tmp_path):
-    import asyncio
+def test_the_sim_answers_logprobs_on_plain_completions_only():
+    from servetune.optimizer.engines.sim.server import SimServer, _BadRequest
 
-    import aiohttp
-
-    from servetune.optimizer.quality_run import evaluate
-
-    from test_sim_server import Server
-
-    servers = {"base": Server(tmp_path, "--model", "llama-3.2-1b", delay=0.05),
-               "spec": Server(tmp_path, "--model", "llama-3.2-1b", "--speculative-method", "ngram", delay=0.05)}
-    items = evalset.load("builtin", "compare", 12)[:16]
-    settings = {"items": [i.to_dict() for i in items], "fingerprint": "f", "logprobs": 5, "concurrency": 16,
-                "timeout_s": 60}
-
-    async def streamed(url):
-        async with aiohttp.ClientSession() as c:
-            async with c.post(url + "/v1/completions", json={"model": "llama-3.2-1b", "prompt": "a b",
-                                                              "max_tokens": 4, "logprobs": 3, "stream": True}) as r:
-                return r.status
-    out = {}
-    try:
-        for k, s in servers.items():
-            s.wait_healthy()
-            (tmp_path / k).mkdir()
-            rec = evaluate(s.url, "llama-3.2-1b", settings, tmp_path / k)
-            assert rec["errors"] == 0 and rec["items"] == 16
-            out[k] = json.loads((tmp_path / k / "eval.json").read_text())["items"]
-        assert asyncio.run(streamed(servers["base"].url)) == 400
-    finally:
-        for s in servers.values():
-            s.stop()
-    first = out["base"][0]
-    assert len(first["tokens"]) == 12 and len(first["top_logprobs"][0]) == 5
-    assert first["text"] == "".join(first["tokens"]) and first["finish_reason"] == "length"
-    assert list(first["top_logprobs"][0].values()) == sorted(first["top_logprobs"][0].values(), reverse=True)
-    f = compare(out["base"], out["spec"])
-    assert f["exact_match"] == 1.0 and f["kl_max"] == 0.0  # speculation is lossless
+    assert SimServer._logprobs_asked({"logprobs": 5}, chat=False) == 5
+    assert SimServer._logprobs_asked({}, chat=False) is None and SimServer._logprobs_asked({}, chat=True) is None
+    for body, chat in (({"logprobs": 5, "stream": True}, False), ({"logprobs": 5, "echo": True}, False),
+                       ({"logprobs": 21}, False), ({"logprobs": True, "top_logprobs": 3}, True)):
+        with pytest.raises(_BadRequest):
+            SimServer._logprobs_asked(body, chat)
 
 
 # -- a whole study -----------------------------------------------------------------------------------------------
@@ -305,6 +276,12 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert trials[0]["is_baseline"] and trials[0]["quality"]["is_reference"] and trials[0]["quality"]["passed"]
     by_config = {(t["params"]["quantization"], t["params"]["speculative_method"]): t for t in trials.values()
                  if not t["is_baseline"]}
+    answers = json.loads((run / "trials" / "0000" / "eval.json").read_text())["items"]
+    first = answers[0]  # the sim's answer, as an OpenAI server's logprobs land in eval.json
+    assert len(first["tokens"]) == 12 and len(first["top_logprobs"][0]) == 10 and first["finish_reason"] == "length"
+    assert first["text"] == "".join(first["tokens"])
+    assert list(first["top_logprobs"][0].values()) == sorted(first["top_logprobs"][0].values(), reverse=True)
+    assert [a["id"] for a in answers if a["kind"] == "task"] == ["tasks-1", "tasks-2"]
     spec_only = by_config[("none", "ngram")]["quality"]
     assert spec_only["passed"] and spec_only["exact_match"] == 1.0 and spec_only["kl_max"] == 0.0
     assert spec_only["changes_numerics"] == ["speculative_method=ngram"] and spec_only["reference"] == 0
