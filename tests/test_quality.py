@@ -317,6 +317,17 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     page = render_report(r)
     assert "quality limits missed" in page and "quality vs baseline" in page
 
+    # the GPU runs' Markdown summary lists every verdict
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "gpu" / "summarize.py")
+    summarize = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(summarize)
+    text = summarize.summarize(run)
+    assert "Quality against the baseline (limits: min_exact_match 0.75, max_accuracy_drop 0.2):" in text
+    assert "| 0 | – | 100.0% | 12.0 | 0 | 0 |" in text and text.count("| reference |") == 1
+    assert sum("**failed**: exact match" in ln for ln in text.splitlines()) == len(lossy)
+
     # the export never picks a lossy trial for "best", and says so loudly when asked for one
     from servetune.optimizer.export import QUALITY_WARNING, choose_trial
 
