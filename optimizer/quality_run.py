@@ -14,6 +14,7 @@ measurement; its requests do show in the engine's counters after ``metrics_delta
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,6 @@ async def _run_all(base_url: str, model: str, items: list[EvalItem], settings: d
                     if resp.status != 200:
                         out[k]["error"] = f"HTTP {resp.status}: {text[:200]}"
                         return
-                    import json
-
                     out[k].update(_parse(json.loads(text), keep_top=item.kind == "compare"))
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, IndexError) as e:
                 out[k]["error"] = f"{type(e).__name__}: {e}"[:300]
