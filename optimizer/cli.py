@@ -142,6 +142,11 @@ def _result_line(r, objectives) -> str:
         bits.append(f"{label}: {s.get('output_tokens_per_s', 0):,.0f} tok/s "
                     f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
                     f"p99 TPOT {s.get('tpot_p99_ms', float('nan')):.1f} ms{verdict}")
+    if r.quality and r.quality.get("kind"):
+        from servetune.optimizer.quality import describe
+
+        color = {True: "green", False: "red"}.get(r.quality.get("passed"), "dim")
+        bits.append(f"[{color}]{_esc(describe(r.quality))}[/]")
     return f"{head} {'; '.join(bits)}  [dim]{r.wall_s:.0f} s[/]"
 
 
@@ -185,8 +190,10 @@ def _print_pareto(run_dir: Path, objectives) -> None:
         ok = ok[ok[c].fillna(True).astype(bool)]
     for c in [c for c in ok.columns if c.endswith(".contaminated")]:
         ok = ok[~ok[c].eq(True)]  # a contaminated measurement is no point of the front
+    ok = ok[run.quality_ok().loc[ok.index]]
     if ok.empty:
-        console.print("[yellow]no trial met every SLA[/]")
+        console.print("[yellow]no trial met every SLA" + (f" and the {run.quality_kind} limits" if run.quality_kind
+                                                          else "") + "[/]")
         return
     # a trial that took another's result (same config) is that trial's row, named beside it
     also: dict[int, list[int]] = {}
@@ -197,7 +204,8 @@ def _print_pareto(run_dir: Path, objectives) -> None:
         ok = ok[ok["duplicate_of"].isna()]
     mask = pareto_mask(ok[cols].to_numpy(dtype=float), spec_dirs)
     front = ok[mask].sort_values(cols[0], ascending=spec_dirs[0] == "minimize")
-    table = Table(title="Pareto-optimal trials (SLA met)")
+    table = Table(title="Pareto-optimal trials (SLA met" + (f", {run.quality_kind} limits met)" if run.quality_kind
+                                                            else ")"))
     table.add_column("#", justify="right")
     table.add_column("config")
     for c in cols:

@@ -196,6 +196,15 @@ class StudyDriver:
         self.gpu_mem = gpu_memory_gib(spec)
         self._estimator_off: str | None = None
         self._raw_estimates: dict[int, dict[str, Any]] = {}
+        self.quality = None
+        if spec.quality is not None:
+            from servetune.optimizer.quality import QualityGate
+
+            base = str(Path(spec.source).resolve().parent) if spec.source else None
+            self.quality = QualityGate(spec.quality, drift=spec.model.load_format == "dummy", base_dir=base)
+        # measured trials whose quality verdict waits for their engine's baseline evaluation (told after it)
+        self._deferred: list[tuple[optuna.Trial, TrialResult, StudyOutcome]] = []
+        self._ending = False  # no trial is launched any more: deferred verdicts are given with what there is
 
     # storage ---------------------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -233,18 +242,21 @@ class StudyDriver:
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
                 continue
             self._requeue(study, ft._trial_id, ft.number, ft.params, bool(ft.user_attrs.get(BASELINE)),
-                          "driver stopped while this trial ran; it was queued again", fail=running)
+                          "driver stopped while this trial ran; it was queued again", fail=running,
+                          engine=ft.user_attrs.get(ENGINE))
             requeued += 1
         return requeued
 
     def _requeue(self, study: optuna.Study, trial_id: int, number: int, params: dict[str, Any], baseline: bool,
-                 reason: str, fail: bool = True) -> None:
-        """A trial that will not be measured here: failed as stale (not counted), its config queued again."""
+                 reason: str, fail: bool = True, engine: str | None = None) -> None:
+        """A trial that will not be measured here: failed as stale (not counted), its config queued again
+        (a baseline with its engine: its params are empty)."""
         if fail:
             self._drop(study, trial_id, number, reason)
         else:
             self._mark_stale_file(number, reason)
-        study.enqueue_trial(params, user_attrs={BASELINE: True} if baseline else {}, skip_if_exists=False)
+        attrs = {BASELINE: True, **({ENGINE: engine} if engine else {})} if baseline else {}
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
 
     def _drop(self, study: optuna.Study, trial_id: int, number: int, reason: str) -> None:
         """Fail a trial as stale: it is not counted against the budget and its record says why."""
@@ -285,7 +297,7 @@ class StudyDriver:
         """A trial still waiting for GPUs at the wall time: not run, queued again for a resumed study (trials
         parked on its config are dropped: the requeued one measures it)."""
         why = "the wall time came before GPUs for this trial were free; it was queued again for a resumed study"
-        self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline, why)
+        self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline, why, engine=plan.engine)
         for waiting, waiting_plan in parked:
             self._drop(study, waiting._trial_id, waiting_plan.number, why)
         self.on_event("note", {"text": f"trial {plan.number} had not started by the wall time: withdrawn, "
@@ -340,6 +352,7 @@ class StudyDriver:
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
             fake_gpus=(engine == "sim"), warmup=self.spec.workload.warmup.model_dump(),
             audit=self.spec.workload.audit_settings(),
+            quality=self.quality.trial_settings() if self.quality else None,
         )
 
     # results -> optuna ----------------------------------------------------------------------------------------
@@ -359,6 +372,8 @@ class StudyDriver:
                     names.append(f"{sc.label}.{short}")
             if _judges_steady_state(sc):
                 names.append(f"{sc.label}.steady")
+        if self.quality is not None and self.quality.constrains:
+            names.append("quality")
         return names + ["failed"]
 
     def score(self, scenarios: dict[str, dict[str, Any]], gpus: int
@@ -399,6 +414,8 @@ class StudyDriver:
             scenarios[label]["sla_met"] = None
         if dirty:
             return None, {}, f"contaminated measurement in {', '.join(dirty)}: the audit failed after a re-run"
+        if self.quality is not None and self.quality.constrains:
+            constraints["quality"] = 0.0  # an estimate cannot judge outputs; _tell puts the measured verdict here
         constraints["failed"] = 0.0
         return values, constraints, ""
 
@@ -431,6 +448,7 @@ class StudyDriver:
             done_before = sum(1 for t in counted if t.state.is_finished())
             self.on_event("start", {"done": done_before, "budget": self.spec.budget.trials,
                                     "run_dir": str(self.run_dir)})
+            self._note_unchecked_numerics()
             executor = self._executor()
             outcome = self._loop(study, executor, done_before)
             repeats = self._repeat(study, executor) if self.spec.budget.repeats else None
@@ -443,6 +461,14 @@ class StudyDriver:
             if executor is not None:
                 executor.shutdown()
             lock.close()
+
+    def _note_unchecked_numerics(self) -> None:
+        from servetune.optimizer.quality import NUMERICS
+
+        lossy = [n for n in self.space.dimensions if n in NUMERICS]
+        if self.quality is None and lossy:
+            self.on_event("note", {"text": f"the search changes numerics ({', '.join(lossy)}) and the study has no "
+                                           "quality: section, so no trial's outputs are checked (docs/quality.md)"})
 
     def _executor(self):
         from servetune.optimizer.execution import RayExecutor
@@ -507,6 +533,8 @@ class StudyDriver:
                 self.on_event("launch", {"number": trial.number, "engine": plan.engine, "params": plan.params,
                                          "gpus": plan.gpus, "baseline": plan.is_baseline,
                                          "queued": held + plan.gpus > self.spec.hardware.gpus})
+            if not in_flight and self._deferred:
+                self._flush_deferred(study)  # their baseline will not run in this session
             if not in_flight:
                 outcome.stopped_because = ("trial budget reached" if started >= b.trials else
                                            f"the sampler drew {rejected} configurations the rules reject"
@@ -523,7 +551,7 @@ class StudyDriver:
                 for ref in withdrawn:
                     executor.cancel(ref, force=False)
             if time.monotonic() - last_beat > 10:
-                for trial, _ in in_flight.values():
+                for trial in [t for t, _ in in_flight.values()] + [t for t, _, _ in self._deferred]:
                     study._storage.record_heartbeat(trial._trial_id)
                 last_beat = time.monotonic()
             for ref in ready:
@@ -770,6 +798,15 @@ class StudyDriver:
             elif values is not None:
                 for (label, metric), v in zip(self.objectives, values):
                     result.objectives[f"{label}.{metric}"] = float(v)
+                if self.quality is not None:
+                    if self._awaits_reference(study, result):
+                        self._deferred.append((trial, result, outcome))
+                        self.on_event("note", {"text": f"trial {result.number} is measured; its quality verdict "
+                                                       "waits for its engine's baseline evaluation"})
+                        return True
+                    result.quality = self._judge_quality(result)
+                    if "quality" in named:
+                        named["quality"] = float(result.quality["constraint"])
         study._storage.set_trial_user_attr(trial._trial_id, STATE, result.state)
         write_json_atomic(self.trial_dir(result.number) / "trial.json", result.to_dict())
         self._record_estimate_error(result)
@@ -791,7 +828,47 @@ class StudyDriver:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
         outcome.results.append(result)
         self.on_event("result", {"result": result, "constraints": list(named.values())})
+        if result.is_baseline and self._deferred:
+            self._flush_deferred(study, result.engine)
         return values is not None
+
+    # quality: the verdict needs the engine's baseline evaluation ----------------------------------------------
+    def _awaits_reference(self, study: optuna.Study, result: TrialResult) -> bool:
+        """A measured trial whose engine's baseline is still to be measured (queued or running): its verdict,
+        hence its tell, waits for that baseline (a baseline is its own reference)."""
+        from servetune.optimizer.quality import reference_trial
+
+        if result.is_baseline or self._ending:
+            return False
+        if reference_trial(trial_records(self.run_dir), result.engine) is not None:
+            return False
+        return any(t.user_attrs.get(BASELINE) and (t.user_attrs.get(ENGINE) or self.space.engines[0]) == result.engine
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
+                                                                     optuna.trial.TrialState.RUNNING)))
+
+    def _judge_quality(self, result: TrialResult) -> dict[str, Any]:
+        from servetune.optimizer import quality as q
+
+        engine = result.engine
+        measured = result.duplicate_of if result.duplicate_of is not None else result.number
+        own = q.load_eval(self.trial_dir(measured))
+        base = self.full_params(engine, {k: v for k, v in self.space.baseline(engine).items() if k != "engine"})
+        ref = q.reference_trial(trial_records(self.run_dir), engine, lambda r: not q.numerics_changes(
+            self.full_params(engine, r.get("params") or {}), base))
+        reference = None if ref is None else (ref[0], own if ref[1] == measured else q.load_eval(self.trial_dir(ref[1])))
+        changes = q.numerics_changes(self.full_params(engine, result.params), base)
+        return self.quality.judge(result.quality, own, reference, changes,
+                                  is_reference=result.is_baseline or (ref is not None and ref[0] == result.number))
+
+    def _flush_deferred(self, study: optuna.Study, engine: str | None = None) -> None:
+        """Tell the deferred trials of ``engine`` (None: all, judged with what there is: the study is ending)."""
+        waiting, self._deferred = self._deferred, []
+        self._ending = self._ending or engine is None
+        for trial, result, outcome in waiting:
+            if engine is None or result.engine == engine:
+                self._tell(study, trial, result, outcome)
+            else:
+                self._deferred.append((trial, result, outcome))
 
     def _learns_from(self, result: TrialResult) -> bool:
         """Failures that say something about the configuration (not the driver, Ray or a busy GPU)."""
@@ -868,7 +945,9 @@ class StudyDriver:
                         continue
                 except (OSError, ValueError, TypeError):
                     pass
-                todo.append(self.build_plan(n, orig.engine, orig.params, orig.is_baseline, rdir))
+                plan = self.build_plan(n, orig.engine, orig.params, orig.is_baseline, rdir)
+                plan.quality = None  # a repeat re-measures speed; the outputs were judged on the first launch
+                todo.append(plan)
         in_flight: dict[Any, TrialPlan] = {}
         while todo or in_flight:
             while todo and len(in_flight) < b.parallel:
@@ -947,8 +1026,15 @@ class StudyDriver:
                                    "calibration": Calibration.report(self.calibration_pairs())}
         if repeats is not None:
             summary["noise"] = repeats
-        records = list(trial_records(self.run_dir).values())
-        outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
-        summary["vs_baseline"] = compare(records, [(s, m, o.direction) for (s, m), o
-                                                   in zip(self.objectives, self.spec.objectives)])
+        records = trial_records(self.run_dir)
+        outcome.gpu_use = summary["gpu_use"] = gpu_use(records.values(), self.spec.hardware.gpus)
+        summary["vs_baseline"] = compare(list(records.values()), [(s, m, o.direction) for (s, m), o
+                                                                in zip(self.objectives, self.spec.objectives)])
+        if self.quality is not None:
+            keep = ("passed", "reference", "exact_match", "first_divergence_mean", "kl_mean", "kl_max",
+                    "accuracy_drop", "changes_numerics", "unchecked", "reasons")
+            summary["quality"] = {
+                "kind": self.quality.kind, "limits": self.quality.limits(),
+                "trials": {str(n): {k: r["quality"][k] for k in keep if k in r["quality"]}
+                           for n, r in records.items() if r.get("state") == "complete" and r.get("quality")}}
         write_json_atomic(self.run_dir / "summary.json", summary)

@@ -131,8 +131,9 @@ class Choice:
             if isinstance(s.get(k), (int, float)):
                 parts.append(f"{_num(s[k])}{' ms' if k.endswith('_ms') else ''} {lbl}" if not k.endswith("_ms")
                              else f"{lbl} {_num(s[k])} ms")
+        passing = "SLA- and quality-passing" if (self.trial.get("quality") or {}).get("limits") else "SLA-passing"
         rule = (f"{'max' if self.direction == 'maximize' else 'min'} {self.metric} in scenario {self.scenario!r}"
-                f" among {self.eligible} SLA-passing trial(s)") if not self.explicit else "chosen by number"
+                f" among {self.eligible} {passing} trial(s)") if not self.explicit else "chosen by number"
         line = f"{head}: {', '.join(parts)} [{rule}]"
         if self.runner_up is not None:
             r = self.summary(self.runner_up)
@@ -213,6 +214,7 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
                    value=((t.get("scenarios") or {}).get(scenario) or {}).get("summary", {}).get(metric))
         if not _passes_sla(t, scenario):
             c.warnings.append(f"trial {n} did not meet the SLA (or has no {scenario!r} result); exported as asked")
+        c.warnings += quality_warnings(t, study)
         return c
 
     def value(t: dict[str, Any]) -> float | None:
@@ -226,14 +228,55 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
         close = difflib.get_close_matches(metric, sorted(known), n=1)
         raise ExportError(f"no metric {metric!r} in scenario {scenario!r} results"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
-    ok = [t for t in trials if t.get("state") == "complete" and _passes_sla(t, scenario) and value(t) is not None]
+    ok = [t for t in trials if t.get("state") == "complete" and _passes_sla(t, scenario) and value(t) is not None
+          and (t.get("quality") or {}).get("passed") is not False]
     if not ok:
-        raise ExportError(f"no completed trial met the SLA with a {metric} result in scenario {scenario!r} "
-                          f"({len(trials)} trial(s) in {run_dir}); pick one with --trial N")
+        raise ExportError(f"no completed trial met the SLA (and the quality limits) with a {metric} result in "
+                          f"scenario {scenario!r} ({len(trials)} trial(s) in {run_dir}); pick one with --trial N")
     sign = -1.0 if direction == "maximize" else 1.0
     ok.sort(key=lambda t: (sign * value(t), t.get("number", 0)))
     return Choice(trial=ok[0], scenario=scenario, metric=metric, direction=direction, value=value(ok[0]),
-                  runner_up=ok[1] if len(ok) > 1 else None, eligible=len(ok))
+                  runner_up=ok[1] if len(ok) > 1 else None, eligible=len(ok),
+                  warnings=quality_warnings(ok[0], study))
+
+
+QUALITY_WARNING = "QUALITY: "  # the prefix of the warnings `servetune export` prints in a banner
+
+
+def quality_warnings(t: dict[str, Any], study: dict[str, Any]) -> list[str]:
+    """What a deployer must hear about the chosen trial's outputs: a failed or missing quality check, or a
+    check that measured drift on random weights (docs/quality.md)."""
+    from servetune.optimizer.quality import describe, numerics_changes
+
+    n, q = t.get("number"), t.get("quality") or {}
+    if q.get("kind"):
+        if q.get("passed") is False:
+            why = "; ".join(q.get("reasons") or []) or q.get("unchecked") or "no reason recorded"
+            return [f"{QUALITY_WARNING}trial {n} FAILED its {q['kind']} check against the baseline: {why}"]
+        if q.get("unchecked"):
+            return [f"{QUALITY_WARNING}trial {n}'s outputs were NOT checked: {q['unchecked']}"]
+        if q["kind"] == "drift" and not q.get("is_reference"):
+            return [f"{QUALITY_WARNING}trial {n} ran on random weights, so its check measured numerical drift "
+                    f"({describe(q)}), not answer quality; check the configuration on the real checkpoint "
+                    "before deploying it"]
+        if q.get("passed") is None and q.get("changes_numerics") and not q.get("is_reference"):
+            return [f"{QUALITY_WARNING}trial {n} changes numerics ({', '.join(q['changes_numerics'])}) and the study "
+                    f"set no quality limits: {describe(q)}; judge these figures before deploying it"]
+        return []
+    engine = t.get("engine") or ""
+    try:
+        from servetune.optimizer.catalog import load_catalog
+
+        defaults = load_catalog(engine, _engine_spec(study, engine).get("version")).defaults()
+    except Exception:  # an engine without a catalog here: judge against the recorded parameters alone
+        defaults = {}
+    changes = numerics_changes({**defaults, **(t.get("params") or {})}, defaults)
+    if changes:
+        return [f"{QUALITY_WARNING}trial {n} changes numerics ({', '.join(changes)}) and its outputs were NEVER "
+                "checked against the baseline's: run the study with a quality: section (docs/quality.md) "
+                "before deploying it"]
+    return [f"{QUALITY_WARNING}trial {n} had no quality check (the study has no quality: section); it keeps the "
+            "engine's default numerics, so its outputs should match the checkpoint's"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -603,6 +646,10 @@ def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dic
                                                         "ttft_limit_ms", "tpot_limit_ms", "num_gpus")}}
                           for label, r in (t.get("scenarios") or {}).items()},
             "objectives": t.get("objectives"),
+            "quality": {k: v for k, v in (t.get("quality") or {}).items()
+                        if k in ("kind", "passed", "reference", "exact_match", "first_divergence_mean", "kl_mean",
+                                 "kl_max", "accuracy", "accuracy_reference", "accuracy_drop", "changes_numerics",
+                                 "limits", "reasons", "unchecked")} or None,
         },
         "warnings": ctx["warnings"],
     }

@@ -77,9 +77,16 @@ def cmd_export(args: argparse.Namespace, out=print, err=None) -> int:
     except ExportError as e:
         err(f"servetune export: {e}")
         return EXIT_USAGE
+    from servetune.optimizer.export import QUALITY_WARNING
+
     out(res.choice.describe())
     for w in res.warnings:
-        err(f"warning: {w}")
+        if w.startswith(QUALITY_WARNING):  # about the model's answers: a banner nobody scrolls past
+            err("!" * 100)
+            err(f"!! WARNING: {w[len(QUALITY_WARNING):]}")
+            err("!" * 100)
+        else:
+            err(f"warning: {w}")
     for f in res.files:
         out(f"wrote {f}")
     return 0

@@ -83,6 +83,8 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
             return _fail(result, failure)
         result.ready_s = round(time.monotonic() - t_launch, 3)
         _measure(plan, engine, ep, url, launch.metrics_path, result)
+        if result.state == "running" and plan.quality:
+            _evaluate(plan, ep, url, result)
         if result.state == "running":
             result.state = "complete"
         return result
@@ -162,6 +164,20 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     if first_before is not None and before is not None:
         result.metrics_delta = _delta(engine, first_before, before)
     result.loaded_s = round(result.loaded_s, 3)
+
+
+def _evaluate(plan: TrialPlan, ep, url: str, result: TrialResult) -> None:
+    """The quality evaluation on this launch, after the load. Whatever goes wrong here leaves the measured
+    trial complete: the evaluation's record says what broke, and the driver judges that as unchecked."""
+    from servetune.optimizer.quality_run import evaluate
+
+    try:
+        result.quality = evaluate(url, plan.model.name, plan.quality, plan.trial_dir)
+    except Exception as e:  # noqa: BLE001  (a broken evaluation must not lose the load measurement)
+        result.quality = {"error": f"the evaluation failed: {type(e).__name__}: {e}"[:300]}
+    if not ep.alive():
+        failure = ep.log_tail()[-300:].strip().splitlines()[-1:] or [""]
+        result.quality = {**(result.quality or {}), "error": f"the engine died during the evaluation: {failure[0]}"}
 
 
 def _swept(sc) -> str:

@@ -45,6 +45,7 @@ class TrialPlan:
     fake_gpus: bool = False  # the sim: GPU ids come from Ray's bookkeeping, no NVML checks
     warmup: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # spec.WarmupSpec fields
     audit: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # spec.AuditSpec fields
+    quality: dict[str, Any] | None = None  # the evaluation to run after the load (QualityGate.trial_settings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,8 @@ class TrialResult:
     objectives: dict[str, float] = field(default_factory=dict)
     duplicate_of: int | None = None
     warmup: dict[str, Any] | None = None  # what the launch's warm-up did (optimizer.warmup)
+    # the evaluation (eval.json, counts) and, once the driver compared it with the baseline's, the verdict
+    quality: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,14 +91,14 @@ class TrialResult:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
     """Write-then-rename, so a killed process never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
+            json.dump(data, f, indent=indent, default=str, separators=None if indent else (",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

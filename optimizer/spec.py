@@ -571,6 +571,52 @@ class FidelitySpec(_Strict):
     max_requests: int = Field(200, ge=10, description="requests per estimated scenario (cost vs fidelity)")
 
 
+class QualitySpec(_Strict):
+    """The quality guardrail (docs/quality.md): after its load, every trial answers an evaluation set greedily
+    with logprobs, compared with its engine's baseline; limits make a trial that drifts too far infeasible."""
+
+    eval_set: str = Field("builtin", description="'builtin' (64 prompts shipped with servetune) or a JSONL "
+                                                 "file of {prompt, id?, max_tokens?} lines")
+    tasks: str | None = Field(None, description="JSONL of {prompt, answer} (lm-evaluation-harness style) scored "
+                                                "after normalization; 'builtin:facts' is a small shipped set")
+    task_match: Literal["contains", "exact"] = Field(
+        "contains", description="a task is right when its output contains an answer (whole words), or when "
+                                "its first line is one (exact)")
+    max_tokens: int = Field(32, ge=1, le=4096, description="greedy tokens per prompt (an item may set its own)")
+    logprobs: int = Field(10, ge=1, le=20, description="top-K logprobs per token (vLLM's default cap is 20)")
+    concurrency: int = Field(1, ge=1, description="evaluation requests in flight; 1 keeps batches alike across "
+                                                  "trials, so batch-dependent kernels do not pose as drift")
+    timeout_s: float = Field(600.0, gt=0, description="the whole evaluation")
+    request_timeout_s: float = Field(120.0, gt=0)
+    min_exact_match: float | None = Field(None, ge=0, le=1, description="share of greedy continuations equal "
+                                                                        "to the baseline's")
+    min_first_divergence: float | None = Field(None, ge=0, description="mean tokens before the first "
+                                                                       "difference from the baseline")
+    max_mean_kl: float | None = Field(None, ge=0, description="mean per-token KL(baseline ‖ trial), nats, top-K")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="task accuracy below the baseline's, "
+                                                                          "as a fraction (0.05 = 5 points)")
+
+    @model_validator(mode="after")
+    def _files(self, info: ValidationInfo) -> "QualitySpec":
+        if self.max_accuracy_drop is not None and not self.tasks:
+            _fail("quality", [(("max_accuracy_drop",), "max_accuracy_drop needs tasks (a JSONL of prompts with "
+                                                       "expected answers, e.g. tasks: builtin:facts)")])
+        base = _base_dir(info)
+        if base is None:
+            return self
+        from servetune.optimizer.evalset import EvalSetError, load
+
+        for key, kind in (("eval_set", "compare"), ("tasks", "task")):
+            src = getattr(self, key)
+            if src is None:
+                continue
+            try:
+                load(src, kind, self.max_tokens, base)
+            except EvalSetError as e:
+                _fail("quality", [((key,), str(e))])
+        return self
+
+
 class BudgetSpec(_Strict):
     trials: int = Field(20, ge=1)
     wall_time_s: float | None = Field(None, gt=0, description="no trial starts after this; one still waiting for "
@@ -593,6 +639,8 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
+    quality: QualitySpec | None = Field(None, description="compare every trial's greedy answers with the "
+                                                          "baseline's; limits make drifting trials infeasible")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
     output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
     seed: int = 0
@@ -699,6 +747,9 @@ class StudySpec(_Strict):
             errs.append((("fidelity", "prescreen"), "a grid sampler visits every point in order, so there is "
                                                     "nothing to pre-screen; use sampler kind tpe, nsga2, gp or "
                                                     "random, or prescreen: 0"))
+        if self.quality is not None and not self.baseline:
+            errs.append((("quality",), "quality compares every trial with its engine's baseline; set baseline: "
+                                       "true (or remove quality)"))
         errs += self._unsupported_everywhere()
         if errs:
             _fail("StudySpec", errs)

@@ -27,6 +27,7 @@ KEY_METRICS = ["output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per
 # Trace names are part of the page's contract: tests and the legend both read them.
 FRONT, DOMINATED, INVALID, BASELINE, FAILED = "Pareto front", "dominated", "SLA missed", "baseline", "failed"
 CONTAMINATED = "contaminated (audit failed twice)"
+LOSSY = "{kind} limits missed"  # .format(kind="quality" | "drift")
 
 _BLUE, _GREY, _RED, _GOLD, _ORANGE = "#1f5fbf", "#8a94a6", "#d62728", "#f2b705", "#e07b00"
 _BAR_COLORS = ["#1f5fbf", "#2a9d8f", "#8e6cc2", "#c77d1a"]
@@ -85,6 +86,19 @@ def hover_text(row: pd.Series, scenario: str, param_cols: list[str]) -> str:
     dirty = row.get(f"{scenario}.contaminated_levels")
     if isinstance(dirty, str) and dirty:
         lines.append(f"levels contaminated after a re-run (engine audit): {_esc(dirty)} (not judged)")
+    kind = row.get("quality.kind")
+    if isinstance(kind, str):
+        figures = []
+        em, kl = row.get("quality.exact_match"), row.get("quality.kl_mean")
+        if isinstance(em, float) and em == em:
+            figures.append(f"exact match {em:.0%}")
+        if isinstance(kl, float) and kl == kl:
+            figures.append(f"mean KL {kl:.3g}")
+        status = row.get("quality.status") or ""
+        lines.append(f"{_esc(kind)}: {_esc(', '.join(figures) or status)}"
+                     + (f" · <b>{_esc(status)}</b>" if status in ("failed", "not checked") else ""))
+        if row.get("quality.passed") is False:
+            lines.append(f"<b>{_esc(LOSSY.format(kind=kind))}</b>: {_esc(row.get('quality.reason') or '')}")
     return "<br>".join(lines)
 
 
@@ -105,10 +119,12 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
         return None
     pts["_sla_met"] = run.sla_met(sc.name).loc[pts.index]
     dirty = run.contaminated(sc.name).loc[pts.index]
-    on_front = front(pts, xc, yc, spec.x_dir, spec.y_dir, only_valid_col="_sla_met")
-    dominated = pts[pts["_sla_met"] & ~pts.index.isin(on_front.index)]
+    pts["_feasible"] = run.feasible(sc.name).loc[pts.index]
+    on_front = front(pts, xc, yc, spec.x_dir, spec.y_dir, only_valid_col="_feasible")
+    dominated = pts[pts["_feasible"] & ~pts.index.isin(on_front.index)]
     invalid = pts[~pts["_sla_met"] & ~dirty]
     contaminated = pts[dirty]  # measured the engine warming up or replayed prompts: neither met nor missed
+    lossy = pts[pts["_sla_met"] & ~pts["_feasible"] & ~dirty]  # the SLA met, the outputs changed too much
     params = run.param_columns
 
     def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
@@ -127,6 +143,10 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
                                         line=dict(width=2, color=_RED))))
     if not contaminated.empty:
         fig.add_trace(trace(contaminated, name=CONTAMINATED, mode="markers",
+                            marker=dict(color=_ORANGE, size=11, symbol="circle-open", opacity=0.9,
+                                        line=dict(width=2, color=_ORANGE, dash="dot"))))
+    if not lossy.empty:
+        fig.add_trace(trace(lossy, name=LOSSY.format(kind=run.quality_kind or "quality"), mode="markers",
                             marker=dict(color=_ORANGE, size=11, symbol="diamond-open", opacity=0.9,
                                         line=dict(width=2, color=_ORANGE))))
     if not failed.empty:
@@ -247,4 +267,4 @@ def _no_nan(o):
 
 __all__ = ["Chart", "ChartSpec", "chart_specs", "pareto_chart", "scenario_charts", "importance_chart",
            "hover_text", "template", "KEY_METRICS", "FRONT", "DOMINATED", "INVALID", "BASELINE", "FAILED",
-           "CONTAMINATED"]
+           "CONTAMINATED", "LOSSY"]

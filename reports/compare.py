@@ -80,7 +80,7 @@ def _points(run: Run, sc: Scenario, xc: str, yc: str) -> pd.DataFrame:
     pts[xc] = pd.to_numeric(pts[xc], errors="coerce")
     pts[yc] = pd.to_numeric(pts[yc], errors="coerce")
     pts = pts[np.isfinite(pts[xc]) & np.isfinite(pts[yc])]
-    pts["_sla_met"] = run.sla_met(sc.name).loc[pts.index]
+    pts["_sla_met"] = run.feasible(sc.name).loc[pts.index]  # the SLA and the study's quality limits
     return pts
 
 
@@ -161,7 +161,7 @@ def best_table(sides: list[Side], pairs: list[tuple[Scenario, Scenario]]) -> lis
                 if col not in side.run.trials:
                     cells.append((None, None))
                     continue
-                vals = pd.to_numeric(side.run.trials[col], errors="coerce").where(side.run.sla_met(sc.name))
+                vals = pd.to_numeric(side.run.trials[col], errors="coerce").where(side.run.feasible(sc.name))
                 vals = vals[np.isfinite(vals)]
                 if vals.empty:
                     cells.append((None, None))

@@ -361,6 +361,73 @@ def _deltas(row: pd.Series, raw: dict[str, Any], scenarios: list[str]) -> dict[s
     return {"scenarios": cols, "rows": rows}
 
 
+QUALITY_EXAMPLES = 5  # continuations that differ from the baseline's, shown side by side
+
+
+def _measured_dir(run: Run, number: Any) -> str | None:
+    """The trial directory holding the measurement (and eval.json) of trial ``number``."""
+    rows = run.trials[run.trials["number"].eq(number)] if isinstance(number, (int, np.integer)) else run.trials.iloc[0:0]
+    if rows.empty:
+        return None
+    r = rows.iloc[0]
+    if _present(r.get("duplicate_of")):
+        return _measured_dir(run, int(r["duplicate_of"]))
+    return r.get("trial_dir") if isinstance(r.get("trial_dir"), str) else None
+
+
+def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial's quality (or drift) verdict, its figures, and a few continuations that differ."""
+    from servetune.optimizer.quality import load_eval
+
+    q = raw.get("quality") if isinstance(raw.get("quality"), dict) else None
+    if not q or not q.get("kind"):
+        return None
+    kind = str(q["kind"])
+    figures = []
+    if q.get("exact_match") is not None:
+        figures.append(("exact match", f"{q['exact_match']:.1%} of {q.get('compared')} prompts"))
+    if q.get("first_divergence_mean") is not None:
+        figures.append(("mean first divergence", f"token {q['first_divergence_mean']:.1f}"))
+    if q.get("kl_mean") is not None:
+        figures.append(("mean KL (top-K)", f"{q['kl_mean']:.4g} nats over {q.get('kl_positions')} tokens"))
+    if q.get("kl_max") is not None:
+        figures.append(("max KL", f"{q['kl_max']:.4g} nats"))
+    for key, label in (("accuracy", "task accuracy"), ("accuracy_reference", "baseline task accuracy")):
+        a = q.get(key)
+        if isinstance(a, dict):
+            figures.append((label, f"{a['rate']:.0%} ({a['correct']}/{a['n']}; 95% CI {a['ci95'][0]:.0%}–"
+                                   f"{a['ci95'][1]:.0%})"))
+    if q.get("changes_numerics"):
+        figures.append(("changes numerics", ", ".join(map(str, q["changes_numerics"]))))
+    if q.get("limits"):
+        figures.append(("limits", ", ".join(f"{k} {v:g}" for k, v in q["limits"].items())))
+    if q.get("seconds") is not None:
+        figures.append(("evaluation", f"{q.get('items')} prompts in {q['seconds']:.1f} s"
+                                      + (f", {q['errors']} unanswered" if q.get("errors") else "")))
+    examples = []
+    mine = load_eval(_measured_dir(run, int(row["number"])) or "") if q.get("reference") is not None else None
+    ref = load_eval(_measured_dir(run, q["reference"]) or "") if mine is not None else None
+    if mine and ref:
+        by_id = {a["id"]: a for a in mine["items"]}
+        for a in ref["items"]:
+            b = by_id.get(a.get("id"))
+            if a.get("kind") != "compare" or not b or "tokens" not in a or "tokens" not in b or a["tokens"] == b["tokens"]:
+                continue
+            at = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
+                      min(len(a["tokens"]), len(b["tokens"])))
+            examples.append({"id": str(a["id"]), "prompt": str(a.get("prompt", "")), "baseline": str(a.get("text", "")),
+                             "trial": str(b.get("text", "")), "at": at})
+            if len(examples) >= QUALITY_EXAMPLES:
+                break
+    status = str(row.get("quality.status") or "")
+    return {"kind": kind, "status": status,
+            "title": "Quality against the baseline" if kind == "quality" else
+                     "Numerical drift against the baseline (random weights: not a measure of quality)",
+            "reason": str(row.get("quality.reason") or ""),
+            "reference": q.get("reference"), "is_reference": bool(q.get("is_reference")),
+            "figures": [{"name": k, "value": v} for k, v in figures], "examples": examples}
+
+
 def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
     """Everything the drill-down shows for trial ``number`` (None when the run has no such trial)."""
     match = run.trials[run.trials["number"].eq(number)] if not run.trials.empty else run.trials
@@ -414,6 +481,7 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
         "command": shlex.join(argv) if argv else "",
         "command_parts": command_parts(argv, None if is_base else base_argv),
         "scenarios": scenarios,
+        "quality": quality_detail(run, row, raw),
         "roofline_note": EXPLANATION,
         "deltas": _deltas(row, raw, [s.name for s in run.scenarios]),
         "warmup": warmup_summary(raw),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
@@ -133,6 +134,7 @@ def render_report(run: Run, *, mode: str = "static", study_id: str = "", version
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         states=run.state_counts(),
         n_sla_met=int(run.sla_met_all([s.name for s in run.scenarios]).sum()) if run.scenarios else 0,
+        quality=quality_summary(run),
         n_not_valid=_count_not_valid(run),
         gpu_use=gpu_use(run.trials.to_dict("records"), run.gpu_count) if run.gpu_count and len(run.trials) else {},
         objectives=[f"{o.direction} {o.scenario} · {metric_label(o.metric)}" for o in run.objectives],
@@ -175,10 +177,11 @@ def headlines(run: Run) -> list[Headline]:
             h.note = "no trial has measured it yet"
             out.append(h)
             continue
-        vals = pd.to_numeric(run.trials[col], errors="coerce").where(run.sla_met(o.scenario))
+        vals = pd.to_numeric(run.trials[col], errors="coerce").where(run.feasible(o.scenario))
         vals = vals[np.isfinite(vals)]
         if vals.empty:
-            h.note = "no trial has met the SLA yet"
+            h.note = "no trial has met the SLA yet" if run.sla_met(o.scenario).any() or run.quality_kind is None \
+                else f"no trial has met the SLA and the {run.quality_kind} limits yet"
             out.append(h)
             continue
         idx = vals.idxmax() if o.direction == "maximize" else vals.idxmin()
@@ -255,12 +258,12 @@ def _scenario_facts(sc: Scenario) -> list[str]:
 
 def objective_front(run: Run) -> tuple[set[int], str]:
     """Trial numbers on the front of the study's objectives, among trials meeting the SLA of every scenario
-    they use (the same feasibility the optimizer gives Optuna)."""
+    they use and the study's quality limits (the same feasibility the optimizer gives Optuna)."""
     objs = _objectives_or_default(run)
     cols = [o.column for o in objs]
     if not objs or any(c not in run.trials for c in cols):
         return set(), ""
-    pool = run.trials[run.sla_met_all(list(dict.fromkeys(o.scenario for o in objs)))]
+    pool = run.trials[run.feasible_all(list(dict.fromkeys(o.scenario for o in objs)))]
     if pool.empty:
         return set(), ""
     values = pool[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
@@ -269,6 +272,34 @@ def objective_front(run: Run) -> tuple[set[int], str]:
 
 
 # -- the trial table ----------------------------------------------------------------------------------------
+
+QUALITY_COLUMNS = [
+    ("quality.exact_match", "exact match", "share of evaluation prompts whose greedy continuation equals the baseline's"),
+    ("quality.first_divergence_mean", "1st divergence",
+     "mean position of the first generated token that differs from the baseline's (tokens)"),
+    ("quality.kl_mean", "mean KL", "per-token KL(baseline ‖ trial) over the top-K logprobs, nats, up to the first "
+                                   "divergence"),
+    ("quality.accuracy", "task accuracy", "share of task prompts answered right"),
+    ("quality.status", "verdict", "against the study's quality limits"),
+]
+
+
+def quality_summary(run: Run) -> dict[str, Any] | None:
+    """The header's chip: what was checked, and how many trials missed the limits."""
+    kind = run.quality_kind
+    if not kind:
+        return None
+    col = run.trials["quality.passed"]
+    judged = col[run.complete & col.apply(lambda v: isinstance(v, bool))]
+    failed = int(judged.apply(lambda v: v is False).sum())
+    checked = int((run.complete & run.trials["quality.kind"].notna()).sum())
+    M = markupsafe.Markup  # format() escapes the arguments
+    text = (M("{} limits missed <b>{}</b> of {}").format(kind, failed, len(judged)) if len(judged)
+            else M("{} measured on <b>{}</b> trial{} (no limits)").format(kind, checked, "s" if checked != 1 else ""))
+    return {"kind": kind, "judged": int(len(judged)), "failed": failed, "text": text,
+            "tip": ("numerical drift against the baseline (the checkpoint's own precision) on random weights, not a measure of answer quality"
+                    if kind == "drift" else "greedy answers compared with the baseline's (docs/quality.md)")}
+
 
 def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], list[TableRow]]:
     df = run.trials
@@ -285,6 +316,13 @@ def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], l
                                        tip=ROOFLINE_EXPLANATION))
         if f"{sc.name}.sla_met" in df:
             columns.append(TableColumn(sc.name, "SLA", f"{sc.name}.sla_met"))
+    kind = run.quality_kind
+    if kind:
+        group = f"{kind} vs baseline" + (" (random weights)" if kind == "drift" else "")
+        for key, title, tip in QUALITY_COLUMNS:
+            if key == "quality.accuracy" and not df[key].notna().any():
+                continue
+            columns.append(TableColumn(group, title, key, tip=tip))
     columns.append(TableColumn("", "wall time (s)", "wall_s"))
 
     rows = []
@@ -309,6 +347,8 @@ def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], l
         for m in _scenario_problems(r, run):
             if m["kind"] == "SLA missed":
                 notes.append(f"{m['scenario']}: {m['kind']}: {m['reasons']}")
+        if r.get("quality.passed") is False:
+            notes.append(f"{r.get('quality.kind')} limits missed: {r.get('quality.reason') or 'no reason recorded'}")
         row.note = "; ".join(notes)
         rows.append(row)
     return columns, rows
@@ -345,6 +385,18 @@ def _cell(r: pd.Series, c: TableColumn) -> dict[str, Any]:
     v = r.get(c.key)
     if c.group == "parameters":
         return {"text": fmt_param(v), "cls": "param", "title": "", "v": _sort_value(v)}
+    if c.key == "quality.status":
+        if not _present(v):
+            return {"text": "—", "cls": "na", "title": "", "v": ""}
+        tips = {"reference": "the baseline: the outputs every trial of its engine is compared with",
+                "no limits": "measured; the study sets no quality limits"}
+        cls = {"passed": "ok", "failed": "bad", "not checked": "bad" if r.get("quality.passed") is False else "na"}
+        return {"text": str(v), "cls": cls.get(str(v), ""), "v": str(v),
+                "title": str(r.get("quality.reason") or tips.get(str(v), ""))}
+    if c.key in ("quality.exact_match", "quality.accuracy") and _present(v):
+        return {"text": f"{float(v):.0%}", "cls": "num", "title": "", "v": _sort_value(v)}
+    if c.key == "quality.kl_mean" and _present(v):
+        return {"text": f"{float(v):.3g}", "cls": "num", "title": "", "v": _sort_value(v)}
     if c.key.endswith(".sla_met"):
         scen = c.key.rsplit(".", 1)[0]
         if v is True and r.get(f"{scen}.valid") is False:  # met, in a run loadgen rejects (often: too short)
@@ -397,14 +449,17 @@ def _scenario_problems(r: pd.Series, run: Run) -> list[dict[str, Any]]:
 
 
 def invalid_measurements(run: Run) -> list[dict[str, Any]]:
-    """Measurements that missed a latency limit or are not valid runs by loadgen's rules, one entry per
-    distinct (scenario, problem, reason) with the trials that share it."""
+    """Measurements that missed a latency limit, the quality limits, or are not valid runs by loadgen's rules,
+    one entry per distinct (scenario, problem, reason) with the trials that share it."""
     groups: dict[tuple[str, str, str], list[int]] = {}
     for _, r in run.trials[run.complete].iterrows():
         for m in _scenario_problems(r, run):
             groups.setdefault((m["scenario"], m["kind"], m["reasons"]), []).append(m["number"])
+        if r.get("quality.passed") is False:
+            groups.setdefault(("outputs", f"{r.get('quality.kind')} limits missed",
+                               str(r.get("quality.reason") or "no reason recorded")), []).append(int(r["number"]))
     out = [{"scenario": s, "kind": k, "reasons": why, "numbers": ns} for (s, k, why), ns in groups.items()]
-    return sorted(out, key=lambda d: (d["kind"] != "SLA missed", d["numbers"][0]))
+    return sorted(out, key=lambda d: (d["kind"] == "run not valid", d["numbers"][0]))
 
 
 __all__ = ["write_report", "render_report", "jinja_env", "asset", "plotly_js", "headlines", "scenario_verdict", "objective_front", "trial_table", "failures",

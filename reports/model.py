@@ -22,6 +22,12 @@ Columns of :attr:`Run.trials` (one row per trial, sorted by ``number``):
   ``sla_met`` is None (neither met nor missed); ``<scenario>.contaminated_levels`` lists every level that did
 - ``<scenario>.duration_s``, ``duplicate_of`` (a trial that reused an identical config's measurement)
 - ``delta.<prometheus name>``: the engine's /metrics change over the trial
+- ``quality.<figure>`` (studies with ``quality:``): ``kind`` (quality | drift), ``passed`` (True / False / None
+  when no limits or not judged), ``exact_match``, ``first_divergence_mean``, ``kl_mean``, ``kl_max``,
+  ``accuracy``, ``accuracy_drop``, ``reference`` (the baseline trial compared with), ``is_reference``,
+  ``changes`` (numerics-changing settings), ``reason`` (limits missed, or why it was not checked), ``status``
+  (reference | passed | failed | not checked | no limits). A trial whose
+  ``passed`` is False is infeasible: :meth:`Run.feasible` is the SLA and this, as the optimizer tells Optuna.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 PARAM = "param."
 DELTA = "delta."
+QUALITY = "quality."
+QUALITY_FIGURES = ("exact_match", "first_divergence_mean", "kl_mean", "kl_max", "accuracy_drop")
 STATES = ("complete", "failed", "rejected", "running")
 
 
@@ -147,6 +155,29 @@ class Run:
             ok &= self.sla_met(s)
         return ok
 
+    def quality_ok(self) -> pd.Series:
+        """Trials whose outputs did not fail the study's quality limits (passed, no limits, or not checked)."""
+        col = f"{QUALITY}passed"
+        if col not in self.trials:
+            return pd.Series(True, index=self.trials.index)
+        return ~self.trials[col].apply(lambda v: v is False)
+
+    def feasible(self, scenario: str) -> pd.Series:
+        """What competes for a front: complete, the SLA of ``scenario`` met, the quality limits met."""
+        return self.sla_met(scenario) & self.quality_ok()
+
+    def feasible_all(self, scenarios: list[str]) -> pd.Series:
+        return self.sla_met_all(scenarios) & self.quality_ok()
+
+    @property
+    def quality_kind(self) -> str | None:
+        """"quality", "drift" (random weights) or None when the study checked no outputs."""
+        col = f"{QUALITY}kind"
+        if col not in self.trials:
+            return None
+        kinds = [k for k in self.trials[col].tolist() if isinstance(k, str)]
+        return kinds[0] if kinds else None
+
     def baseline(self) -> pd.Series | None:
         rows = self.trials[self.trials["is_baseline"].eq(True)]
         return None if rows.empty else rows.iloc[0]
@@ -204,7 +235,7 @@ def load_run(run_dir: str | Path) -> Run:
         trials["number"] = trials["number"].astype(int)
         trials["is_baseline"] = trials["is_baseline"].eq(True)
         for c in trials.columns:
-            if c.endswith((".valid", ".sla_met")):
+            if c.endswith((".valid", ".sla_met", ".passed")):
                 # Tri-state (met / missed / not measured) as Python objects: a column of only True/False
                 # would otherwise turn into numpy bools, and `v is False` checks downstream would lie.
                 trials[c] = pd.Series([bool(v) if isinstance(v, (bool, np.bool_)) else None for v in trials[c]],
@@ -288,6 +319,21 @@ def _flatten(data: dict[str, Any], d: Path) -> dict[str, Any]:
     delta = data.get("metrics_delta") or {}
     for key, value in delta.items() if isinstance(delta, dict) else ():
         row[f"{DELTA}{key}"] = _num(value)
+    q = data.get("quality")
+    if isinstance(q, dict) and q.get("kind"):
+        row[f"{QUALITY}kind"] = str(q["kind"])
+        row[f"{QUALITY}passed"] = q.get("passed") if isinstance(q.get("passed"), bool) else None
+        for key in QUALITY_FIGURES:
+            row[f"{QUALITY}{key}"] = _num(q.get(key))
+        acc = q.get("accuracy")
+        row[f"{QUALITY}accuracy"] = _num(acc.get("rate")) if isinstance(acc, dict) else float("nan")
+        row[f"{QUALITY}reference"] = q.get("reference") if isinstance(q.get("reference"), int) else None
+        row[f"{QUALITY}is_reference"] = bool(q.get("is_reference"))
+        row[f"{QUALITY}changes"] = ", ".join(map(str, q.get("changes_numerics") or []))
+        reasons = q.get("reasons") if isinstance(q.get("reasons"), list) else []
+        row[f"{QUALITY}reason"] = "; ".join(map(str, reasons)) or (str(q["unchecked"]) if q.get("unchecked") else None)
+        row[f"{QUALITY}status"] = ("reference" if q.get("is_reference") else "not checked" if q.get("unchecked")
+                                   else {True: "passed", False: "failed"}.get(q.get("passed"), "no limits"))
     return row
 
 

@@ -1,5 +1,6 @@
 """Summarize GPU proof runs as Markdown: trials, engine start times, GPU duty cycle and use, how trials were
-packed on the GPUs, the Pareto front, best valid vs baseline.
+packed on the GPUs, the Pareto front, best valid vs baseline, and each trial's quality (or drift) verdict
+against the baseline when the study checked outputs (docs/quality.md).
 
 Usage: summarize.py STUDY_RUN_DIR [MORE_RUN_DIRS...]
 """
@@ -74,6 +75,7 @@ def summarize(run: Path) -> str:
                         "**GPUs held by two trials at once: " + "; ".join(f"#{a} and #{b} on {ids}"
                                                                         for a, b, ids in use["shared"]) + "**."))
     lines += pareto_table(summary, {t["number"]: t for t in ts})
+    lines += quality_table(ts, summary.get("quality") or {})
     # best vs baseline on the first scenario's output tok/s: a ratio only when both met the SLA, with brackets
     first_sc = next((name for t in ts for name in t.get("scenarios", {})), None)
     if first_sc and any(t.get("is_baseline") for t in ts):
@@ -109,6 +111,31 @@ def pareto_table(summary: dict, by_number: dict[int, dict]) -> list[str]:
         out.append(f"| {n} | {t.get('gpus', '–')} | {p.get('tensor_parallel', 1)} | {p.get('pipeline_parallel', 1)} "
                    f"| {p.get('data_parallel', 1)} | {p.get('quantization', '–')} | {p.get('max_concurrency', '–')} | "
                    + " | ".join(fmt(obj.get(nm), 1) for nm in names) + " |")
+    return out
+
+
+def quality_table(ts: list[dict], quality: dict) -> list[str]:
+    """Per trial: its outputs against the reference's (exact match, first divergence, KL, tasks) and the verdict."""
+    judged = [t for t in ts if t.get("state") == "complete" and (t.get("quality") or {}).get("kind")]
+    if not judged:
+        return []
+    kind = judged[0]["quality"]["kind"]
+    limits = ", ".join(f"{k} {v:g}" for k, v in (quality.get("limits") or {}).items()) or "none"
+    out = ["", f"{kind.capitalize()} against the baseline (limits: {limits}):", "",
+           "| # | changes numerics | exact match | 1st divergence | mean KL | max KL | tasks (95% CI) | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+    for t in judged:
+        q = t["quality"]
+        acc = q.get("accuracy")
+        tasks = f"{acc['rate']:.0%} ({acc['ci95'][0]:.0%}–{acc['ci95'][1]:.0%})" if acc else "–"
+        verdict = ("reference" if q.get("is_reference") else f"not checked: {q['unchecked']}" if q.get("unchecked")
+                   else {True: "passed", False: "**failed**: " + "; ".join(q.get("reasons") or [])}.get(q.get("passed"),
+                                                                                                  "no limits"))
+        kl = "–" if q.get("kl_mean") is None else f"{q['kl_mean']:.4g}"
+        klmax = "–" if q.get("kl_max") is None else f"{q['kl_max']:.4g}"
+        em = "–" if q.get("exact_match") is None else f"{q['exact_match']:.1%}"
+        out.append(f"| {t['number']} | {', '.join(q.get('changes_numerics') or []) or '–'} | {em} "
+                   f"| {fmt(q.get('first_divergence_mean'), 1)} | {kl} | {klmax} | {tasks} | {verdict.replace('|', '/')} |")
     return out
 
 

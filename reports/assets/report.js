@@ -373,6 +373,20 @@
     if (d.scenarios.length) {
       body.appendChild(el("p", {class: "hint", text: "Roofline: " + d.roofline_note + "."}));
     }
+    if (d.quality) {
+      var q = d.quality;
+      body.appendChild(el("h3", null, q.title + " ",
+        q.reference !== null && !q.is_reference ? el("span", {class: "hint", text: "trial #" + q.reference}) : null));
+      body.appendChild(el("div", {class: "verdict"}, "verdict ",
+        el("span", {class: q.status === "passed" ? "ok" : (q.status === "failed" || q.status === "not checked") ? "bad" : "", text: q.status}),
+        q.reason ? " (" + q.reason + ")" : ""));
+      body.appendChild(el("div", {class: "metrics"}, q.figures.map(function (f) { return kv(f.name, f.value); })));
+      if (q.examples.length) {
+        body.appendChild(plainTable("drill-quality", "trial-" + d.number + "-quality",
+          ["prompt", "baseline", "this trial", "differs at token"],
+          q.examples.map(function (x) { return [x.prompt, x.baseline, x.trial, String(x.at)]; })));
+      }
+    }
     if (d.figures && d.figures.load) {
       body.appendChild(el("h3", {text: "Across load levels"}));
       var lf = el("div", {class: "figure", id: "drill-load"});

@@ -13,6 +13,11 @@ Token accounting: a list of ints counts one token per id. A string prompt is tok
 token-id prompts of the same tokens are the same to the sim, prefix cache included); otherwise it counts one
 token per whitespace-separated word (chat: the words of all message contents, no template overhead).
 Generated text is filler words, one word per token, deterministic in the token position.
+
+A completion that asks for ``logprobs`` (a quality evaluation, not load) is answered greedily by
+:mod:`.logits`: tokens and top-K logprobs that are a seeded function of the prompt, with a drift per lossy
+setting (``--drift-weights`` for weight quantization, ``--drift-kv-cache`` for an fp8 KV cache).
+Speculative decoding is lossless and adds none, unless ``--fault-lossy-speculation`` emulates a broken one.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from aiohttp import HttpVersion11, web
 
 from servetune.optimizer.hardware import GIB, get_gpu
 from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.engines.sim import logits as sim_logits
 from servetune.optimizer.engines.sim.scheduler import (FINISHED, KV_DTYPES, QUANTIZATIONS, SPEC_METHODS, Scheduler,
                                                        SimConfig, SimConfigError, SimRequest, SimStartupError,
                                                        memory_plan)
@@ -225,6 +231,7 @@ class SimServer:
         self._tokenizer = _load_tokenizer(args.model)
         self._rng = random.Random(cfg.seed)
         self._outputs: set[_Output] = set()
+        self.drift = eval_drift(args, cfg)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.add_routes([
             web.get("/health", self.health),
@@ -393,6 +400,7 @@ class SimServer:
                 max_tokens = body.get("max_tokens", 16)
             if body.get("n", 1) != 1:
                 raise _BadRequest("the sim engine supports n=1 only")
+            top_k = self._logprobs_asked(body, chat)
             if prompt_len < 1:
                 raise _BadRequest("The decoder prompt cannot be empty")
             if max_tokens is None:
@@ -409,7 +417,10 @@ class SimServer:
 
         rid = next(self._ids)
         stop_at = None
-        if not body.get("ignore_eos", False):
+        scored = None
+        if top_k is not None:  # an evaluation: greedy tokens and logprobs, all max_tokens of them
+            scored = sim_logits.greedy(" ".join(map(str, tokens)), max_tokens, top_k, self.drift)
+        elif not body.get("ignore_eos", False):
             natural = int(self._rng.expovariate(1.0 / NATURAL_LENGTH_MEAN)) + 1
             stop_at = natural if natural < max_tokens else None
         stream = bool(body.get("stream", False))
@@ -441,15 +452,39 @@ class SimServer:
                 return resp
             replica.submit(req)
             await out.finished
-            return self._json_response(req, chat)
+            return self._json_response(req, chat, scored)
         finally:
             self._outputs.discard(out)
             if req.state != FINISHED:
                 replica.sched.abort(req)  # the client left or the server is stopping: free its KV
 
-    def _json_response(self, req: SimRequest, chat: bool) -> web.Response:
+    @staticmethod
+    def _logprobs_asked(body: dict, chat: bool) -> int | None:
+        """The top-K a completion asks for (OpenAI ``logprobs``), or None; what the sim cannot answer is a 400."""
+        if chat:
+            if body.get("logprobs"):
+                raise _BadRequest("the sim engine answers logprobs on /v1/completions only")
+            return None
+        k = body.get("logprobs")
+        if k is None:
+            return None
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+            raise _BadRequest(f"logprobs must be an integer from 0 to 20, got {k!r}")
+        if body.get("stream") or body.get("echo"):
+            raise _BadRequest("the sim engine answers logprobs without stream and echo only")
+        return k
+
+    def _json_response(self, req: SimRequest, chat: bool, scored: sim_logits.Completion | None = None) -> web.Response:
         created = int(time.time())
         text = _text(0, req.output)
+        logprobs = None
+        if scored is not None and req.output == len(scored.tokens):
+            text = scored.text
+            offsets = [0]
+            for t in scored.tokens[:-1]:
+                offsets.append(offsets[-1] + len(t))
+            logprobs = {"text_offset": offsets[:len(scored.tokens)], "token_logprobs": scored.token_logprobs,
+                        "tokens": scored.tokens, "top_logprobs": scored.top_logprobs}
         usage = {"prompt_tokens": req.prompt_len, "total_tokens": req.prompt_len + req.output,
                  "completion_tokens": req.output}
         reason = req.finish_reason if req.finish_reason in ("stop", "length") else "abort"
@@ -459,7 +494,7 @@ class SimServer:
             body = {"id": f"chatcmpl-{req.rid}", "object": "chat.completion", "created": created,
                     "model": self.served_name, "choices": [choice], "usage": usage}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": None}
             body = {"id": f"cmpl-{req.rid}", "object": "text_completion", "created": created,
                     "model": self.served_name, "choices": [choice], "usage": usage}
         return web.json_response(body)
@@ -493,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7, ngram 0.3)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="no CUDA graphs: higher per-step overhead")
+    p.add_argument("--drift-weights", type=float, default=0.3,
+                   help="evaluation (logprobs) requests: logit noise of a quantized model (--quantization not none)")
+    p.add_argument("--drift-kv-cache", type=float, default=0.1,
+                   help="evaluation requests: logit noise of an fp8 KV cache")
+    p.add_argument("--fault-lossy-speculation", type=float, default=0.0,
+                   help="evaluation requests: logit noise while speculating (a fault: speculative decoding is "
+                        "lossless, so the default is 0)")
     p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
     p.add_argument("--emulate-jit", action="store_true",
                    help="compile a kernel (and log vLLM's JIT warning) the first time a step's token count falls "
@@ -501,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def eval_drift(args: argparse.Namespace, cfg: SimConfig) -> dict[str, float]:
+    """The logit noise of each lossy setting this launch has (see :mod:`.logits`); lossless ones add none."""
+    return {"weights": args.drift_weights if cfg.quantization != "none" else 0.0,
+            "kv_cache": args.drift_kv_cache if cfg.kv_cache_dtype.startswith("fp8") else 0.0,
+            "speculation": args.fault_lossy_speculation if cfg.spec_enabled else 0.0}
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
