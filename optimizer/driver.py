@@ -218,6 +218,7 @@ class StudyDriver:
             from servetune.optimizer.process import reap_orphan
 
             reap_orphan(self.trial_dir(ft.number) / "engine.pid")
+            self._mask_secrets(ft.number)  # the dead driver's trial never reached its own masking
             finished = self._finished_on_disk(ft.number) if running else None
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
@@ -241,6 +242,13 @@ class StudyDriver:
         study._storage.set_trial_user_attr(trial_id, STALE, True)
         study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         self._mark_stale_file(number, reason)
+
+    def _mask_secrets(self, number: int) -> None:
+        from servetune.optimizer import secret_refs
+        from servetune.optimizer.lifecycle import redact_files
+
+        texts = [x for e in self.spec.engines for x in (*e.env.values(), *e.extra_args)]
+        redact_files(self.trial_dir(number), secret_refs.referenced(texts))
 
     def _finished_on_disk(self, number: int) -> TrialResult | None:
         try:

@@ -22,6 +22,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
+
 ENGINES = ("sim", "vllm", "sglang")
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
@@ -51,8 +53,6 @@ _PARAM_MIN: dict[str, float] = {
 _GPU_PARAMS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
 _OFF = (None, "none", False, "off", 0)  # a `requires:` parent with one of these is off (as in space.py)
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-_SECRET_PARTS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
-_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def _parameters() -> dict[str, Any]:
@@ -196,7 +196,7 @@ class EngineSpec(_Strict):
             if isinstance(val, (int, float)):
                 val = str(val)  # VAR: 1 means "1"
             out[k] = val
-            if isinstance(k, str) and isinstance(val, str) and _looks_secret(k, val):
+            if isinstance(k, str) and isinstance(val, str) and is_literal_secret(k, val):
                 errs.append(((k,), f"{k} looks like a secret written into the study file; write "
                                    f"{k}: \"${{{k}}}\" and export {k} in the shell that runs servetune "
                                    "(the value is read from there at launch and never stored)"))
@@ -204,14 +204,19 @@ class EngineSpec(_Strict):
             _fail("env", errs)
         return out
 
-
-def _looks_secret(key: str, value: str) -> bool:
-    parts = {p for p in re.split(r"[^A-Za-z0-9]+", key.upper()) if p}
-    if not parts & _SECRET_PARTS or parts & {"FILE", "PATH", "DIR"}:
-        return False
-    if not value.strip() or _ENV_REF.search(value):
-        return False
-    return not value.startswith(("/", "./", "../", "~/"))  # a path to a key file is not the key
+    @field_validator("extra_args")
+    @classmethod
+    def _no_literal_secret_flags(cls, v: list[str]) -> list[str]:
+        # both spellings: `--api-key sk-...` and `--api-key=sk-...`
+        errs = []
+        for k, flag in literal_flag_secrets(v):
+            name = ref_name(flag)
+            errs.append(((k,), f"{flag} is given a secret written into the study file; write {flag} "
+                               f"\"${{{name}}}\" and export {name} in the shell that runs servetune (the value "
+                               "is read from there at launch and never stored)"))
+        if errs:
+            _fail("extra_args", errs)
+        return v
 
 
 Domain = Union[list[Any], dict[str, Any], int, float, str, bool, None]
