@@ -71,7 +71,12 @@ def read_study(run_dir: Path) -> dict[str, Any]:
     p = Path(run_dir) / "study.yaml"
     if not p.is_file():
         raise ExportError(f"{run_dir}: no study.yaml (is this a servetune run directory?)")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    from servetune.optimizer import study_yaml
+
+    try:  # within the study file's bounds: a run directory may come from anyone
+        data = study_yaml.load(study_yaml.read_text(p)) or {}
+    except yaml.YAMLError as e:
+        raise ExportError(f"{p}: {e}") from None
     if not isinstance(data, dict):
         raise ExportError(f"{p}: not a study file")
     return data
