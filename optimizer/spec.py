@@ -22,7 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from servetune.optimizer import study_yaml
+from servetune.optimizer import safe_read, study_yaml
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 
 ENGINES = ("sim", "vllm", "sglang")
@@ -167,6 +167,14 @@ class ModelSpec(_Strict):
             if not (p / "config.json").is_file():
                 _fail("model", [(("path",), f"{self.path!r} has no config.json{where}; point model.path at the "
                                             "checkpoint directory (the one holding config.json)")])
+            from servetune.optimizer.model_shapes import config_problem, load_shape
+
+            try:  # the shape the pre-launch rules and the sim compute with: a hostile config.json fails here
+                why = config_problem(load_shape(path=str(p)))
+            except ValueError as e:
+                why = str(e).replace(str(p / "config.json"), "config.json")
+            if why:
+                _fail("model", [(("path",), f"{self.path!r}: {why}")])
         return self
 
 
@@ -295,6 +303,8 @@ class DatasetSpec(_Strict):
                 problem = f"no such file {self.path!r}{where}"
             elif p.is_dir():
                 problem = f"{self.path!r} is a directory; give the dataset file"
+            elif safe_read.regular_file_problem(p):  # a FIFO would block the read below; a device never ends
+                problem = f"{self.path!r} {safe_read.regular_file_problem(p)}; give the dataset file"
             else:
                 try:
                     with open(p, "rb") as f:
@@ -621,6 +631,22 @@ class StudySpec(_Strict):
         if v is not None and "://" not in v:
             raise ValueError(f"{v!r} is not a storage URL; e.g. sqlite:///runs/study.db or "
                              "postgresql://user@host/db (leave storage out for the default)")
+        if v is not None:
+            why = _storage_problem(v)
+            if why:
+                raise ValueError(why)
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _dir(cls, v: str | None) -> str | None:
+        if v is not None:
+            long = [part for part in Path(os.path.expanduser(v)).parts if len(part.encode()) > 255]
+            if long:
+                raise ValueError(f"the directory name {_describe(long[0])} is {len(long[0].encode())} bytes; a "
+                                 "file system takes at most 255")
+            if len(v.encode()) > 3000:
+                raise ValueError(f"the path is {len(v.encode())} bytes; give one of at most 3000")
         return v
 
     @model_validator(mode="after")
@@ -695,6 +721,29 @@ class StudySpec(_Strict):
         return str((Path(self.source).resolve().parent / p))
 
 
+def _storage_problem(url: str) -> str | None:
+    """Why Optuna cannot open this storage URL here (an unknown database, a driver not installed), or None."""
+    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = _describe(url.split("@")[-1] if "@" in url else url)  # never echo a password
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        return (f"Optuna keeps a study in a SQL database (sqlite, postgresql, mysql); {scheme!r} is not one "
+                f"(got {shown})")
+    except (ArgumentError, ValueError):
+        return f"not a database URL (got {shown}); e.g. sqlite:///runs/study.db or postgresql://user@host/db"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return (f"the {parsed.drivername} driver is not installed ({getattr(e, 'name', None) or e}); install "
+                "it, or leave storage out for the default SQLite file")
+    return None
+
+
 # -- search domains ----------------------------------------------------------------------------------------
 
 def _values(dom: Any) -> list[Any]:
@@ -731,6 +780,10 @@ def _check_value(key: str, x: Any, ptype: str | None) -> str | None:
         return None
     if not isinstance(x, (int, float)) or isinstance(x, bool):
         return None
+    if isinstance(x, float) and not math.isfinite(x):
+        return f"{key} takes finite numbers, got {_describe(x)}"
+    if abs(x) > MAX_PARAM_INT:
+        return f"{key} must be at most {MAX_PARAM_INT:,} (engines read it as a 32-bit number), got {_describe(x)}"
     lo = _PARAM_MIN.get(key)
     if lo is not None and x < lo:
         return f"{key} must be at least {_num(float(lo))}, got {_describe(x)}"

@@ -13,11 +13,11 @@ change), with the 1-based line and a sentence that says the bound.
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from servetune.optimizer import safe_read
 
 MAX_BYTES = 1024 * 1024  # a study is a few kB; a megabyte is far beyond any real one
 MAX_DEPTH = 64  # a study nests 6 levels deep at most
@@ -45,57 +45,22 @@ def char_name(c: str) -> str:
 
 def read_text(path: str | os.PathLike, what: str = "study file", max_bytes: int = MAX_BYTES) -> str:
     """The file's text: a regular file of at most ``max_bytes``, UTF-8. Raises :class:`StudyFileError` (line 1,
-    where ``(file)``) for anything else; FileNotFoundError/IsADirectoryError are reported the same way."""
+    where ``(file)``, or the line of a byte that is not UTF-8) for anything else."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked on the open descriptor
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        data = safe_read.read_bytes(path, max_bytes, what)
     except FileNotFoundError:
         raise StudyFileError(1, "(file)", "no such file") from None
     except IsADirectoryError:
         raise StudyFileError(1, "(file)", f"is a directory; give the {what}") from None
+    except safe_read.NotReadable as e:
+        raise StudyFileError(1, "(file)", str(e)) from None
     except OSError as e:
         raise StudyFileError(1, "(file)", f"cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise StudyFileError(1, "(file)", f"is a directory; give the {what}")
-        if not stat.S_ISREG(st.st_mode):
-            raise StudyFileError(1, "(file)", f"is {file_kind(st.st_mode)}, not a regular file; give the {what}")
-        if st.st_size > max_bytes:
-            raise StudyFileError(1, "(file)", f"is {st.st_size:,} bytes; a {what} is at most {max_bytes:,} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise StudyFileError(1, "(file)", f"cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:  # grew while we read it
-        raise StudyFileError(1, "(file)", f"is over {max_bytes:,} bytes; a {what} is at most {max_bytes:,} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise StudyFileError(line, "(file)", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    for test, words in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return words
-    return "not a regular file"
-
-
-def regular_file_problem(path: Path) -> str | None:
-    """Why ``path`` is not a regular file one may open and read without blocking (None: it is one)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # reported by the caller's own existence checks
-    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-        return None
-    return f"is {file_kind(st.st_mode)}, not a regular file"
 
 
 class BoundedLoader(yaml.SafeLoader):
