@@ -440,7 +440,7 @@ class StudyDriver:
 
         all_sim = all(e == "sim" for e in self.space.engines)
         return RayExecutor(self.spec.hardware.gpus, address=self.ray_address,
-                           declare_gpus=all_sim or self.ray_address is None)
+                           declare_gpus=all_sim or self.ray_address is None, run_dir=self.run_dir)
 
     def _loop(self, study: optuna.Study, executor, done_before: int) -> StudyOutcome:
         b = self.spec.budget

@@ -369,7 +369,8 @@ def rate_bracket(max_qps: dict[str, Any], gpus: int) -> tuple[float, float]:
 
 class ScenarioSpec(_Strict):
     kind: Literal["offline", "server", "interactive", "single_stream", "concurrency"]
-    name: str | None = Field(None, description="defaults to kind; objectives refer to it")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64,
+                             description="defaults to kind; objectives refer to it")
     qps: Rate | list[Rate] | None = Field(
         None, description="server/interactive: Poisson arrival rate; a list is a load sweep within one launch "
                           "(ascending; it stops at the first rate that misses the SLA)")
@@ -1066,9 +1067,11 @@ def _message(err: dict, loc: tuple | None = None, model: type[BaseModel] | None 
         return f"{_describe(given)} is not one of: {', '.join(choices)}{_did_you_mean(given, choices)}"
     if t == "too_short":
         return "needs at least one entry"
-    if t == "string_pattern_mismatch" and tuple(err["loc"]) == ("name",):
+    if t == "string_pattern_mismatch" and tuple(err["loc"])[-1:] == ("name",):
+        names = ("the run directory and the Optuna study" if len(err["loc"]) == 1
+                 else "the scenario's request files and report columns")
         return (f"{_describe(given)} is not a usable name: letters, digits, '.', '_' and '-' only, starting "
-                "with a letter or digit (it names the run directory and the Optuna study)")
+                f"with a letter or digit (it names {names})")
     if t == "string_too_long":
         limit = (err.get("ctx") or {}).get("max_length")
         return f"is {len(str(given))} characters long; at most {limit} (got {_describe(given)})"
@@ -1173,7 +1176,7 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
             node = loader.get_single_node()
             if node is None:
                 raise SpecError([f"{fname}:1: (top level): the file is empty"])
-            structure = _structure_errors(node) + study_yaml.control_character_errors(node)
+            structure = _structure_errors(node) + study_yaml.value_errors(node)
             if structure:
                 structure.sort(key=lambda e: e[0])
                 raise SpecError(list(dict.fromkeys(f"{fname}:{line}: {_fmt_path(p)}: {m}" for line, p, m in structure)))

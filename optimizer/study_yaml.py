@@ -22,6 +22,7 @@ from servetune.optimizer import safe_read
 MAX_BYTES = 1024 * 1024  # a study is a few kB; a megabyte is far beyond any real one
 MAX_DEPTH = 64  # a study nests 6 levels deep at most
 MAX_NODES = 100_000  # after alias expansion; a large study has a few hundred
+MAX_TEXT = 10_000  # characters in one value: paths, flags, names (one argv word may not pass 128 KiB)
 
 # Control characters that may not appear in a value, even escaped inside a double-quoted string ("\0", "\e"):
 # they end C strings (argv, environment) and corrupt logs. Tab, newline and carriage return are text.
@@ -119,15 +120,25 @@ class BoundedLoader(yaml.SafeLoader):
         self._add_to_parent(*shape)
         return node
 
+    def construct_object(self, node, deep=False):
+        # a value the constructor cannot make (`!!int abc`, an integer of 5,000 digits) is an error at its line
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as e:
+            shown = node.value if isinstance(node.value, str) else ""
+            shown = repr(shown if len(shown) <= 40 else shown[:37] + "...")
+            raise StudyFileError(node.start_mark.line + 1, "(syntax)", f"cannot read the value {shown}: "
+                                                                       f"{str(e)[:200]}") from None
+
     def _add_to_parent(self, size: int, depth: int) -> None:
         if self._open:
             self._open[-1][0] += size
             self._open[-1][1] = max(self._open[-1][1], depth)
 
 
-def control_character_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
+def value_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
     """(line, key path, message) for each text value or key holding a control character (YAML lets a
-    double-quoted string spell them as escapes)."""
+    double-quoted string spell them as escapes) or longer than ``MAX_TEXT``."""
     errs: list[tuple[int, tuple, str]] = []
     seen: set[int] = set()
     stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
@@ -141,6 +152,9 @@ def control_character_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
             if bad is not None:
                 errs.append((node.start_mark.line + 1, path, f"holds the control character {char_name(bad)}; "
                                                              "a study's values are plain text"))
+            elif len(node.value) > MAX_TEXT:
+                errs.append((node.start_mark.line + 1, path, f"a value of {len(node.value):,} characters; a "
+                                                             f"study's values are at most {MAX_TEXT:,}"))
         elif isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 kp = path + (k.value,) if isinstance(k, yaml.ScalarNode) else path

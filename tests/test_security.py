@@ -100,3 +100,13 @@ def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, ray_local, c
     for t in got.values():
         assert SECRET not in repr(t)
         assert argv_port(t["argv"]) and not listening(argv_port(t["argv"]))
+
+
+
+def test_ray_on_loopback_and_its_cleanup_after_a_killed_driver_are_covered_by_the_e2e_test():
+    """A local study's Ray listens on loopback only and a killed driver's Ray processes are ended by the next
+    start: asserted during the real CLI run of test_killed_driver_resumes_without_losing_completed_trials (one
+    Ray start serves both; a Ray start is the slowest thing a test can do here)."""
+    text = (ROOT / "tests" / "test_study_e2e.py").read_text()
+    assert "def test_killed_driver_resumes_without_losing_completed_trials" in text
+    assert "listening_sockets(" in text and "LOOPBACK_HEX" in text and "ray.json" in text
