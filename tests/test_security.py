@@ -110,3 +110,35 @@ def test_ray_on_loopback_and_its_cleanup_after_a_killed_driver_are_covered_by_th
     text = (ROOT / "tests" / "test_study_e2e.py").read_text()
     assert "def test_killed_driver_resumes_without_losing_completed_trials" in text
     assert "listening_sockets(" in text and "LOOPBACK_HEX" in text and "ray.json" in text
+
+
+def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp_path, monkeypatch):
+    """Redaction by value: `env: {HF_AUTH: "${SVC_CONF}"}` (no secret-looking name anywhere) and
+    `extra_args: [--auth-token, "${SVC_FLAG}"]`: the engine gets both values, echoes them into its log and its
+    failure line, and neither value is in engine.log, the failure reason or trial.json afterwards (one trial,
+    in-process, on the fault-injecting engine: no Ray needed)."""
+    import json
+
+    from servetune.optimizer.driver import StudyDriver
+    from servetune.optimizer.lifecycle import run_trial
+    from servetune.optimizer.spec import load_study
+
+    env_value, flag_value = "by-value-0f3e9a7c55", "flag-value-7d1b2e4a90"
+    monkeypatch.setenv("SVC_CONF", env_value)
+    monkeypatch.setenv("SVC_FLAG", flag_value)
+    study, _ = fake_study(tmp_path, name="byvalue", fake_args=["--print-env", "--fault", "crash_start",
+                                                              "--secret-in-error", "--secret-var", "HF_AUTH"],
+                          search="max_concurrency: [8]", trials=1, env=', HF_AUTH: "${SVC_CONF}"')
+    text = study.read_text()
+    assert text.count("\n    env:") == 1
+    study.write_text(text.replace("\n    env:", '\n    extra_args: [--auth-token, "${SVC_FLAG}"]\n    env:'))
+    driver = StudyDriver(load_study(str(study)))
+    plan = driver.build_plan(0, "sim", {}, False, tmp_path / "run" / "trials" / "0000")
+    result = run_trial(plan, [0])
+    log = (tmp_path / "run" / "trials" / "0000" / "engine.log").read_text()
+    record = (tmp_path / "run" / "trials" / "0000" / "trial.json").read_text()
+    assert result.state == "failed" and "token ${SVC_CONF} may not read" in result.failure["reason"]
+    assert "ENV HF_AUTH=${SVC_CONF}" in log and "'--auth-token', '${SVC_FLAG}'" in log, log[-2000:]
+    for value in (env_value, flag_value):
+        assert value not in log and value not in record and value not in json.dumps(result.to_dict())
+    assert "${SVC_FLAG}" in json.loads(record)["argv"]  # the recorded argv keeps the reference
