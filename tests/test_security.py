@@ -1,6 +1,7 @@
 """Nobody let in: no shell anywhere, loopback by default, user strings escaped, secrets never on disk."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -117,8 +118,6 @@ def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp
     `extra_args: [--auth-token, "${SVC_FLAG}"]`: the engine gets both values, echoes them into its log and its
     failure line, and neither value is in engine.log, the failure reason or trial.json afterwards (one trial,
     in-process, on the fault-injecting engine: no Ray needed)."""
-    import json
-
     from servetune.optimizer.driver import StudyDriver
     from servetune.optimizer.lifecycle import run_trial
     from servetune.optimizer.spec import load_study
@@ -142,3 +141,69 @@ def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp
     for value in (env_value, flag_value):
         assert value not in log and value not in record and value not in json.dumps(result.to_dict())
     assert "${SVC_FLAG}" in json.loads(record)["argv"]  # the recorded argv keeps the reference
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """A folder of studies to serve: the report fixture run, with a scenario named like a spreadsheet formula."""
+    from report_fixtures import write_run
+
+    root = tmp_path_factory.mktemp("served-root")
+    run = write_run(root / "team" / "study", with_db=False)
+    for p in [run / "study.yaml", *run.glob("trials/*/trial.json")]:
+        p.write_text(p.read_text().replace("server-16", FORMULA))
+    for p in run.glob("trials/*/requests_server-16.csv"):
+        p.rename(p.with_name(f"requests_{FORMULA}.csv"))
+    return root
+
+
+FORMULA = "=HYPERLINK(0)"
+
+
+def _serve(root: Path, fn):
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from servetune.reports.serve import make_app
+
+    async def go():
+        async with TestClient(TestServer(make_app(root))) as client:
+            return await fn(client)
+    return asyncio.run(go())
+
+
+def test_report_server_hides_its_root_refuses_forged_hosts_bounds_its_cache_and_guards_csv_headers(served,
+                                                                                                   monkeypatch):
+    from servetune.reports import serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "DETAILS_CACHED", 2)
+    secret_dir = str(served.resolve())
+
+    async def fn(c):
+        r = await c.get("/api/studies")
+        body = await r.text()
+        assert r.status == 200 and secret_dir not in body
+        data = json.loads(body)
+        assert data["root"] == served.name and [s["path"] for s in data["studies"]] == ["team/study"]
+        html = await (await c.get("/")).text()
+        assert secret_dir not in html and "team/study" in html
+        for url in ("/study/nope", "/api/studies/nope", "/api/studies/nope/trials/1", "/no/such/page"):
+            r = await c.get(url)
+            assert r.status == 404 and secret_dir not in await r.text(), url
+        # the Host guard: a loopback name, with an optional port, and nothing else
+        for host, status in (("localhost:8050", 200), ("127.0.0.1", 200), ("[::1]:8050", 200),
+                             ("localhost:1@evil.com", 403), ("localhost@evil.com", 403), ("evil.com:8050", 403),
+                             ("localhost:8050:1", 403), ("localhost.evil.com", 403), ("[::1]x", 403), ("", 403)):
+            r = await c.get("/api/studies/team~study", headers={"Host": host})
+            assert r.status == status, (host, r.status)
+        # the trial-detail cache: numbers of no trial are never kept, the rest at most DETAILS_CACHED
+        for n in range(1000, 1040):
+            assert (await c.get(f"/api/studies/team~study/trials/{n}")).status == 404
+        for n in (1, 2, 3, 1):
+            assert (await c.get(f"/api/studies/team~study/trials/{n}")).status == 200
+        assert list(c.server.app[serve_mod.STUDIES].entry("team~study").details) == [3, 1]  # LRU order
+        # trials.csv: the header row gets the formula guard too (a scenario named =HYPERLINK(0))
+        header = (await (await c.get("/api/studies/team~study/trials.csv")).text()).splitlines()[0]
+        assert f"'{FORMULA}." in header and not [h for h in header.split(",") if h.startswith(("=", "+", "-", "@"))]
+    _serve(served, fn)
