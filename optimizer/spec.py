@@ -1184,7 +1184,8 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
         finally:
             loader.dispose()
     except study_yaml.StudyFileError as e:
-        raise SpecError([f"{fname}:{e.line}: {e.where}: {e.message}"]) from None
+        path = study_yaml.path_of(node, e.node) if e.node is not None else None
+        raise SpecError([f"{fname}:{e.line}: {_fmt_path(path) if path else e.where}: {e.message}"]) from None
     except yaml.reader.ReaderError as e:
         e2 = study_yaml.reader_error(e, text)
         raise SpecError([f"{fname}:{e2.line}: {e2.where}: {e2.message}"]) from None

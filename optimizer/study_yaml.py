@@ -34,9 +34,10 @@ class StudyFileError(yaml.YAMLError):
     """A study file refused before validation: ``line`` (1-based), ``where`` (a key path or a category in
     parentheses) and ``message``."""
 
-    def __init__(self, line: int, where: str, message: str):
+    def __init__(self, line: int, where: str, message: str, node: yaml.Node | None = None):
         super().__init__(f"line {line}: {where}: {message}")
         self.line, self.where, self.message = line, where, message
+        self.node = node  # the value it is about, when there is one (its key path is found in the tree)
 
 
 def char_name(c: str) -> str:
@@ -125,10 +126,13 @@ class BoundedLoader(yaml.SafeLoader):
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, OverflowError) as e:
-            shown = node.value if isinstance(node.value, str) else ""
-            shown = repr(shown if len(shown) <= 40 else shown[:37] + "...")
+            text = node.value if isinstance(node.value, str) else ""
+            shown = repr(text if len(text) <= 40 else text[:37] + "...")
+            digits = sum(c.isdigit() for c in text)
+            why = (f"a number of {digits:,} digits; no number in a study is that large" if digits > 100
+                   else str(e)[:200])
             raise StudyFileError(node.start_mark.line + 1, "(syntax)", f"cannot read the value {shown}: "
-                                                                       f"{str(e)[:200]}") from None
+                                                                       f"{why}", node) from None
 
     def _add_to_parent(self, size: int, depth: int) -> None:
         if self._open:
@@ -163,6 +167,24 @@ def value_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((v, path + (i,)) for i, v in enumerate(node.value))
     return errs
+
+
+def path_of(root: yaml.Node, target: yaml.Node) -> tuple | None:
+    """The key path of ``target`` in the document (the first one, when aliases share it)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((v, path + (k.value,)) for k, v in node.value if isinstance(k, yaml.ScalarNode))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, path + (i,)) for i, v in enumerate(node.value))
+    return None
 
 
 def reader_error(e: yaml.reader.ReaderError, text: str) -> StudyFileError:
