@@ -200,7 +200,8 @@ class EngineSpec(_Strict):
     name: Literal["sim", "vllm", "sglang"]
     command: list[str] | None = Field(None, description="how to start it, e.g. ['vllm', 'serve'] or a python path")
     version: str | None = Field(None, description="engine version whose flag mapping to use")
-    extra_args: list[str] = Field(default_factory=list, description="flags passed verbatim, after the mapped ones")
+    extra_args: list[str] = Field(default_factory=list, description="flags passed after the mapped ones; a secret "
+                                  "as ${NAME} (read from the environment at launch, never recorded)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment; use ${NAME} to pass a secret by name")
     ready_timeout_s: float = Field(900.0, gt=0, le=MAX_SECONDS)
 
