@@ -6,9 +6,10 @@ is switched off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the switch it has for 
 study switches it off while it starts Ray, so all of Ray listens on 127.0.0.1 only. Joining a cluster
 (``servetune run --ray-address``) is the user's explicit choice of network and does not come here.
 
-Ray's temp dir (sessions, logs, the object store's socket) is a private directory (mode 0700) made for the run
-in the user's temp dir, not the shared, world-writable ``/tmp/ray``; it is removed when the study stops. Its
-sockets must fit an AF_UNIX path (107 bytes on Linux), so a temp dir too deep for them falls back to ``/tmp``.
+Ray's temp dir (sessions, logs, the object store's socket) lies in a private directory (mode 0700) made for the
+run in the user's temp dir, not in the shared, world-writable ``/tmp/ray``; it is removed when the study stops.
+(Ray makes its own temp dir world-writable, hence the private directory around it.) Its sockets must fit an
+AF_UNIX path (107 bytes on Linux), so a temp dir too deep for them falls back to ``/tmp``.
 
 A driver killed with ``kill -9`` cannot stop Ray: its agents stay up, ports open, for a minute or more. So the
 run directory holds ``ray.json`` while Ray runs: the session directory, the pids (with start times) of Ray's
@@ -36,8 +37,9 @@ RECORD = "ray.json"
 TOKEN_VAR = "SERVETUNE_RAY_TOKEN"  # in the environment of every process of the Ray instance a study started
 _CLUSTER_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _TEMP_PREFIX = "servetune-ray-"
-# Ray's longest socket path under its temp dir: session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
-_SOCKET_TAIL = "/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store"
+_RAY_SUBDIR = "ray"  # Ray's temp dir, inside the private one
+# Ray's longest socket path under the private dir: ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
+_SOCKET_TAIL = "/ray/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store"
 _AF_UNIX_MAX = (104 if sys.platform == "darwin" else 108) - 1
 
 
@@ -51,8 +53,8 @@ def local_init_kwargs(temp_dir: str | os.PathLike, **overrides: Any) -> dict[str
 
 
 def pick_temp_dir() -> Path:
-    """A new private directory for Ray's files, short enough for its sockets: in the user's temp dir, else
-    in /tmp."""
+    """A new private directory (mode 0700) to hold Ray's temp dir, short enough for its sockets: in the user's
+    temp dir, else in /tmp."""
     for parent in (tempfile.gettempdir(), "/tmp"):
         probe = os.path.join(parent, _TEMP_PREFIX + "xxxxxxxx") + _SOCKET_TAIL
         if len(probe.encode()) <= _AF_UNIX_MAX and os.path.isdir(parent):
@@ -106,8 +108,8 @@ def start(run_dir: str | os.PathLike | None = None, **ray_kwargs: Any) -> LocalR
                      record=Path(run_dir) / RECORD if run_dir is not None else None)
     local._write()  # before Ray starts: a driver killed during ray.init still leaves its token behind
     with _loopback_only(), _env(TOKEN_VAR, local.token):
-        ray.init(**local_init_kwargs(temp_dir, **ray_kwargs))
-    latest = temp_dir / "session_latest"  # Ray's link to the session it just made in our temp dir
+        ray.init(**local_init_kwargs(temp_dir / _RAY_SUBDIR, **ray_kwargs))
+    latest = temp_dir / _RAY_SUBDIR / "session_latest"  # Ray's link to the session it just made
     local.session_dir = os.path.realpath(latest) if latest.exists() else ""
     local.pids = [[pid, _start_ticks(pid) or 0] for pid in _processes_of({"token": local.token})]
     local._write()
