@@ -218,7 +218,7 @@ class StudyDriver:
             from servetune.optimizer.process import reap_orphan
 
             reap_orphan(self.trial_dir(ft.number) / "engine.pid")
-            self._mask_secrets(ft.number)  # the dead driver's trial never reached its own masking
+            self._mask_secrets(self.trial_dir(ft.number))  # the dead driver's trial never masked its files
             finished = self._finished_on_disk(ft.number) if running else None
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
@@ -243,12 +243,13 @@ class StudyDriver:
         study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         self._mark_stale_file(number, reason)
 
-    def _mask_secrets(self, number: int) -> None:
+    def _mask_secrets(self, trial_dir: Path) -> None:
+        """Mask referenced secret values in a trial whose worker died before the lifecycle could."""
         from servetune.optimizer import secret_refs
         from servetune.optimizer.lifecycle import redact_files
 
         texts = [x for e in self.spec.engines for x in (*e.env.values(), *e.extra_args)]
-        redact_files(self.trial_dir(number), secret_refs.referenced(texts))
+        redact_files(Path(trial_dir), secret_refs.referenced(texts))
 
     def _finished_on_disk(self, number: int) -> TrialResult | None:
         try:
@@ -525,6 +526,7 @@ class StudyDriver:
                     from servetune.optimizer.process import reap_orphan
 
                     reap_orphan(Path(plan.trial_dir) / "engine.pid")
+                    self._mask_secrets(Path(plan.trial_dir))
                     if withdrawn and ref in withdrawn:
                         self._withdraw(study, trial, plan, parked.pop(config_key(plan.engine, plan.params), []))
                         started -= 1  # not run: a resumed study runs it within the same budget
@@ -868,6 +870,7 @@ class StudyDriver:
                 try:
                     r = executor.result(ref)
                 except Exception as e:
+                    self._mask_secrets(Path(plan.trial_dir))
                     r = TrialResult(number=plan.number, engine=plan.engine, params=plan.params, state="failed",
                                     failure={"kind": "internal", "reason": f"Ray worker died: {type(e).__name__}"})
                 if r.state == "complete":

@@ -47,12 +47,12 @@ class RayExecutor:
                     kwargs["num_gpus"] = num_gpus
                 self._local = ray_local.start(run_dir, **kwargs)
         self._remote = ray.remote(_execute)
-        self._pending: dict[Any, str] = {}  # ref -> trial dir, until its result is taken
+        self._pending: dict[Any, TrialPlan] = {}  # until its result is taken
 
     def submit(self, plan: TrialPlan):
         # num_cpus=0: a trial's cost is its GPUs; the engine and load generator are processes of their own
         ref = self._remote.options(num_gpus=plan.gpus, num_cpus=0, max_retries=0).remote(plan.to_dict())
-        self._pending[ref] = plan.trial_dir
+        self._pending[ref] = plan
         return ref
 
     def wait(self, refs: list, timeout_s: float) -> list:
@@ -81,6 +81,8 @@ class RayExecutor:
         workers killed, and the engines those workers can no longer stop are reaped from their pid files."""
         from pathlib import Path
 
+        from servetune.optimizer import secret_refs
+        from servetune.optimizer.lifecycle import redact_files
         from servetune.optimizer.process import reap_orphan
 
         pending, self._pending = dict(self._pending), {}
@@ -93,8 +95,10 @@ class RayExecutor:
                 pass
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
-        for trial_dir in pending.values():
-            reap_orphan(Path(trial_dir) / "engine.pid")
+        for plan in pending.values():
+            reap_orphan(Path(plan.trial_dir) / "engine.pid")
+            # a killed worker never reached its trial's own masking of the secrets the engine echoed
+            redact_files(Path(plan.trial_dir), secret_refs.referenced([*plan.extra_env.values(), *plan.extra_args]))
         if self._local is not None:  # Ray's lingering agents ended, its temp dir and record removed
             self._local.stop()
             self._local = None
