@@ -84,7 +84,7 @@ def test_missing_file_and_directory(tmp_path: Path):
     ("", "1: (top level): the file is empty"),
     ("   \n# just a comment\n", "1: (top level): the file is empty"),
     ("just words\n", "a study is a mapping"),
-    ("name: x\ngpus: !!int abc\n", "(syntax)"),
+    ("name: x\ngpus: !!int abc\n", "s.yaml:2: gpus: cannot read the value 'abc'"),
     ("name: 'unterminated\n", "(syntax): YAML syntax error"),
     ("? [a, b]\n: 1\n", "a key must be a plain name"),
     ("name: x\nmodel: &m {preset: a, preset: b}\n", "duplicate key 'preset'"),
