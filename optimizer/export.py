@@ -635,7 +635,7 @@ def vllm_engine_kwargs(ctx: dict[str, Any]) -> dict[str, Any]:
         if a in frontend_only:
             i += 2 if takes_value else 1
             continue
-        if takes_value and secret_refs.WHOLE_REF.match(args[i + 1]):  # a secret reference: Ray has no secret interpolation
+        if takes_value and secret_refs.WHOLE_REF.match(args[i + 1]):  # a secret: Ray has no secret interpolation
             ctx["warnings"].append(f"ray-serve: {a} takes a secret; left out of engine_kwargs (set it on the cluster)")
             i += 2
             continue

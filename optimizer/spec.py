@@ -349,8 +349,8 @@ class MaxQPSSpec(_Strict):
     tolerance: float = Field(0.05, gt=0, lt=1, description="stop once the bracket is this narrow (relative)")
     max_levels: int = Field(8, ge=2, le=100, description="at most this many rates measured, lo and hi included")
     max_level_duration_s: float | None = Field(
-        None, gt=0, le=MAX_SECONDS, description="a level too short to judge (its median request longer than half the level) runs "
-        "once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
+        None, gt=0, le=MAX_SECONDS, description="a level too short to judge (its median request longer than half "
+        "the level) runs once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
     per_gpu: bool = Field(
         False, description="lo and hi are rates per GPU: a trial on G GPUs searches lo·G..hi·G (a sharding search "
         "then starts each trial near its own capacity instead of overloading one GPU with an 8-GPU bracket)")
@@ -528,18 +528,19 @@ class SamplerSpec(_Strict):
 
 
 class FidelitySpec(_Strict):
-    prescreen: int = Field(0, ge=0, le=1000, description="candidates the sampler proposes per launch; each is scored by "
-                                                "the sim estimator and only the most promising is launched "
-                                                "(0 or 1: off)")
+    prescreen: int = Field(0, ge=0, le=1000, description="candidates the sampler proposes per launch; each is "
+                                                         "scored by the sim estimator and only the most promising "
+                                                         "is launched (0 or 1: off)")
     calibrate: bool = Field(True, description="scale the estimator by factors fitted on this study's measured "
                                               "trials (least squares of log(measured/estimated))")
-    max_requests: int = Field(200, ge=10, le=MAX_REQUESTS, description="requests per estimated scenario (cost vs fidelity)")
+    max_requests: int = Field(200, ge=10, le=MAX_REQUESTS,
+                              description="requests per estimated scenario (cost vs fidelity)")
 
 
 class BudgetSpec(_Strict):
     trials: int = Field(20, ge=1, le=MAX_TRIALS)
-    wall_time_s: float | None = Field(None, gt=0, le=MAX_WALL_S, description="no trial starts after this; one still waiting for "
-                                      "GPUs then is queued again for a resumed run")
+    wall_time_s: float | None = Field(None, gt=0, le=MAX_WALL_S, description="no trial starts after this; one still "
+                                      "waiting for GPUs then is queued again for a resumed run")
     parallel: int = Field(1, ge=1, le=MAX_GPUS, description="trials running at once")
     max_failures: int | None = Field(None, ge=1, le=MAX_TRIALS, description="stop after this many failed trials")
     repeats: int = Field(0, ge=0, le=20, description="re-measure the Pareto candidates this many more times "

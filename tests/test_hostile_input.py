@@ -147,7 +147,8 @@ def cases() -> list[Case]:
         for where, repl, line, key in (("name: hostile", f'name: "host{esc}ile"', 1, "name"),
                                        ('SIM_NOTE: "plain"', f'SIM_NOTE: "pl{esc}ain"', 7, "engines[0].env"),
                                        ('"100"', f'"1{esc}00"', 6, "engines[0].extra_args[1]"),
-                                       ("output_dir: runs/hostile", f'output_dir: "runs/{esc}"', n_lines, "output_dir")):
+                                       ("output_dir: runs/hostile", f'output_dir: "runs/{esc}"', n_lines,
+                                        "output_dir")):
             out.append(_text_case("control_bytes", f"escaped {esc} in {key}", BASE.replace(where, repl, 1), line, key))
     # -- deep nesting, in flow and block style, under a key and at the top
     for depth in (65, 100, 600, 5000):
