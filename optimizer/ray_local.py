@@ -147,15 +147,19 @@ def _loopback_only():
     """Clustering off while Ray starts (its processes keep the setting from their environment); the driver's
     own setting is restored after, so that a later ``ray.init(address=...)`` in this process may still join a
     cluster. Ray is imported by then: its constant was read from the environment at import."""
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        from ray._private import ray_constants
+        before = ray_constants.ENABLE_RAY_CLUSTER
+    except (ImportError, AttributeError):  # another Ray layout: the environment alone; start() warns if not loopback
+        ray_constants, before = None, None
+    if ray_constants is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         with _env(_CLUSTER_VAR, "0"):
             yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
+        if ray_constants is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 @contextlib.contextmanager
