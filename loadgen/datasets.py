@@ -168,6 +168,8 @@ def prompt_format_of(requests: Iterable[Request]) -> str:
 def _read_records(path: str | Path) -> list[Any]:
     """A JSON array, or JSONL (one JSON value per line). Errors name the file and line."""
     p = Path(path)
+    if p.exists() and not p.is_file():  # a FIFO would block the read, a device would never end
+        raise ValueError(f"dataset {p} is not a regular file")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -180,6 +182,8 @@ def _read_records(path: str | Path) -> list[Any]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"dataset {p} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"dataset {p} nests too deeply to be a dataset") from None
         return data
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -187,6 +191,8 @@ def _read_records(path: str | Path) -> list[Any]:
             continue
         try:
             items.append(json.loads(line))
+        except RecursionError:
+            raise ValueError(f"dataset {p} line {lineno} nests too deeply to be a dataset") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"dataset {p} line {lineno} is not valid JSON: {e}") from None
     return items

@@ -24,13 +24,13 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from servetune.optimizer import secret_refs
+
 EXIT_USAGE = 2
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class UsageError(Exception):
@@ -44,10 +44,10 @@ def resolve_header(text: str, environ: dict[str, str] | None = None) -> tuple[st
     name, value = name.strip(), value.strip()
     if not sep or not name or any(c.isspace() for c in name):
         raise UsageError(f"--header must look like 'Name: value', got a header named {name!r}")
-    missing = [m for m in _ENV_REF.findall(value) if m not in env]
+    missing = [m for m in secret_refs.ENV_REF.findall(value) if m not in env]
     if missing:
         raise UsageError(f"--header {name}: environment variable(s) not set: {', '.join(missing)}")
-    return name, _ENV_REF.sub(lambda m: env[m.group(1)], value)
+    return name, secret_refs.ENV_REF.sub(lambda m: env[m.group(1)], value)
 
 
 def redacted_argv(argv: Sequence[str]) -> list[str]:

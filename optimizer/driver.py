@@ -237,6 +237,7 @@ class StudyDriver:
             from servetune.optimizer.process import reap_orphan
 
             reap_orphan(self.trial_dir(ft.number) / "engine.pid")
+            self._mask_secrets(self.trial_dir(ft.number))  # the dead driver's trial never masked its files
             finished = self._finished_on_disk(ft.number) if running else None
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
@@ -263,6 +264,14 @@ class StudyDriver:
         study._storage.set_trial_user_attr(trial_id, STALE, True)
         study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         self._mark_stale_file(number, reason)
+
+    def _mask_secrets(self, trial_dir: Path) -> None:
+        """Mask referenced secret values in a trial whose worker died before the lifecycle could."""
+        from servetune.optimizer import secret_refs
+        from servetune.optimizer.lifecycle import redact_files
+
+        texts = [x for e in self.spec.engines for x in (*e.env.values(), *e.extra_args)]
+        redact_files(Path(trial_dir), secret_refs.referenced(texts))
 
     def _finished_on_disk(self, number: int) -> TrialResult | None:
         try:
@@ -475,7 +484,7 @@ class StudyDriver:
 
         all_sim = all(e == "sim" for e in self.space.engines)
         return RayExecutor(self.spec.hardware.gpus, address=self.ray_address,
-                           declare_gpus=all_sim or self.ray_address is None)
+                           declare_gpus=all_sim or self.ray_address is None, run_dir=self.run_dir)
 
     def _loop(self, study: optuna.Study, executor, done_before: int) -> StudyOutcome:
         b = self.spec.budget
@@ -562,6 +571,7 @@ class StudyDriver:
                     from servetune.optimizer.process import reap_orphan
 
                     reap_orphan(Path(plan.trial_dir) / "engine.pid")
+                    self._mask_secrets(Path(plan.trial_dir))
                     if withdrawn and ref in withdrawn:
                         self._withdraw(study, trial, plan, parked.pop(config_key(plan.engine, plan.params), []))
                         started -= 1  # not run: a resumed study runs it within the same budget
@@ -959,6 +969,7 @@ class StudyDriver:
                 try:
                     r = executor.result(ref)
                 except Exception as e:
+                    self._mask_secrets(Path(plan.trial_dir))
                     r = TrialResult(number=plan.number, engine=plan.engine, params=plan.params, state="failed",
                                     failure={"kind": "internal", "reason": f"Ray worker died: {type(e).__name__}"})
                 if r.state == "complete":

@@ -1,6 +1,7 @@
 """Trials as Ray tasks: ``num_gpus = tp·pp·dp``, so Ray packs trials onto GPUs and never shares one.
 
-A local Ray instance by default; ``address`` joins a cluster. For the sim engine we declare the study's
+A local Ray instance by default (optimizer/ray_local.py: loopback only, a private temp dir, cleaned up after a
+killed driver); ``address`` joins a cluster. For the sim engine we declare the study's
 GPU count to Ray as real resources, so packing and GPU-id handling are exercised on a CPU machine.
 """
 from __future__ import annotations
@@ -23,30 +24,35 @@ def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class RayExecutor:
-    def __init__(self, num_gpus: int, *, address: str | None = None, declare_gpus: bool = True):
+    def __init__(self, num_gpus: int, *, address: str | None = None, declare_gpus: bool = True,
+                 run_dir: str | os.PathLike | None = None):
         import ray
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self._ray = ray
         self._owns = not ray.is_initialized()
+        self._local = None  # a local instance this executor started (loopback, private temp dir)
         if self._owns:
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR,
                                           log_to_driver=True, configure_logging=True)
             if address:
                 kwargs["address"] = address
+                ray.init(**kwargs)
             else:
+                from servetune.optimizer import ray_local
+
                 kwargs["num_cpus"] = max(2, os.cpu_count() or 2)
                 kwargs["object_store_memory"] = 128 * 1024 * 1024
                 if declare_gpus:
                     kwargs["num_gpus"] = num_gpus
-            ray.init(**kwargs)
+                self._local = ray_local.start(run_dir, **kwargs)
         self._remote = ray.remote(_execute)
-        self._pending: dict[Any, str] = {}  # ref -> trial dir, until its result is taken
+        self._pending: dict[Any, TrialPlan] = {}  # until its result is taken
 
     def submit(self, plan: TrialPlan):
         # num_cpus=0: a trial's cost is its GPUs; the engine and load generator are processes of their own
         ref = self._remote.options(num_gpus=plan.gpus, num_cpus=0, max_retries=0).remote(plan.to_dict())
-        self._pending[ref] = plan.trial_dir
+        self._pending[ref] = plan
         return ref
 
     def wait(self, refs: list, timeout_s: float) -> list:
@@ -75,6 +81,8 @@ class RayExecutor:
         workers killed, and the engines those workers can no longer stop are reaped from their pid files."""
         from pathlib import Path
 
+        from servetune.optimizer import secret_refs
+        from servetune.optimizer.lifecycle import redact_files
         from servetune.optimizer.process import reap_orphan
 
         pending, self._pending = dict(self._pending), {}
@@ -87,5 +95,10 @@ class RayExecutor:
                 pass
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
-        for trial_dir in pending.values():
-            reap_orphan(Path(trial_dir) / "engine.pid")
+        for plan in pending.values():
+            reap_orphan(Path(plan.trial_dir) / "engine.pid")
+            # a killed worker never reached its trial's own masking of the secrets the engine echoed
+            redact_files(Path(plan.trial_dir), secret_refs.referenced([*plan.extra_env.values(), *plan.extra_args]))
+        if self._local is not None:  # Ray's lingering agents ended, its temp dir and record removed
+            self._local.stop()
+            self._local = None

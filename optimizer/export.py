@@ -34,14 +34,14 @@ from typing import Any
 
 import yaml
 
+from servetune.optimizer import secret_refs
+
 FORMATS = ("vllm", "sglang", "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
 REAL_ENGINES = ("vllm", "sglang")
 DEFAULT_IMAGES = {
     "vllm": "vllm/vllm-openai:v{version}",
     "sglang": "lmsysorg/sglang:v{version}-cu129",
 }
-_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_SECRET_PARTS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
 # Headline metrics shown in the choice line, with how to print them.
 _SHOWN = [("output_tokens_per_s_per_gpu", "tok/s/GPU"), ("ttft_p99_ms", "p99 TTFT"), ("tpot_p99_ms", "p99 TPOT")]
 
@@ -71,7 +71,12 @@ def read_study(run_dir: Path) -> dict[str, Any]:
     p = Path(run_dir) / "study.yaml"
     if not p.is_file():
         raise ExportError(f"{run_dir}: no study.yaml (is this a servetune run directory?)")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    from servetune.optimizer import study_yaml
+
+    try:  # within the study file's bounds: a run directory may come from anyone
+        data = study_yaml.load(study_yaml.read_text(p)) or {}
+    except yaml.YAMLError as e:
+        raise ExportError(f"{p}: {e}") from None
     if not isinstance(data, dict):
         raise ExportError(f"{p}: not a study file")
     return data
@@ -325,22 +330,27 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
 
 
-def _secretish(name: str) -> bool:
-    parts = {p for p in re.split(r"[^A-Za-z0-9]+", name.upper()) if p}
-    return bool(parts & _SECRET_PARTS) and not parts & {"FILE", "PATH", "DIR"}
-
-
 def redact_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """Values after secret-looking flags (``--api-key X``) become ``${API_KEY}`` references.
-    Returns (args, secret names, warnings)."""
-    out, names, warns = list(args), [], []
-    for k, a in enumerate(out[:-1]):
-        if a.startswith("--") and "=" not in a and _secretish(a) and not out[k + 1].startswith("--"):
-            name = re.sub(r"[^A-Z0-9]+", "_", a.lstrip("-").upper()).strip("_")
-            if not _ENV_REF.match(out[k + 1]):
-                warns.append(f"{a} carried a literal value in the recorded argv; exported as ${{{name}}}")
-            out[k + 1] = "${" + name + "}"
-            names.append(name)
+    """Values of secret-looking flags, in both spellings (``--api-key X`` and ``--api-key=X``), become
+    ``${NAME}`` references; the ``=`` spelling is split in two words so that every format sees a whole
+    reference it can wire to a secret. Returns (args, secret names, warnings)."""
+    hits = {k: (flag, value, joined) for k, flag, value, joined in secret_refs.secret_flag_values(args)}
+    out: list[str] = []
+    names: list[str] = []
+    warns: list[str] = []
+    for k, a in enumerate(args):
+        if k not in hits:
+            out.append(a)
+            continue
+        flag, value, joined = hits[k]
+        m = secret_refs.WHOLE_REF.match(value)
+        name = m.group(1) if m else secret_refs.ref_name(flag)
+        if not m:
+            warns.append(f"{flag} carried a literal value in the recorded argv; exported as ${{{name}}}")
+        if joined:
+            out.append(flag)  # (the two-word spelling's flag is already in out)
+        out.append("${" + name + "}")
+        names.append(name)
     return out, names, warns
 
 
@@ -506,12 +516,12 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
     secret_env: list[str] = []
     for k, v in (espec.get("env") or {}).items():
         v = "" if v is None else str(v)
-        m = _ENV_REF.match(v.strip())
+        m = secret_refs.WHOLE_REF.match(v.strip())
         if m:
             secret_env.append(k)
             if m.group(1) != k:
                 warnings.append(f"env {k} references ${{{m.group(1)}}}; exported as a secret reference named {k}")
-        elif _secretish(k) and v and not v.startswith(("/", "./", "../", "~/")):
+        elif secret_refs.is_literal_secret(k, v):
             secret_env.append(k)
             warnings.append(f"env {k} has a literal value in the study; exported as a secret reference, not the value")
         elif "${" in v:
@@ -592,7 +602,7 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
 
 def _shq(x: str) -> str:
     """Shell quoting that leaves a whole ``${NAME}`` reference expandable."""
-    return f'"{x}"' if _ENV_REF.match(x) else shlex.quote(x)
+    return f'"{x}"' if secret_refs.WHOLE_REF.match(x) else shlex.quote(x)
 
 
 def _group(argv: list[str], nbase: int) -> list[list[str]]:
@@ -674,7 +684,7 @@ def vllm_engine_kwargs(ctx: dict[str, Any]) -> dict[str, Any]:
         if a in frontend_only:
             i += 2 if takes_value else 1
             continue
-        if takes_value and _ENV_REF.match(args[i + 1]):  # a secret reference: Ray has no secret interpolation
+        if takes_value and secret_refs.WHOLE_REF.match(args[i + 1]):  # a secret: Ray has no secret interpolation
             ctx["warnings"].append(f"ray-serve: {a} takes a secret; left out of engine_kwargs (set it on the cluster)")
             i += 2
             continue
@@ -726,9 +736,9 @@ def _env():
     env.filters["yq"] = _yaml_scalar  # a YAML scalar, always quoted where it could be misread
     env.filters["tojson_"] = lambda x: json.dumps(x, indent=2, default=str, ensure_ascii=False)
     env.filters["compose_escape"] = lambda s: str(s).replace("$", "$$")
-    env.filters["secret_name"] = lambda s: _ENV_REF.match(str(s)).group(1)
+    env.filters["secret_name"] = lambda s: secret_refs.WHOLE_REF.match(str(s)).group(1)
     env.filters["toyaml"] = lambda x: yaml.safe_dump(x, sort_keys=False, default_flow_style=False).rstrip()
-    env.tests["secret_ref"] = lambda s: bool(_ENV_REF.match(str(s)))
+    env.tests["secret_ref"] = lambda s: bool(secret_refs.WHOLE_REF.match(str(s)))
     return env
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from servetune.loadgen.audit import contaminated
-from servetune.optimizer import process
+from servetune.optimizer import process, secret_refs
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import Failure, FailureKind
 from servetune.optimizer.records import TrialPlan, TrialResult, write_json_atomic
@@ -99,7 +99,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
             if not plan.fake_gpus and not process.wait_gpus_free(gpu_ids, timeout_s=GPU_FREE_TIMEOUT_S):
                 process.append_log(ep.log_path, f"servetune: GPUs {gpu_ids} still held memory "
                                    f"{GPU_FREE_TIMEOUT_S:.0f} s after the engine stopped")
-        _redact_trial(result, trial_dir, plan.extra_env)
+        _redact_trial(result, trial_dir, plan)
         result.wall_s = round(time.monotonic() - t_start, 3)
         write_json_atomic(trial_dir / "trial.json", result.to_dict())
 
@@ -322,35 +322,30 @@ def _fail(result: TrialResult, failure: Failure) -> TrialResult:
     return result
 
 
-def _redact_trial(result: TrialResult, trial_dir: Path, env: dict[str, str]) -> None:
+def _redact_trial(result: TrialResult, trial_dir: Path, plan: TrialPlan) -> None:
     """Secret values an engine echoed never stay on disk: not in its log, the request records (error bodies)
-    or the failure reason quoted from its log."""
-    from servetune.optimizer.process import redact, resolve_env
-
-    secrets = resolve_env(env)
-    if not any(secrets.values()):
-        return
+    or the failure reason quoted from its log. Every value a ``${NAME}`` reference of the engine's env or
+    extra_args brought in is masked, whatever the name of the key or flag that carried it."""
+    values = secret_refs.referenced([*plan.extra_env.values(), *plan.extra_args])
     if result.failure and result.failure.get("reason"):
-        result.failure = {**result.failure, "reason": redact(result.failure["reason"], secrets)}
-    for path in [trial_dir / "engine.log", *sorted(trial_dir.glob("requests_*.csv"))]:
-        _redact_log(path, env)
+        result.failure = {**result.failure, "reason": secret_refs.mask(result.failure["reason"], values)}
+    redact_files(trial_dir, values)
 
 
-def _redact_log(path: Path, env: dict[str, str]) -> None:
-    from servetune.optimizer.process import redact, resolve_env
-
-    secrets = resolve_env(env)
-    if not any(secrets.values()):
+def redact_files(trial_dir: Path, values: dict[str, str]) -> None:
+    """Mask the values in the files a trial writes text to (also run on a trial a killed driver left)."""
+    if not any(values.values()):
         return
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        cleaned = redact(text, secrets)
-        if cleaned != text:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(cleaned, encoding="utf-8")
-            os.replace(tmp, path)
-    except OSError:
-        pass
+    for path in [trial_dir / "engine.log", *sorted(trial_dir.glob("requests_*.csv"))]:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            cleaned = secret_refs.mask(text, values)
+            if cleaned != text:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(cleaned, encoding="utf-8")
+                os.replace(tmp, path)
+        except OSError:
+            pass
 
 
 def _write_records_atomic(write_records, records, path: Path) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from servetune.optimizer import safe_read
+
+CONFIG_MAX_BYTES = 16 * 1024 * 1024
 
 # Real values from the models' published config.json files (architecture fields only).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,8 +83,10 @@ def load_shape(preset: str | None = None, path: str | None = None) -> dict[str, 
         cfg_file = p / "config.json" if p.is_dir() else p
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json at {str(path)!r}")
-        with open(cfg_file, encoding="utf-8") as f:
-            cfg = json.load(f)
+        try:  # a checkpoint's config.json is a few kB; a FIFO or a device here must not hang or fill memory
+            cfg = safe_read.read_json(cfg_file, CONFIG_MAX_BYTES, "config.json")
+        except safe_read.NotReadable as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{cfg_file}: config.json is not a JSON object")
         # Multimodal checkpoints keep the language model's shape under text_config.
@@ -97,6 +102,37 @@ def load_shape(preset: str | None = None, path: str | None = None) -> dict[str, 
         raise ValueError(f"unknown model preset {preset!r}{_did_you_mean(key, list(PRESETS))}; "
                          f"known: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[key])
+
+
+# The counts a shape is computed from, with the largest value each may take.
+_COUNT_MAX = {"hidden_size": 2**20, "num_attention_heads": 2**16, "num_hidden_layers": 10_000,
+              "intermediate_size": 2**24, "moe_intermediate_size": 2**24, "vocab_size": 10**8,
+              "num_key_value_heads": 2**16, "head_dim": 2**16, "max_position_embeddings": 2**31 - 1,
+              "num_local_experts": 100_000, "num_experts": 100_000, "num_experts_per_tok": 100_000}
+
+
+def config_problem(cfg: dict[str, Any]) -> str | None:
+    """The first count config.json gives that is no whole number in its range (a missing one is no problem:
+    the rules that need it then do not judge)."""
+    for key, most in _COUNT_MAX.items():
+        if cfg.get(key) is not None:
+            try:
+                _count(cfg, key, most)
+            except ValueError as e:
+                return str(e)
+    return None
+
+
+def _count(cfg: dict[str, Any], key: str, most: int, default: int | None = None) -> int:
+    """A size or count from config.json: a whole number from 1 to ``most`` (``default`` when absent)."""
+    v = cfg.get(key)
+    if v is None and default is not None:
+        return default
+    whole = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
+    if isinstance(v, bool) or not whole or not 1 <= v <= most:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise ValueError(f"config.json: {key} must be a whole number from 1 to {most:,}, got {shown}")
+    return int(v)
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -132,28 +168,37 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str | None = None) -> "ModelShape":
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
-            inter = int(_first(cfg, "moe_intermediate_size", "intermediate_size"))
-            vocab = int(cfg["vocab_size"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"config.json lacks a required field: {e}") from None
-        experts = int(_first(cfg, "num_local_experts", "num_experts", default=1) or 1)
+        """The shape of a config.json; ValueError naming the field for a missing field or a count that is not
+        a whole number in its range (``num_hidden_layers: 1e400``, 0 heads)."""
+        missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+                   if cfg.get(k) is None]
+        if _first(cfg, "moe_intermediate_size", "intermediate_size") is None:
+            missing.append("intermediate_size")
+        if missing:
+            raise ValueError(f"config.json lacks a required field: {', '.join(missing)}")
+        m = _COUNT_MAX
+        hidden = _count(cfg, "hidden_size", m["hidden_size"])
+        heads = _count(cfg, "num_attention_heads", m["num_attention_heads"])
+        layers = _count(cfg, "num_hidden_layers", m["num_hidden_layers"])
+        inter_key = "moe_intermediate_size" if cfg.get("moe_intermediate_size") is not None else "intermediate_size"
+        inter = _count(cfg, inter_key, m[inter_key])
+        vocab = _count(cfg, "vocab_size", m["vocab_size"])
+        experts_key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
+        experts = _count(cfg, experts_key, m[experts_key], default=1)
         return cls(
             name=name or str(_first(cfg, "_name_or_path", "model_type", default="model")),
             hidden_size=hidden,
             intermediate_size=inter,
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(_first(cfg, "num_key_value_heads", default=heads)),
-            head_dim=int(_first(cfg, "head_dim", default=hidden // heads)),
+            num_kv_heads=_count(cfg, "num_key_value_heads", heads, default=heads),
+            head_dim=_count(cfg, "head_dim", m["head_dim"], default=max(1, hidden // heads)),
             vocab_size=vocab,
-            max_position_embeddings=int(_first(cfg, "max_position_embeddings", default=4096)),
+            max_position_embeddings=_count(cfg, "max_position_embeddings", m["max_position_embeddings"],
+                                           default=4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             num_experts=experts,
-            experts_per_token=int(_first(cfg, "num_experts_per_tok", default=1)) if experts > 1 else 1,
+            experts_per_token=_count(cfg, "num_experts_per_tok", experts, default=1) if experts > 1 else 1,
             dtype=str(_first(cfg, "torch_dtype", "dtype", default="bfloat16")),
         )
 

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from servetune.optimizer import secret_refs
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,15 +29,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def resolve_env(env: dict[str, str]) -> dict[str, str]:
     """Expand ``${NAME}`` from our own environment at launch time; secrets never sit in plans or files."""
-    return {k: _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), v) for k, v in env.items()}
-
-
-def redact(text: str, env: dict[str, str]) -> str:
-    """Hide values of secret-looking variables that a process might echo into its log."""
-    for k, v in env.items():
-        if v and len(v) >= 6 and re.search(r"TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL", k, re.I):
-            text = text.replace(v, f"${{{k}}}")
-    return text
+    return {k: secret_refs.expand(v) for k, v in env.items()}
 
 
 @dataclass
@@ -70,9 +62,11 @@ def start(argv: list[str], env: dict[str, str], log_path: Path, url: str, cwd: s
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ)
     full_env.update(resolve_env(env))
+    # `--api-key ${API_KEY}` in extra_args: the value is read now; the recorded argv keeps the reference
+    real_argv = [secret_refs.expand(a) for a in argv]
     log = open(log_path, "ab", buffering=0)
     try:
-        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(real_argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=cwd)
     finally:
         log.close()

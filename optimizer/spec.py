@@ -15,12 +15,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from servetune.optimizer import safe_read, study_yaml
+from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 
 ENGINES = ("sim", "vllm", "sglang")
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
@@ -51,8 +54,23 @@ _PARAM_MIN: dict[str, float] = {
 _GPU_PARAMS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
 _OFF = (None, "none", False, "off", 0)  # a `requires:` parent with one of these is off (as in space.py)
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-_SECRET_PARTS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
-_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+# Sane ranges for the numbers a study gives: a value outside one would fail a launch, never end or exhaust
+# memory (`qps: .inf`, `num_requests: 1000000000000`). Every number is also finite and of its own type
+# (`trials: true` is not 1).
+MAX_QPS = 100_000  # requests per second, far beyond one server
+MAX_CONCURRENCY = 100_000
+MAX_TOKENS = 1_048_576  # tokens per prompt or output (a 1M-token context)
+MAX_REQUESTS = 1_000_000
+MAX_SECONDS = 86_400  # one day for a scenario, a level, a server start
+MAX_WALL_S = 30 * 86_400
+MAX_GPUS = 1024
+MAX_SEED = 2**32 - 1  # Optuna's and numpy's seeds are 32-bit
+MAX_PARAM_INT = 2**31 - 1  # engines read integer flags as 32-bit
+MAX_NAME = 100  # the study name names a directory and the Optuna study
+MAX_TRIALS = 100_000
+Rate = Annotated[float, Field(gt=0, le=MAX_QPS)]
+Level = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
 
 
 def _parameters() -> dict[str, Any]:
@@ -100,6 +118,8 @@ def _describe(v: Any) -> str:
         return "a list"
     if isinstance(v, dict):
         return "a mapping"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ".nan" if v != v else (".inf" if v > 0 else "-.inf")  # as YAML spells them
     if isinstance(v, (datetime.date, datetime.datetime)):
         return f"a date ({v.isoformat()}; quote it if you mean the text)"
     r = repr(v)
@@ -117,7 +137,8 @@ def _base_dir(info: ValidationInfo) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # strict: a number is a number (not true, not the text '5'); allow_inf_nan: .nan and .inf are no numbers
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -146,14 +167,22 @@ class ModelSpec(_Strict):
             if not (p / "config.json").is_file():
                 _fail("model", [(("path",), f"{self.path!r} has no config.json{where}; point model.path at the "
                                             "checkpoint directory (the one holding config.json)")])
+            from servetune.optimizer.model_shapes import config_problem, load_shape
+
+            try:  # the shape the pre-launch rules and the sim compute with: a hostile config.json fails here
+                why = config_problem(load_shape(path=str(p)))
+            except ValueError as e:
+                why = str(e).replace(str(p / "config.json"), "config.json")
+            if why:
+                _fail("model", [(("path",), f"{self.path!r}: {why}")])
         return self
 
 
 class HardwareSpec(_Strict):
     gpu: str = Field("h100", description="GPU kind: h100, h200, a100, l40s, ... (sim timing and memory rules)")
-    gpus: int = Field(1, ge=1, le=1024, description="GPUs the study may use on this host or cluster")
-    max_gpus_per_trial: int | None = Field(None, ge=1)
-    gpu_memory_gib: float | None = Field(None, gt=0, description="override the GPU table's memory")
+    gpus: int = Field(1, ge=1, le=MAX_GPUS, description="GPUs the study may use on this host or cluster")
+    max_gpus_per_trial: int | None = Field(None, ge=1, le=MAX_GPUS)
+    gpu_memory_gib: float | None = Field(None, gt=0, le=1024, description="override the GPU table's memory")
 
     @model_validator(mode="after")
     def _per_trial(self) -> "HardwareSpec":
@@ -171,9 +200,10 @@ class EngineSpec(_Strict):
     name: Literal["sim", "vllm", "sglang"]
     command: list[str] | None = Field(None, description="how to start it, e.g. ['vllm', 'serve'] or a python path")
     version: str | None = Field(None, description="engine version whose flag mapping to use")
-    extra_args: list[str] = Field(default_factory=list, description="flags passed verbatim, after the mapped ones")
+    extra_args: list[str] = Field(default_factory=list, description="flags passed after the mapped ones; a secret "
+                                  "as ${NAME} (read from the environment at launch, never recorded)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment; use ${NAME} to pass a secret by name")
-    ready_timeout_s: float = Field(900.0, gt=0)
+    ready_timeout_s: float = Field(900.0, gt=0, le=MAX_SECONDS)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -196,7 +226,7 @@ class EngineSpec(_Strict):
             if isinstance(val, (int, float)):
                 val = str(val)  # VAR: 1 means "1"
             out[k] = val
-            if isinstance(k, str) and isinstance(val, str) and _looks_secret(k, val):
+            if isinstance(k, str) and isinstance(val, str) and is_literal_secret(k, val):
                 errs.append(((k,), f"{k} looks like a secret written into the study file; write "
                                    f"{k}: \"${{{k}}}\" and export {k} in the shell that runs servetune "
                                    "(the value is read from there at launch and never stored)"))
@@ -204,14 +234,19 @@ class EngineSpec(_Strict):
             _fail("env", errs)
         return out
 
-
-def _looks_secret(key: str, value: str) -> bool:
-    parts = {p for p in re.split(r"[^A-Za-z0-9]+", key.upper()) if p}
-    if not parts & _SECRET_PARTS or parts & {"FILE", "PATH", "DIR"}:
-        return False
-    if not value.strip() or _ENV_REF.search(value):
-        return False
-    return not value.startswith(("/", "./", "../", "~/"))  # a path to a key file is not the key
+    @field_validator("extra_args")
+    @classmethod
+    def _no_literal_secret_flags(cls, v: list[str]) -> list[str]:
+        # both spellings: `--api-key sk-...` and `--api-key=sk-...`
+        errs = []
+        for k, flag in literal_flag_secrets(v):
+            name = ref_name(flag)
+            errs.append(((k,), f"{flag} is given a secret written into the study file; write {flag} "
+                               f"\"${{{name}}}\" and export {name} in the shell that runs servetune (the value "
+                               "is read from there at launch and never stored)"))
+        if errs:
+            _fail("extra_args", errs)
+        return v
 
 
 Domain = Union[list[Any], dict[str, Any], int, float, str, bool, None]
@@ -244,13 +279,13 @@ def _num(x: float) -> str:
 
 class DatasetSpec(_Strict):
     kind: Literal["random", "sharegpt", "token_ids"] = "random"
-    input_tokens: int = Field(512, ge=1)
-    output_tokens: int = Field(128, ge=1)
+    input_tokens: int = Field(512, ge=1, le=MAX_TOKENS)
+    output_tokens: int = Field(128, ge=1, le=MAX_TOKENS)
     input_range: float = Field(0.0, ge=0, lt=1, description="±fraction around input_tokens (0 = fixed)")
     output_range: float = Field(0.0, ge=0, lt=1)
-    num_requests: int = Field(200, ge=1)
+    num_requests: int = Field(200, ge=1, le=MAX_REQUESTS)
     path: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     ignore_eos: bool = True
     prompt_format: Literal["auto", "text", "token_ids"] = Field(
         "auto", description="random prompts as text (the server tokenizes them inside TTFT, as for real clients) "
@@ -288,6 +323,8 @@ class DatasetSpec(_Strict):
                 problem = f"no such file {self.path!r}{where}"
             elif p.is_dir():
                 problem = f"{self.path!r} is a directory; give the dataset file"
+            elif safe_read.regular_file_problem(p):  # a FIFO would block the read below; a device never ends
+                problem = f"{self.path!r} {safe_read.regular_file_problem(p)}; give the dataset file"
             else:
                 try:
                     with open(p, "rb") as f:
@@ -308,8 +345,8 @@ class DatasetSpec(_Strict):
 
 class SLASpec(_Strict):
     preset: str | None = Field(None, description="MLPerf limits: " + ", ".join(SLA_PRESETS))
-    ttft_p99_ms: float | None = Field(None, gt=0)
-    tpot_p99_ms: float | None = Field(None, gt=0)
+    ttft_p99_ms: float | None = Field(None, gt=0, le=MAX_SECONDS * 1000)
+    tpot_p99_ms: float | None = Field(None, gt=0, le=MAX_SECONDS * 1000)
 
     @field_validator("preset")
     @classmethod
@@ -334,13 +371,13 @@ class SLASpec(_Strict):
 class MaxQPSSpec(_Strict):
     """The highest arrival rate that meets the SLA, searched within one launch (loadgen.search.find_max_qps)."""
 
-    lo: float = Field(gt=0, description="a rate the configuration should sustain (measured first)")
-    hi: float = Field(gt=0, description="a rate above its capacity (measured second)")
+    lo: float = Field(gt=0, le=MAX_QPS, description="a rate the configuration should sustain (measured first)")
+    hi: float = Field(gt=0, le=MAX_QPS, description="a rate above its capacity (measured second)")
     tolerance: float = Field(0.05, gt=0, lt=1, description="stop once the bracket is this narrow (relative)")
-    max_levels: int = Field(8, ge=2, description="at most this many rates measured, lo and hi included")
+    max_levels: int = Field(8, ge=2, le=100, description="at most this many rates measured, lo and hi included")
     max_level_duration_s: float | None = Field(
-        None, gt=0, description="a level too short to judge (its median request longer than half the level) runs "
-        "once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
+        None, gt=0, le=MAX_SECONDS, description="a level too short to judge (its median request longer than half "
+        "the level) runs once more, for 2.2× that median, when that fits in this; default 3× the scenario's duration_s")
     per_gpu: bool = Field(
         False, description="lo and hi are rates per GPU: a trial on G GPUs searches lo·G..hi·G (a sharding search "
         "then starts each trial near its own capacity instead of overloading one GPU with an 8-GPU bracket)")
@@ -373,22 +410,24 @@ def rate_floor(max_qps: dict[str, Any], gpus: int) -> float | None:
 
 class ScenarioSpec(_Strict):
     kind: Literal["offline", "server", "interactive", "single_stream", "concurrency"]
-    name: str | None = Field(None, description="defaults to kind; objectives refer to it")
-    qps: float | list[float] | None = Field(
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64,
+                             description="defaults to kind; objectives refer to it")
+    qps: Rate | list[Rate] | None = Field(
         None, description="server/interactive: Poisson arrival rate; a list is a load sweep within one launch "
                           "(ascending; it stops at the first rate that misses the SLA)")
-    concurrency: int | list[int] | None = Field(
+    concurrency: Level | list[Level] | None = Field(
         None, description="concurrency scenario: requests kept outstanding (closed loop); a list is a sweep within "
                           "one launch (ascending; output tokens/s/GPU against tokens/s/user at each level; it "
                           "stops at the first level that misses the SLA)")
     max_qps: MaxQPSSpec | None = Field(
         None, description="server/interactive, instead of qps: search the highest rate that meets the SLA "
                           "within one launch (bracket lo..hi, then narrow it to tolerance)")
-    duration_s: float | None = Field(None, gt=0, description="minimum scheduled duration")
-    num_requests: int | None = Field(None, ge=1, description="defaults to the dataset size")
-    max_connections: int | None = Field(None, ge=1, description="client-side cap on outstanding requests (reported)")
-    warmup_requests: int = Field(0, ge=0)
-    timeout_s: float = Field(600.0, gt=0, description="the whole scenario never runs past this")
+    duration_s: float | None = Field(None, gt=0, le=MAX_SECONDS, description="minimum scheduled duration")
+    num_requests: int | None = Field(None, ge=1, le=MAX_REQUESTS, description="defaults to the dataset size")
+    max_connections: int | None = Field(None, ge=1, le=MAX_CONCURRENCY,
+                                        description="client-side cap on outstanding requests (reported)")
+    warmup_requests: int = Field(0, ge=0, le=MAX_REQUESTS)
+    timeout_s: float = Field(600.0, gt=0, le=MAX_SECONDS, description="the whole scenario never runs past this")
     sla: SLASpec | None = None
     min_keep_up: float | None = Field(
         0.7, ge=0, le=1, description="server/interactive: departures ÷ arrivals over the second half of the "
@@ -554,8 +593,8 @@ class ObjectiveSpec(_Strict):
 
 class SamplerSpec(_Strict):
     kind: Literal["tpe", "nsga2", "random", "gp", "grid"] = "tpe"
-    seed: int | None = None
-    startup_trials: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    startup_trials: int | None = Field(None, ge=0, le=MAX_TRIALS)
     learn_from_failures: bool = Field(
         True, description="tell failed and rejected trials to the sampler as infeasible (constraint-violating) "
                           "results with pessimistic values, so it samples fewer of their neighbours; they "
@@ -563,12 +602,13 @@ class SamplerSpec(_Strict):
 
 
 class FidelitySpec(_Strict):
-    prescreen: int = Field(0, ge=0, description="candidates the sampler proposes per launch; each is scored by "
-                                                "the sim estimator and only the most promising is launched "
-                                                "(0 or 1: off)")
+    prescreen: int = Field(0, ge=0, le=1000, description="candidates the sampler proposes per launch; each is "
+                                                         "scored by the sim estimator and only the most promising "
+                                                         "is launched (0 or 1: off)")
     calibrate: bool = Field(True, description="scale the estimator by factors fitted on this study's measured "
                                               "trials (least squares of log(measured/estimated))")
-    max_requests: int = Field(200, ge=10, description="requests per estimated scenario (cost vs fidelity)")
+    max_requests: int = Field(200, ge=10, le=MAX_REQUESTS,
+                              description="requests per estimated scenario (cost vs fidelity)")
 
 
 class QualitySpec(_Strict):
@@ -618,18 +658,18 @@ class QualitySpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    trials: int = Field(20, ge=1)
-    wall_time_s: float | None = Field(None, gt=0, description="no trial starts after this; one still waiting for "
-                                      "GPUs then is queued again for a resumed run")
-    parallel: int = Field(1, ge=1, description="trials running at once")
-    max_failures: int | None = Field(None, ge=1, description="stop after this many failed trials")
+    trials: int = Field(20, ge=1, le=MAX_TRIALS)
+    wall_time_s: float | None = Field(None, gt=0, le=MAX_WALL_S, description="no trial starts after this; one still "
+                                      "waiting for GPUs then is queued again for a resumed run")
+    parallel: int = Field(1, ge=1, le=MAX_GPUS, description="trials running at once")
+    max_failures: int | None = Field(None, ge=1, le=MAX_TRIALS, description="stop after this many failed trials")
     repeats: int = Field(0, ge=0, le=20, description="re-measure the Pareto candidates this many more times "
                                                      "(fresh launches) once the search budget is spent")
-    repeat_top: int = Field(3, ge=1, description="at most this many Pareto candidates are repeated")
+    repeat_top: int = Field(3, ge=1, le=1000, description="at most this many Pareto candidates are repeated")
 
 
 class StudySpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=MAX_NAME)
     model: ModelSpec
     engines: list[EngineSpec] = Field(min_length=1)
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
@@ -643,10 +683,10 @@ class StudySpec(_Strict):
                                                           "baseline's; limits make drifting trials infeasible")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
     output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     baseline: bool = Field(True, description="run the engine's defaults first, for comparison")
     host: str = Field("127.0.0.1", description="address servers bind; loopback unless you need otherwise")
-    cost_per_gpu_hour: float | None = Field(None, ge=0)
+    cost_per_gpu_hour: float | None = Field(None, ge=0, le=10_000, description="USD per GPU-hour")
 
     # Where the study file lives; relative paths in it are resolved from there.
     source: str | None = Field(None, exclude=True)
@@ -716,6 +756,22 @@ class StudySpec(_Strict):
         if v is not None and "://" not in v:
             raise ValueError(f"{v!r} is not a storage URL; e.g. sqlite:///runs/study.db or "
                              "postgresql://user@host/db (leave storage out for the default)")
+        if v is not None:
+            why = _storage_problem(v)
+            if why:
+                raise ValueError(why)
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _dir(cls, v: str | None) -> str | None:
+        if v is not None:
+            long = [part for part in Path(os.path.expanduser(v)).parts if len(part.encode()) > 255]
+            if long:
+                raise ValueError(f"the directory name {_describe(long[0])} is {len(long[0].encode())} bytes; a "
+                                 "file system takes at most 255")
+            if len(v.encode()) > 3000:
+                raise ValueError(f"the path is {len(v.encode())} bytes; give one of at most 3000")
         return v
 
     @model_validator(mode="after")
@@ -793,6 +849,29 @@ class StudySpec(_Strict):
         return str((Path(self.source).resolve().parent / p))
 
 
+def _storage_problem(url: str) -> str | None:
+    """Why Optuna cannot open this storage URL here (an unknown database, a driver not installed), or None."""
+    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = _describe(url.split("@")[-1] if "@" in url else url)  # never echo a password
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        return (f"Optuna keeps a study in a SQL database (sqlite, postgresql, mysql); {scheme!r} is not one "
+                f"(got {shown})")
+    except (ArgumentError, ValueError):
+        return f"not a database URL (got {shown}); e.g. sqlite:///runs/study.db or postgresql://user@host/db"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return (f"the {parsed.drivername} driver is not installed ({getattr(e, 'name', None) or e}); install "
+                "it, or leave storage out for the default SQLite file")
+    return None
+
+
 # -- search domains ----------------------------------------------------------------------------------------
 
 def _values(dom: Any) -> list[Any]:
@@ -829,6 +908,10 @@ def _check_value(key: str, x: Any, ptype: str | None) -> str | None:
         return None
     if not isinstance(x, (int, float)) or isinstance(x, bool):
         return None
+    if isinstance(x, float) and not math.isfinite(x):
+        return f"{key} takes finite numbers, got {_describe(x)}"
+    if abs(x) > MAX_PARAM_INT:
+        return f"{key} must be at most {MAX_PARAM_INT:,} (engines read it as a 32-bit number), got {_describe(x)}"
     lo = _PARAM_MIN.get(key)
     if lo is not None and x < lo:
         return f"{key} must be at least {_num(float(lo))}, got {_describe(x)}"
@@ -876,7 +959,7 @@ def _check_domain(key: str, dom: Any, ptype: str | None) -> list[tuple[tuple, st
                 elif err["type"] == "missing":
                     out.append((loc, f"a range needs low and high ({err['loc'][-1]} is missing)"))
                 else:
-                    out.append((loc, _message(err)))
+                    out.append((loc, _message(err, model=RangeDomain)))
             return out
         errs = []
         if ptype == "int":
@@ -1022,6 +1105,28 @@ def _clean_loc(loc: tuple, data: Any) -> tuple:
     return tuple(out)
 
 
+_SCALAR_TAGS = ("float", "int", "str", "bool", "constrained-float", "constrained-int", "constrained-str")
+
+
+def _wrong_branch(loc: tuple, data: Any) -> bool:
+    """Whether a pydantic error's location passes through a union branch of another shape than the input:
+    the list branch for a scalar, a scalar branch for a list."""
+    cur = data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        elif isinstance(part, str):
+            if part.startswith("list[") and not isinstance(cur, list):
+                return True
+            if part in _SCALAR_TAGS and isinstance(cur, (list, dict)):
+                return True
+        else:
+            return False
+    return False
+
+
 def _fmt_path(loc: tuple) -> str:
     s = ""
     for part in loc:
@@ -1066,13 +1171,22 @@ _TYPE_WORDS = {
 }
 
 
-def _message(err: dict) -> str:
-    """A pydantic error as one plain sentence, with what was given."""
+def _message(err: dict, loc: tuple | None = None, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error as one plain sentence, with what was given (and the allowed range of a number, found
+    from the field at ``loc`` of ``model``, StudySpec by default)."""
     t, msg, given = err["type"], err["msg"], err.get("input")
     if t == "spec":
         return msg
     if t == "value_error":
         return msg.removeprefix("Value error, ")
+    span = _field_range(model or StudySpec, tuple(err["loc"] if loc is None else loc))
+    if t in ("int_type", "int_parsing", "int_from_float", "float_type", "float_parsing") and span:
+        kind = "a whole number" if t.startswith("int") else "a number"
+        as_text = ""
+        if isinstance(given, str) and _parses_as_number(given):
+            as_text = (f": YAML reads {given} as text (write the digits, or a decimal point and a signed "
+                       "exponent: 1.0e+6)")
+        return f"expected {kind} {span}, got {_describe(given)}{as_text}"
     if t in _TYPE_WORDS:
         return f"{_TYPE_WORDS[t]}, got {_describe(given)}"
     if t == "literal_error":
@@ -1080,12 +1194,69 @@ def _message(err: dict) -> str:
         return f"{_describe(given)} is not one of: {', '.join(choices)}{_did_you_mean(given, choices)}"
     if t == "too_short":
         return "needs at least one entry"
-    if t == "string_pattern_mismatch" and tuple(err["loc"]) == ("name",):
+    if t == "string_pattern_mismatch" and tuple(err["loc"])[-1:] == ("name",):
+        names = ("the run directory and the Optuna study" if len(err["loc"]) == 1
+                 else "the scenario's request files and report columns")
         return (f"{_describe(given)} is not a usable name: letters, digits, '.', '_' and '-' only, starting "
-                "with a letter or digit (it names the run directory and the Optuna study)")
-    if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+                f"with a letter or digit (it names {names})")
+    if t == "string_too_long":
+        limit = (err.get("ctx") or {}).get("max_length")
+        return f"is {len(str(given))} characters long; at most {limit} (got {_describe(given)})"
+    if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        if span:
+            return f"must be {'a finite number ' if t == 'finite_number' else ''}{span} (got {_describe(given)})"
         return f"{msg.replace('Input should be', 'should be')} (got {_describe(given)})"
     return f"{msg} (got {_describe(given)})" if not isinstance(given, (dict, list)) else msg
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _field_range(model: type[BaseModel], loc: tuple) -> str:
+    """The range a numeric field allows, in words ("from 1 to 1,000,000", "above 0 and at most 100,000"), from
+    its constraints; empty when the field at ``loc`` has none."""
+    import annotated_types as at
+    import typing
+
+    cur: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        info = fields[part]
+        cur = _model_in(info.annotation)
+    if info is None or cur is not None:
+        return ""
+    metas = list(info.metadata)
+    stack = [info.annotation]
+    while stack:  # Annotated[float, Field(...)] inside a union or a list (qps, concurrency)
+        a = stack.pop()
+        metas += [m for x in getattr(a, "__metadata__", ()) for m in getattr(x, "metadata", [x])]
+        stack += list(typing.get_args(a))
+    lo = hi = None
+    for m in metas:
+        if isinstance(m, (at.Gt, at.Ge)):
+            lo = ("above" if isinstance(m, at.Gt) else "from", getattr(m, "gt", getattr(m, "ge", None)))
+        elif isinstance(m, (at.Lt, at.Le)):
+            hi = ("below" if isinstance(m, at.Lt) else "at most", getattr(m, "lt", getattr(m, "le", None)))
+    if lo is None and hi is None:
+        return ""
+    if lo and hi and lo[0] == "from" and hi[0] == "at most":
+        return f"from {_big(lo[1])} to {_big(hi[1])}"
+    words = {"from": "at least"}
+    return " and ".join(f"{words.get(w, w)} {_big(v)}" for w, v in (b for b in (lo, hi) if b))
+
+
+def _big(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else _num(float(x))
 
 
 def _yaml_error(e: yaml.YAMLError, fname: str) -> SpecError:
@@ -1115,36 +1286,40 @@ def _differs(a: Any, b: Any) -> bool:
 def load_study(path: str | os.PathLike) -> StudySpec:
     fname = str(path)
     try:
-        text = Path(fname).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([f"{fname}:1: (file): no such file"]) from None
-    except IsADirectoryError:
-        raise SpecError([f"{fname}:1: (file): is a directory; give the study .yaml file"]) from None
-    except UnicodeDecodeError as e:
-        raise SpecError([f"{fname}:1: (file): not UTF-8 text ({e.reason} at byte {e.start})"]) from None
-    except OSError as e:
-        raise SpecError([f"{fname}:1: (file): cannot read: {e.strerror or e}"]) from None
+        text = study_yaml.read_text(fname)  # a regular file of bounded size, or a located error
+    except study_yaml.StudyFileError as e:
+        raise SpecError([f"{fname}:{e.line}: {e.where}: {e.message}"]) from None
     return parse_study(text, fname)
 
 
 def parse_study(text: str, fname: str = "<study>") -> StudySpec:
     """Parse and validate a study's YAML text; relative paths resolve from ``fname``'s directory."""
-    loader = yaml.SafeLoader(text)
+    if len(text) > study_yaml.MAX_BYTES:
+        raise SpecError([f"{fname}:1: (file): is {len(text):,} characters; a study file is at most "
+                         f"{study_yaml.MAX_BYTES:,} bytes"])
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise SpecError([f"{fname}:1: (top level): the file is empty"])
-        structure = _structure_errors(node)
-        if structure:
-            structure.sort(key=lambda e: e[0])
-            raise SpecError([f"{fname}:{line}: {_fmt_path(p)}: {m}" for line, p, m in structure])
-        data = loader.construct_document(node)
+        loader = study_yaml.BoundedLoader(text)  # the reader checks the text here: inside the try
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise SpecError([f"{fname}:1: (top level): the file is empty"])
+            structure = _structure_errors(node) + study_yaml.value_errors(node)
+            if structure:
+                structure.sort(key=lambda e: e[0])
+                raise SpecError(list(dict.fromkeys(f"{fname}:{line}: {_fmt_path(p)}: {m}" for line, p, m in structure)))
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except study_yaml.StudyFileError as e:
+        path = study_yaml.path_of(node, e.node) if e.node is not None else None
+        raise SpecError([f"{fname}:{e.line}: {_fmt_path(path) if path else e.where}: {e.message}"]) from None
+    except yaml.reader.ReaderError as e:
+        e2 = study_yaml.reader_error(e, text)
+        raise SpecError([f"{fname}:{e2.line}: {e2.where}: {e2.message}"]) from None
     except yaml.YAMLError as e:
         raise _yaml_error(e, fname) from None
     except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`: the constructor's own errors
         raise SpecError([f"{fname}:1: (syntax): cannot read a value: {e}"]) from None
-    finally:
-        loader.dispose()
     if data is None:
         raise SpecError([f"{fname}:1: (top level): the file is empty"])
     if not isinstance(data, dict):
@@ -1160,7 +1335,10 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
         base_dir = str(Path(fname).resolve().parent) if not fname.startswith("<") else os.getcwd()
         spec = StudySpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
-        errors = [(err, _clean_loc(err["loc"], data)) for err in e.errors()]
+        raw = e.errors()
+        # a union (`qps: 4` or a list of rates) reports every branch; keep the branch the input has the shape of
+        raw = [err for err in raw if not _wrong_branch(err["loc"], data)] or raw
+        errors = [(err, _clean_loc(err["loc"], data)) for err in raw]
         # a misspelled required key shows up twice (unknown + missing): keep the "did you mean" only
         typos = {(loc[:-1], _close(loc[-1], _allowed_keys(StudySpec, loc)))
                  for err, loc in errors if err["type"] == "extra_forbidden" and loc}
@@ -1174,7 +1352,7 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
                 out.append((line, f"{fname}:{line}: {_fmt_path(loc)}: required key is missing"))
                 continue
             else:
-                msg = _message(err)
+                msg = _message(err, loc)
             line = _nearest_line(lines, loc)
             out.append((line, f"{fname}:{line}: {_fmt_path(loc)}: {msg}"))
     if out:

@@ -249,11 +249,13 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _read_spec(path: Path, warnings: list[str]) -> dict[str, Any]:
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    from servetune.optimizer import study_yaml
+
+    if not path.exists():
         warnings.append("study.yaml: missing; names and SLA limits come from the trials alone")
         return {}
+    try:  # within the study file's bounds: a run directory may come from anyone
+        spec = study_yaml.load(study_yaml.read_text(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         warnings.append(f"study.yaml: unreadable ({e.__class__.__name__})")
         return {}

@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,10 @@ SCAN_TTL_S = 5.0  # how long a directory scan is reused
 ACTIVE_WINDOW_S = 120.0  # a study whose trial files changed this recently counts as running
 _SKIP_DIRS = {"trials", "node_modules", "__pycache__", ".git", ".venv", "venv"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+DETAILS_CACHED = 256  # trial details kept per study (a request for each of a million numbers keeps 256)
+# A Host header: a name or an IPv4 address, or a bracketed IPv6 address, then an optional port. Anything else
+# ("localhost:1@evil.com") is refused rather than guessed at.
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::\d{1,5})?")
 
 
 # -- finding studies --------------------------------------------------------------------------------------------
@@ -150,7 +156,7 @@ class Entry:
     run: Run | None = None
     page: str | None = None
     summary: dict[str, Any] | None = None
-    details: dict[int, Any] = field(default_factory=dict)
+    details: OrderedDict[int, Any] = field(default_factory=OrderedDict)  # least recently used first
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -175,7 +181,7 @@ class Studies:
             self._scanned = 0.0  # a study created since the last scan
             p = self.all().get(sid)
         if p is None:
-            raise web.HTTPNotFound(text=f"no study {sid!r} under {self.root}")
+            raise web.HTTPNotFound(text=f"no study {sid!r} here")  # the server's own path stays private
         return p
 
     def entry(self, sid: str) -> Entry:
@@ -188,8 +194,20 @@ class Studies:
         async with e.lock:
             if e.run is None or e.version != version:
                 run = await asyncio.to_thread(load_run, path)
-                e.version, e.run, e.page, e.summary, e.details = version, run, None, None, {}
+                e.version, e.run, e.page, e.summary, e.details = version, run, None, None, OrderedDict()
             return e.run, e, e.version
+
+    @property
+    def shown_root(self) -> str:
+        """The folder as pages and the API name it: its own name, never its absolute path."""
+        return self.root.name or "."
+
+    def shown_path(self, run_dir: Path) -> str:
+        """A run directory relative to the folder served."""
+        try:
+            return run_dir.resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return run_dir.name
 
     def status(self, sid: str) -> dict[str, Any]:
         path = self.path(sid)
@@ -233,10 +251,10 @@ def _clean(o: Any) -> Any:
     return o
 
 
-def study_summary(sid: str, run: Run, status: dict[str, Any]) -> dict[str, Any]:
+def study_summary(sid: str, run: Run, status: dict[str, Any], path: str) -> dict[str, Any]:
     hs = headlines(run)
     return {**status, "name": run.name, "model": run.model, "engines": run.engines, "gpu": run.gpu,
-            "path": str(run.run_dir), "trials": len(run.trials), "states": run.state_counts(),
+            "path": path, "trials": len(run.trials), "states": run.state_counts(),
             "skipped": run.skipped,
             "headline": ({"label": hs[0].label, "best": hs[0].best, "trial": hs[0].best_trial, "ratio": hs[0].ratio}
                          if hs else None)}
@@ -256,6 +274,12 @@ SECURITY_HEADERS = {
 }
 
 
+def _loopback_host(header: str) -> bool:
+    """Whether a Host header names this machine's loopback (a malformed header does not)."""
+    m = _HOST.fullmatch(header.strip())
+    return bool(m) and _loopback((m["v6"] or m["name"]).lower())
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -269,11 +293,8 @@ def make_app(root: str | Path, *, host: str = "127.0.0.1") -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        if loopback_only:
-            name = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") \
-                else (request.host or "").split("]")[0] + "]"
-            if not _loopback(name):
-                return web.Response(status=403, text="this report server answers requests for localhost only")
+        if loopback_only and not _loopback_host(request.host or ""):
+            return web.Response(status=403, text="this report server answers requests for localhost only")
         resp = await handler(request)
         resp.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k not in resp.headers})
         return resp
@@ -285,14 +306,14 @@ def make_app(root: str | Path, *, host: str = "127.0.0.1") -> web.Application:
     async def index(request: web.Request) -> web.Response:
         rows = await _summaries(studies)
         html = jinja_env().get_template("index.html.j2").render(
-            root=str(studies.root), studies=rows, page={"mode": "serve", "poll": f"{base}/api/studies",
+            root=studies.shown_root, studies=rows, page={"mode": "serve", "poll": f"{base}/api/studies",
                                                          "version": _list_version(rows), "base": base},
             mode="serve")
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def api_studies(request: web.Request) -> web.Response:
         rows = await _summaries(studies)
-        return _json(_clean({"root": str(studies.root), "version": _list_version(rows), "studies": rows}))
+        return _json(_clean({"root": studies.shown_root, "version": _list_version(rows), "studies": rows}))
 
     async def study_page(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
@@ -318,6 +339,7 @@ def make_app(root: str | Path, *, host: str = "127.0.0.1") -> web.Application:
         for c in df.columns:
             if df[c].dtype == object:
                 df[c] = [csv_safe(v) for v in df[c]]
+        df.columns = [csv_safe(str(c)) for c in df.columns]  # a scenario named =HYPERLINK(...) names columns
         text = df.to_csv(index=False)
         return web.Response(text=text, content_type="text/csv", charset="utf-8",
                             headers={"Content-Disposition": f'attachment; filename="{_safe_name(sid)}-trials.csv"',
@@ -330,11 +352,15 @@ def make_app(root: str | Path, *, host: str = "127.0.0.1") -> web.Application:
         except ValueError:
             raise web.HTTPBadRequest(text="a trial number is an integer") from None
         run, e, version = await studies.run(sid)
-        if n not in e.details:
-            e.details[n] = await asyncio.to_thread(trial_detail, run, n)
-        d = e.details[n]
+        d = e.details.get(n)
         if d is None:
-            return _json({"error": f"no trial {n} in study {sid}"}, status=404)
+            d = await asyncio.to_thread(trial_detail, run, n)
+            if d is None:  # not cached: numbers that name no trial must not grow the cache
+                return _json({"error": f"no trial {n} in study {sid}"}, status=404)
+            e.details[n] = d
+            while len(e.details) > DETAILS_CACHED:
+                e.details.popitem(last=False)
+        e.details.move_to_end(n)
         return _json(_clean(d))
 
     async def compare_page(request: web.Request) -> web.Response:
@@ -408,7 +434,7 @@ async def _summaries(studies: Studies) -> list[dict[str, Any]]:
             st = await asyncio.to_thread(studies.status, sid)
             run, e, version = await studies.run(sid)
             if e.summary is None or e.summary.get("version") != version:
-                e.summary = study_summary(sid, run, {**st, "version": version})
+                e.summary = study_summary(sid, run, {**st, "version": version}, studies.shown_path(run.run_dir))
             out.append({**e.summary, **{k: st[k] for k in ("active", "driver_running", "updated")}})
         except web.HTTPNotFound:
             continue  # removed since the scan

@@ -55,6 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--print-env", action="store_true")
     p.add_argument("--spawn-child", action="store_true")
     p.add_argument("--secret-in-error", action="store_true", help="crash_start: the error line quotes $HF_TOKEN")
+    p.add_argument("--secret-var", default="HF_TOKEN", help="the variable --secret-in-error quotes")
     args, unknown = p.parse_known_args(argv)
     if args.fault_by_trial:  # stdout is trials/NNNN/engine.log: trial N gets MODES[N]
         n = int(os.path.basename(os.path.dirname(os.readlink("/proc/self/fd/1"))))
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.startup_delay_s)
     if args.fault == "crash_start":
         if args.secret_in_error:
-            print(f"ERROR 401 Unauthorized: token {os.environ.get('HF_TOKEN', '')} may not read this repo",
+            print(f"ERROR 401 Unauthorized: token {os.environ.get(args.secret_var, '')} may not read this repo",
                   flush=True)
             return 1
         print("Traceback (most recent call last):\n  File \"fake.py\", line 1, in <module>\n"

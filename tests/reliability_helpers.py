@@ -83,6 +83,36 @@ def listening(port: int) -> list[str]:
     return hits
 
 
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1,
+# ::ffff:127.0.0.1 and ::1 as /proc/net/tcp* writes them
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, local address in hex, port) of every TCP socket these processes listen on: the sockets of
+    /proc/net/tcp and tcp6 in state LISTEN, matched to the processes by inode through /proc/PID/fd."""
+    by_inode = {}
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(f).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A":
+                addr, port = parts[1].rsplit(":", 1)
+                by_inode[parts[9]] = (addr, int(port, 16))
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in by_inode:
+                out.append((pid, *by_inode[target[8:-1]]))
+    return out
+
+
 def argv_port(argv: list[str]) -> int | None:
     return int(argv[argv.index("--port") + 1]) if "--port" in argv else None
 
@@ -132,14 +162,15 @@ def env_for_ray():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance (4 GPUs declared) for every in-process study of the reliability/security tests."""
+    """One local Ray instance (4 GPUs declared) for every in-process study of the reliability/security tests,
+    started as a study starts its own: on loopback, in a private temp dir."""
     ray = pytest.importorskip("ray")
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(**env_for_ray())
+    from servetune.optimizer import ray_local as local_ray
+
+    started = None if ray.is_initialized() else local_ray.start(None, **env_for_ray())
     yield ray
-    if owned:
-        ray.shutdown()
+    if started is not None:
+        started.stop()
 
 
 def pid_alive(pid: int) -> bool:

@@ -217,18 +217,30 @@ def test_no_secret_in_any_output(rendered):
                                                                    "secretKey": "HF_TOKEN"}
 
 
-def test_literal_secrets_are_replaced(tmp_path, secret_env):
-    t = _trial("vllm", 0, VLLM_PARAMS, tok_gpu=1, tpot=1, extra_args=["--api-key", SECRET])
+@pytest.mark.parametrize("spelling", ["two words", "with ="])
+def test_literal_secrets_are_replaced(tmp_path, secret_env, spelling):
+    """`--api-key sk-...` and `--api-key=sk-...` alike: every format gets a reference to a secret, never the value
+    (the = spelling is split in two words so each format can wire the reference)."""
+    extra = ["--api-key", SECRET] if spelling == "two words" else [f"--api-key={SECRET}"]
+    t = _trial("vllm", 0, VLLM_PARAMS, tok_gpu=1, tpot=1, extra_args=extra)
     study = _study("vllm")
     study["engines"][0]["env"] = {"MY_API_TOKEN": SECRET, "OTHER": "${HF_TOKEN}"}
-    study["engines"][0]["extra_args"] = ["--api-key", SECRET]
+    study["engines"][0]["extra_args"] = list(extra)
     run = make_run(tmp_path / "r", "vllm", [t], study)
+    texts = {}
     for fmt in ALL:
         res = export(run, fmt=fmt, out_dir=tmp_path / fmt)
         for p in res.files:
-            assert SECRET not in p.read_text()
-    assert any("--api-key carried a literal value" in w for w in res.warnings)
-    assert any("MY_API_TOKEN has a literal value" in w for w in res.warnings)
+            texts[(fmt, p.name)] = p.read_text()
+            assert SECRET not in texts[(fmt, p.name)], (fmt, p.name)
+        assert any("--api-key carried a literal value" in w for w in res.warnings)
+        assert any("MY_API_TOKEN has a literal value" in w for w in res.warnings)
+    assert '--api-key "${API_KEY}"' in texts[("command", "serve.sh")]
+    assert "--api-key=" not in "".join(texts.values())
+    k8s = texts[("k8s", "kubernetes.yaml")]
+    assert "$(API_KEY)" in k8s and "secretKeyRef" in k8s
+    assert "${API_KEY}" in texts[("compose", "docker-compose.yaml")]
+    assert "${API_KEY}" in texts[("json", "deployment.json")]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Nobody let in: no shell anywhere, loopback by default, user strings escaped, secrets never on disk."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -100,3 +101,109 @@ def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, ray_local, c
     for t in got.values():
         assert SECRET not in repr(t)
         assert argv_port(t["argv"]) and not listening(argv_port(t["argv"]))
+
+
+
+def test_ray_on_loopback_and_its_cleanup_after_a_killed_driver_are_covered_by_the_e2e_test():
+    """A local study's Ray listens on loopback only and a killed driver's Ray processes are ended by the next
+    start: asserted during the real CLI run of test_killed_driver_resumes_without_losing_completed_trials (one
+    Ray start serves both; a Ray start is the slowest thing a test can do here)."""
+    text = (ROOT / "tests" / "test_study_e2e.py").read_text()
+    assert "def test_killed_driver_resumes_without_losing_completed_trials" in text
+    assert "listening_sockets(" in text and "LOOPBACK_HEX" in text and "ray.json" in text
+
+
+def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp_path, monkeypatch):
+    """Redaction by value: `env: {HF_AUTH: "${SVC_CONF}"}` (no secret-looking name anywhere) and
+    `extra_args: [--auth-token, "${SVC_FLAG}"]`: the engine gets both values, echoes them into its log and its
+    failure line, and neither value is in engine.log, the failure reason or trial.json afterwards (one trial,
+    in-process, on the fault-injecting engine: no Ray needed)."""
+    from servetune.optimizer.driver import StudyDriver
+    from servetune.optimizer.lifecycle import run_trial
+    from servetune.optimizer.spec import load_study
+
+    env_value, flag_value = "by-value-0f3e9a7c55", "flag-value-7d1b2e4a90"
+    monkeypatch.setenv("SVC_CONF", env_value)
+    monkeypatch.setenv("SVC_FLAG", flag_value)
+    study, _ = fake_study(tmp_path, name="byvalue", fake_args=["--print-env", "--fault", "crash_start",
+                                                              "--secret-in-error", "--secret-var", "HF_AUTH"],
+                          search="max_concurrency: [8]", trials=1, env=', HF_AUTH: "${SVC_CONF}"')
+    text = study.read_text()
+    assert text.count("\n    env:") == 1
+    study.write_text(text.replace("\n    env:", '\n    extra_args: [--auth-token, "${SVC_FLAG}"]\n    env:'))
+    driver = StudyDriver(load_study(str(study)))
+    plan = driver.build_plan(0, "sim", {}, False, tmp_path / "run" / "trials" / "0000")
+    result = run_trial(plan, [0])
+    log = (tmp_path / "run" / "trials" / "0000" / "engine.log").read_text()
+    record = (tmp_path / "run" / "trials" / "0000" / "trial.json").read_text()
+    assert result.state == "failed" and "token ${SVC_CONF} may not read" in result.failure["reason"]
+    assert "ENV HF_AUTH=${SVC_CONF}" in log and "'--auth-token', '${SVC_FLAG}'" in log, log[-2000:]
+    for value in (env_value, flag_value):
+        assert value not in log and value not in record and value not in json.dumps(result.to_dict())
+    assert "${SVC_FLAG}" in json.loads(record)["argv"]  # the recorded argv keeps the reference
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """A folder of studies to serve: the report fixture run, with a scenario named like a spreadsheet formula."""
+    from report_fixtures import write_run
+
+    root = tmp_path_factory.mktemp("served-root")
+    run = write_run(root / "team" / "study", with_db=False)
+    for p in [run / "study.yaml", *run.glob("trials/*/trial.json")]:
+        p.write_text(p.read_text().replace("server-16", FORMULA))
+    for p in run.glob("trials/*/requests_server-16.csv"):
+        p.rename(p.with_name(f"requests_{FORMULA}.csv"))
+    return root
+
+
+FORMULA = "=HYPERLINK(0)"
+
+
+def _serve(root: Path, fn):
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from servetune.reports.serve import make_app
+
+    async def go():
+        async with TestClient(TestServer(make_app(root))) as client:
+            return await fn(client)
+    return asyncio.run(go())
+
+
+def test_report_server_hides_its_root_refuses_forged_hosts_bounds_its_cache_and_guards_csv_headers(served,
+                                                                                                   monkeypatch):
+    from servetune.reports import serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "DETAILS_CACHED", 2)
+    secret_dir = str(served.resolve())
+
+    async def fn(c):
+        r = await c.get("/api/studies")
+        body = await r.text()
+        assert r.status == 200 and secret_dir not in body
+        data = json.loads(body)
+        assert data["root"] == served.name and [s["path"] for s in data["studies"]] == ["team/study"]
+        html = await (await c.get("/")).text()
+        assert secret_dir not in html and "team/study" in html
+        for url in ("/study/nope", "/api/studies/nope", "/api/studies/nope/trials/1", "/no/such/page"):
+            r = await c.get(url)
+            assert r.status == 404 and secret_dir not in await r.text(), url
+        # the Host guard: a loopback name, with an optional port, and nothing else
+        for host, status in (("localhost:8050", 200), ("127.0.0.1", 200), ("[::1]:8050", 200),
+                             ("localhost:1@evil.com", 403), ("localhost@evil.com", 403), ("evil.com:8050", 403),
+                             ("localhost:8050:1", 403), ("localhost.evil.com", 403), ("[::1]x", 403), ("", 403)):
+            r = await c.get("/api/studies/team~study", headers={"Host": host})
+            assert r.status == status, (host, r.status)
+        # the trial-detail cache: numbers of no trial are never kept, the rest at most DETAILS_CACHED
+        for n in range(1000, 1040):
+            assert (await c.get(f"/api/studies/team~study/trials/{n}")).status == 404
+        for n in (1, 2, 3, 1):
+            assert (await c.get(f"/api/studies/team~study/trials/{n}")).status == 200
+        assert list(c.server.app[serve_mod.STUDIES].entry("team~study").details) == [3, 1]  # LRU order
+        # trials.csv: the header row gets the formula guard too (a scenario named =HYPERLINK(0))
+        header = (await (await c.get("/api/studies/team~study/trials.csv")).text()).splitlines()[0]
+        assert f"'{FORMULA}." in header and not [h for h in header.split(",") if h.startswith(("=", "+", "-", "@"))]
+    _serve(served, fn)

@@ -12,6 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from reliability_helpers import LOOPBACK_HEX, listening_sockets
+from servetune.optimizer import ray_local
 from study_fixtures import write_study
 
 pytestmark = pytest.mark.slow
@@ -27,6 +29,15 @@ def _trial_files(run: Path) -> dict[int, dict]:
     for p in sorted((run / "trials").glob("*/trial.json")):
         out[int(p.parent.name)] = json.loads(p.read_text())
     return out
+
+
+def _exe(pid: int) -> str:
+    """The program a process runs (for messages and to know Ray's servers among the recorded processes)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "?"
+    return Path(argv0).name or "?"
 
 
 def _alive(pgid: int) -> bool:
@@ -99,6 +110,16 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
             time.sleep(0.3)
         else:
             pytest.fail("study never reached 2 complete trials with one running")
+        # the driver's own Ray: every socket it and its processes listen on is loopback (read from /proc)
+        ray_rec = json.loads((run / "ray.json").read_text())
+        ray_pids = ray_local._processes_of(ray_rec)
+        assert {"gcs_server", "raylet"} <= {_exe(p) for p in ray_pids}, [_exe(p) for p in ray_pids]
+        socks = listening_sockets([driver.pid, *ray_pids])
+        assert len({pid for pid, _, _ in socks}) >= 3, socks  # the driver, GCS, raylet (and agents, workers)
+        exposed = [(_exe(pid), addr, port) for pid, addr, port in socks if addr not in LOOPBACK_HEX]
+        assert not exposed, f"Ray listens beyond loopback: {exposed}"
+        temp = Path(ray_rec["temp_dir"])  # private, and where Ray's session lives
+        assert temp.stat().st_mode & 0o777 == 0o700 and ray_rec["session_dir"].startswith(str(temp))
         os.kill(driver.pid, signal.SIGSTOP)  # freeze it so nothing finishes between our look and the kill
         before = {n: t for n, t in _trial_files(run).items() if t["state"] == "complete"}
         orphan_pgids = []
@@ -112,8 +133,13 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+    left = ray_local._processes_of(ray_rec)  # Ray's agents outlive a killed driver
     proc = _servetune("run", str(study), "--no-report")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the rerun ended them (by the record the dead driver left: pids, session dir, token) and removed its temp
+    # dir; its own Ray is gone too, with its record
+    assert not ray_local._processes_of(ray_rec), f"{len(left)} left after the kill, still running after the rerun"
+    assert not temp.exists() and not (run / "ray.json").exists()
     after = _trial_files(run)
     # the interrupted trials were queued again, unless their worker finished them on disk before Ray
     # noticed the dead driver (the rerun then keeps that measurement instead)
