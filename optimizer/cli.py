@@ -70,7 +70,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec.output_dir = args.output_dir
     if args.trials:
         spec.budget.trials = args.trials
+    from servetune.optimizer import resume_check
     from servetune.optimizer.driver import StudyDriver, StudyLocked
+
+    changed = resume_check.compare(spec)
+    if args.new and changed.stored:
+        old_dir = spec.run_dir
+        spec.name, spec.output_dir = resume_check.fresh_name(spec)
+        console.print(f"a new study [bold]{spec.name}[/] in {spec.run_dir} ({old_dir} is kept as it is)")
+    elif changed.refused:
+        for line in changed.refusal(args.study):
+            err_console.print(line, markup=False)
+        return EXIT_USAGE
+    elif changed.allowed:
+        console.print("resuming with changes that keep the results comparable: " + "; ".join(changed.allowed),
+                      markup=False)
 
     t0 = time.monotonic()
     spec_objectives = [(o.scenario or spec.workload.scenarios[0].label, o.metric) for o in spec.objectives]
@@ -102,6 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = driver.run()
     except StudyLocked as e:
         err_console.print(f"error: {e}", markup=False)
+        return EXIT_USAGE
+    except resume_check.StudyChanged as e:
+        for line in e.lines:
+            err_console.print(line, markup=False)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as e:  # model/catalog problems found while preparing
         err_console.print(f"{args.study}:1: {e}", markup=False)
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trials", type=int, help="override budget.trials")
     r.add_argument("--ray-address", help="join an existing Ray cluster (default: a local instance)")
     r.add_argument("--no-report", action="store_true")
+    r.add_argument("--new", action="store_true",
+                   help="start a fresh study (NAME-2, NAME-3, ...) instead of resuming the one in the run directory; "
+                        "needed when the study file changes what is measured or searched")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a study file")
     v.add_argument("study")

@@ -399,10 +399,16 @@ class StudyDriver:
         lock = _lock(self.run_dir)
         executor = None
         try:
+            from servetune.optimizer import resume_check
+
+            changed = resume_check.compare(self.spec)
+            if changed.refused:  # before the stored file is replaced and before Optuna is asked anything
+                raise resume_check.StudyChanged(changed.refusal(self.spec.source))
             if self.spec.source and Path(self.spec.source).exists():
                 shutil.copyfile(self.spec.source, self.run_dir / "study.yaml")
             exclusive = self.spec.storage is None  # our own SQLite file under our lock: RUNNING means stale
             study = self.open_study()
+            resume_check.check_distributions(study, self.space)
             requeued = self.recover(study, exclusive)
             if requeued:
                 self.on_event("resumed", {"requeued": requeued})
