@@ -33,32 +33,42 @@ def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(parts) or "(engine defaults)"
 
 
-def _load(path: str):
+def _load(path: str, check_paths: bool = True):
     from servetune.optimizer.spec import SpecError, load_study
 
     try:
-        return load_study(path)
+        return load_study(path, check_paths=check_paths)
     except SpecError as e:
         for line in e.lines:
             err_console.print(line, markup=False)
         raise SystemExit(EXIT_USAGE) from None
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    spec = _load(args.study)
-    from servetune.optimizer.driver import resolve_model
-    from servetune.optimizer.space import SearchSpace
+def _preflight(spec, path: str, check_paths: bool = True):
+    """The checks run makes before its first launch; their errors end the command (exit 2)."""
+    from servetune.optimizer import preflight
 
-    try:
-        model = resolve_model(spec)
-        space = SearchSpace([e.name for e in spec.engines], spec.search, {e.name: e.version for e in spec.engines})
-    except (ValueError, FileNotFoundError) as e:
-        err_console.print(f"{args.study}:1: model: {e}", markup=False)
-        return EXIT_USAGE
-    n = len(space.grid()) if all(d.choices for d in space.dimensions.values()) else None
-    console.print(f"{args.study}: ok — study {spec.name!r}, model {model.name}, engines "
-                  f"{', '.join(space.engines)}, {len(space.dimensions)} parameters"
-                  + (f" ({n} configurations)" if n else "") + f", {spec.budget.trials} trials", markup=False)
+    pf = preflight.check(spec, path, check_paths=check_paths)
+    if pf.errors:
+        for line in pf.errors:
+            err_console.print(line, markup=False)
+        raise SystemExit(EXIT_USAGE)
+    return pf
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    check_paths = not args.no_path_check
+    spec = _load(args.study, check_paths)
+    pf = _preflight(spec, args.study, check_paths)
+    for note in pf.notes:
+        console.print(f"note: {note}", markup=False)
+    space = pf.driver.space if pf.driver else None
+    n = len(pf.configs) if pf.exact and pf.configs else None
+    rejected = f", {pf.n_rejected} of them rejected by the rules (servetune plan lists why)" if n and pf.n_rejected else ""
+    console.print(f"{args.study}: ok — study {spec.name!r}, model {pf.driver.model.name if pf.driver else spec.model.path}, "
+                  f"engines {', '.join(e.name for e in spec.engines)}, "
+                  f"{len(space.dimensions) if space else len(spec.search)} parameters"
+                  + (f" ({n} configurations{rejected})" if n else "") + f", {spec.budget.trials} trials", markup=False)
     return 0
 
 
@@ -66,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     spec = _load(args.study)
+    _preflight(spec, args.study)
     if args.output_dir:
         spec.output_dir = args.output_dir
     if args.trials:
@@ -234,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a study file")
     v.add_argument("study")
+    v.add_argument("--no-path-check", action="store_true",
+                   help="do not look for model.path and the dataset file (check a GPU host's study elsewhere)")
     v.set_defaults(func=cmd_validate)
     from servetune.reports.command import USAGE as REPORT_USAGE, add_arguments as report_arguments
 

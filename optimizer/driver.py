@@ -309,6 +309,9 @@ class StudyDriver:
         eng = get_engine(engine, es.command, es.version)
         full = {**eng.defaults(), **params}
         reasons = [f"{engine} has no flag for {p}" for p in self.space.unsupported(engine) if p in params]
+        cat = self.space.catalogs[engine]
+        reasons += [f"{engine} {cat.version} does not accept {p}={v} (search_spaces/{engine}.yaml lists its choices)"
+                    for p, v in params.items() if p in cat.params and not cat.params[p].accepts(v)]
         reasons += rules.check(full, self.model.shape, gpus_available=self.spec.hardware.gpus,
                                max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
                                gpu_memory_gib=self.gpu_mem,
