@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     from servetune.optimizer.export_cli import add_parser as add_export_parser
 
     add_export_parser(sub)
-    from servetune.optimizer import bench_cli
+    from servetune.optimizer import bench_cli, plan
 
     bench_cli.add_parser(sub)
+    plan.add_parser(sub)
     return p
 
 
