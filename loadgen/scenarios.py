@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from servetune.loadgen import progress
 from servetune.loadgen.client import loop_factory, run_loop
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
@@ -241,6 +242,7 @@ async def _execute_all(endpoint: Endpoint, requests: Sequence[Request], settings
         positions = Positions(_count(settings, len(requests)), settings.duration_s, multiple) if closed else None
 
         async def start() -> float:
+            progress.emit("measuring")  # the warm-up is done
             return time.perf_counter()
 
         result = await execute(endpoint, requests, jobs[0], positions, seeds[1], deadline, settings.timeout_s, start)
@@ -264,6 +266,7 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
                     for r in requests]
     deadline = time.perf_counter() + settings.timeout_s
     jobs, notes = plan_jobs(settings, len(requests))
+    progress.emit("level_start", settings=settings, dataset_size=len(requests))
     # Objects alive now live for the whole run: freezing them keeps GC pauses out of the timings.
     gc.collect()
     gc.freeze()
@@ -294,6 +297,7 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
                     # records' times are seconds since this time.perf_counter() value (CLOCK_MONOTONIC on
                     # Linux): it lines them up with other logs of the same machine (server traces, ...)
                     t0_perf_counter=next((res.t0 for res in results if res.t0 is not None), None))
+    progress.emit("level_done", settings=settings, summary=summary, valid=not reasons)
     return ScenarioResult(scenario=settings.kind, settings=recorded, records=all_records, duration_s=duration,
                           summary=summary, valid=not reasons, invalid_reasons=reasons, notes=notes)
 

@@ -99,8 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     spec_objectives = [(o.scenario or spec.workload.scenarios[0].label, o.metric) for o in spec.objectives]
+    from servetune.optimizer.progress import RunProgress
+
+    live = RunProgress(console, spec, _fmt_params)
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
+        _print_event(kind, data)
+        live.event(kind, data)
+
+    def _print_event(kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
             console.print(f"[bold]servetune[/] study [bold]{spec.name}[/]: {data['done']} of {data['budget']} trials "
                           f"done, results in {data['run_dir']}")
@@ -124,7 +131,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         driver = StudyDriver(spec, on_event=on_event, ray_address=args.ray_address)
-        outcome = driver.run()
+        try:
+            outcome = driver.run()
+        finally:
+            live.stop()
     except StudyLocked as e:
         err_console.print(f"error: {e}", markup=False)
         return EXIT_USAGE

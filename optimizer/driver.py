@@ -508,6 +508,7 @@ class StudyDriver:
                                            "too many failures")
                 break
             ready = executor.wait(list(in_flight), timeout_s=1.0)
+            self.on_event("tick", {"in_flight": [p for _, p in in_flight.values()]})
             if withdrawn is None and time.monotonic() >= deadline:
                 # no engine starts after the wall time: unqueue what has not (nothing is submitted after it,
                 # so one look at the in-flight trials is enough)
@@ -864,7 +865,9 @@ class StudyDriver:
                 plan = todo.pop(0)
                 in_flight[executor.submit(plan)] = plan
                 self.on_event("repeat", {"number": plan.number, "trial_dir": plan.trial_dir})
-            for ref in executor.wait(list(in_flight), timeout_s=1.0):
+            ready = executor.wait(list(in_flight), timeout_s=1.0)
+            self.on_event("tick", {"in_flight": list(in_flight.values())})
+            for ref in ready:
                 plan = in_flight.pop(ref)
                 try:
                     r = executor.result(ref)

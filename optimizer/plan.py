@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 # Engine start (launch → /health 200), seconds, low-high, where the study's own run has none measured:
-# sim on 2 loaded cores 1.6-2.1 s; vLLM 0.26 8B on H200 61-94 s warm, 152 s cold; SGLang 0.5.17 8B 58-67 s
-# warm, 123 s cold; a 70B took 120-293 s (docs/results/2026-11-22-*).
-START_S = {"sim": (1.5, 3.0), "vllm": (60.0, 155.0), "sglang": (55.0, 125.0)}
+# sim 1.6-2.1 s alone, 2.5-4.1 s in the quickstart on 2 cores shared with other jobs; vLLM 0.26 8B on H200
+# 61-94 s warm, 152 s cold; SGLang 0.5.17 8B 58-67 s warm, 123 s cold; a 70B took 120-293 s
+# (docs/results/2026-11-22-*).
+START_S = {"sim": (1.5, 4.5), "vllm": (60.0, 155.0), "sglang": (55.0, 125.0)}
 START_S_LARGE = (120.0, 300.0)  # models of 40 GiB of weights and more (compile and load time grow with them)
 STOP_S = {"sim": 1.0}  # an engine's shutdown and the GPU's release; real engines default below
 STOP_S_REAL = 15.0
-OVERHEAD_S = 15.0  # Ray's start and the report at the end (quickstart on 2 loaded cores: 10-20 s together)
+OVERHEAD_S = 30.0  # Ray's start and the report at the end (the quickstart on 2 shared cores: 30 s together)
 ESTIMATES = 12  # configurations the estimator scores (0.2-0.3 s each on a laptop core)
 
 
@@ -176,16 +177,18 @@ def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -
     trial = (start[0] + stop + sum(a for a, _ in per_scenario.values()),
              start[1] + stop + sum(b for _, b in per_scenario.values()))
     gpus = [rules.gpus_needed(d.full_params(e, p)) for e, p in accepted] or [1]
-    # trials at once, on average: the GPUs over what an average accepted configuration takes, within parallel
+    # trials at once: the GPUs over what an average accepted configuration takes (the sampler may favour the
+    # widest ones instead: the upper bound), within budget.parallel
     at_once = max(1.0, min(float(spec.budget.parallel), spec.hardware.gpus / statistics.mean(gpus)))
-    baseline = len(d.space.engines) if spec.baseline else 0
-    rounds = math.ceil(max(spec.budget.trials, baseline) / at_once)
-    study = (OVERHEAD_S + rounds * trial[0], OVERHEAD_S + rounds * trial[1])
+    fewest = max(1, min(spec.budget.parallel, spec.hardware.gpus // max(gpus)))
+    n = max(spec.budget.trials, len(d.space.engines) if spec.baseline else 0)
+    rounds = (math.ceil(n / at_once), math.ceil(n / fewest))
+    study = (OVERHEAD_S + rounds[0] * trial[0], OVERHEAD_S + rounds[1] * trial[1])
     capped = spec.budget.wall_time_s
     if capped:
         study = (min(study[0], capped + trial[1]), min(study[1], capped + trial[1]))
     return {"start_s": start, "start_from": start_from, "stop_s": stop, "scenarios": per_scenario,
-            "trial_s": trial, "at_once": at_once, "rounds": rounds, "study_s": study, "wall_time_s": capped,
+            "trial_s": trial, "at_once": (at_once, fewest), "rounds": rounds, "study_s": study, "wall_time_s": capped,
             "repeats": spec.budget.repeats}
 
 
@@ -197,6 +200,11 @@ def _dur(s: float) -> str:
     if s < 5400:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def _span(pair, fmt: str = "d") -> str:
+    a, b = pair
+    return format(a, fmt) if a == b else f"{format(a, fmt)}–{format(b, fmt)}"
 
 
 def _num(v: float) -> str:
@@ -253,7 +261,7 @@ def lines(spec, plan: Plan) -> list[str]:
                          for label, (a, b) in w["scenarios"].items())
         lo, hi = w["study_s"]
         out.append(f"wall time: about {_dur(lo)}" + (f" – {_dur(hi)}" if hi > lo * 1.05 else "")
-                   + f" ({w['rounds']} rounds of {w['at_once']:.3g} trial(s) at once on average; a trial {_dur(w['trial_s'][0])}"
+                   + f" ({_span(w['rounds'])} rounds of {_span(w['at_once'][::-1], '.3g')} trial(s) at once; a trial {_dur(w['trial_s'][0])}"
                    + (f"–{_dur(w['trial_s'][1])}" if w["trial_s"][1] > w["trial_s"][0] * 1.05 else "")
                    + f": engine start {_dur(w['start_s'][0])}–{_dur(w['start_s'][1])} ({w['start_from']}), {scen})"
                    + (f"; budget.wall_time_s stops new trials after {_dur(w['wall_time_s'])}" if w["wall_time_s"] else "")

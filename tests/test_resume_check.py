@@ -10,13 +10,13 @@ from servetune.optimizer.records import TrialResult, write_json_atomic
 from study_fixtures import write_study
 
 
-def _measured_run(tmp_path):
+def _measured_run(tmp_path, **study):
     """A run directory as a first `servetune run` leaves it: the study file's copy, an Optuna trial sampled from
     the study's domains in the real SQLite storage, and its trial record."""
     from servetune.optimizer.driver import StudyDriver
     from servetune.optimizer.spec import load_study
 
-    path = write_study(tmp_path, trials=2)
+    path = write_study(tmp_path, **{"trials": 2, **study})
     spec = load_study(path)
     driver = StudyDriver(spec)
     spec.run_dir.mkdir(parents=True)
