@@ -23,8 +23,8 @@ import optuna
 from servetune.optimizer import rules
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, gpu_use, trial_records,
-                                         write_json_atomic)
+from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, close_session, gpu_use, open_session,
+                                         read_sessions, trial_records, write_json_atomic)
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
 
@@ -158,12 +158,14 @@ def config_key(engine: str, params: dict[str, Any]) -> str:
 
 
 def _lock(run_dir: Path):
-    f = open(run_dir / ".lock", "w")
+    f = open(run_dir / ".lock", "a+")  # not "w": a second driver must not erase the holder's pid
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise StudyLocked(f"another servetune process is running the study in {run_dir}") from None
+    f.seek(0)
+    f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     return f
@@ -211,6 +213,8 @@ class StudyDriver:
                         stale_ids.add(tid)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass  # another driver got there first
+        requeued_keys: set[str] = set()
+        seen: dict[str, TrialResult] | None = None
         for ft in study.get_trials(deepcopy=False):
             running = ft.state == optuna.trial.TrialState.RUNNING and exclusive
             if not (running or ft._trial_id in stale_ids):
@@ -222,6 +226,19 @@ class StudyDriver:
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
                 continue
+            # one requeue per config: a trial parked on the config another was measuring (or a config measured
+            # since) would come back as a duplicate and spend a trial of the budget on nothing
+            key = ft.user_attrs.get(KEY)
+            seen = self._seen_configs(study) if seen is None else seen
+            if key and (key in requeued_keys or key in seen):
+                why = "driver stopped while this trial waited for the same config's result; not queued again"
+                if running:
+                    self._drop(study, ft._trial_id, ft.number, why)
+                else:
+                    self._mark_stale_file(ft.number, why)
+                continue
+            if key:
+                requeued_keys.add(key)
             self._requeue(study, ft._trial_id, ft.number, ft.params, bool(ft.user_attrs.get(BASELINE)),
                           "driver stopped while this trial ran; it was queued again", fail=running)
             requeued += 1
@@ -401,6 +418,7 @@ class StudyDriver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(self.run_dir)
         executor = None
+        session = None
         try:
             from servetune.optimizer import resume_check
 
@@ -412,6 +430,7 @@ class StudyDriver:
             exclusive = self.spec.storage is None  # our own SQLite file under our lock: RUNNING means stale
             study = self.open_study()
             resume_check.check_distributions(study, self.space)
+            session = open_session(self.run_dir)  # GPU use counts the time drivers ran, not the gaps between
             requeued = self.recover(study, exclusive)
             if requeued:
                 self.on_event("resumed", {"requeued": requeued})
@@ -434,6 +453,8 @@ class StudyDriver:
         finally:
             if executor is not None:
                 executor.shutdown()
+            if session is not None:
+                close_session(self.run_dir, session)
             lock.close()
 
     def _executor(self):
@@ -940,5 +961,5 @@ class StudyDriver:
         if repeats is not None:
             summary["noise"] = repeats
         records = trial_records(self.run_dir).values()
-        outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus)
+        outcome.gpu_use = summary["gpu_use"] = gpu_use(records, self.spec.hardware.gpus, read_sessions(self.run_dir))
         write_json_atomic(self.run_dir / "summary.json", summary)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
 
-from servetune.optimizer.records import gpu_use
+from servetune.optimizer.records import gpu_use, read_sessions
 from servetune.reports.analysis import sla_costs
 from servetune.reports.charts import Chart, importance_chart, scenario_charts, template
 from servetune.reports.details import all_details, log_tail
@@ -134,7 +134,8 @@ def render_report(run: Run, *, mode: str = "static", study_id: str = "", version
         states=run.state_counts(),
         n_sla_met=int(run.sla_met_all([s.name for s in run.scenarios]).sum()) if run.scenarios else 0,
         n_not_valid=_count_not_valid(run),
-        gpu_use=gpu_use(run.trials.to_dict("records"), run.gpu_count) if run.gpu_count and len(run.trials) else {},
+        gpu_use=gpu_use(run.trials.to_dict("records"), run.gpu_count, read_sessions(run.run_dir))
+        if run.gpu_count and len(run.trials) else {},
         objectives=[f"{o.direction} {o.scenario} · {metric_label(o.metric)}" for o in run.objectives],
         headlines=headlines(run),
         scenarios=scenarios,
