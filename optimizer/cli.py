@@ -242,6 +242,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="servetune", description="Find the inference-server configuration that serves "
                                 "your model, on your GPUs, for your workload, best.")
+    p.add_argument("--version", action="version", version=f"servetune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("study")
@@ -267,16 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     from servetune.optimizer.export_cli import add_parser as add_export_parser
 
     add_export_parser(sub)
-    from servetune.optimizer import bench_cli, plan
+    from servetune.optimizer import bench_cli, list_runs, plan
 
     bench_cli.add_parser(sub)
     plan.add_parser(sub)
+    list_runs.add_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        return version("servetune")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # --version, --help and usage errors end here
         return int(args.func(args) or 0)
     except SystemExit as e:
         return int(e.code or 0)

@@ -194,7 +194,12 @@ class StudyDriver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # We record heartbeats ourselves for in-flight trials (ask/tell has no optimize() loop to do it).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():
+            # Optuna marks heartbeat_interval experimental (since 2.9); the heartbeat is how a driver on shared
+            # storage finds a dead driver's trials, so the warning would only repeat on every run
+            warnings.filterwarnings("ignore", message=r"Argument ``heartbeat_interval`` is an experimental feature",
+                                    category=optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
         directions = [o.direction for o in self.spec.objectives]
         sampler = make_sampler(self.spec, self.space, len(directions))
         return optuna.create_study(study_name=self.spec.name, storage=storage, sampler=sampler,

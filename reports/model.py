@@ -93,7 +93,8 @@ class Run:
         if not self.trials.empty:
             for eng, ver in self.trials[["engine", "engine_version"]].itertuples(index=False):
                 if isinstance(eng, str) and eng:
-                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver else eng] = None
+                    # the sim is servetune's own engine: its catalog revision ("1") is no release to name
+                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver and eng != "sim" else eng] = None
         if not seen:
             for e in self.spec.get("engines") or []:
                 name = e.get("name") if isinstance(e, dict) else e
