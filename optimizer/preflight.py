@@ -13,7 +13,7 @@ from typing import Any
 
 # Configurations checked against the rules at most (engines × grid points); beyond it the space is too big to
 # enumerate up front and the rules judge each sampled configuration as before.
-ENUMERATE_LIMIT = 20_000
+ENUMERATE_LIMIT = 5_000
 RANGE_POINTS = 4  # a {low, high} range is enumerated at this many points (plan's estimate, never an error)
 
 
