@@ -79,7 +79,7 @@ def test_every_example_passes_validate_and_what_run_does_before_launching(exampl
 def test_validate_no_path_check_checks_a_gpu_study_on_a_laptop(capsys, tmp_path):
     gpu_study = str(ROOT / "search_spaces" / "examples" / "gpu-vllm-llama8b.yaml")
     code, _, err = _cli(capsys, "validate", gpu_study)
-    assert code == 2 and re.search(r"gpu-vllm-llama8b.yaml:4: model.path: no such directory", err), err
+    assert code == 2 and re.search(r"gpu-vllm-llama8b.yaml:5: model.path: no such directory", err), err
     code, out, err = _cli(capsys, "validate", gpu_study, "--no-path-check")
     assert code == 0 and "model.path '/tmp/models/llama-3.1-8b' not checked here" in out, out + err
     # with a preset beside the path, the rules run over the space on the preset's shape
