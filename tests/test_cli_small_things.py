@@ -1,5 +1,5 @@
-"""The small things a new user notices (issue 17.8): --version, list, where compare writes, no Optuna
-ExperimentalWarning, the README's study file."""
+"""The small things a new user notices (issue 17.8): --version, list, no Optuna ExperimentalWarning, the
+README's study file (where compare writes: tests/test_report_features.py::test_write_compare_file)."""
 from __future__ import annotations
 
 import json
@@ -38,16 +38,6 @@ def test_list_shows_each_study_with_status_trials_and_best(tmp_path, capsys):
     assert "done (trial budget reached)" in rows[str(done)]
     assert re.search(r"offline\.output_tokens_per_s_per_gpu [\d,.]+ \(#\d+\)", rows[str(done)])
     assert cli.main(["list", str(tmp_path / "nothing-here")]) == 2
-
-
-def test_report_compare_writes_next_to_the_runs(tmp_path, monkeypatch):
-    from servetune.reports.compare import write_compare
-
-    a = write_run(tmp_path / "runs" / "a", with_db=False)
-    b = shutil.copytree(a, tmp_path / "runs" / "b")
-    monkeypatch.chdir(tmp_path / "runs" / "a")  # not where it lands
-    out = write_compare(a, b)
-    assert out == tmp_path / "runs" / "compare-a-vs-b.html" and out.is_file()
 
 
 def test_opening_a_study_warns_nothing_experimental(tmp_path):

@@ -197,8 +197,10 @@ def test_compare_matches_scenarios_by_kind():
     assert notes == ["scenario server is only in A", "scenario chat is only in B"]
 
 
-def test_write_compare_file(tmp_path, run_dir):
-    out = write_compare(run_dir, run_dir, tmp_path / "c.html")
+def test_write_compare_file(tmp_path, run_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where it lands: by default, beside the runs (issue 17.8)
+    out = write_compare(run_dir, run_dir)
+    assert out == Path(run_dir).resolve().parent / f"compare-{Path(run_dir).name}-vs-{Path(run_dir).name}.html"
     text = out.read_text()
     assert "(A)" in text and "(B)" in text and not re.search(r"<script[^>]*\bsrc\s*=", text)
 
