@@ -264,9 +264,9 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
     if settings.ignore_eos is not None:
         requests = [r if r.ignore_eos == settings.ignore_eos else replace(r, ignore_eos=settings.ignore_eos)
                     for r in requests]
+    progress.emit("level_start", settings=settings, dataset_size=len(requests))  # before the clock starts
     deadline = time.perf_counter() + settings.timeout_s
     jobs, notes = plan_jobs(settings, len(requests))
-    progress.emit("level_start", settings=settings, dataset_size=len(requests))
     # Objects alive now live for the whole run: freezing them keeps GC pauses out of the timings.
     gc.collect()
     gc.freeze()

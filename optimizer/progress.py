@@ -63,11 +63,14 @@ class TrialProgress:
         loadgen_progress.remove(self._on_event)
 
     def _write(self, **update: Any) -> None:
-        from servetune.optimizer.records import write_json_atomic
+        import os
 
         self.state.update(update, updated=time.time())
-        try:
-            write_json_atomic(self.path, self.state)
+        tmp = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
+        try:  # by rename, so the driver never reads half a file; no fsync: a lost update costs nothing
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.state), encoding="utf-8")
+            os.replace(tmp, self.path)
         except OSError:
             pass  # progress is for people: a full disk fails the trial elsewhere, not here
 
