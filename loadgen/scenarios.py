@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from servetune.loadgen import progress
 from servetune.loadgen.client import loop_factory, run_loop
 from servetune.loadgen.datasets import prompt_format_of
 from servetune.loadgen.endpoint import Endpoint
@@ -257,6 +258,7 @@ async def _execute_all(endpoint: Endpoint, requests: Sequence[Request], settings
         positions = Positions(_count(settings, len(requests)), settings.duration_s, multiple) if closed else None
 
         async def start() -> float:
+            progress.emit("measuring")  # the warm-up is done
             return time.perf_counter()
 
         result = await execute(endpoint, requests, jobs[0], positions, seeds[1], deadline, settings.timeout_s, start)
@@ -278,6 +280,7 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
     if settings.ignore_eos is not None:
         requests = [r if r.ignore_eos == settings.ignore_eos else replace(r, ignore_eos=settings.ignore_eos)
                     for r in requests]
+    progress.emit("level_start", settings=settings, dataset_size=len(requests))  # before the clock starts
     deadline = time.perf_counter() + settings.timeout_s
     jobs, notes = plan_jobs(settings, len(requests))
     # Objects alive now live for the whole run: freezing them keeps GC pauses out of the timings.
@@ -311,6 +314,7 @@ async def run_scenario(endpoint: Endpoint, requests: Sequence[Request], settings
                     # records' times are seconds since this time.perf_counter() value (CLOCK_MONOTONIC on
                     # Linux): it lines them up with other logs of the same machine (server traces, ...)
                     t0_perf_counter=next((res.t0 for res in results if res.t0 is not None), None))
+    progress.emit("level_done", settings=settings, summary=summary, valid=not reasons)
     return ScenarioResult(scenario=settings.kind, settings=recorded, records=all_records, duration_s=duration,
                           summary=summary, valid=not reasons, invalid_reasons=reasons, notes=notes)
 

@@ -387,25 +387,30 @@ def _bench(args: argparse.Namespace) -> int:
         + (f" (tokenizer {tokenizer.path})" if tokenizer is not None else "") + f", {reuse}")
     auditor, doc["audit"] = _auditor(args)
     say(f"audit: {doc['audit']['how']}")
-    if args.find_max_qps:
-        lo = args.qps_lo or settings.qps
-        if args.qps_floor is not None and not 0 < args.qps_floor <= lo:
-            raise UsageError(f"--qps-floor must be in (0, {lo:g}] (the lowest rate tried below --qps-lo)")
-        sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
-                          max_level_duration_s=longest_level_s(settings, args.max_level_duration),
-                          floor=args.qps_floor, auditor=auditor)
-        results = sr.levels
-        doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
-                   bracket=list(sr.bracket), runs=sr.runs, floor=sr.floor)
-    elif args.concurrency and len(args.concurrency) > 1:
-        sw = concurrency_sweep(endpoint, requests, settings, args.concurrency, auditor=auditor)
-        results = sw.levels
-        doc.update(mode="concurrency_sweep", points=sw.points())
-    else:
-        # one run of the dataset as given: nothing fresh to re-run it with, so its audit is recorded only
-        once = lambda: run(endpoint, requests, settings)  # noqa: E731
-        results = [auditor.run_level(once) if auditor is not None else once()]
-        doc.update(mode="single")
+    from servetune.optimizer.progress import BenchProgress
+
+    sweep = bool(args.concurrency and len(args.concurrency) > 1)
+    levels = args.max_levels if args.find_max_qps else len(args.concurrency) if sweep else 1
+    with BenchProgress(_console(args.quiet), levels=levels, bounded=bool(args.find_max_qps)):
+        if args.find_max_qps:
+            lo = args.qps_lo or settings.qps
+            if args.qps_floor is not None and not 0 < args.qps_floor <= lo:
+                raise UsageError(f"--qps-floor must be in (0, {lo:g}] (the lowest rate tried below --qps-lo)")
+            sr = find_max_qps(endpoint, requests, settings, lo, args.qps_hi, args.qps_tolerance, args.max_levels,
+                              max_level_duration_s=longest_level_s(settings, args.max_level_duration),
+                              floor=args.qps_floor, auditor=auditor)
+            results = sr.levels
+            doc.update(mode="find_max_qps", best_qps=sr.best_qps, stopped_because=sr.stopped_because,
+                       bracket=list(sr.bracket), runs=sr.runs, floor=sr.floor)
+        elif sweep:
+            sw = concurrency_sweep(endpoint, requests, settings, args.concurrency, auditor=auditor)
+            results = sw.levels
+            doc.update(mode="concurrency_sweep", points=sw.points())
+        else:
+            # one run of the dataset as given: nothing fresh to re-run it with, so its audit is recorded only
+            once = lambda: run(endpoint, requests, settings)  # noqa: E731
+            results = [auditor.run_level(once) if auditor is not None else once()]
+            doc.update(mode="single")
     doc["results"] = [r.to_dict() for r in results]
     for r in results:
         say("  " + _line(r))
@@ -439,6 +444,13 @@ def _bench(args: argparse.Namespace) -> int:
     say(f"wrote {out / 'result.json'} and {rec_path}")
     any_ok = any(r.summary.get("requests_ok", 0) > 0 for r in results)
     return 0 if any_ok else 1
+
+
+def _console(quiet: bool):
+    """Progress goes to stderr (stdout keeps the results); --quiet silences it."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=quiet)
 
 
 def _json_default(o: Any) -> Any:

@@ -28,6 +28,15 @@ class ParamMapping:
     # 0.33's --enable-x / --disable-x pairs. ``flag`` stays the knob's main flag (what version checks look for).
     when_true: tuple = ()
     when_false: tuple = ()
+    # Every value the engine accepts (neutral spelling; ``values`` spellings count too). Empty: not listed, so
+    # not checked. A study value outside it is refused before launch instead of failing the engine (bad_args).
+    choices: tuple = ()
+
+    def accepts(self, value: Any) -> bool:
+        if not self.choices or value is None:
+            return True
+        v = str(value)
+        return v in self.choices or v in self.values or v in {str(x) for x in self.values.values()}
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ def load_catalog(engine: str, version: str | None = None) -> Catalog:
             style=m.get("style", "value"), values=dict(m.get("values") or {}), omit=tuple(m.get("omit") or ()),
             when_true=tuple(str(a) for a in m.get("when_true") or ()),
             when_false=tuple(str(a) for a in m.get("when_false") or ()),
+            choices=tuple(str(c) for c in m.get("choices") or ()),
         )
     return Catalog(
         engine=raw["engine"], version=str(version or raw.get("version", "")), command=tuple(raw["command"]),

@@ -33,32 +33,42 @@ def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(parts) or "(engine defaults)"
 
 
-def _load(path: str):
+def _load(path: str, check_paths: bool = True):
     from servetune.optimizer.spec import SpecError, load_study
 
     try:
-        return load_study(path)
+        return load_study(path, check_paths=check_paths)
     except SpecError as e:
         for line in e.lines:
             err_console.print(line, markup=False)
         raise SystemExit(EXIT_USAGE) from None
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    spec = _load(args.study)
-    from servetune.optimizer.driver import resolve_model
-    from servetune.optimizer.space import SearchSpace
+def _preflight(spec, path: str, check_paths: bool = True):
+    """The checks run makes before its first launch; their errors end the command (exit 2)."""
+    from servetune.optimizer import preflight
 
-    try:
-        model = resolve_model(spec)
-        space = SearchSpace([e.name for e in spec.engines], spec.search, {e.name: e.version for e in spec.engines})
-    except (ValueError, FileNotFoundError) as e:
-        err_console.print(f"{args.study}:1: model: {e}", markup=False)
-        return EXIT_USAGE
-    n = len(space.grid()) if all(d.choices for d in space.dimensions.values()) else None
-    console.print(f"{args.study}: ok — study {spec.name!r}, model {model.name}, engines "
-                  f"{', '.join(space.engines)}, {len(space.dimensions)} parameters"
-                  + (f" ({n} configurations)" if n else "") + f", {spec.budget.trials} trials", markup=False)
+    pf = preflight.check(spec, path, check_paths=check_paths)
+    if pf.errors:
+        for line in pf.errors:
+            err_console.print(line, markup=False)
+        raise SystemExit(EXIT_USAGE)
+    return pf
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    check_paths = not args.no_path_check
+    spec = _load(args.study, check_paths)
+    pf = _preflight(spec, args.study, check_paths)
+    for note in pf.notes:
+        console.print(f"note: {note}", markup=False)
+    space = pf.driver.space if pf.driver else None
+    n = len(pf.configs) if pf.exact and pf.configs else None
+    rejected = f", {pf.n_rejected} of them rejected by the rules (servetune plan lists why)" if n and pf.n_rejected else ""
+    console.print(f"{args.study}: ok — study {spec.name!r}, model {pf.driver.model.name if pf.driver else spec.model.path}, "
+                  f"engines {', '.join(e.name for e in spec.engines)}, "
+                  f"{len(space.dimensions) if space else len(spec.search)} parameters"
+                  + (f" ({n} configurations{rejected})" if n else "") + f", {spec.budget.trials} trials", markup=False)
     return 0
 
 
@@ -66,16 +76,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     spec = _load(args.study)
+    _preflight(spec, args.study)
     if args.output_dir:
         spec.output_dir = args.output_dir
     if args.trials:
         spec.budget.trials = args.trials
+    from servetune.optimizer import resume_check
     from servetune.optimizer.driver import StudyDriver, StudyLocked
+
+    changed = resume_check.compare(spec)
+    if args.new and changed.stored:
+        old_dir = spec.run_dir
+        spec.name, spec.output_dir = resume_check.fresh_name(spec)
+        console.print(f"a new study [bold]{spec.name}[/] in {spec.run_dir} ({old_dir} is kept as it is)")
+    elif changed.refused:
+        for line in changed.refusal(args.study):
+            err_console.print(line, markup=False)
+        return EXIT_USAGE
+    elif changed.allowed:
+        console.print("resuming with changes that keep the results comparable: " + "; ".join(changed.allowed),
+                      markup=False)
 
     t0 = time.monotonic()
     spec_objectives = [(o.scenario or spec.workload.scenarios[0].label, o.metric) for o in spec.objectives]
+    from servetune.optimizer.progress import RunProgress
+
+    live = RunProgress(console, spec, _fmt_params)
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
+        _print_event(kind, data)
+        live.event(kind, data)
+
+    def _print_event(kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
             console.print(f"[bold]servetune[/] study [bold]{spec.name}[/]: {data['done']} of {data['budget']} trials "
                           f"done, results in {data['run_dir']}")
@@ -99,9 +131,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         driver = StudyDriver(spec, on_event=on_event, ray_address=args.ray_address)
-        outcome = driver.run()
+        try:
+            outcome = driver.run()
+        finally:
+            live.stop()
     except StudyLocked as e:
         err_console.print(f"error: {e}", markup=False)
+        return EXIT_USAGE
+    except resume_check.StudyChanged as e:
+        for line in e.lines:
+            err_console.print(line, markup=False)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as e:  # model/catalog problems found while preparing
         err_console.print(f"{args.study}:1: {e}", markup=False)
@@ -228,6 +267,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="servetune", description="Find the inference-server configuration that serves "
                                 "your model, on your GPUs, for your workload, best.")
+    p.add_argument("--version", action="version", version=f"servetune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("study")
@@ -235,9 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trials", type=int, help="override budget.trials")
     r.add_argument("--ray-address", help="join an existing Ray cluster (default: a local instance)")
     r.add_argument("--no-report", action="store_true")
+    r.add_argument("--new", action="store_true",
+                   help="start a fresh study (NAME-2, NAME-3, ...) instead of resuming the one in the run directory; "
+                        "needed when the study file changes what is measured or searched")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a study file")
     v.add_argument("study")
+    v.add_argument("--no-path-check", action="store_true",
+                   help="do not look for model.path and the dataset file (check a GPU host's study elsewhere)")
     v.set_defaults(func=cmd_validate)
     from servetune.reports.command import USAGE as REPORT_USAGE, add_arguments as report_arguments
 
@@ -248,15 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
     from servetune.optimizer.export_cli import add_parser as add_export_parser
 
     add_export_parser(sub)
-    from servetune.optimizer import bench_cli
+    from servetune.optimizer import bench_cli, list_runs, plan
 
     bench_cli.add_parser(sub)
+    plan.add_parser(sub)
+    list_runs.add_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        return version("servetune")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # --version, --help and usage errors end here
         return int(args.func(args) or 0)
     except SystemExit as e:
         return int(e.code or 0)

@@ -23,8 +23,8 @@ import optuna
 from servetune.optimizer import rules
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, gpu_use, trial_records,
-                                         write_json_atomic)
+from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, close_session, gpu_use, open_session,
+                                         read_sessions, trial_records, write_json_atomic)
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.vs_baseline import compare
@@ -168,12 +168,14 @@ def config_key(engine: str, params: dict[str, Any]) -> str:
 
 
 def _lock(run_dir: Path):
-    f = open(run_dir / ".lock", "w")
+    f = open(run_dir / ".lock", "a+")  # not "w": a second driver must not erase the holder's pid
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise StudyLocked(f"another servetune process is running the study in {run_dir}") from None
+    f.seek(0)
+    f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     return f
@@ -211,7 +213,12 @@ class StudyDriver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # We record heartbeats ourselves for in-flight trials (ask/tell has no optimize() loop to do it).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():
+            # Optuna marks heartbeat_interval experimental (since 2.9); the heartbeat is how a driver on shared
+            # storage finds a dead driver's trials, so the warning would only repeat on every run
+            warnings.filterwarnings("ignore", message=r"Argument ``heartbeat_interval`` is an experimental feature",
+                                    category=optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
         directions = [o.direction for o in self.spec.objectives]
         sampler = make_sampler(self.spec, self.space, len(directions))
         return optuna.create_study(study_name=self.spec.name, storage=storage, sampler=sampler,
@@ -230,6 +237,8 @@ class StudyDriver:
                         stale_ids.add(tid)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass  # another driver got there first
+        requeued_keys: set[str] = set()
+        seen: dict[str, TrialResult] | None = None
         for ft in study.get_trials(deepcopy=False):
             running = ft.state == optuna.trial.TrialState.RUNNING and exclusive
             if not (running or ft._trial_id in stale_ids):
@@ -242,6 +251,19 @@ class StudyDriver:
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
                 continue
+            # one requeue per config: a trial parked on the config another was measuring (or a config measured
+            # since) would come back as a duplicate and spend a trial of the budget on nothing
+            key = ft.user_attrs.get(KEY)
+            seen = self._seen_configs(study) if seen is None else seen
+            if key and (key in requeued_keys or key in seen):
+                why = "driver stopped while this trial waited for the same config's result; not queued again"
+                if running:
+                    self._drop(study, ft._trial_id, ft.number, why)
+                else:
+                    self._mark_stale_file(ft.number, why)
+                continue
+            if key:
+                requeued_keys.add(key)
             self._requeue(study, ft._trial_id, ft.number, ft.params, bool(ft.user_attrs.get(BASELINE)),
                           "driver stopped while this trial ran; it was queued again", fail=running,
                           engine=ft.user_attrs.get(ENGINE))
@@ -340,6 +362,9 @@ class StudyDriver:
         eng = get_engine(engine, es.command, es.version)
         full = {**eng.defaults(), **params}
         reasons = [f"{engine} has no flag for {p}" for p in self.space.unsupported(engine) if p in params]
+        cat = self.space.catalogs[engine]
+        reasons += [f"{engine} {cat.version} does not accept {p}={v} (search_spaces/{engine}.yaml lists its choices)"
+                    for p, v in params.items() if p in cat.params and not cat.params[p].accepts(v)]
         reasons += rules.check(full, self.model.shape, gpus_available=self.spec.hardware.gpus,
                                max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
                                gpu_memory_gib=self.gpu_mem,
@@ -441,11 +466,19 @@ class StudyDriver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(self.run_dir)
         executor = None
+        session = None
         try:
+            from servetune.optimizer import resume_check
+
+            changed = resume_check.compare(self.spec)
+            if changed.refused:  # before the stored file is replaced and before Optuna is asked anything
+                raise resume_check.StudyChanged(changed.refusal(self.spec.source))
             if self.spec.source and Path(self.spec.source).exists():
                 shutil.copyfile(self.spec.source, self.run_dir / "study.yaml")
             exclusive = self.spec.storage is None  # our own SQLite file under our lock: RUNNING means stale
             study = self.open_study()
+            resume_check.check_distributions(study, self.space)
+            session = open_session(self.run_dir)  # GPU use counts the time drivers ran, not the gaps between
             requeued = self.recover(study, exclusive)
             if requeued:
                 self.on_event("resumed", {"requeued": requeued})
@@ -469,6 +502,8 @@ class StudyDriver:
         finally:
             if executor is not None:
                 executor.shutdown()
+            if session is not None:
+                close_session(self.run_dir, session)
             lock.close()
 
     def _note_unchecked_numerics(self) -> None:
@@ -553,6 +588,7 @@ class StudyDriver:
                                            "too many failures")
                 break
             ready = executor.wait(list(in_flight), timeout_s=1.0)
+            self.on_event("tick", {"in_flight": [p for _, p in in_flight.values()]})
             if withdrawn is None and time.monotonic() >= deadline:
                 # no engine starts after the wall time: unqueue what has not (nothing is submitted after it,
                 # so one look at the in-flight trials is enough)
@@ -964,7 +1000,9 @@ class StudyDriver:
                 plan = todo.pop(0)
                 in_flight[executor.submit(plan)] = plan
                 self.on_event("repeat", {"number": plan.number, "trial_dir": plan.trial_dir})
-            for ref in executor.wait(list(in_flight), timeout_s=1.0):
+            ready = executor.wait(list(in_flight), timeout_s=1.0)
+            self.on_event("tick", {"in_flight": list(in_flight.values())})
+            for ref in ready:
                 plan = in_flight.pop(ref)
                 try:
                     r = executor.result(ref)
@@ -1038,7 +1076,7 @@ class StudyDriver:
         if repeats is not None:
             summary["noise"] = repeats
         records = trial_records(self.run_dir)
-        outcome.gpu_use = summary["gpu_use"] = gpu_use(records.values(), self.spec.hardware.gpus)
+        outcome.gpu_use = summary["gpu_use"] = gpu_use(records.values(), self.spec.hardware.gpus, read_sessions(self.run_dir))
         summary["vs_baseline"] = compare(list(records.values()), [(s, m, o.direction) for (s, m), o
                                                                 in zip(self.objectives, self.spec.objectives)])
         if self.quality is not None:

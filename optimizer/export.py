@@ -18,8 +18,11 @@ Secrets: study ``engines[].env`` values written as ``${NAME}`` become references
 shell scripts). Values are never resolved, so no token reaches an output file. A literal value under a
 secret-looking name, or after a secret-looking flag in argv, is replaced by a reference with a warning.
 
-A ``sim`` trial exports only as ``json``: its flags are the simulator's and its numbers are modelled, so a
-vLLM/SGLang deployment made from it would carry measurements nobody took.
+A ``sim`` trial exports as what it is, the simulated engine (a real OpenAI-compatible server timed by a
+roofline model): ``command``/``sim``, ``compose``, ``k8s`` and ``json``, to rehearse a deployment without a GPU.
+It requests no GPU, loads its model preset (no volume), runs from an image built from a servetune checkout
+(a ``Dockerfile`` is written beside the container formats), and every output says its numbers were modelled.
+It never becomes a vLLM/SGLang deployment: that would carry measurements nobody took.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ import yaml
 
 from servetune.optimizer import secret_refs
 
-FORMATS = ("vllm", "sglang", "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
+FORMATS = ("vllm", "sglang", "sim", "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
 REAL_ENGINES = ("vllm", "sglang")
+SIM_FORMATS = ("sim", "command", "compose", "k8s", "json")  # what a simulated trial exports as
 DEFAULT_IMAGES = {
     "vllm": "vllm/vllm-openai:v{version}",
     "sglang": "lmsysorg/sglang:v{version}-cu129",
@@ -493,7 +497,9 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
     model_rec = sp.model
     served_name = served_name or (study.get("model") or {}).get("name") or Path(model_rec).name
     name = _dns_name(opts.name or f"{study.get('name', 'servetune')}-{engine}")
-    container_model = opts.model_path or f"/models/{Path(model_rec).name or served_name}"
+    simulated = engine not in REAL_ENGINES
+    # the sim loads a preset by name (or a directory with config.json, given as --model-path): no model volume
+    container_model = opts.model_path or (model_rec if simulated else f"/models/{Path(model_rec).name or served_name}")
     shell_model = opts.model_path or model_rec
     host_model_dir = opts.model_host_path or model_rec
 
@@ -548,23 +554,28 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
             sla = s.get("sla") if isinstance(s.get("sla"), dict) else {}
             # a preset with overrides is passed as the effective limits (settings), not as the preset
             sla_preset = sla.get("preset") if set(sla) == {"preset"} else None
-    image_tmpl = opts.image or DEFAULT_IMAGES.get(engine, "")
-    image = image_tmpl.format(version=version) if image_tmpl else ""
-    cpu = opts.cpu or str(max(4, 8 * gpus))
-    memory = opts.memory or f"{max(32, 64 * gpus)}Gi"
-
     try:
         from importlib.metadata import version as _dist_version
 
         st_version = _dist_version("servetune")
     except Exception:  # noqa: BLE001 - an uninstalled checkout
         st_version = "unknown"
+    if simulated:  # the sim is servetune's own server: its version is servetune's
+        version = st_version
+        warnings.append("the simulated engine: this deployment rehearses the rollout with a server timed by a "
+                        f"roofline model of {model_rec}; it serves no real model, and the trial's numbers were "
+                        "modelled, not measured on a GPU")
+    image_tmpl = opts.image or DEFAULT_IMAGES.get(engine, "servetune-sim:{version}")
+    image = image_tmpl.format(version=version) if image_tmpl else ""
+    cpu = opts.cpu or (str(max(4, 8 * gpus)) if not simulated else "1")
+    memory = opts.memory or (f"{max(32, 64 * gpus)}Gi" if not simulated else "2Gi")
 
     metrics = {label: {k: v for k, v in (r.get("summary") or {}).items() if isinstance(v, (int, float))}
                for label, r in (t.get("scenarios") or {}).items()}
     ctx: dict[str, Any] = dict(
-        name=name, namespace=opts.namespace, engine=engine, version=version, image=image,
-        pip_spec=f"{engine}=={version}", base_command=base,
+        name=name, namespace=opts.namespace, engine=engine, version=version, image=image, simulated=simulated,
+        pip_spec="servetune" if simulated else f"{engine}=={version}", base_command=base,
+        gpu_request=0 if simulated else gpus, model_volume=not simulated or container_model.startswith("/"),
         shell_argv=base + engine_args(opts.host or "127.0.0.1", shell_model),
         container_args=engine_args("0.0.0.0", container_model),
         host=opts.host or "127.0.0.1", port=opts.port, health_path="/health", metrics_path="/metrics",
@@ -750,21 +761,29 @@ def _yaml_scalar(v: Any) -> str:
 
 def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
     engine = ctx["engine"]
-    if fmt in REAL_ENGINES:
+    if fmt in REAL_ENGINES + ("sim",):
         if fmt != engine:
             raise ExportError(f"trial {ctx['trial_number']} ran on {engine}; --format {fmt} would launch a "
                               f"different engine than the one measured (use --format {engine} or command)")
         fmt = "command"
-    if engine not in REAL_ENGINES and fmt != "json":
-        raise ExportError(f"trial {ctx['trial_number']} ran on the simulated engine ({engine}): its flags are "
-                          "the simulator's and its numbers modelled, so only --format json can be exported. "
-                          "Measure the configuration on vllm or sglang (engines: [vllm]) to deploy it.")
+    if ctx["simulated"] and fmt not in SIM_FORMATS:
+        raise ExportError(f"trial {ctx['trial_number']} ran on the simulated engine: it exports as "
+                          f"{', '.join(SIM_FORMATS)} (a rehearsal of the deployment without a GPU); --format {fmt} "
+                          "is for vllm and sglang trials. Measure the configuration on vllm or sglang "
+                          "(engines: [vllm]) to deploy it with a real model.")
     if fmt == "ray-serve" and engine != "vllm":
         raise ExportError("Ray Serve LLM (ray.serve.llm) runs vLLM only; an SGLang trial exports as "
                           "command, compose, k8s, helm, kserve or json")
     if fmt == "ray-serve":
         ctx["engine_kwargs"] = vllm_engine_kwargs(ctx)
     files = list(_FILES[fmt])
+    if ctx["simulated"] and fmt in ("compose", "k8s"):
+        files.append(("Dockerfile.sim.j2", "Dockerfile"))
+        ctx["checkout"] = _checkout()
+        build = f"docker build -f {Path(out_dir).resolve() / 'Dockerfile'} -t {ctx['image']} {ctx['checkout'] or 'SERVETUNE_CHECKOUT'}"
+        ctx["build_command"] = build
+        ctx["warnings"].append(f"the image {ctx['image']} is not published: build it from a servetune checkout "
+                               f"first ({build})")
     if fmt == "helm":
         files = [("helm-production-stack.yaml.j2" if engine == "vllm" else "helm-generic.yaml.j2", "values.yaml")]
     env = _env()
@@ -779,6 +798,14 @@ def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
             p.chmod(0o755)
         written.append(p)
     return written
+
+
+def _checkout() -> str | None:
+    """The servetune source checkout this install runs from (an editable install), if there is one."""
+    from importlib import resources
+
+    root = Path(str(resources.files("servetune.optimizer"))).resolve().parent
+    return str(root) if (root / "pyproject.toml").is_file() else None
 
 
 @dataclass

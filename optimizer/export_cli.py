@@ -3,7 +3,8 @@
     servetune export RUN_DIR --trial best --format k8s -o deploy/
 
 Prints the choice (objective, scenario, SLA filter, runner-up), any warnings, and the files written.
-Exit status: 0 written, 2 a user error (no such trial, no trial met the SLA, a sim trial to a real format).
+Exit status: 0 written, 2 a user error (no such trial, no trial met the SLA, a format the trial's engine has not:
+a sim trial exports as sim/command, compose, k8s and json).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from servetune.optimizer.export import FORMATS
 
     e = subparsers.add_parser(
-        "export", help="write the chosen trial as a deployment (command, compose, k8s, helm, kserve, ray-serve, json)",
+        "export", help="write the chosen trial as a deployment (command, compose, k8s, helm, kserve, ray-serve, json; "
+                       "a sim trial: command, compose, k8s, json)",
         description="Render the chosen trial of a run directory as a ready deployment. 'best' = the best value "
                     "of the objective (default: the study's first) in the scenario, among completed trials that "
                     "met the SLA in every scenario that has one.")
@@ -27,8 +29,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--scenario", help="scenario whose results choose (default: the objective's scenario)")
     e.add_argument("--objective", metavar="METRIC", help="metric to rank by (default: the study's first objective)")
     e.add_argument("--format", "-f", dest="fmt", required=True, choices=FORMATS,
-                   help="vllm / sglang / command: launch script + bench.sh; compose; k8s; helm; kserve; "
-                        "ray-serve (vLLM only); json (any engine, sim included)")
+                   help="vllm / sglang / sim / command: launch script + bench.sh; compose; k8s; helm; kserve; "
+                        "ray-serve (vLLM only); json. A sim trial exports as sim, command, compose, k8s or json "
+                        "(the simulated server, no GPU: a rehearsal of the deployment)")
     e.add_argument("-o", "--output-dir", required=True, help="directory to write into (created)")
     d = e.add_argument_group("deployment")
     d.add_argument("--host", help="listen address of the shell command / compose port binding (default 127.0.0.1; "

@@ -39,6 +39,9 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
                          started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"))
     t_start = time.monotonic()
     write_json_atomic(trial_dir / "trial.json", result.to_dict())
+    from servetune.optimizer.progress import TrialProgress
+
+    progress = TrialProgress(trial_dir, plan.scenarios)  # progress.json, which the driver polls
     ep = None
     try:
         if not plan.fake_gpus and not process.wait_gpus_free(gpu_ids, timeout_s=GPU_FREE_TIMEOUT_S):
@@ -82,7 +85,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
                     failure = Failure(failure.kind, "a worker failed while the server stayed up: " + reason)
             return _fail(result, failure)
         result.ready_s = round(time.monotonic() - t_launch, 3)
-        _measure(plan, engine, ep, url, launch.metrics_path, result)
+        _measure(plan, engine, ep, url, launch.metrics_path, result, progress)
         if result.state == "running" and plan.quality:
             _evaluate(plan, ep, url, result)
         if result.state == "running":
@@ -91,6 +94,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
     except Exception as e:  # never let one trial take the study down; say what broke
         return _fail(result, Failure(FailureKind.INTERNAL, f"{type(e).__name__}: {e}"))
     finally:
+        progress.close()
         if ep is not None:
             process.stop(ep, grace_s=STOP_GRACE_S)
             if ep.killed_after_grace:
@@ -104,7 +108,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
         write_json_atomic(trial_dir / "trial.json", result.to_dict())
 
 
-def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: TrialResult) -> None:
+def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: TrialResult, progress=None) -> None:
     from servetune.loadgen import datasets
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import write_records
@@ -124,6 +128,8 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     before = _scrape(engine, url + metrics_path)
     first_before = before
     for sc in plan.scenarios:
+        if progress is not None:
+            progress.scenario(sc)
         t0 = time.monotonic()
         measure = _search_rate if sc.max_qps else _sweep
         sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch, auditor)

@@ -121,12 +121,87 @@ def trial_records(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return out
 
 
-def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, Any]:
+SESSIONS = "sessions.json"  # the driver's runs of a study: [{"started": iso, "ended": iso | null, "pid": n}]
+
+
+def open_session(run_dir: str | os.PathLike) -> int:
+    """Record that a driver starts running the study now; returns the session's index (for close_session)."""
+    sessions = read_sessions(run_dir)
+    import socket
+
+    sessions.append({"started": datetime.now().astimezone().isoformat(timespec="milliseconds"), "ended": None,
+                     "pid": os.getpid(), "host": socket.gethostname()})
+    write_json_atomic(Path(run_dir) / SESSIONS, sessions)
+    return len(sessions) - 1
+
+
+def close_session(run_dir: str | os.PathLike, index: int) -> None:
+    sessions = read_sessions(run_dir)
+    if 0 <= index < len(sessions):
+        sessions[index]["ended"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        write_json_atomic(Path(run_dir) / SESSIONS, sessions)
+
+
+def read_sessions(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((Path(run_dir) / SESSIONS).read_text())
+    except (OSError, ValueError):
+        return []
+    return [s for s in data if isinstance(s, dict)] if isinstance(data, list) else []
+
+
+def study_running(run_dir: str | os.PathLike) -> bool:
+    """Whether a driver runs the study now: its last session has not ended and its process is alive (a driver
+    on another host is taken to be alive: it cannot be checked from here)."""
+    import socket
+
+    sessions = read_sessions(run_dir)
+    if not sessions or sessions[-1].get("ended"):
+        return False
+    last = sessions[-1]
+    if last.get("host") not in (None, socket.gethostname()):
+        return True
+    try:
+        os.kill(int(last.get("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _session_windows(sessions: Iterable[Mapping[str, Any]], spans: list[tuple]) -> list[tuple[float, float]]:
+    """(start, end) of each driver session, in epoch seconds; a session that never recorded its end (a killed
+    driver) ends with the last trial it released."""
+    starts = []
+    for s in sessions:
+        try:
+            starts.append(datetime.fromisoformat(str(s["started"])).timestamp())
+        except (KeyError, ValueError, TypeError):
+            continue
+    out = []
+    for i, s in enumerate(sessions):
+        try:
+            a = datetime.fromisoformat(str(s["started"])).timestamp()
+        except (KeyError, ValueError, TypeError):
+            continue
+        try:
+            b = datetime.fromisoformat(str(s.get("ended"))).timestamp()
+        except (ValueError, TypeError):
+            nxt = min((x for x in starts if x > a), default=float("inf"))
+            b = max([a] + [end for start, end, _, _ in spans if a <= start < nxt])
+        out.append((a, b))
+    return out
+
+
+def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int,
+            sessions: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """How busy the study kept its GPUs: GPU-seconds held by launched trials (launch to GPUs released) over
     the GPUs × the span from the first launch to the last release; the most GPUs held at once; and any two
     trials that held the same GPU at the same time (``shared``: [a, b, [ids]], empty unless packing broke).
     Duplicates and rejected configs hold none. Empty when nothing was launched. Takes trial records
-    (``gpu_ids`` a list) or report rows ("0,1")."""
+    (``gpu_ids`` a list) or report rows ("0,1"). ``sessions`` (:func:`read_sessions`): the span counts only
+    while a driver ran, not the hours between two runs of a resumed study."""
     spans = []
     for t in trials:
         ids, started, dup = t.get("gpu_ids"), t.get("started_at"), t.get("duplicate_of")
@@ -143,7 +218,19 @@ def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, Any]:
         spans.append((start, end, {str(i) for i in ids}, t.get("number")))
     if not spans:
         return {}
-    window = max(s[1] for s in spans) - min(s[0] for s in spans)
+    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+    window = last - first
+    windows = _session_windows(sessions or [], spans)
+    if windows:  # the union of the sessions, clipped to [first launch, last release]
+        merged: list[list[float]] = []
+        for a, b in sorted((max(a, first), min(b, last)) for a, b in windows):
+            if b <= a:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        window = sum(b - a for a, b in merged) or window
     busy = sum((end - start) * len(ids) for start, end, ids, _ in spans)
     available = window * max(gpus, 1)
     peak = max(sum(len(ids) for s, e, ids, _ in spans if s <= at < e) for at, _, _, _ in spans)

@@ -1283,16 +1283,18 @@ def _differs(a: Any, b: Any) -> bool:
     return a is None or b is None or (a.line, a.column) != (b.line, b.column)
 
 
-def load_study(path: str | os.PathLike) -> StudySpec:
+def load_study(path: str | os.PathLike, check_paths: bool = True) -> StudySpec:
+    """``check_paths=False``: model.path and the dataset path are not looked for (a GPU host's study checked
+    elsewhere)."""
     fname = str(path)
     try:
         text = study_yaml.read_text(fname)  # a regular file of bounded size, or a located error
     except study_yaml.StudyFileError as e:
         raise SpecError([f"{fname}:{e.line}: {e.where}: {e.message}"]) from None
-    return parse_study(text, fname)
+    return parse_study(text, fname, check_paths=check_paths)
 
 
-def parse_study(text: str, fname: str = "<study>") -> StudySpec:
+def parse_study(text: str, fname: str = "<study>", check_paths: bool = True) -> StudySpec:
     """Parse and validate a study's YAML text; relative paths resolve from ``fname``'s directory."""
     if len(text) > study_yaml.MAX_BYTES:
         raise SpecError([f"{fname}:1: (file): is {len(text):,} characters; a study file is at most "
@@ -1333,7 +1335,7 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
         data = {k: v for k, v in data.items() if k != "source"}
     try:
         base_dir = str(Path(fname).resolve().parent) if not fname.startswith("<") else os.getcwd()
-        spec = StudySpec.model_validate(data, context={"base_dir": base_dir})
+        spec = StudySpec.model_validate(data, context={"base_dir": base_dir} if check_paths else None)
     except ValidationError as e:
         raw = e.errors()
         # a union (`qps: 4` or a list of rates) reports every branch; keep the branch the input has the shape of
@@ -1361,3 +1363,13 @@ def parse_study(text: str, fname: str = "<study>") -> StudySpec:
         raise SpecError(list(dict.fromkeys(s for _, s in out)))
     spec.source = fname
     return spec
+
+
+def line_of(fname: str | os.PathLike, loc: tuple) -> int:
+    """The line of key path ``loc`` in the study file (its nearest parent that is written there; 1 if the file
+    cannot be read): for errors found after loading, e.g. by the pre-launch checks."""
+    try:
+        node = yaml.compose(Path(fname).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return 1
+    return _nearest_line(_line_map(node), tuple(loc)) if node is not None else 1

@@ -183,8 +183,12 @@ def pareto_chart(run: Run, sc: Scenario, spec: ChartSpec, chart_id: str) -> Char
     fig.update_layout(
         height=430, margin=dict(l=70, r=20, t=48, b=90),
         title=dict(text=f"{_esc(sc.name)}: {title}", x=0.01, font=dict(size=14)),
-        xaxis=dict(title=dict(text=axis_title(spec.x)), type="log" if x_log else "linear", zeroline=False),
-        yaxis=dict(title=dict(text=axis_title(spec.y)), type="log" if y_log else "linear"),
+        # throughput axes start at 0 (a linear axis of 388-394 tok/s would make noise look like differences);
+        # latency axes zoom on the data, where the SLA line is
+        xaxis=dict(title=dict(text=axis_title(spec.x)), type="log" if x_log else "linear", zeroline=False,
+                   **({"rangemode": "tozero"} if _is_rate(spec.x) and not x_log else {})),
+        yaxis=dict(title=dict(text=axis_title(spec.y)), type="log" if y_log else "linear",
+                   **({"rangemode": "tozero"} if _is_rate(spec.y) and not y_log else {})),
         legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), hovermode="closest",
         hoverlabel=dict(align="left", bgcolor="white", font=dict(color="#1f2937", size=12)),
     )
@@ -218,6 +222,11 @@ def importance_chart(imp: Importances, chart_id: str) -> Chart | None:
                                  rangemode="tozero"),
                       legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return Chart(id=chart_id, title="parameter importance", figure=_plain(fig), front_numbers=[])
+
+
+def _is_rate(metric: str) -> bool:
+    """A throughput (tokens or requests per second), as opposed to a latency."""
+    return "_per_s" in metric
 
 
 def _wants_log(values: list[float]) -> bool:

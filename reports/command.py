@@ -2,7 +2,8 @@
 
 - ``servetune report RUN_DIR [-o OUT]``: the self-contained offline HTML (default ``RUN_DIR/report.html``)
 - ``servetune report serve [DIR] [--host 127.0.0.1] [--port 8050]``: the local web app over every study in DIR
-- ``servetune report compare RUN_A RUN_B [-o OUT]``: two studies on one chart (default ``compare.html``)
+- ``servetune report compare RUN_A RUN_B [-o OUT]``: two studies on one chart (default next to the runs:
+  ``compare-A-vs-B.html`` in their common parent directory)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN_DIR | serve | compare", help="a run directory, or serve / compare")
     p.add_argument("more", nargs="*", metavar="DIR", help="serve: the folder of studies (default .); "
                                                           "compare: the two run directories")
-    p.add_argument("-o", "--output", help="where to write the HTML (RUN_DIR/report.html, compare.html)")
+    p.add_argument("-o", "--output", help="where to write the HTML (RUN_DIR/report.html; compare: compare-A-vs-B.html beside the runs)")
     p.add_argument("--host", default="127.0.0.1", help="serve: address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8050, help="serve: port (default 8050)")
 

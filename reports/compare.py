@@ -232,9 +232,16 @@ def render_compare(run_a: Run, run_b: Run, *, mode: str = "static", links: tuple
 
 
 def write_compare(run_a: str | Path, run_b: str | Path, out_path: str | Path | None = None) -> Path:
-    """Render the comparison of two run directories to ``out_path`` (default ``compare.html`` here)."""
+    """Render the comparison of two run directories to ``out_path`` (default: next to the runs, in their
+    common parent directory, as ``compare-A-vs-B.html``)."""
+    import os
+
     a, b = load_run(run_a), load_run(run_b)
-    out = Path(out_path) if out_path is not None else Path("compare.html")
+    if out_path is None:
+        pa, pb = Path(run_a).resolve(), Path(run_b).resolve()
+        out = Path(os.path.commonpath([pa.parent, pb.parent])) / f"compare-{pa.name}-vs-{pb.name}.html"
+    else:
+        out = Path(out_path)
     from servetune.reports.html import write_text_atomic
 
     write_text_atomic(out, render_compare(a, b))

@@ -47,7 +47,9 @@ PARAM = "param."
 DELTA = "delta."
 QUALITY = "quality."
 QUALITY_FIGURES = ("exact_match", "first_divergence_mean", "kl_mean", "kl_max", "accuracy_drop")
-STATES = ("complete", "failed", "rejected", "running")
+# "interrupted": a trial that was running when its driver stopped (Ctrl-C, a crash); a resumed run queued its
+# configuration again as a new trial. Shown as such, not as failed or as running while nothing runs.
+STATES = ("complete", "failed", "rejected", "running", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class Run:
         if not self.trials.empty:
             for eng, ver in self.trials[["engine", "engine_version"]].itertuples(index=False):
                 if isinstance(eng, str) and eng:
-                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver else eng] = None
+                    # the sim is servetune's own engine: its catalog revision ("1") is no release to name
+                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver and eng != "sim" else eng] = None
         if not seen:
             for e in self.spec.get("engines") or []:
                 name = e.get("name") if isinstance(e, dict) else e
@@ -179,12 +182,20 @@ class Run:
         return kinds[0] if kinds else None
 
     def baseline(self) -> pd.Series | None:
+        """The baseline trial that counts: a complete one, else the latest that was not interrupted (a
+        baseline interrupted and run again is the second one)."""
         rows = self.trials[self.trials["is_baseline"].eq(True)]
-        return None if rows.empty else rows.iloc[0]
+        if rows.empty:
+            return None
+        done = rows[rows["state"].eq("complete")]
+        if not done.empty:
+            return done.iloc[0]
+        kept = rows[~rows["state"].eq("interrupted")]
+        return (kept if not kept.empty else rows).iloc[-1]
 
     def state_counts(self) -> dict[str, int]:
         counts = self.trials["state"].value_counts().to_dict() if not self.trials.empty else {}
-        ordered = {s: int(counts.pop(s, 0)) for s in STATES}
+        ordered = {s: int(counts.pop(s, 0)) for s in STATES if s != "interrupted" or s in counts}
         ordered.update({str(k): int(v) for k, v in counts.items()})
         return ordered
 
@@ -199,9 +210,12 @@ def load_run(run_dir: str | Path) -> Run:
     warnings: list[str] = []
     spec = _read_spec(run_dir / "study.yaml", warnings)
 
+    from servetune.optimizer.records import study_running
+
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     skipped = 0
+    running_now = study_running(run_dir)
     tdir = run_dir / "trials"
     for d in sorted(tdir.iterdir()) if tdir.is_dir() else []:
         if not d.is_dir():
@@ -211,7 +225,10 @@ def load_run(run_dir: str | Path) -> Run:
             data = json.loads(f.read_text(encoding="utf-8"))
             if not isinstance(data, dict):
                 raise ValueError(f"a JSON {type(data).__name__}, not an object")
-            rows.append(_flatten(data, d))
+            row = _flatten(data, d)
+            if data.get("stale") or (row["state"] == "running" and not running_now):
+                row["state"] = "interrupted"
+            rows.append(row)
             raw.append(data)
         except FileNotFoundError:
             skipped += 1

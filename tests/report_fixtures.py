@@ -12,6 +12,7 @@ the fronts they expect (see ``EXPECTED``). Each measured scenario has per-reques
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,9 @@ def write_run(run_dir: str | Path, *, with_db: bool = True) -> Path:
             (d / "engine.log").write_text("\n".join(log) + "\n", encoding="utf-8")
         for name, sc in t["scenarios"].items():
             _write_records(d / f"requests_{name}.csv", sc["summary"], seed=t["number"] * 7 + len(name))
+    # The driver running it: this process (a trial of a study nobody runs is shown as interrupted).
+    (run_dir / "sessions.json").write_text(json.dumps([{"started": "2026-11-22T03:00:00+00:00", "ended": None,
+                                                        "pid": os.getpid()}]), encoding="utf-8")
     # A trial the optimizer is writing right now: cut mid-file.
     half = run_dir / "trials" / "0014"
     half.mkdir(exist_ok=True)

@@ -439,7 +439,7 @@ def test_wrong_engine_format_and_sim(tmp_path):
                                                     tok_gpu=100, tpot=10)],
                    {**_study("sim"), "engines": ["sim"], "model": {"preset": "llama-3.1-8b"}})
     with pytest.raises(ExportError, match="simulated engine"):
-        export(sim, fmt="k8s", out_dir=tmp_path / "y")
+        export(sim, fmt="helm", out_dir=tmp_path / "y")
     res = export(sim, fmt="json", out_dir=tmp_path / "z")
     d = json.loads(res.files[0].read_text())
     assert d["provenance"]["simulated"] is True and d["launch"]["command"][0] == "python3"

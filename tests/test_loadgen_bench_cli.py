@@ -62,7 +62,11 @@ def test_single_run_writes_result_and_records(mock, tmp_path, monkeypatch, capsy
                "--extra-body", _mock_body(), "-o", str(out)])
     assert rc == 0
     text = (out / "result.json").read_text()
-    assert "sk-never-written" not in text and "sk-never-written" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "sk-never-written" not in text and "sk-never-written" not in printed.out + printed.err
+    # progress, as plain lines on stderr when it is not a terminal: the level starting, then its result
+    assert "level 1 of 1 at 40 req/s: started" in printed.err
+    assert "level 1: " in printed.err and "— valid (" in printed.err
     assert mock.stats()["last_auth"] == "Bearer sk-never-written"  # sent on the wire all the same
     doc = json.loads(text)
     assert doc["mode"] == "single" and doc["endpoint"]["header_names"] == ["Authorization"]

@@ -197,8 +197,10 @@ def test_compare_matches_scenarios_by_kind():
     assert notes == ["scenario server is only in A", "scenario chat is only in B"]
 
 
-def test_write_compare_file(tmp_path, run_dir):
-    out = write_compare(run_dir, run_dir, tmp_path / "c.html")
+def test_write_compare_file(tmp_path, run_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where it lands: by default, beside the runs (issue 17.8)
+    out = write_compare(run_dir, run_dir)
+    assert out == Path(run_dir).resolve().parent / f"compare-{Path(run_dir).name}-vs-{Path(run_dir).name}.html"
     text = out.read_text()
     assert "(A)" in text and "(B)" in text and not re.search(r"<script[^>]*\bsrc\s*=", text)
 
@@ -227,3 +229,27 @@ def test_cli_run_dir_named_like_a_subcommand(tmp_path, run_dir):
     shutil.copytree(run_dir, tmp_path / "compare")
     p = _cli("compare", cwd=tmp_path)  # a run directory called "compare" still gets its report
     assert p.returncode == 0 and (tmp_path / "compare" / "report.html").is_file(), p.stderr
+
+
+def test_runs_valid_only_without_early_stopping_are_not_labelled_mlperf_valid_and_rates_start_at_zero(run):
+    """Issue 17.8: a search trial's level that met the study's checks but not MLPerf's early stopping (a note,
+    not a reason) is not counted as valid under MLPerf's rules; throughput axes start at 0."""
+    from servetune.reports.charts import pareto_chart, chart_specs
+
+    server = next(s for s in run.scenarios if s.name == "server")
+    before = scenario_verdict(run, server)
+    t = run.trials.copy()
+    i = t.index[t["server.valid"].eq(True)][0]
+    t.loc[i, "server.notes"] = "TTFT early stopping not met (n=120, need 459 with 0 over the 2000 ms limit at p99)"
+    from dataclasses import replace
+
+    short = replace(run, trials=t)
+    assert before.startswith("valid runs (MLPerf rules): 9 of 11")
+    assert scenario_verdict(short, server).startswith("valid runs (MLPerf rules): 8 of 11; 1 more passed the study's "
+                                                      "checks but ran too short for MLPerf's early stopping")
+    for spec in chart_specs():
+        chart = pareto_chart(run, server, spec, "c")
+        layout = chart.figure["layout"]
+        assert layout["yaxis"].get("rangemode") == "tozero" or layout["yaxis"].get("type") == "log"
+        assert ("rangemode" in layout["xaxis"]) == (spec.x == "tokens_per_s_per_user" and
+                                                    layout["xaxis"].get("type") != "log")

@@ -94,7 +94,7 @@ def test_load_run_table(run_dir):
     run = load_run(run_dir)
     t = run.trials
     assert run.name == "fixture-study" and run.model == "llama-3.1-8b" and run.gpu == "2 × H100"
-    assert run.engines == ["sim 1"]
+    assert run.engines == ["sim"]  # servetune's own engine: no "sim 1"
     assert len(t) == EXPECTED["trials"] and t["number"].tolist() == list(range(EXPECTED["trials"]))
     assert run.skipped == EXPECTED["skipped"] and "0014" in run.warnings[0]
     assert run.state_counts() == {"complete": 11, "failed": 1, "rejected": 1, "running": 1}
