@@ -510,8 +510,10 @@ class AuditSpec(_Strict):
 class WorkloadSpec(_Strict):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     scenarios: list[ScenarioSpec] = Field(min_length=1)
-    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
-    audit: AuditSpec = Field(default_factory=AuditSpec)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec, description="warm-up before a launch's first measured "
+                               "level: rounds of a concurrency ramp until one compiles nothing (issue 15)")
+    audit: AuditSpec = Field(default_factory=AuditSpec, description="every measured level checked against the "
+                             "engine's own /metrics and log: token counts, prefix-cache hits, compilation")
 
     def audit_settings(self) -> dict[str, Any]:
         """The audit as trials apply it: a dataset that declares prompt reuse (a shared prefix, or replay)

@@ -72,7 +72,8 @@ _SECTIONS = [  # (heading, dotted prefix of the keys it holds)
     ("Top level", ""), ("model", "model"), ("engines[]", "engines[]"), ("hardware", "hardware"),
     ("workload", "workload"), ("workload.dataset", "workload.dataset"), ("workload.scenarios[]", "workload.scenarios[]"),
     ("workload.scenarios[].sla", "workload.scenarios[].sla"),
-    ("workload.scenarios[].max_qps", "workload.scenarios[].max_qps"), ("objectives[]", "objectives[]"),
+    ("workload.scenarios[].max_qps", "workload.scenarios[].max_qps"), ("workload.warmup", "workload.warmup"),
+    ("workload.audit", "workload.audit"), ("objectives[]", "objectives[]"),
     ("sampler", "sampler"), ("budget", "budget"), ("fidelity", "fidelity"),
 ]
 
