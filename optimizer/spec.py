@@ -629,7 +629,7 @@ class QualitySpec(_Strict):
     concurrency: int = Field(1, ge=1, description="evaluation requests in flight; 1 keeps batches alike across "
                                                   "trials, so batch-dependent kernels do not pose as drift")
     timeout_s: float = Field(600.0, gt=0, description="the whole evaluation")
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="one evaluation request")
     min_exact_match: float | None = Field(None, ge=0, le=1, description="share of greedy continuations equal "
                                                                         "to the baseline's")
     min_first_divergence: float | None = Field(None, ge=0, description="mean tokens before the first "

@@ -73,7 +73,7 @@ _SECTIONS = [  # (heading, dotted prefix of the keys it holds)
     ("workload", "workload"), ("workload.dataset", "workload.dataset"), ("workload.scenarios[]", "workload.scenarios[]"),
     ("workload.scenarios[].sla", "workload.scenarios[].sla"),
     ("workload.scenarios[].max_qps", "workload.scenarios[].max_qps"), ("workload.warmup", "workload.warmup"),
-    ("workload.audit", "workload.audit"), ("objectives[]", "objectives[]"),
+    ("workload.audit", "workload.audit"), ("quality", "quality"), ("objectives[]", "objectives[]"),
     ("sampler", "sampler"), ("budget", "budget"), ("fidelity", "fidelity"),
 ]
 
