@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 EXPECTED = {
     "ok": ("complete", None, None),
     "crash_start": ("failed", "crash", "fake engine failed while loading weights"),
-    "crash_mid_load": ("failed", "crash_under_load", "died during server"),
+    "crash_mid_load": ("failed", "crash_under_load", "died during the warm-up"),  # its 4th request
     "hang": ("failed", "timeout", "not healthy after"),
     "no_tokens": ("failed", "load_errors", "streamed no output tokens"),
     "oom": ("failed", "oom", "out of memory"),
