@@ -106,17 +106,25 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import write_records
 
-    requests = _dataset(datasets, plan.dataset)
+    trial_requests = _dataset(datasets, plan.dataset)
     # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
     epoch = 0
     endpoint = Endpoint(base_url=url, model=plan.model.name)
     before = _scrape(engine, url + metrics_path)
     first_before = before
+    def scrape() -> dict[str, float] | None:
+        return _scrape(engine, url + metrics_path)
+
     for sc in plan.scenarios:
+        requests = _dataset(datasets, sc.dataset) if sc.dataset else trial_requests
         t0 = time.monotonic()
-        measure = _search_rate if sc.max_qps else _sweep
-        sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch)
+        level_deltas: dict[int, dict[str, float]] = {}  # level index -> the engine's counters over that level
+        if sc.max_qps:
+            sr, levels, summary_extra, runs = _search_rate(plan, endpoint, requests, sc, epoch)
+        else:
+            sr, levels, summary_extra, runs = _sweep(plan, endpoint, requests, sc, epoch,
+                                                     scrape=scrape, deltas=level_deltas, engine=engine)
         epoch += runs
         result.loaded_s += time.monotonic() - t0
         result.scenarios[sc.label] = sr.to_dict()
@@ -125,7 +133,9 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
             for rate, s_ in levels:
                 suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
                 _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
-            result.scenarios[sc.label]["levels"] = [{key: r, **s_.to_dict()} for r, s_ in sorted(levels, key=lambda x: x[0])]
+            result.scenarios[sc.label]["levels"] = [
+                {key: r, **s_.to_dict(), **({"metrics_delta": level_deltas[i]} if i in level_deltas else {})}
+                for i, (r, s_) in sorted(enumerate(levels), key=lambda x: x[1][0])]
             result.scenarios[sc.label]["summary"].update(summary_extra)
         _write_records_atomic(write_records, sr.records, Path(plan.trial_dir) / f"requests_{sc.label}.csv")
         after = _scrape(engine, url + metrics_path)
@@ -155,11 +165,13 @@ def _swept(sc) -> str:
     return "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
 
 
-def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
+def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, scrape=None, deltas=None, engine=None):
     """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
 
     Returns the result to report (the highest level that met the SLA, else the first), every level run as
-    (level, result), what goes into the reported summary, and how many runs were made."""
+    (level, result), what goes into the reported summary, and how many runs were made. With ``scrape``, the
+    engine's /metrics are read around each level of a sweep and ``deltas[i]`` gets level i's (speculative
+    acceptance and the like, per load level)."""
     from servetune.loadgen.scenarios import ScenarioSettings, run
     from servetune.loadgen.search import level_variant
 
@@ -167,9 +179,14 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int):
     rates = sc.settings.get(key)
     rates = rates if isinstance(rates, list) else [rates]
     levels = []
+    per_level = scrape is not None and deltas is not None and len(rates) > 1
     for rate in rates:  # a load sweep within this one launch: no restart per level
         settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
+        before = scrape() if per_level else None
         sr = run(endpoint, level_variant(requests, epoch + len(levels)), settings)
+        after = scrape() if before is not None else None
+        if after is not None:
+            deltas[len(levels)] = _delta(engine, before, after)
         levels.append((rate, sr))
         if len(rates) > 1 and not sla_met(sr.summary, sc.settings):
             break  # higher rates only queue more: stop spending GPU time
@@ -215,11 +232,16 @@ def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: f
 def _dataset(datasets, d: dict[str, Any]):
     d = dict(d)
     kind = d.pop("kind", "random")
+    temperature = d.pop("temperature", None)
     if kind == "random":
-        return datasets.random_dataset(**d)
-    if kind == "sharegpt":
-        return datasets.sharegpt_dataset(d["path"], d["n"], seed=d.get("seed", 0))
-    return datasets.token_id_dataset(d["path"])
+        requests = datasets.random_dataset(**d)
+    elif kind == "text_tasks":
+        requests = datasets.text_task_dataset(**d)
+    elif kind == "sharegpt":
+        requests = datasets.sharegpt_dataset(d["path"], d["n"], seed=d.get("seed", 0))
+    else:
+        requests = datasets.token_id_dataset(d["path"])
+    return datasets.with_temperature(requests, temperature)
 
 
 def _scrape(engine, url: str) -> dict[str, float] | None:

@@ -243,18 +243,32 @@ def _num(x: float) -> str:
 
 
 class DatasetSpec(_Strict):
-    kind: Literal["random", "sharegpt", "token_ids"] = "random"
+    kind: Literal["random", "sharegpt", "token_ids", "text_tasks"] = "random"
     input_tokens: int = Field(512, ge=1)
-    output_tokens: int = Field(128, ge=1)
+    output_tokens: int = Field(128, ge=1, description="random: tokens asked per request; text_tasks: the most "
+                               "a request asks for (copy tasks ask for about their source's length)")
     input_range: float = Field(0.0, ge=0, lt=1, description="±fraction around input_tokens (0 = fixed)")
     output_range: float = Field(0.0, ge=0, lt=1)
     num_requests: int = Field(200, ge=1)
     path: str | None = None
     seed: int = 0
     ignore_eos: bool = True
+    tasks: list[Literal["rewrite", "summarize", "code_edit", "freeform"]] | None = Field(
+        None, description="text_tasks: which tasks (default rewrite, summarize, code_edit: answers that reuse "
+                          "their input; freeform: new writing on a topic)")
+    temperature: float | None = Field(None, ge=0, description="sampling temperature sent with every request "
+                                                              "(0 = greedy); default: the server's")
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "DatasetSpec":
+        if self.tasks is not None and self.kind != "text_tasks":
+            _fail("dataset", [(("tasks",), f"tasks apply to kind: text_tasks, not {self.kind}")])
+        if self.tasks is not None and not self.tasks:
+            _fail("dataset", [(("tasks",), "an empty list of tasks")])
+        if self.kind == "text_tasks":
+            if self.path:
+                _fail("dataset", [(("path",), "a text_tasks dataset uses the text servetune ships; it has no path")])
+            return self
         if self.kind != "random" and not self.path:
             _fail("dataset", [(("path",), f"{_a(self.kind)} dataset needs path (the file to read prompts from)")])
         if self.kind == "random" and self.path:
@@ -350,6 +364,9 @@ class ScenarioSpec(_Strict):
     warmup_requests: int = Field(0, ge=0)
     timeout_s: float = Field(600.0, gt=0, description="the whole scenario never runs past this")
     sla: SLASpec | None = None
+    dataset: DatasetSpec | None = Field(
+        None, description="this scenario's prompts, instead of workload.dataset (e.g. a copy-heavy and a "
+                          "free-writing workload measured on the same launch)")
     min_keep_up: float | None = Field(
         0.7, ge=0, le=1, description="server/interactive: departures ÷ arrivals over the second half of the "
         "schedule below this (beyond Poisson noise) make a run invalid, and so does a run shorter than twice "

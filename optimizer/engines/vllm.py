@@ -351,6 +351,11 @@ class VllmEngine(CatalogEngine):
                 f = Failure(f.kind, f"{f.reason}: {root}")
         return f
 
+    def parse_metrics(self, text: str) -> dict[str, float]:
+        from servetune.optimizer.engines.prometheus import parse_prometheus
+
+        return parse_prometheus(text, split=C.VLLM_SPLIT)
+
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return C.summarize_vllm_metrics(before, after)
 

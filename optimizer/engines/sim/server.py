@@ -9,8 +9,9 @@ step that emits several tokens for one request (speculative decoding) sends them
 ``usage`` (when asked for) keeps the count exact; handlers only wait for the end.
 
 Token accounting: a string prompt counts one token per whitespace-separated word (chat: the words of all
-message contents, no template overhead); a list of ints counts one token per id. Generated text is filler
-words, one word per token, deterministic in the token position.
+message contents, no template overhead); a list of ints counts one token per id. Generated text is the sim's
+answer (answer.py), one word per token: a prompt quoting a source between ``` fences is answered by rewriting
+that source, any other with filler words; one prompt always gets the same answer.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from aiohttp import HttpVersion11, web
 
 from servetune.optimizer.hardware import GIB, get_gpu
 from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE, Answer, prompt_seed
 from servetune.optimizer.engines.sim.scheduler import (FINISHED, KV_DTYPES, QUANTIZATIONS, SPEC_METHODS, Scheduler,
                                                        SimConfig, SimConfigError, SimRequest, SimStartupError,
                                                        memory_plan)
@@ -128,7 +130,7 @@ class _SseOutput(_Output):
             role = '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
             parts.append(f"data: {self.envelope}{role}{',' + self._usage() if self.continuous else ''}}}\n\n")
         reason = f'"{req.finish_reason}"' if done else "null"
-        text = _text(self.sent, n)
+        text = req.answer.text(self.sent, n) if req.answer is not None else _text(self.sent, n)
         self.sent += n
         usage = "," + self._usage() if self.continuous else ""
         parts.append(f'{self.head}{text}{self.tail}{reason},"stop_reason":null}}]{usage}}}\n\n')
@@ -284,9 +286,18 @@ class SimServer:
                total("prefix_queries"))
         metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of tokens.",
                total("prefix_hits"))
-        metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", total("spec_drafts"))
-        metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
-               total("spec_accepted"))
+        if self.cfg.spec_enabled:  # as vLLM: the spec-decode counters exist only with a speculative method
+            metric("vllm:spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts.",
+                   total("spec_num_drafts"))
+            metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.",
+                   total("spec_drafts"))
+            metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+                   total("spec_accepted"))
+            name = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+            out.append(f"# HELP {name} Accepted tokens per draft position.\n# TYPE {name} counter\n")
+            for pos in range(self.cfg.num_drafts):
+                n = sum(s.stats.spec_accepted_per_pos[pos] for s in scheds)
+                out.append(f'{name}{{{label},position="{pos}"}} {n}\n')
         out.append("# HELP vllm:request_success_total Count of successfully processed requests.\n"
                    "# TYPE vllm:request_success_total counter\n")
         for reason in ("stop", "length"):
@@ -389,8 +400,11 @@ class SimServer:
                                       bool(opts.get("continuous_usage_stats")))
         else:
             out = _Output()
+        cfg = self.cfg
+        answer = Answer(tokens, prompt_seed(tokens, cfg.seed), self.args.copy_edit_rate,
+                        cfg.lookup_window if cfg.measures_acceptance else None)
         req = SimRequest(rid, prompt_len, max_tokens, time.monotonic(),
-                         tokens if self.cfg.prefix_caching else None, stop_at, user=out)
+                         tokens if cfg.prefix_caching else None, stop_at, user=out, answer=answer)
         replica = self.replicas[next(self._rr) % len(self.replicas)]
         self._outputs.add(out)
         try:
@@ -419,7 +433,8 @@ class SimServer:
 
     def _json_response(self, req: SimRequest, chat: bool) -> web.Response:
         created = int(time.time())
-        text = _text(0, req.output)
+        text = req.answer.text(0, req.output) if req.answer is not None else _text(0, req.output)
+        text = json.loads(f'"{text}"')  # the answer's text comes escaped for the streaming path
         usage = {"prompt_tokens": req.prompt_len, "total_tokens": req.prompt_len + req.output,
                  "completion_tokens": req.output}
         reason = req.finish_reason if req.finish_reason in ("stop", "length") else "abort"
@@ -460,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-method", default="none", type=str.lower, choices=SPEC_METHODS)
     p.add_argument("--num-speculative-tokens", type=int, default=3)
     p.add_argument("--speculative-acceptance", type=float, default=None,
-                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7, ngram 0.3)")
+                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7; ngram and "
+                        "suffix drafts are judged against the sim's answer)")
+    p.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest n-gram matched (vLLM's)")
+    p.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest n-gram matched (vLLM's)")
+    p.add_argument("--copy-edit-rate", type=float, default=DEFAULT_EDIT_RATE,
+                   help="share of a quoted source's words the sim's answer changes while copying it")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="no CUDA graphs: higher per-step overhead")
     p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
@@ -477,7 +497,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         chunked_prefill=args.enable_chunked_prefill, prefix_caching=args.enable_prefix_caching,
         memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
         speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
-        speculative_acceptance=args.speculative_acceptance, enforce_eager=args.enforce_eager, seed=args.seed)
+        speculative_acceptance=args.speculative_acceptance, speculative_lookup_min=args.prompt_lookup_min,
+        speculative_lookup_max=args.prompt_lookup_max, enforce_eager=args.enforce_eager, seed=args.seed)
 
 
 def load_model(model: str) -> ModelShape:
