@@ -106,7 +106,7 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import write_records
 
-    trial_requests = _dataset(datasets, plan.dataset)
+    trial_requests = None  # built once, when a scenario without its own dataset needs it
     # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
     epoch = 0
@@ -117,7 +117,11 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
         return _scrape(engine, url + metrics_path)
 
     for sc in plan.scenarios:
-        requests = _dataset(datasets, sc.dataset) if sc.dataset else trial_requests
+        if sc.dataset:
+            requests = _dataset(datasets, sc.dataset)
+        else:
+            trial_requests = trial_requests or _dataset(datasets, plan.dataset)
+            requests = trial_requests
         t0 = time.monotonic()
         level_deltas: dict[int, dict[str, float]] = {}  # level index -> the engine's counters over that level
         if sc.max_qps:

@@ -69,6 +69,9 @@ VLLM_RULES: list[Rule] = [
      "quantization does not match the checkpoint's own quantization"),
     (FailureKind.BAD_ARGS, r"Cannot find the config file for",
      "quantization needs a checkpoint quantized that way"),
+    (FailureKind.UNSUPPORTED, r"Arctic Inference is required for suffix decoding",
+     "speculative_method=suffix needs the arctic-inference package in vLLM's environment (vLLM 0.26 asks for "
+     "0.1.1, which PyPI has as a source release only for Python 3.12)"),
     (FailureKind.UNSUPPORTED, r"Selected backend .* is not valid for this configuration|No valid attention backend",
      "the attention backend cannot run this configuration (kv_cache_dtype, kv_block_size or GPU)"),
     (FailureKind.UNSUPPORTED, r"NotImplementedError",

@@ -48,8 +48,23 @@ FILLER_WORDS = tuple(
     tooth town train tree truck umbrella valley voice wagon wall watch water wave wheel whistle window wine
     wing winter wire wood wool word yard yellow""".split())
 FENCE = "```"
+GROW = 32
 DEFAULT_EDIT_RATE = 0.1
 SUFFIX_DEPTH = 8  # Arctic Inference's tree goes to 24; the sim indexes 8 (longer matches draft the same)
+
+
+_ESCAPED: dict[str, str] = {}
+
+
+def _escaped(tok: Any) -> str:
+    """`` tok`` as the inside of a JSON string (cached: answers repeat their words)."""
+    key = str(tok)
+    e = _ESCAPED.get(key)
+    if e is None:
+        e = json.dumps(" " + key, ensure_ascii=False)[1:-1]
+        if len(_ESCAPED) < 100_000:
+            _ESCAPED[key] = e
+    return e
 
 
 def prompt_seed(prompt: Sequence[Any], seed: int) -> int:
@@ -93,23 +108,23 @@ class Answer:
 
     # -- the answer -------------------------------------------------------------------------------------
     def _grow(self, upto: int) -> None:
-        rng, src = self.rng, self.source
-        while len(self.tokens) < upto:
-            i = len(self.tokens)
-            if i < len(src) and rng.random() >= self.edit_rate:
-                tok = src[i]
-            else:
-                tok = FILLER_WORDS[rng.randrange(len(FILLER_WORDS))]
-            self.tokens.append(tok)
-            self.texts.append(json.dumps(" " + str(tok), ensure_ascii=False)[1:-1])
+        upto = max(upto, len(self.tokens) + GROW)  # ahead in chunks: the answer is fixed by the seed anyway
+        rng, src, tokens, texts, edit = self.rng, self.source, self.tokens, self.texts, self.edit_rate
+        nsrc, nfill = len(src), len(FILLER_WORDS)
+        for i in range(len(tokens), upto):
+            tok = src[i] if i < nsrc and rng.random() >= edit else FILLER_WORDS[rng.randrange(nfill)]
+            tokens.append(tok)
+            texts.append(_escaped(tok))
 
     def token(self, i: int) -> Any:
-        self._grow(i + 1)
+        if i >= len(self.tokens):
+            self._grow(i + 1)
         return self.tokens[i]
 
     def text(self, start: int, n: int) -> str:
         """Answer tokens [start, start+n) as streamed text (already escaped for a JSON string)."""
-        self._grow(start + n)
+        if start + n > len(self.tokens):
+            self._grow(start + n)
         return "".join(self.texts[start:start + n])
 
     # -- the context and its drafts ---------------------------------------------------------------------
@@ -123,10 +138,13 @@ class Answer:
 
     def advance(self, emitted: int) -> None:
         """The request emitted ``emitted`` more answer tokens: they join the context."""
+        start = self.emitted
+        self.emitted = start + emitted
         if self.hi:
-            for i in range(self.emitted, self.emitted + emitted):
-                self._append(self.token(i))
-        self.emitted += emitted
+            if self.emitted > len(self.tokens):
+                self._grow(self.emitted)
+            for tok in self.tokens[start:self.emitted]:
+                self._append(tok)
 
     def propose(self, k: int, adaptive: bool = False) -> list[Any]:
         """Up to ``k`` draft tokens: what followed the earliest earlier occurrence of the longest n-gram
