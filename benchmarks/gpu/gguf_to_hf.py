@@ -86,7 +86,7 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _f32(v: Any) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
-    return float(repr(np.float32(v)))
+    return float(str(np.float32(v)))
 
 
 def read_config(reader) -> dict[str, Any]:
