@@ -115,3 +115,51 @@ def test_a_fixed_acceptance_still_draws_and_suffix_drafts_adaptively(method):
     a = Answer(prompt, 0, 0.0, lookup=cfg.lookup_window)
     # suffix drafts as many tokens as its match is long (4: "``` a b c"); ngram needs a 5-token match
     assert a.propose(6, adaptive=True) == (["d", "e", "f", "g"] if method == "suffix" else [])
+
+
+def test_a_trial_records_acceptance_per_load_level_and_the_report_shows_it(tmp_path):
+    """One sim launch, the two workloads on their own datasets, two concurrency levels each: the engine's
+    /metrics are read around every level, and the drill-down's speculation table comes from them."""
+    from servetune.optimizer import lifecycle
+    from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
+    from servetune.optimizer.records import TrialPlan
+    from servetune.optimizer.spec import parse_study
+    from servetune.reports.details import speculation
+
+    spec = parse_study("""
+name: spec
+model: {preset: smollm2-135m}
+engines: [sim]
+hardware: {gpu: h200, gpus: 1}
+workload:
+  scenarios:
+    - {kind: concurrency, name: copy, concurrency: [1, 8], duration_s: 1,
+       dataset: {kind: text_tasks, tasks: [rewrite, code_edit], output_tokens: 48, num_requests: 60}}
+    - {kind: concurrency, name: free, concurrency: [1, 8], duration_s: 1,
+       dataset: {kind: text_tasks, tasks: [freeform], output_tokens: 48, num_requests: 60}}
+objectives: [{metric: output_tokens_per_s, scenario: copy}]
+""", str(tmp_path / "s.yaml"))
+    plan = TrialPlan(number=1, engine="sim", params={**NGRAM, "max_concurrency": 16}, model=resolve_model(spec),
+                     gpus=1, trial_dir=str(tmp_path / "t"), dataset=dataset_args(spec),
+                     scenarios=scenario_plans(spec), gpu="h200", ready_timeout_s=30, fake_gpus=True)
+    result = lifecycle.run_trial(plan, [0])
+    assert result.state == "complete", result.failure
+    assert "--prompt-lookup-min" in result.argv and "--speculative-method" in result.argv
+    rate = {}
+    for name in ("copy", "free"):
+        levels = result.scenarios[name]["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, 8]
+        for lv in levels:
+            d = lv["metrics_delta"]
+            assert d["spec_draft_tokens"] >= d["spec_accepted_tokens"] >= 0
+            assert d["generation_tokens"] > 0
+        d = result.scenarios[name]["metrics_delta"]
+        rate[name] = d.get("spec_acceptance_rate", 0.0)
+        if name == "copy":
+            assert d["spec_mean_acceptance_length"] > 2 and d["spec_acceptance_pos0"] >= d["spec_acceptance_pos3"]
+    assert rate["copy"] > 0.5 > 0.2 > rate["free"]
+    table = speculation(result.to_dict())
+    assert table["positions"] == 4 and table["columns"][3] == "acceptance rate"
+    copy_rows = [r for r in table["rows"] if r["scenario"] == "copy"]
+    assert [r["level"] for r in copy_rows] == ["concurrency 1", "concurrency 8"]
+    assert all(r["values"][3].endswith("%") and len(r["per_position"]) == 4 for r in copy_rows)

@@ -344,3 +344,30 @@ def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
                                                 "quantization": q, "max_concurrency": 256, "max_model_len": 4096})}
     assert passed["sim"] == passed["vllm"] and len(passed["vllm"]) == 22
     assert (1, 1, 1, "none") not in passed["vllm"] and (1, 1, 1, "fp8") in passed["vllm"]
+
+
+def test_each_scenario_may_bring_its_own_dataset():
+    from servetune.optimizer.driver import dataset_args, scenario_plans
+
+    text = MINIMAL.replace("  scenarios: [{kind: offline}]", """\
+  scenarios:
+    - {kind: concurrency, name: copy, concurrency: [1, 8], duration_s: 2,
+       dataset: {kind: text_tasks, tasks: [rewrite, code_edit], output_tokens: 64, temperature: 0}}
+    - {kind: concurrency, name: free, concurrency: 4, duration_s: 2}""")
+    spec = parse_study(text, "m.yaml")
+    copy, free = scenario_plans(spec)
+    assert copy.dataset == {"kind": "text_tasks", "n": 200, "tasks": ["rewrite", "code_edit"], "output_tokens": 64,
+                            "seed": 0, "ignore_eos": True, "temperature": 0.0}
+    assert free.dataset is None and dataset_args(spec)["kind"] == "random"
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("{kind: random, tasks: [rewrite]}", "tasks apply to kind: text_tasks, not random"),
+    ("{kind: text_tasks, path: x.jsonl}", "a text_tasks dataset uses the text servetune ships"),
+    ("{kind: text_tasks, tasks: [poems]}", "workload.dataset.tasks[0]: 'poems' is not one of: rewrite, summarize"),
+    ("{kind: text_tasks, temperature: -1}", "workload.dataset.temperature"),
+])
+def test_text_task_datasets_are_checked(dataset, message):
+    text = MINIMAL.replace("workload:\n", f"workload:\n  dataset: {dataset}\n")
+    lines = _errors("m.yaml", text)
+    assert any(message in line for line in lines), lines
