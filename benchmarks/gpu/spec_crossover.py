@@ -1,0 +1,98 @@
+"""Where speculative decoding stops paying, from a finished study whose trials swept fixed concurrency levels
+(search_spaces/examples/*specdec*.yaml): per scenario and level, each configuration's output tokens/s, p50
+TPOT and the engine's acceptance, measured on the same launch as the levels around it; then, per speculative
+configuration, the lowest level from which it is slower than speculation off (the crossover).
+
+Usage: spec_crossover.py RUN_DIR [MORE_RUN_DIRS...]   (Markdown on stdout)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from servetune.optimizer.records import trial_records
+
+OFF = (None, "none", "off", False)
+
+
+def label(params: dict) -> str:
+    method = params.get("speculative_method")
+    if method in OFF:
+        return "off"
+    parts = [str(method), f"k={params.get('speculative_tokens', '?')}"]
+    if params.get("speculative_lookup_min") is not None or params.get("speculative_lookup_max") is not None:
+        parts.append(f"n={params.get('speculative_lookup_min', '?')}..{params.get('speculative_lookup_max', '?')}")
+    return " ".join(parts)
+
+
+def table(run: Path) -> dict[str, dict[str, dict[float, dict]]]:
+    """{scenario: {config label: {level: level record}}} of the completed, launched trials."""
+    out: dict[str, dict[str, dict[float, dict]]] = {}
+    for t in trial_records(run).values():
+        if t.get("state") != "complete" or t.get("duplicate_of") is not None:
+            continue
+        name = label(t.get("params") or {})
+        for scenario, sc in (t.get("scenarios") or {}).items():
+            for lv in sc.get("levels") or []:
+                level = lv.get("concurrency", lv.get("qps"))
+                if level is not None:
+                    out.setdefault(scenario, {}).setdefault(name, {})[float(level)] = lv
+    return out
+
+
+def crossover(off: dict[float, dict], on: dict[float, dict]) -> float | None:
+    """The lowest level from which speculation is slower (output tokens/s) at every level measured."""
+    levels = sorted(set(off) & set(on))
+    rate = lambda lv: (lv.get("summary") or lv).get("output_tokens_per_s") or 0.0  # noqa: E731
+    worse = [lv for lv in levels if rate(on[lv]) < rate(off[lv])]
+    for i, lv in enumerate(levels):
+        if all(x in worse for x in levels[i:]):
+            return lv
+    return None
+
+
+def render(run: Path) -> str:
+    lines = [f"## {run.name}", ""]
+    for scenario, configs in table(run).items():
+        levels = sorted({lv for c in configs.values() for lv in c})
+        names = sorted(configs, key=lambda n: (n != "off", n))
+        lines += [f"### scenario {scenario}: output tok/s · p50 TPOT ms · acceptance (mean accepted length)", "",
+                  "| level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for lv in levels:
+            cells = []
+            for n in names:
+                rec = configs[n].get(lv)
+                if rec is None:
+                    cells.append("–")
+                    continue
+                s = rec.get("summary") or rec
+                d = rec.get("metrics_delta") or {}
+                acc = d.get("spec_acceptance_rate")
+                cell = f"{s.get('output_tokens_per_s', 0):,.0f} · {s.get('tpot_p50_ms', float('nan')):.2f}"
+                if acc is not None:
+                    cell += f" · {acc:.0%} ({d.get('spec_mean_acceptance_length', float('nan')):.2f})"
+                cells.append(cell)
+            lines.append(f"| {lv:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if "off" in configs:
+            for n in names[1:]:
+                x = crossover(configs["off"], configs[n])
+                if x is not None:
+                    verdict = f"slower than off from level {x:g} up (the crossover)"
+                else:
+                    verdict = "never slower than off at the highest levels both measured"
+                lines.append(f"- {n}: {verdict}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print("\n".join(render(Path(a)) for a in argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
