@@ -111,11 +111,12 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
     epoch = 0
     endpoint = Endpoint(base_url=url, model=plan.model.name)
-    before = _scrape(engine, url + metrics_path)
-    first_before = before
+
     def scrape() -> dict[str, float] | None:
         return _scrape(engine, url + metrics_path)
 
+    before = scrape()
+    first_before = before
     for sc in plan.scenarios:
         if sc.dataset:
             requests = _dataset(datasets, sc.dataset)

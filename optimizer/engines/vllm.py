@@ -262,10 +262,10 @@ class VllmEngine(CatalogEngine):
             r.append(f"pipeline_parallel={pp} with speculative_method={m}: vLLM breaks at runtime "
                      "(reference §3 rule 5); use pipeline_parallel=1")
         k = p.get("speculative_tokens")
-        if k is None:
+        if k is None and m != "suffix":  # suffix drafts up to suffix_decoding_max_tree_depth (24) when unset
             r.append(f"speculative_method={m} needs speculative_tokens (vLLM: 'num_speculative_tokens was "
                      "provided but without speculative model' / required when no draft config sets it)")
-        elif C.as_int(k, 0) < 1:
+        elif k is not None and C.as_int(k, 0) < 1:
             r.append(f"speculative_tokens={k} must be at least 1")
         if m in SPEC_NEEDS_MODEL and C.is_off(p.get("speculative_draft_path")):
             r.append(f"speculative_method={m} needs speculative_draft_path (the draft / EAGLE head checkpoint)")
