@@ -515,6 +515,8 @@ async def serve(args: argparse.Namespace) -> int:
         get_gpu(args.gpu).with_memory(args.gpu_memory_gib)
         cfg = config_from_args(args)
         cfg.validate(shape)
+        if not 0.0 <= args.copy_edit_rate <= 1.0:
+            raise SimConfigError(f"copy_edit_rate must be in [0, 1], got {args.copy_edit_rate}.")
     except (ValueError, OSError) as e:
         log.error("%s: %s", type(e).__name__ if not isinstance(e, SimConfigError) else "ValueError", e)
         return 1
