@@ -1,7 +1,8 @@
 """Where speculative decoding stops paying, from a finished study whose trials swept fixed concurrency levels
 (search_spaces/examples/*specdec*.yaml): per scenario and level, each configuration's output tokens/s, p50
 TPOT and the engine's acceptance, measured on the same launch as the levels around it; then, per speculative
-configuration, the lowest level from which it is slower than speculation off (the crossover).
+configuration, the lowest level from which it is slower than the best configuration without speculation at
+every level up (the crossover).
 
 Usage: spec_crossover.py RUN_DIR [MORE_RUN_DIRS...]   (Markdown on stdout)
 """
@@ -13,25 +14,34 @@ from pathlib import Path
 from servetune.optimizer.records import trial_records
 
 OFF = (None, "none", "off", False)
+SPEC = ("speculative_method", "speculative_tokens", "speculative_lookup_min", "speculative_lookup_max")
 
 
-def label(params: dict) -> str:
-    method = params.get("speculative_method")
-    if method in OFF:
-        return "off"
-    parts = [str(method), f"k={params.get('speculative_tokens', '?')}"]
-    if params.get("speculative_lookup_min") is not None or params.get("speculative_lookup_max") is not None:
-        parts.append(f"n={params.get('speculative_lookup_min', '?')}..{params.get('speculative_lookup_max', '?')}")
+def is_off(params: dict) -> bool:
+    return params.get("speculative_method") in OFF
+
+
+def label(params: dict, varying: list[str]) -> str:
+    """off / "ngram k=4 n=2..5", then the other parameters that differ between the study's trials."""
+    if is_off(params):
+        parts = ["off"]
+    else:
+        parts = [str(params["speculative_method"]), f"k={params.get('speculative_tokens', '?')}"]
+        if params.get("speculative_lookup_min") is not None or params.get("speculative_lookup_max") is not None:
+            parts.append(f"n={params.get('speculative_lookup_min', '?')}..{params.get('speculative_lookup_max', '?')}")
+    parts += [f"{k}={params[k]}" for k in varying if k in params]
     return " ".join(parts)
 
 
 def table(run: Path) -> dict[str, dict[str, dict[float, dict]]]:
     """{scenario: {config label: {level: level record}}} of the completed, launched trials."""
+    trials = [t for t in trial_records(run).values()
+              if t.get("state") == "complete" and t.get("duplicate_of") is None]
+    keys = {k for t in trials for k in (t.get("params") or {}) if k not in SPEC}
+    varying = sorted(k for k in keys if len({str((t.get("params") or {}).get(k)) for t in trials}) > 1)
     out: dict[str, dict[str, dict[float, dict]]] = {}
-    for t in trial_records(run).values():
-        if t.get("state") != "complete" or t.get("duplicate_of") is not None:
-            continue
-        name = label(t.get("params") or {})
+    for t in trials:
+        name = label(t.get("params") or {}, varying)
         for scenario, sc in (t.get("scenarios") or {}).items():
             for lv in sc.get("levels") or []:
                 level = lv.get("concurrency", lv.get("qps"))
@@ -40,11 +50,15 @@ def table(run: Path) -> dict[str, dict[str, dict[float, dict]]]:
     return out
 
 
-def crossover(off: dict[float, dict], on: dict[float, dict]) -> float | None:
-    """The lowest level from which speculation is slower (output tokens/s) at every level measured."""
+def rate(level: dict) -> float:
+    return (level.get("summary") or level).get("output_tokens_per_s") or 0.0
+
+
+def crossover(off: dict[float, float], on: dict[float, dict]) -> float | None:
+    """The lowest level from which speculation is slower (output tokens/s) than ``off`` (level -> tokens/s,
+    the best configuration without speculation) at every level measured."""
     levels = sorted(set(off) & set(on))
-    rate = lambda lv: (lv.get("summary") or lv).get("output_tokens_per_s") or 0.0  # noqa: E731
-    worse = [lv for lv in levels if rate(on[lv]) < rate(off[lv])]
+    worse = [lv for lv in levels if rate(on[lv]) < off[lv]]
     for i, lv in enumerate(levels):
         if all(x in worse for x in levels[i:]):
             return lv
@@ -55,7 +69,7 @@ def render(run: Path) -> str:
     lines = [f"## {run.name}", ""]
     for scenario, configs in table(run).items():
         levels = sorted({lv for c in configs.values() for lv in c})
-        names = sorted(configs, key=lambda n: (n != "off", n))
+        names = sorted(configs, key=lambda n: (not n.startswith("off"), n))
         lines += [f"### scenario {scenario}: output tok/s · p50 TPOT ms · acceptance (mean accepted length)", "",
                   "| level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for lv in levels:
@@ -74,13 +88,16 @@ def render(run: Path) -> str:
                 cells.append(cell)
             lines.append(f"| {lv:g} | " + " | ".join(cells) + " |")
         lines.append("")
-        if "off" in configs:
-            for n in names[1:]:
-                x = crossover(configs["off"], configs[n])
+        offs = [n for n in names if n.startswith("off")]
+        best_off = {lv: max(rate(configs[n][lv]) for n in offs if lv in configs[n])
+                    for lv in levels if any(lv in configs[n] for n in offs)}
+        if best_off:
+            for n in names[len(offs):]:
+                x = crossover(best_off, configs[n])
                 if x is not None:
-                    verdict = f"slower than off from level {x:g} up (the crossover)"
+                    verdict = f"slower than the best without speculation from level {x:g} up (the crossover)"
                 else:
-                    verdict = "never slower than off at the highest levels both measured"
+                    verdict = "not slower than the best without speculation at the highest levels both measured"
                 lines.append(f"- {n}: {verdict}")
             lines.append("")
     return "\n".join(lines)
