@@ -6,7 +6,8 @@
 #   (llama8b-tp1: the ≥10-trial search on one GPU per trial; mustfail-70b: a trial that must fail with oom;
 #    llama8b-tp2: one tensor-parallel trial over both GPUs; llama8b: TP 1 and 2 searched together;
 #    llama8b-fp8: baseline against fp8 with 20 s levels; llama8b-h100-baseline: one trial, the keep-up rule;
-#    llama70b-x8: TP/PP/DP of the 70b shape on 8 GPUs; llama70b-x4: the same search on 4 GPUs)
+#    llama70b-x8: TP/PP/DP of the 70b shape on 8 GPUs; llama70b-x4: the same search on 4 GPUs;
+#    smollm2-specdec: speculative decoding on the real SmolLM2, after `smollm2_carry.sh convert`)
 # Two studies on one host at once: give each half the GPUs and its own Ray instance, e.g.
 #   CUDA_VISIBLE_DEVICES=0,1 RAY_ADDRESS=local proof.sh sglang OUT1 llama8b-tp1 &
 #   CUDA_VISIBLE_DEVICES=2,3 RAY_ADDRESS=local proof.sh vllm OUT2 llama8b-tp2
