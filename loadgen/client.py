@@ -105,6 +105,8 @@ def request_body(endpoint: Endpoint, req: Request) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
     if endpoint.api == "chat":
         if not isinstance(req.prompt, str):
             raise ValueError("the chat API needs text prompts; token-id prompts work with api='completions'")

@@ -1,6 +1,6 @@
 """Datasets: lists of :class:`Request` to replay against a server.
 
-Three sources:
+Four sources:
 
 - ``random_dataset``: synthetic prompts of known length, as text or as token ids (``prompt_format``).
   With the model's tokenizer (:mod:`~servetune.loadgen.tokenizer`) both are exact and the same tokens: the
@@ -13,6 +13,10 @@ Three sources:
   the output budget (word count, the same one-word-one-token approximation). A prompt that appears twice
   in the file is kept once.
 - ``token_id_dataset``: pre-tokenized JSONL, ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
+- ``text_task_dataset``: real text shipped with servetune (``loadgen/data/text_tasks.json``) as tasks whose
+  answers reuse their input (rewrite, summarize, code_edit: the source is quoted in a fenced block) or do not
+  (freeform: a topic, nothing to copy). The workload that separates where speculative decoding by prompt
+  lookup helps from where it costs (docs/speculative.md).
 
 Every synthetic prompt starts with a per-request salt: random leading tokens that are unique within the
 dataset, so no two prompts share a prefix-cache block and a warm cache cannot inflate throughput
@@ -24,6 +28,8 @@ dataset holds) still sends a distinct prompt each time; see :func:`~servetune.lo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -296,3 +302,76 @@ def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request
     if not requests:
         raise ValueError(f"dataset {path} holds no requests")
     return requests
+
+
+# -- text tasks ---------------------------------------------------------------------------------------------
+
+# What each task asks, and how much of the source its answer is expected to hold (the output budget, in
+# words of the source: ~1.3 tokens each, so the answer ends while it is still reusing the input).
+TEXT_TASKS = {
+    "rewrite": ("prose", "Rewrite the following passage in plain modern English, keeping every sentence and "
+                         "its order.", "Rewritten passage:\n```\n", 1.0),
+    "summarize": ("prose", "Summarize the following passage in a few sentences, quoting its key phrases.",
+                  "Summary:\n", 0.5),
+    "code_edit": ("code", None, "Edited code:\n```python\n", 1.0),
+    "freeform": (None, None, "", None),
+}
+COPY_TASKS = ("rewrite", "summarize", "code_edit")
+
+
+def text_corpus() -> dict[str, Any]:
+    """The shipped passages (prose and code, each with its source and licence) and free-writing topics."""
+    text = resources.files("servetune.loadgen").joinpath("data", "text_tasks.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def text_task_dataset(
+    n: int,
+    tasks: Iterable[str] = COPY_TASKS,
+    output_tokens: int = 256,
+    seed: int = 0,
+    ignore_eos: bool = True,
+) -> list[Request]:
+    """``n`` prompts cycling through ``tasks`` over the shipped corpus, in a seeded order.
+
+    Copy tasks quote their source between ``` fences and ask for an answer that reuses it; the output budget
+    is the source's length in words (half for ``summarize``), capped at ``output_tokens``. ``freeform`` asks
+    for new writing on a topic with ``output_tokens``. Each prompt starts with its own request number, so no
+    two prompts share a prefix-cache block."""
+    tasks = list(tasks)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    unknown = [t for t in tasks if t not in TEXT_TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"tasks must be some of {', '.join(TEXT_TASKS)}; got {tasks}")
+    if output_tokens < 1:
+        raise ValueError(f"output_tokens must be >= 1, got {output_tokens}")
+    corpus = text_corpus()
+    samples: list[tuple[str, int, int]] = []  # (prompt body, max_tokens, words)
+    for task in tasks:
+        kind, ask, lead, share = TEXT_TASKS[task]
+        if kind is None:
+            for topic in corpus["topics"]:
+                samples.append((f"{topic}\n\n", output_tokens, len(topic.split())))
+            continue
+        for p in corpus["passages"]:
+            if p["kind"] != kind:
+                continue
+            fence = "```python" if kind == "code" else "```"
+            body = (f"{ask or p['edit']}\n\n{fence}\n{p['text'].rstrip()}\n```\n\n{lead}")
+            budget = max(1, min(output_tokens, int(len(p["text"].split()) * share)))
+            samples.append((body, budget, len(body.split())))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    requests = []
+    for i in range(n):
+        body, budget, words = samples[int(order[i % len(samples)])]
+        prompt = f"Request {i + 1}.\n{body}"
+        requests.append(Request(prompt=prompt, max_tokens=budget, input_tokens=words + 2, ignore_eos=ignore_eos))
+    return requests
+
+
+def with_temperature(requests: list[Request], temperature: float | None) -> list[Request]:
+    """The requests with a sampling temperature (None: the server's default)."""
+    if temperature is None:
+        return requests
+    return [replace(r, temperature=float(temperature)) for r in requests]

@@ -17,6 +17,7 @@ class Request:
     max_tokens: int
     input_tokens: int  # intended prompt length (the server's usage is the truth)
     ignore_eos: bool = True
+    temperature: float | None = None  # sampling temperature; None leaves the server's default
 
 
 @dataclass(slots=True)

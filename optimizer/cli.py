@@ -21,7 +21,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 _SHORT = {"tensor_parallel": "tp", "pipeline_parallel": "pp", "data_parallel": "dp", "max_concurrency": "conc",
           "max_batched_tokens": "mbt", "quantization": "quant", "kv_cache_dtype": "kv", "memory_fraction": "mem",
           "chunked_prefill": "chunk", "prefix_caching": "pfx", "speculative_method": "spec",
-          "speculative_tokens": "k"}
+          "speculative_tokens": "k", "speculative_lookup_min": "lookup_min", "speculative_lookup_max": "lookup_max"}
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

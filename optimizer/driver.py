@@ -104,12 +104,17 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
                         # a search trial is exploratory: a short run notes the early-stopping shortfall
                         # instead of failing; `servetune bench` keeps the MLPerf-strict default
                         require_early_stopping=False)
-        out.append(ScenarioPlan(label=s.label, settings=settings, max_qps=search))
+        out.append(ScenarioPlan(label=s.label, settings=settings, max_qps=search,
+                                dataset=_dataset_args(spec, s.dataset) if s.dataset else None))
     return out
 
 
 def dataset_args(spec: StudySpec) -> dict[str, Any]:
-    d = spec.workload.dataset
+    return _dataset_args(spec, spec.workload.dataset)
+
+
+def _dataset_args(spec: StudySpec, d) -> dict[str, Any]:
+    extra = {"temperature": d.temperature} if d.temperature is not None else {}
     if d.kind == "random":
         from servetune.loadgen.tokenizer import find_tokenizer
 
@@ -120,8 +125,13 @@ def dataset_args(spec: StudySpec) -> dict[str, Any]:
         return dict(kind="random", n=d.num_requests, input_tokens=d.input_tokens, output_tokens=d.output_tokens,
                     input_range=d.input_range, output_range=d.output_range, seed=d.seed, ignore_eos=d.ignore_eos,
                     prompt_format=fmt, tokenizer=str(tokenizer) if tokenizer else None,
-                    shared_prefix_tokens=d.shared_prefix_tokens)
-    return dict(kind=d.kind, path=spec.resolve_path(d.path or ""), n=d.num_requests, seed=d.seed)
+                    shared_prefix_tokens=d.shared_prefix_tokens, **extra)
+    if d.kind == "text_tasks":
+        from servetune.loadgen.datasets import COPY_TASKS
+
+        return dict(kind="text_tasks", n=d.num_requests, tasks=list(d.tasks or COPY_TASKS),
+                    output_tokens=d.output_tokens, seed=d.seed, ignore_eos=d.ignore_eos, **extra)
+    return dict(kind=d.kind, path=spec.resolve_path(d.path or ""), n=d.num_requests, seed=d.seed, **extra)
 
 
 def make_sampler(spec: StudySpec, space: SearchSpace, n_objectives: int,

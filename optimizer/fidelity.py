@@ -63,11 +63,6 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
         gpu_spec = get_gpu(gpu)
     except Exception as e:
         raise EstimateUnavailable(f"no GPU spec for {gpu!r}: {e}") from None
-    if dataset.get("kind", "random") != "random":
-        ins, outs = 512, 128  # a file dataset: typical lengths (calibration absorbs the difference)
-    else:
-        ins, outs = int(dataset.get("input_tokens", 512)), int(dataset.get("output_tokens", 128))
-    n_data = int(dataset.get("n") or 200)
     cfg_params = {k: v for k, v in params.items() if k != "engine"}
     try:
         cfg = SimConfig.from_params(cfg_params, strict=False)
@@ -77,6 +72,7 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     for sc in scenarios:
         s = sc.settings
         kind = s.get("kind")
+        ins, outs, n_data = _lengths(getattr(sc, "dataset", None) or dataset)
         try:
             if kind == "offline":
                 n = min(int(s.get("num_requests") or n_data), max_requests)
@@ -112,6 +108,14 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
         if summ.get("tpot_mean_ms") and "tokens_per_s_per_user" not in summ:
             summ["tokens_per_s_per_user"] = 1000.0 / summ["tpot_mean_ms"]
     return out
+
+
+def _lengths(dataset: dict[str, Any]) -> tuple[int, int, int]:
+    """(input tokens, output tokens, requests) the estimate assumes for a dataset."""
+    n = int(dataset.get("n") or 200)
+    if dataset.get("kind", "random") != "random":
+        return 512, 128, n  # a file or text dataset: typical lengths (calibration absorbs the difference)
+    return int(dataset.get("input_tokens", 512)), int(dataset.get("output_tokens", 128)), n
 
 
 def _sla_met(summary: dict[str, Any], settings: dict[str, Any]) -> bool:

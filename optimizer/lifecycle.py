@@ -113,26 +113,42 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
     from servetune.loadgen.endpoint import Endpoint
     from servetune.loadgen.scenarios import write_records
 
-    requests = _dataset(datasets, plan.dataset)
+    trial_requests = None  # built once, when a scenario without its own dataset needs it
     # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
     epoch = 0
     endpoint = Endpoint(base_url=url, model=plan.model.name)
-    auditor, warmer = _audit_tools(plan, engine, endpoint, requests, url + metrics_path)
+
+    def scrape() -> dict[str, float] | None:
+        return _scrape(engine, url + metrics_path)
+
+    if plan.audit.get("enabled") or plan.warmup.get("enabled"):
+        # the warm-up (and an audit's re-warm) sends the study's dataset; a scenario's own dataset is measured
+        trial_requests = _dataset(datasets, plan.dataset)
+    auditor, warmer = _audit_tools(plan, engine, endpoint, trial_requests, url + metrics_path)
     if warmer is not None and plan.warmup.get("enabled"):
         result.warmup = warmer.warm()
         if not ep.alive():
             failure = engine.classify(ep.log_tail(), ep.proc.poll())
             _fail(result, Failure(FailureKind.CRASH_UNDER_LOAD, f"died during the warm-up: {failure.reason}"))
             return
-    before = _scrape(engine, url + metrics_path)
+    before = scrape()
     first_before = before
     for sc in plan.scenarios:
         if progress is not None:
             progress.scenario(sc)
+        if sc.dataset:
+            requests = _dataset(datasets, sc.dataset)
+        else:
+            trial_requests = trial_requests or _dataset(datasets, plan.dataset)
+            requests = trial_requests
         t0 = time.monotonic()
-        measure = _search_rate if sc.max_qps else _sweep
-        sr, levels, summary_extra, runs = measure(plan, endpoint, requests, sc, epoch, auditor)
+        level_deltas: dict[int, dict[str, float]] = {}  # level index -> the engine's counters over that level
+        if sc.max_qps:
+            sr, levels, summary_extra, runs = _search_rate(plan, endpoint, requests, sc, epoch, auditor)
+        else:
+            sr, levels, summary_extra, runs = _sweep(plan, endpoint, requests, sc, epoch, auditor,
+                                                     scrape=scrape, deltas=level_deltas, engine=engine)
         epoch += runs
         result.loaded_s += time.monotonic() - t0
         result.scenarios[sc.label] = sr.to_dict()
@@ -141,7 +157,9 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
             for rate, s_ in levels:
                 suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
                 _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
-            result.scenarios[sc.label]["levels"] = [{key: r, **s_.to_dict()} for r, s_ in sorted(levels, key=lambda x: x[0])]
+            result.scenarios[sc.label]["levels"] = [
+                {key: r, **s_.to_dict(), **({"metrics_delta": level_deltas[i]} if i in level_deltas else {})}
+                for i, (r, s_) in sorted(enumerate(levels), key=lambda x: x[1][0])]
             result.scenarios[sc.label]["summary"].update(summary_extra)
         dirty = [rate for rate, s_ in levels if contaminated(s_)]
         if dirty:
@@ -226,7 +244,8 @@ class _Fresh:
         return run(self.endpoint, level_variant(self.requests, self.first + self.runs - 1), self.settings)
 
 
-def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
+def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None, scrape=None, deltas=None,
+           engine=None):
     """The scenario's fixed rate(s) or concurrency level(s), in order, stopping at the first SLA miss.
 
     A level whose audit fails runs once more after more warm-up; one still contaminated after that is no
@@ -234,7 +253,8 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
 
     Returns the result to report (the highest level that met the SLA, else the first clean one, else the
     first), every level run as (level, result), what goes into the reported summary, and how many runs
-    were made."""
+    were made. With ``scrape``, the engine's /metrics are read around each level of a sweep and ``deltas[i]``
+    gets level i's (speculative acceptance and the like, per load level; an audit's re-run included)."""
     from servetune.loadgen.scenarios import ScenarioSettings
 
     key = _swept(sc)
@@ -242,11 +262,16 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
     rates = rates if isinstance(rates, list) else [rates]
     levels = []
     runs = 0
+    per_level = scrape is not None and deltas is not None and len(rates) > 1
     for rate in rates:  # a load sweep within this one launch: no restart per level
         settings = ScenarioSettings(**{**sc.settings, key: rate, "num_gpus": plan.gpus})
+        before = scrape() if per_level else None
         once = _Fresh(endpoint, requests, settings, epoch + runs)
         sr = auditor.measure(once, settings) if auditor is not None else once()
         runs += once.runs
+        after = scrape() if before is not None else None
+        if after is not None:
+            deltas[len(levels)] = _delta(engine, before, after)
         levels.append((rate, sr))
         if len(rates) > 1 and not contaminated(sr) and not sla_met(sr.summary, sc.settings):
             break  # higher rates only queue more: stop spending GPU time
@@ -296,14 +321,19 @@ def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: f
 def _dataset(datasets, d: dict[str, Any]):
     d = dict(d)
     kind = d.pop("kind", "random")
+    temperature = d.pop("temperature", None)
     if kind == "random":
         from servetune.loadgen.tokenizer import PromptTokenizer
 
         tokenizer = d.pop("tokenizer", None)
-        return datasets.random_dataset(**d, tokenizer=PromptTokenizer(tokenizer) if tokenizer else None)
-    if kind == "sharegpt":
-        return datasets.sharegpt_dataset(d["path"], d["n"], seed=d.get("seed", 0))
-    return datasets.token_id_dataset(d["path"])
+        requests = datasets.random_dataset(**d, tokenizer=PromptTokenizer(tokenizer) if tokenizer else None)
+    elif kind == "text_tasks":
+        requests = datasets.text_task_dataset(**d)
+    elif kind == "sharegpt":
+        requests = datasets.sharegpt_dataset(d["path"], d["n"], seed=d.get("seed", 0))
+    else:
+        requests = datasets.token_id_dataset(d["path"])
+    return datasets.with_temperature(requests, temperature)
 
 
 def _scrape(engine, url: str) -> dict[str, float] | None:

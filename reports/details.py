@@ -428,6 +428,54 @@ def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, A
             "figures": [{"name": k, "value": v} for k, v in figures], "examples": examples}
 
 
+SPEC_KEYS = [("spec_drafts", "drafts"), ("spec_draft_tokens", "draft tokens"), ("spec_accepted_tokens", "accepted"),
+             ("spec_acceptance_rate", "acceptance rate"), ("spec_mean_acceptance_length", "mean accepted length")]
+
+
+def speculation(raw: dict[str, Any]) -> dict[str, Any]:
+    """The engine's speculative-decoding counters per scenario and load level (or for the whole scenario when
+    it ran one level): drafts, draft and accepted tokens, acceptance rate, mean acceptance length and the
+    per-position acceptance rates. Empty when the trial drafted nothing."""
+    rows: list[dict[str, Any]] = []
+    positions = 0
+    scenarios = raw.get("scenarios") if isinstance(raw.get("scenarios"), dict) else {}
+    for name, sc in scenarios.items():
+        if not isinstance(sc, dict):
+            continue
+        levels = [lv for lv in sc.get("levels") or [] if isinstance(lv, dict) and isinstance(lv.get("metrics_delta"), dict)]
+        units = [(_level_name(lv), lv.get("output_tokens_per_s") or (lv.get("summary") or {}).get("output_tokens_per_s"),
+                  lv["metrics_delta"]) for lv in levels]
+        if not units and isinstance(sc.get("metrics_delta"), dict):
+            units = [("all", (sc.get("summary") or {}).get("output_tokens_per_s"), sc["metrics_delta"])]
+        for level, tok_s, d in units:
+            if not d.get("spec_drafts") and not d.get("spec_draft_tokens"):
+                continue
+            pos = [d[f"spec_acceptance_pos{i}"] for i in range(64) if f"spec_acceptance_pos{i}" in d]
+            positions = max(positions, len(pos))
+            rows.append({"scenario": str(name), "level": level,
+                         "output_tokens_per_s": fmt_metric(tok_s, "output_tokens_per_s") if _present(tok_s) else "—",
+                         "values": [_spec_fmt(k, d.get(k)) for k, _ in SPEC_KEYS],
+                         "per_position": [f"{v:.0%}" for v in pos]})
+    return {"columns": [label for _, label in SPEC_KEYS], "positions": positions, "rows": rows}
+
+
+def _level_name(level: dict[str, Any]) -> str:
+    for key, unit in (("concurrency", "concurrency "), ("qps", "")):
+        if _present(level.get(key)):
+            return f"{unit}{fmt_number(level[key])}{' queries/s' if key == 'qps' else ''}"
+    return "—"
+
+
+def _spec_fmt(key: str, v: Any) -> str:
+    if not isinstance(v, (int, float)) or not _present(v):
+        return "—"
+    if key == "spec_acceptance_rate":
+        return f"{v:.1%}"
+    if key == "spec_mean_acceptance_length":
+        return f"{v:.2f}"
+    return fmt_number(v)
+
+
 def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
     """Everything the drill-down shows for trial ``number`` (None when the run has no such trial)."""
     match = run.trials[run.trials["number"].eq(number)] if not run.trials.empty else run.trials
@@ -485,6 +533,7 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
         "roofline_note": EXPLANATION,
         "deltas": _deltas(row, raw, [s.name for s in run.scenarios]),
         "warmup": warmup_summary(raw),
+        "speculation": speculation(raw),
         "log_tail": log_tail(row.get("trial_dir")),
         "figures": {k: v for k, v in (("load", load_curve_figure(run, row)),
                                       ("cdf", cdf_figure(run, row.get("trial_dir"), measured))) if v},
@@ -500,5 +549,5 @@ def all_details(run: Run) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["trial_detail", "all_details", "config_diff", "command_parts", "read_latencies", "cdf_figure",
+__all__ = ["trial_detail", "all_details", "speculation", "config_diff", "command_parts", "read_latencies", "cdf_figure",
            "load_curve_figure", "log_tail", "read_trial_json", "audit_table", "warmup_summary"]

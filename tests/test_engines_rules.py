@@ -144,6 +144,31 @@ def test_vllm_speculative_all_or_none():
     rejects("vllm", {"speculative_method": "lookahead", "speculative_tokens": 1}, "speculative_method=lookahead")
 
 
+def test_vllm_suffix_decoding():
+    # suffix drafts up to its tree depth when speculative_tokens is unset; it reads no lookup window
+    accepts("vllm", {"speculative_method": "suffix"})
+    accepts("vllm", {"speculative_method": "suffix", "speculative_tokens": 8, "speculative_lookup_max": 5})
+    rejects("vllm", {"speculative_method": "suffix", "async_scheduling": True}, "async_scheduling=true", "suffix")
+    from servetune.optimizer.engines import get_engine
+    from servetune.optimizer.engines.base import ModelRef
+
+    argv = get_engine("vllm").plan({"speculative_method": "suffix", "speculative_tokens": 8, "speculative_lookup_max": 5},
+                                   ModelRef(name="m", path="/m", shape={}), host="127.0.0.1", port=8000,
+                                   gpu_ids=[0]).argv
+    assert "--speculative-config.prompt_lookup_max" not in argv and "suffix" in argv
+
+
+def test_vllm_suffix_without_arctic_inference_is_unsupported():
+    # vLLM 0.26, SpeculativeConfig._validate_suffix_decoding, inside config validation
+    tail = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for SpeculativeConfig\n"
+            "  Value error, Arctic Inference is required for suffix decoding. Install via "
+            "`pip install arctic-inference==0.1.1`. [type=value_error]")
+    from servetune.optimizer.engines import get_engine
+
+    f = get_engine("vllm").classify(tail, 1)
+    assert f.kind.value == "unsupported" and "arctic-inference" in f.reason
+
+
 def test_vllm_medusa_removed_in_033():
     p = {"speculative_method": "medusa", "speculative_tokens": 3, "speculative_draft_path": "/d"}
     accepts("vllm", p)

@@ -69,3 +69,24 @@ def test_summarize_states_packing_and_the_pareto_front_of_a_sharding_study(tmp_p
     front = [n for n in summary["pareto"] if trials[n].get("duplicate_of") is None]
     assert front and len(rows) == 4 + len(front)  # the trial table, then one row per Pareto config
     assert "Pareto front (server.output_tokens_per_s_per_gpu vs server.tpot_p99_ms)" in text
+
+
+def test_spec_crossover_finds_the_level_from_which_speculation_is_slower(tmp_path):
+    def trial(n: int, params: dict, copy_rates: list[float]) -> None:
+        d = tmp_path / "trials" / f"{n:04d}"
+        d.mkdir(parents=True)
+        levels = [{"concurrency": c, "summary": {"output_tokens_per_s": r, "tpot_p50_ms": 1000 / r * c},
+                   "metrics_delta": {"spec_acceptance_rate": 0.4, "spec_mean_acceptance_length": 2.6}
+                   if params.get("speculative_method") == "ngram" else {}}
+                  for c, r in zip((1, 16, 64, 256), copy_rates)]
+        (d / "trial.json").write_text(json.dumps({"number": n, "state": "complete", "params": params,
+                                                  "scenarios": {"copy": {"levels": levels}}}))
+
+    trial(0, {"speculative_method": "none"}, [200, 2000, 3300, 3000])
+    trial(1, {"speculative_method": "ngram", "speculative_tokens": 4, "speculative_lookup_min": 2,
+              "speculative_lookup_max": 4}, [260, 2600, 3100, 2700])
+    trial(2, {"speculative_method": "ngram", "speculative_tokens": 2}, [250, 1900, 3400, 3100])
+    text = _script("spec_crossover").render(tmp_path)
+    assert "| 1 | 200 · 5.00 | 250 · 4.00 · 40% (2.60) | 260 · 3.85 · 40% (2.60) |" in text
+    assert "- ngram k=4 n=2..4: slower than the best without speculation from level 64 up (the crossover)" in text
+    assert "- ngram k=2: not slower than the best without speculation at the highest levels both measured" in text

@@ -124,3 +124,39 @@ def test_token_id_dataset_malformed(tmp_path, line, match):
     path = _write(tmp_path / "ids.jsonl", '{"prompt_token_ids": [1], "max_tokens": 2}\n' + line + "\n")
     with pytest.raises(ValueError, match=match):
         token_id_dataset(path)
+
+
+# -- text tasks (speculative decoding's workloads) ----------------------------------------------------------
+
+def test_text_tasks_quote_their_source_and_ask_for_about_its_length():
+    from servetune.loadgen.datasets import text_corpus, text_task_dataset
+    from servetune.optimizer.engines.sim.answer import find_source
+
+    corpus = text_corpus()
+    assert all(p["source"] and p["text"] for p in corpus["passages"]) and corpus["topics"]
+    reqs = text_task_dataset(40, tasks=["rewrite", "summarize", "code_edit"], output_tokens=1000, seed=3)
+    assert len({r.prompt.split("\n", 1)[0] for r in reqs}) == 40  # a request number first: no shared prefix block
+    texts = {" ".join(p["text"].split()): p for p in corpus["passages"]}
+    for r in reqs:
+        source = " ".join(find_source(r.prompt.split()))
+        p = texts[source]  # the quoted source is one shipped passage, whole
+        words = len(p["text"].split())
+        assert r.max_tokens in (words, words // 2) and r.ignore_eos and r.temperature is None
+    kinds = {texts[" ".join(find_source(r.prompt.split()))]["kind"] for r in reqs}
+    assert kinds == {"prose", "code"}
+    free = text_task_dataset(5, tasks=["freeform"], output_tokens=64)
+    assert all(find_source(r.prompt.split()) == [] and r.max_tokens == 64 for r in free)
+    assert text_task_dataset(40, seed=3) == text_task_dataset(40, seed=3)
+    with pytest.raises(ValueError, match="tasks must be some of"):
+        text_task_dataset(3, tasks=["poetry"])
+
+
+def test_a_temperature_rides_with_every_request():
+    from servetune.loadgen.client import request_body
+    from servetune.loadgen.datasets import text_task_dataset, with_temperature
+    from servetune.loadgen.endpoint import Endpoint
+
+    ep = Endpoint(base_url="http://127.0.0.1:1", model="m")
+    reqs = text_task_dataset(2, tasks=["freeform"])
+    assert "temperature" not in request_body(ep, reqs[0])
+    assert request_body(ep, with_temperature(reqs, 0)[0])["temperature"] == 0.0

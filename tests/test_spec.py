@@ -315,7 +315,8 @@ def test_requires_parent_all_off():
                          ids=lambda p: p.stem)
 def test_gpu_example_studies_are_valid_but_for_the_checkpoint_the_host_makes(path):
     """The GPU studies name /tmp/models/<preset> with random weights, which host_setup.sh makes (here the preset
-    stands in), or a real checkpoint a converter makes there (here its config.json in tests/fixtures/models)."""
+    stands in), or a real checkpoint a converter (benchmarks/gpu/gguf_to_hf.py for the real SmolLM2) makes there
+    (here its config.json in tests/fixtures/models)."""
     text = re.sub(r"path: /tmp/models/([\w.-]+), name: (\w+), load_format: dummy", r"preset: \1, name: \2",
                   path.read_text())
     fixtures = ROOT / "tests" / "fixtures" / "models"
@@ -368,3 +369,30 @@ def test_a_declared_prefix_reuse_turns_the_audits_hit_rule_off():
     for declared in ("shared_prefix_tokens: 64", "replay: true"):
         study = MINIMAL.replace("workload:\n", f"workload:\n  dataset: {{kind: random, {declared}}}\n", 1)
         assert parse_study(study, "m.yaml").workload.audit_settings()["max_prefix_cache_hit_fraction"] is None
+
+
+def test_each_scenario_may_bring_its_own_dataset():
+    from servetune.optimizer.driver import dataset_args, scenario_plans
+
+    text = MINIMAL.replace("  scenarios: [{kind: offline}]", """\
+  scenarios:
+    - {kind: concurrency, name: copy, concurrency: [1, 8], duration_s: 2,
+       dataset: {kind: text_tasks, tasks: [rewrite, code_edit], output_tokens: 64, temperature: 0}}
+    - {kind: concurrency, name: free, concurrency: 4, duration_s: 2}""")
+    spec = parse_study(text, "m.yaml")
+    copy, free = scenario_plans(spec)
+    assert copy.dataset == {"kind": "text_tasks", "n": 200, "tasks": ["rewrite", "code_edit"], "output_tokens": 64,
+                            "seed": 0, "ignore_eos": True, "temperature": 0.0}
+    assert free.dataset is None and dataset_args(spec)["kind"] == "random"
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("{kind: random, tasks: [rewrite]}", "tasks apply to kind: text_tasks, not random"),
+    ("{kind: text_tasks, path: x.jsonl}", "a text_tasks dataset uses the text servetune ships"),
+    ("{kind: text_tasks, tasks: [poems]}", "workload.dataset.tasks[0]: 'poems' is not one of: rewrite, summarize"),
+    ("{kind: text_tasks, temperature: -1}", "workload.dataset.temperature"),
+])
+def test_text_task_datasets_are_checked(dataset, message):
+    text = MINIMAL.replace("workload:\n", f"workload:\n  dataset: {dataset}\n")
+    lines = _errors("m.yaml", text)
+    assert any(message in line for line in lines), lines

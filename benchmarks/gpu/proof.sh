@@ -7,7 +7,8 @@
 #    llama8b-tp2: one tensor-parallel trial over both GPUs; llama8b: TP 1 and 2 searched together;
 #    llama8b-fp8: baseline against fp8 with 20 s levels; llama8b-h100-baseline: one trial, the keep-up rule;
 #    llama70b-x8: TP/PP/DP of the 70b shape on 8 GPUs; llama70b-x4: the same search on 4 GPUs;
-#    mixtral-1xh200: the mixtral-8x7b baseline against fp8 on one H200, its first level below lo if it fails)
+#    mixtral-1xh200: the mixtral-8x7b baseline against fp8 on one H200, its first level below lo if it fails;
+#    smollm2-specdec: speculative decoding on the real SmolLM2, after `smollm2_carry.sh convert`)
 # Two studies on one host at once: give each half the GPUs and its own Ray instance, e.g.
 #   CUDA_VISIBLE_DEVICES=0,1 RAY_ADDRESS=local proof.sh sglang OUT1 llama8b-tp1 &
 #   CUDA_VISIBLE_DEVICES=2,3 RAY_ADDRESS=local proof.sh vllm OUT2 llama8b-tp2

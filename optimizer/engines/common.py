@@ -267,11 +267,35 @@ def _clean(d: dict[str, float | None]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in d.items() if v is not None and math.isfinite(float(v))}
 
 
+# Metrics kept per label value (Engine.parse_metrics): vLLM counts accepted tokens per draft position.
+VLLM_PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+VLLM_SPLIT = {VLLM_PER_POSITION: "position"}
+SPEC_POSITIONS_SHOWN = 16  # suffix decoding drafts up to 24 tokens; later positions are almost never accepted
+
+
+def spec_per_position(before: dict[str, float], after: dict[str, float], drafts: float | None) -> dict[str, float]:
+    """``spec_acceptance_pos{i}``: the share of drafts whose token i was accepted (vLLM's per-position rate,
+    Δaccepted_per_pos[i] / Δnum_drafts)."""
+    from servetune.optimizer.engines.prometheus import labelled_key
+
+    out: dict[str, float] = {}
+    if not drafts:
+        return out
+    for i in range(SPEC_POSITIONS_SHOWN):
+        key = labelled_key(VLLM_PER_POSITION, "position", str(i))
+        if key not in after:
+            break
+        out[f"spec_acceptance_pos{i}"] = (after[key] - before.get(key, 0.0)) / drafts
+    return out
+
+
 def summarize_vllm_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """vLLM /metrics (also what the sim exposes) between two scrapes → engine-neutral keys.
 
     Counters become deltas, ratios are of deltas; gauges (kv_cache_usage, running, waiting) are the value at
-    ``after``. Series with several labels (e.g. one per data-parallel engine) arrive summed.
+    ``after``. Series with several labels (e.g. one per data-parallel engine) arrive summed. Speculative
+    decoding: drafts (verifications carrying drafts), draft and accepted tokens, their ratio, the mean
+    acceptance length (1 + accepted / drafts: the bonus token counts) and the per-position rates.
     """
     d = lambda n: _delta(before, after, n)  # noqa: E731
     drafts, draft_tokens, accepted = (d("vllm:spec_decode_num_drafts_total"),
@@ -279,6 +303,10 @@ def summarize_vllm_metrics(before: dict[str, float], after: dict[str, float]) ->
                                       d("vllm:spec_decode_num_accepted_tokens_total"))
     mean_len = _ratio(accepted, drafts)
     return _clean({
+        "spec_drafts": drafts,
+        "spec_draft_tokens": draft_tokens,
+        "spec_accepted_tokens": accepted,
+        **spec_per_position(before, after, drafts),
         "kv_cache_usage": after.get("vllm:kv_cache_usage_perc"),
         "running": after.get("vllm:num_requests_running"),
         "waiting": after.get("vllm:num_requests_waiting"),
@@ -296,21 +324,28 @@ def summarize_sglang_metrics(before: dict[str, float], after: dict[str, float]) 
     """SGLang /metrics (``--enable-metrics``) between two scrapes → the same engine-neutral keys as vLLM.
 
     SGLang retracts (re-queues) requests where vLLM preempts them: both count as ``preemptions``. Its
-    speculative acceptance is exposed as gauges, taken at ``after``.
+    speculative acceptance rate is a gauge of the latest logged batch, taken at ``after``; the mean acceptance
+    length over the window comes from counters where SGLang has them: every verification call of a request
+    emits its accepted drafts plus one token, and each request's first token comes from its prefill, so it is
+    (Δgeneration tokens − Δrequests) / Δspec_verify_calls (the gauge otherwise).
     """
     d = lambda n: _delta(before, after, n)  # noqa: E731
     hit = _ratio(d("sglang:cached_tokens_total"), d("sglang:prompt_tokens_total"))
     if hit is None:
         hit = after.get("sglang:cache_hit_rate")
     pre = d("sglang:num_retracted_requests_total")
+    verify, gen, reqs = d("sglang:spec_verify_calls_total"), d("sglang:generation_tokens_total"), \
+        d("sglang:num_requests_total")
+    mean_len = _ratio(None if gen is None or reqs is None else gen - reqs, verify)
     return _clean({
+        "spec_drafts": verify if verify else None,
         "kv_cache_usage": after.get("sglang:token_usage"),
         "running": after.get("sglang:num_running_reqs"),
         "waiting": after.get("sglang:num_queue_reqs"),
         "preemptions": pre if pre is not None else after.get("sglang:num_retracted_reqs"),
         "prefix_cache_hit_rate": hit,
         "spec_acceptance_rate": after.get("sglang:spec_accept_rate"),
-        "spec_mean_acceptance_length": after.get("sglang:spec_accept_length"),
+        "spec_mean_acceptance_length": mean_len if mean_len is not None else after.get("sglang:spec_accept_length"),
         "prompt_tokens": d("sglang:prompt_tokens_total"),
         "generation_tokens": d("sglang:generation_tokens_total"),
         "requests_succeeded": d("sglang:num_requests_total"),

@@ -2,18 +2,31 @@
 from __future__ import annotations
 
 import math
+import re
+
+_LABEL = re.compile(r'(\w+)="((?:\\.|[^"\\])*)"')
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum every sample of a metric name over its labels. ``_bucket`` series are skipped (keep _sum/_count)."""
+def labelled_key(name: str, label: str, value: str) -> str:
+    """The key :func:`parse_prometheus` gives one label value's series of a split metric."""
+    return f'{name}{{{label}="{value}"}}'
+
+
+def parse_prometheus(text: str, split: dict[str, str] | None = None) -> dict[str, float]:
+    """Sum every sample of a metric name over its labels. ``_bucket`` series are skipped (keep _sum/_count).
+
+    ``split`` {metric name: label} also keeps that metric per value of that label (summed over the other
+    labels), under :func:`labelled_key` keys: e.g. vLLM's accepted tokens per draft position."""
     out: dict[str, float] = {}
+    split = split or {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        labels = ""
         if "{" in line:
             name, _, rest = line.partition("{")
-            _, _, rest = rest.rpartition("}")
+            labels, _, rest = rest.rpartition("}")
         else:
             name, _, rest = line.partition(" ")
         parts = rest.split()
@@ -26,6 +39,12 @@ def parse_prometheus(text: str) -> dict[str, float]:
         if name.endswith("_bucket") or math.isnan(value):
             continue
         out[name] = out.get(name, 0.0) + value
+        label = split.get(name)
+        if label and labels:
+            for k, v in _LABEL.findall(labels):
+                if k == label:
+                    key = labelled_key(name, label, v)
+                    out[key] = out.get(key, 0.0) + value
     return out
 
 

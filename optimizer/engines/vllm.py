@@ -70,6 +70,9 @@ VLLM_RULES: list[Rule] = [
      "quantization does not match the checkpoint's own quantization"),
     (FailureKind.BAD_ARGS, r"Cannot find the config file for",
      "quantization needs a checkpoint quantized that way"),
+    (FailureKind.UNSUPPORTED, r"Arctic Inference is required for suffix decoding",
+     "speculative_method=suffix needs the arctic-inference package in vLLM's environment (vLLM 0.26 asks for "
+     "0.1.1, which PyPI has as a source release only for Python 3.12)"),
     (FailureKind.UNSUPPORTED, r"Selected backend .* is not valid for this configuration|No valid attention backend",
      "the attention backend cannot run this configuration (kv_cache_dtype, kv_block_size or GPU)"),
     (FailureKind.UNSUPPORTED, r"NotImplementedError",
@@ -279,10 +282,10 @@ class VllmEngine(CatalogEngine):
             r.append(f"pipeline_parallel={pp} with speculative_method={m}: vLLM breaks at runtime "
                      "(reference §3 rule 5); use pipeline_parallel=1")
         k = p.get("speculative_tokens")
-        if k is None:
+        if k is None and m != "suffix":  # suffix drafts up to suffix_decoding_max_tree_depth (24) when unset
             r.append(f"speculative_method={m} needs speculative_tokens (vLLM: 'num_speculative_tokens was "
                      "provided but without speculative model' / required when no draft config sets it)")
-        elif C.as_int(k, 0) < 1:
+        elif k is not None and C.as_int(k, 0) < 1:
             r.append(f"speculative_tokens={k} must be at least 1")
         if m in SPEC_NEEDS_MODEL and C.is_off(p.get("speculative_draft_path")):
             r.append(f"speculative_method={m} needs speculative_draft_path (the draft / EAGLE head checkpoint)")
@@ -370,6 +373,11 @@ class VllmEngine(CatalogEngine):
             if root and root not in f.reason:
                 f = Failure(f.kind, f"{f.reason}: {root}")
         return f
+
+    def parse_metrics(self, text: str) -> dict[str, float]:
+        from servetune.optimizer.engines.prometheus import parse_prometheus
+
+        return parse_prometheus(text, split=C.VLLM_SPLIT)
 
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return C.summarize_vllm_metrics(before, after)

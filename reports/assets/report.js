@@ -400,6 +400,22 @@
       figures.push([cf, d.figures.cdf]);
     }
 
+    var sp = d.speculation;
+    if (sp && sp.rows.length) {
+      body.appendChild(el("h3", null, "Speculative decoding ", el("span", {class: "hint", text: "the engine's counters per load level"})));
+      var pos = [];
+      for (var i = 0; i < sp.positions; i++) { pos.push("pos " + (i + 1)); }
+      body.appendChild(plainTable("drill-spec", "trial-" + d.number + "-speculation",
+        ["scenario", "level", "output tok/s"].concat(sp.columns, pos),
+        sp.rows.map(function (r) {
+          var cells = r.per_position.slice();
+          while (cells.length < sp.positions) { cells.push("—"); }
+          return [r.scenario, r.level, r.output_tokens_per_s].concat(r.values, cells);
+        })));
+      body.appendChild(el("p", null, csvButton("drill-spec"),
+        el("span", {class: "hint", text: "  acceptance rate: accepted ÷ draft tokens; mean accepted length: 1 + accepted ÷ drafts (the bonus token counts); pos i: share of drafts whose token i was accepted"})));
+    }
+
     body.appendChild(el("h3", null, "Configuration",
       d.baseline_number !== null && !d.is_baseline ? el("span", {class: "hint", text: " against the baseline, trial #" + d.baseline_number}) : null));
     if (d.config.length) {

@@ -34,6 +34,19 @@ class SimEngine(CatalogEngine):
     def endpoints(self) -> dict[str, Any]:
         return {"ready_timeout_s": 60.0}
 
+    def parse_metrics(self, text: str) -> dict[str, float]:
+        from servetune.optimizer.engines.common import VLLM_SPLIT
+        from servetune.optimizer.engines.prometheus import parse_prometheus
+
+        return parse_prometheus(text, split=VLLM_SPLIT)
+
+    def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """The sim's raw counters (its own and the vLLM-named ones), plus vLLM's engine-neutral summary of them."""
+        from servetune.optimizer.engines.common import summarize_vllm_metrics
+
+        raw = {k: round(after[k] - before.get(k, 0.0), 6) for k in after}
+        return {**raw, **summarize_vllm_metrics(before, after)}
+
     def classify(self, log_tail: str, exit_code: int | None) -> Failure:
         from servetune.optimizer.engines.classify import classify_vllm_like
 

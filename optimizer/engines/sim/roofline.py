@@ -192,7 +192,7 @@ class Roofline:
     def _draft(self, b: StepBatch) -> float:
         if not b.draft_seqs:
             return 0.0
-        if self.spec_method == "ngram":
+        if self.spec_method in ("ngram", "suffix"):  # CPU lookups over each request's context
             return NGRAM_STEP_S + NGRAM_PER_SEQ_S * b.draft_seqs
         # EAGLE: k sequential passes, each over draft_seqs tokens attending over their contexts.
         passes = max(1, round(b.draft_tokens / b.draft_seqs))

@@ -28,10 +28,15 @@ from servetune.optimizer.model_shapes import ModelShape
 from servetune.optimizer.engines.sim.roofline import (ACT_BYTES, ACT_HIDDEN_FACTOR, ACT_INTER_FACTOR, Roofline,
                                                       StepBatch, StepTime)
 
-SPEC_METHODS = ("none", "ngram", "eagle", "eagle3")
-# Expected per-draft-token acceptance when none is given: EAGLE heads on chat data accept ~0.6-0.7;
-# ngram prompt lookup on random benchmark prompts finds little to copy.
-DEFAULT_ACCEPTANCE = {"ngram": 0.3, "eagle": 0.6, "eagle3": 0.7}
+SPEC_METHODS = ("none", "ngram", "suffix", "eagle", "eagle3")
+# Draft-free methods: their drafts come from the request's own context (answer.py), so with a request's
+# tokens at hand their acceptance is measured on the sim's answer rather than drawn.
+LOOKUP_METHODS = ("ngram", "suffix")
+# Per-draft-token acceptance when none is given and there is no answer to judge drafts against (the in-process
+# estimator): EAGLE heads on chat data accept ~0.6-0.7; prompt lookup on random prompts finds little to copy.
+DEFAULT_ACCEPTANCE = {"ngram": 0.3, "suffix": 0.3, "eagle": 0.6, "eagle3": 0.7}
+# vLLM's prompt-lookup window when neither bound is set (SpeculativeConfig, 0.26).
+DEFAULT_LOOKUP = 5
 KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8")
 
@@ -45,7 +50,7 @@ SAMPLER_BYTES_PER_VOCAB_ROW = 8  # fp32 logits + fp32 probabilities for each of 
 # Engine-neutral parameters the sim accepts but that do not change its timing.
 NO_EFFECT_PARAMS = frozenset({
     "expert_parallel", "attention_backend", "scheduler_policy", "async_scheduling", "stream_interval",
-    "speculative_lookup_max", "speculative_lookup_min", "speculative_draft_path",
+    "speculative_draft_path",
 })
 
 
@@ -73,9 +78,11 @@ class SimConfig:
     memory_fraction: float = 0.9  # vLLM --gpu-memory-utilization
     kv_block_size: int = 16
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    speculative_method: str = "none"  # none | ngram | eagle | eagle3
+    speculative_method: str = "none"  # none | ngram | suffix | eagle | eagle3
     speculative_tokens: int = 3
-    speculative_acceptance: float | None = None  # None: DEFAULT_ACCEPTANCE[method]
+    speculative_acceptance: float | None = None  # None: measured on the answer (lookup), else DEFAULT_ACCEPTANCE
+    speculative_lookup_min: int | None = None  # ngram window; unset bounds follow vLLM (5/5, or copy the other)
+    speculative_lookup_max: int | None = None
     enforce_eager: bool = False
     cuda_graph_max_batch: int | None = None  # None: vLLM's min(2·max_num_seqs·(1+k), 512)
     seed: int = 0
@@ -116,6 +123,23 @@ class SimConfig:
         if self.speculative_acceptance is not None:
             return self.speculative_acceptance
         return DEFAULT_ACCEPTANCE[self.speculative_method]
+
+    @property
+    def lookup_window(self) -> tuple[int, int]:
+        """(min, max) n-gram length of prompt lookup, defaulted as vLLM does; suffix matches up to a depth."""
+        if self.speculative_method == "suffix":
+            from servetune.optimizer.engines.sim.answer import SUFFIX_DEPTH
+
+            return 1, SUFFIX_DEPTH
+        lo, hi = self.speculative_lookup_min, self.speculative_lookup_max
+        if lo is None and hi is None:
+            return DEFAULT_LOOKUP, DEFAULT_LOOKUP
+        return (lo if lo is not None else hi), (hi if hi is not None else lo)
+
+    @property
+    def measures_acceptance(self) -> bool:
+        """Drafts judged against each request's answer (lookup methods without a fixed acceptance)."""
+        return self.speculative_method in LOOKUP_METHODS and self.speculative_acceptance is None
 
     def graph_max_batch(self) -> int:
         if self.cuda_graph_max_batch is not None:
@@ -172,6 +196,11 @@ class SimConfig:
                 raise SimConfigError(f"speculative acceptance must be in [0, 1), got {self.acceptance}.")
             if pp > 1:
                 raise SimConfigError("Speculative decoding is not supported with pipeline parallelism (pp > 1).")
+            lo, hi = self.lookup_window
+            if lo < 1 or hi < 1:
+                raise SimConfigError("prompt_lookup_min and prompt_lookup_max must be >= 1.")
+            if lo > hi:
+                raise SimConfigError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
 
 
 @dataclass(frozen=True)
@@ -293,6 +322,7 @@ class SimRequest:
     first_token_time: float | None = None
     finish_time: float | None = None
     user: Any = None  # the server's stream state
+    answer: Any = None  # answer.Answer: the tokens this request will emit (drafts are judged against them)
 
 
 @dataclass
@@ -304,8 +334,10 @@ class SchedulerStats:
     preemptions: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
-    spec_drafts: int = 0
+    spec_drafts: int = 0  # draft tokens proposed (vLLM's num_draft_tokens)
     spec_accepted: int = 0
+    spec_num_drafts: int = 0  # verifications that carried at least one draft token (vLLM's num_drafts)
+    spec_accepted_per_pos: list = field(default_factory=list)  # [i]: drafts whose token i was accepted
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     running_sum: int = 0  # Σ running sequences over steps (mean batch = running_sum / steps)
 
@@ -344,6 +376,9 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._drafts = cfg.num_drafts
         self._accept = cfg.acceptance
+        self._lookup = cfg.measures_acceptance
+        self._adaptive = cfg.speculative_method == "suffix"
+        self.stats.spec_accepted_per_pos = [0] * self._drafts
 
     # -- queue -----------------------------------------------------------------------------------------
     def add(self, req: SimRequest) -> None:
@@ -462,9 +497,15 @@ class Scheduler:
             req = running[i]
             n = req.prompt_len + req.output - req.computed
             drafts = 0
+            proposal = None
             decode = n == 1 and req.output > 0
             if decode and self._drafts:
-                drafts = max(0, min(self._drafts, req.max_tokens - req.output - 1, budget - 1))
+                room = max(0, min(self._drafts, req.max_tokens - req.output - 1, budget - 1))
+                if self._lookup and req.answer is not None:
+                    proposal = req.answer.propose(room, self._adaptive) if room else []
+                    drafts = len(proposal)
+                else:
+                    drafts = room
                 n += drafts
             elif n > budget:
                 n = budget  # a prompt chunk (only running prompts exist with chunked prefill)
@@ -479,7 +520,7 @@ class Scheduler:
                     continue  # it preempted itself; nothing after it is left either
                 self._take(need)
                 req.num_blocks += need
-            sched.append((req, n, drafts, decode))
+            sched.append((req, n, drafts, decode, proposal))
             budget -= n
             i += 1
         return budget, preempted
@@ -524,7 +565,7 @@ class Scheduler:
             self.waiting.popleft()
             req.state = RUNNING
             self.running.append(req)
-            sched.append((req, n, 0, False))
+            sched.append((req, n, 0, False, None))
             budget -= n
         return budget
 
@@ -553,7 +594,7 @@ class Scheduler:
             return None
 
         b = StepBatch()
-        for req, n, drafts, decode in sched:
+        for req, n, drafts, decode, proposal in sched:
             pairs = n * req.computed + n * (n + 1) / 2
             if decode:
                 b.decode_seqs += 1
@@ -561,7 +602,7 @@ class Scheduler:
                 b.decode_context += req.computed
                 b.decode_pairs += pairs
                 b.sampled += n
-                if drafts:
+                if drafts or proposal is not None:  # a lookup proposer runs for every decode, match or not
                     b.draft_seqs += 1
                     b.draft_tokens += drafts
             else:
@@ -578,16 +619,25 @@ class Scheduler:
         finished: list = []
         rng, p = self.rng, self._accept
         cache_on = cfg.prefix_caching
-        for req, n, drafts, decode in sched:
+        for req, n, drafts, decode, proposal in sched:
             if req.state != RUNNING:
                 continue
             if decode:
                 accepted = 0
-                while accepted < drafts and rng.random() < p:
-                    accepted += 1
+                if proposal is not None:  # the draft is right up to its first token the answer does not have
+                    answer = req.answer
+                    while accepted < drafts and proposal[accepted] == answer.token(req.output + accepted):
+                        accepted += 1
+                else:
+                    while accepted < drafts and rng.random() < p:
+                        accepted += 1
                 if drafts:
                     st.spec_drafts += drafts
                     st.spec_accepted += accepted
+                    st.spec_num_drafts += 1
+                    per_pos = st.spec_accepted_per_pos
+                    for j in range(accepted):
+                        per_pos[j] += 1
                 req.computed += 1 + accepted  # rejected drafts' KV is discarded
                 emit = 1 + accepted
             else:
@@ -602,6 +652,8 @@ class Scheduler:
             if req.output == 0:
                 st.prompt_tokens += req.prompt_len
             req.output += emit
+            if req.answer is not None:
+                req.answer.advance(emit)
             st.generation_tokens += emit
             emitted.append((req, emit))
             if req.output >= end:

@@ -12,7 +12,9 @@ Token accounting: a list of ints counts one token per id. A string prompt is tok
 ``tokenizer.json`` when ``--model`` is a directory holding one, special tokens added as vLLM does (so text and
 token-id prompts of the same tokens are the same to the sim, prefix cache included); otherwise it counts one
 token per whitespace-separated word (chat: the words of all message contents, no template overhead).
-Generated text is filler words, one word per token, deterministic in the token position.
+Generated text is the sim's answer (answer.py), one word per token: a prompt quoting a source between ```
+fences is answered by rewriting that source, any other with filler words; one prompt always gets the same
+answer.
 
 A completion that asks for ``logprobs`` (a quality evaluation, not load) is answered greedily by
 :mod:`.logits`: tokens and top-K logprobs that are a seeded function of the prompt, with a drift per lossy
@@ -38,6 +40,7 @@ from aiohttp import HttpVersion11, web
 from servetune.optimizer.hardware import GIB, get_gpu
 from servetune.optimizer.model_shapes import ModelShape
 from servetune.optimizer.engines.sim import logits as sim_logits
+from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE, Answer, prompt_seed
 from servetune.optimizer.engines.sim.scheduler import (FINISHED, KV_DTYPES, QUANTIZATIONS, SPEC_METHODS, Scheduler,
                                                        SimConfig, SimConfigError, SimRequest, SimStartupError,
                                                        memory_plan)
@@ -136,7 +139,7 @@ class _SseOutput(_Output):
             role = '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
             parts.append(f"data: {self.envelope}{role}{',' + self._usage() if self.continuous else ''}}}\n\n")
         reason = f'"{req.finish_reason}"' if done else "null"
-        text = _text(self.sent, n)
+        text = req.answer.text(self.sent, n) if req.answer is not None else _text(self.sent, n)
         self.sent += n
         usage = "," + self._usage() if self.continuous else ""
         parts.append(f'{self.head}{text}{self.tail}{reason},"stop_reason":null}}]{usage}}}\n\n')
@@ -318,9 +321,18 @@ class SimServer:
                total("prefix_queries"))
         metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of tokens.",
                total("prefix_hits"))
-        metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", total("spec_drafts"))
-        metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
-               total("spec_accepted"))
+        if self.cfg.spec_enabled:  # as vLLM: the spec-decode counters exist only with a speculative method
+            metric("vllm:spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts.",
+                   total("spec_num_drafts"))
+            metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.",
+                   total("spec_drafts"))
+            metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+                   total("spec_accepted"))
+            name = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+            out.append(f"# HELP {name} Accepted tokens per draft position.\n# TYPE {name} counter\n")
+            for pos in range(self.cfg.num_drafts):
+                n = sum(s.stats.spec_accepted_per_pos[pos] for s in scheds)
+                out.append(f'{name}{{{label},position="{pos}"}} {n}\n')
         out.append("# HELP vllm:request_success_total Count of successfully processed requests.\n"
                    "# TYPE vllm:request_success_total counter\n")
         for reason in ("stop", "length", "abort"):  # vLLM labels every FinishReason, abort included
@@ -430,8 +442,11 @@ class SimServer:
                                       bool(opts.get("continuous_usage_stats")))
         else:
             out = _Output()
+        cfg = self.cfg
+        answer = Answer(tokens, prompt_seed(tokens, cfg.seed), self.args.copy_edit_rate,
+                        cfg.lookup_window if cfg.measures_acceptance else None)
         req = SimRequest(rid, prompt_len, max_tokens, time.monotonic(),
-                         tokens if self.cfg.prefix_caching else None, stop_at, user=out)
+                         tokens if cfg.prefix_caching else None, stop_at, user=out, answer=answer)
         replica = self.replicas[next(self._rr) % len(self.replicas)]
         self._outputs.add(out)
         try:
@@ -476,7 +491,8 @@ class SimServer:
 
     def _json_response(self, req: SimRequest, chat: bool, scored: sim_logits.Completion | None = None) -> web.Response:
         created = int(time.time())
-        text = _text(0, req.output)
+        text = req.answer.text(0, req.output) if req.answer is not None else _text(0, req.output)
+        text = json.loads(f'"{text}"')  # the answer's text comes escaped for the streaming path
         logprobs = None
         if scored is not None and req.output == len(scored.tokens):
             text = scored.text
@@ -525,7 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-method", default="none", type=str.lower, choices=SPEC_METHODS)
     p.add_argument("--num-speculative-tokens", type=int, default=3)
     p.add_argument("--speculative-acceptance", type=float, default=None,
-                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7, ngram 0.3)")
+                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7; ngram and "
+                        "suffix drafts are judged against the sim's answer)")
+    p.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest n-gram matched (vLLM's)")
+    p.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest n-gram matched (vLLM's)")
+    p.add_argument("--copy-edit-rate", type=float, default=DEFAULT_EDIT_RATE,
+                   help="share of a quoted source's words the sim's answer changes while copying it")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="no CUDA graphs: higher per-step overhead")
     p.add_argument("--drift-weights", type=float, default=0.3,
@@ -560,7 +581,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         chunked_prefill=args.enable_chunked_prefill, prefix_caching=args.enable_prefix_caching,
         memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
         speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
-        speculative_acceptance=args.speculative_acceptance, enforce_eager=args.enforce_eager, seed=args.seed)
+        speculative_acceptance=args.speculative_acceptance, speculative_lookup_min=args.prompt_lookup_min,
+        speculative_lookup_max=args.prompt_lookup_max, enforce_eager=args.enforce_eager, seed=args.seed)
 
 
 def _load_tokenizer(model: str) -> Any:
@@ -587,6 +609,8 @@ async def serve(args: argparse.Namespace) -> int:
         get_gpu(args.gpu).with_memory(args.gpu_memory_gib)
         cfg = config_from_args(args)
         cfg.validate(shape)
+        if not 0.0 <= args.copy_edit_rate <= 1.0:
+            raise SimConfigError(f"copy_edit_rate must be in [0, 1], got {args.copy_edit_rate}.")
     except (ValueError, OSError) as e:
         log.error("%s: %s", type(e).__name__ if not isinstance(e, SimConfigError) else "ValueError", e)
         return 1
