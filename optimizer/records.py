@@ -66,6 +66,7 @@ class TrialResult:
     failure: dict[str, str] | None = None  # {"kind": ..., "reason": ...}
     gpus: int = 0
     gpu_ids: list[int] = field(default_factory=list)
+    node: str = ""  # the Ray node that ran it, on a cluster ("name (node id)"); "" on a local instance
     argv: list[str] = field(default_factory=list)
     started_at: str = ""
     ready_s: float | None = None
