@@ -190,7 +190,7 @@ class ClusterExecutor:
 
         self._refresh()
         spans = get_engine(plan.engine, plan.engine_command, plan.engine_version).span_nodes_args() is not None
-        return placement.place(plan.gpus, plan.params, self._nodes, set(self.excluded), self.cluster, spans)
+        return placement.place(plan.gpus, plan.params, self._nodes, self.excluded, self.cluster, spans)
 
     def reject_reasons(self, plan: TrialPlan) -> list[str]:
         """Why no node of the cluster can take this trial (checked before it costs anything), or []."""

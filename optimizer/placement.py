@@ -54,17 +54,21 @@ class Placement:
     node_id: str | None = None  # span: the node the engine's API server (and servetune's task) runs on
 
 
-def place(gpus: int, params: dict[str, Any], nodes: list[Node], excluded: set[str], cluster,
+def place(gpus: int, params: dict[str, Any], nodes: list[Node], excluded: dict[str, str], cluster,
           engine_spans: bool) -> tuple[Placement | None, list[str]]:
-    """The placement for a trial needing ``gpus`` GPUs, or why none of the usable nodes can take it."""
+    """The placement for a trial needing ``gpus`` GPUs, or why none of the usable nodes can take it
+    (``excluded``: node id → why that node is left out; named where it would have taken the trial)."""
     types = list(cluster.node_types)
     want = type_named(types, params.get("gpu")) if types else None
-    usable = [n for n in nodes if n.gpus > 0 and n.node_id not in excluded
-              and (not types or node_type(n, types) is not None)  # named types: other nodes are not ours
-              and (want is None or node_type(n, types) is want)]
+    fitting = [n for n in nodes if n.gpus > 0
+               and (not types or node_type(n, types) is not None)  # named types: other nodes are not ours
+               and (want is None or node_type(n, types) is want)]
+    usable = [n for n in fitting if n.node_id not in excluded]
     kind = f"{want.gpu} " if want else ""
+    left_out = "; ".join(f"{n.label} has {n.gpus} but is left out: {excluded[n.node_id]}" for n in fitting
+                         if n.node_id in excluded and n.gpus >= gpus)
     if not usable:
-        return None, [f"no usable {kind}GPU node is in the cluster now"]
+        return None, [f"no usable {kind}GPU node is in the cluster now" + (f" ({left_out})" if left_out else "")]
     largest = max(usable, key=lambda n: n.gpus)
     selector = {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"} if excluded else {}
     if gpus <= largest.gpus:
@@ -76,6 +80,8 @@ def place(gpus: int, params: dict[str, Any], nodes: list[Node], excluded: set[st
     pp = int(params.get("pipeline_parallel") or 1)
     total = sum(n.gpus for n in usable)
     where = f"the largest usable {kind}node ({largest.label}) has {largest.gpus}"
+    if left_out:
+        where += f"; {left_out}"
     if not cluster.span_nodes:
         return None, [f"needs {gpus} GPUs on one node and {where}; cluster.span_nodes: true lets "
                       "pipeline_parallel cross nodes"]

@@ -135,7 +135,8 @@ def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int) -> dict[str, Any]:
             continue
         wall = t.get("wall_s")
         end = start + (float(wall) if wall == wall and wall else 0.0)
-        spans.append((start, end, {str(i) for i in ids}, t.get("number")))
+        node = t.get("node") if isinstance(t.get("node"), str) else ""  # GPU 0 of two nodes is two GPUs
+        spans.append((start, end, {f"{node}:{i}" if node else str(i) for i in ids}, t.get("number")))
     if not spans:
         return {}
     window = max(s[1] for s in spans) - min(s[0] for s in spans)
