@@ -238,9 +238,12 @@ class ClusterExecutor:
             return
         from ray.util.placement_group import placement_group_table
 
-        ready, _ = self._ray.wait([p.pg.ready()], timeout=0)
-        if ready:
-            p.node_id = placement_group_table(p.pg).get("bundles_to_node_id", {}).get(0)
+        try:
+            table = placement_group_table(p.pg)
+        except Exception:
+            return
+        if table.get("state") == "CREATED":
+            p.node_id = table.get("bundles_to_node_id", {}).get(0)
 
     def launched(self, ref) -> bool:
         """Whether the trial has its GPUs (its engine starts at once then); False while it waits for them."""
@@ -259,9 +262,10 @@ class ClusterExecutor:
         except Exception as e:
             self._release(p)
             node = p.node_id if p else None
-            if node and type(e).__name__ in _NODE_GONE_ERRORS and self._gone(node):
+            kind = type(e).__name__
+            if kind == "NodeDiedError" or (node and kind in _NODE_GONE_ERRORS and self._gone(node)):
                 raise TrialLost(f"node {self.node_label(node)} left the cluster while this trial ran "
-                                f"({type(e).__name__}); its configuration was queued again") from e
+                                f"({kind}); its configuration was queued again") from e
             if node and plan is not None:
                 self.reap(node, [plan.trial_dir])
             raise
