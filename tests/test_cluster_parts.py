@@ -4,7 +4,6 @@ type as a searched parameter, pid files of other hosts."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import textwrap
@@ -189,3 +188,71 @@ def test_gpu_zero_of_two_nodes_is_two_gpus():
             {"number": 1, "gpu_ids": [0], "node": "b (2)", "started_at": "2026-11-22T10:00:00+00:00", "wall_s": 10}]
     use = gpu_use(recs, 2)
     assert use["shared"] == [] and use["peak_gpus"] == 2
+
+
+def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path, capsys):
+    """The KubeRay manifest: the ConfigMap and each pod template validate as core Kubernetes objects
+    (kubernetes-validate); the RayJob's own structure against a schema written from KubeRay's Go types."""
+    import shlex
+
+    import jsonschema
+    import kubernetes_validate
+    import yaml
+
+    from servetune.optimizer.cli import main
+
+    model = tmp_path / "models" / "llama-3.1-8b"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    study = tmp_path / "fleet.yaml"
+    study.write_text(textwrap.dedent(f"""
+    name: Fleet_8b
+    model: {{path: {model}}}
+    engines:
+      - name: vllm
+        env: {{HF_TOKEN: "${{HF_TOKEN}}"}}
+    hardware: {{gpu: h100, gpus: 16}}
+    storage: postgresql+psycopg://st:${{PGPASSWORD}}@pg.db:5432/st
+    cluster:
+      node_types:
+        - {{gpu: h100, gpus_per_node: 8}}
+        - {{gpu: a100, gpus_per_node: 4, accelerator_type: A100-80G}}
+    search: {{tensor_parallel: [1, 2, 4]}}
+    workload: {{scenarios: [{{kind: offline}}]}}
+    objectives: [{{metric: output_tokens_per_s}}]
+    """))
+    assert main(["rayjob", str(study), "--image", "registry.example/servetune-vllm:0.26", "--model-claim", "models",
+                 "--results-claim", "runs", "--workers", "2", "--namespace", "tuning", "-o", str(tmp_path / "out")]) == 0
+    docs = [d for d in yaml.safe_load_all((tmp_path / "out" / "rayjob.yaml").read_text()) if d]
+    cm, job = docs
+    kubernetes_validate.validate(cm, "1.37.0", strict=True)
+    schema = json.loads((Path(__file__).parent / "fixtures" / "kuberay_rayjob_v1.schema.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(job)
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for t in templates:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **t["metadata"]},
+                                      "spec": t["spec"]}, "1.37.0", strict=True)
+    # the head runs the study from the ConfigMap, joining the cluster; the study file travels unchanged
+    assert shlex.split(job["spec"]["entrypoint"]) == ["servetune", "run", "/study/study.yaml", "--ray-address", "auto",
+                                                      "--output-dir", "/results/Fleet_8b"]
+    assert parse_study(cm["data"]["study.yaml"], "cm.yaml").name == "Fleet_8b"
+    assert job["metadata"]["name"] == "fleet-8b" and job["metadata"]["namespace"] == cm["metadata"]["namespace"] == "tuning"
+    head, *workers = [t["spec"]["containers"][0] for t in templates]
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-gpus": "0"} and "nvidia.com/gpu" not in head["resources"]["limits"]
+    # a worker group per node type, marked with the Ray resource the study's placement asks for
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"h100", "a100"} and all(g["replicas"] == 2 for g in groups.values())
+    assert json.loads(groups["a100"]["rayStartParams"]["resources"]) == {"accelerator_type:A100-80G": 1}
+    assert [w["resources"]["limits"]["nvidia.com/gpu"] for w in workers] == ["8", "4"]
+    # the model at the same path on every pod, read-only; the secrets by reference, each only where it is used
+    for t, c in zip(templates, [head, *workers]):
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
+        assert mount["mountPath"] == str(model.parent) and mount["readOnly"] is True
+    env = lambda c: {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") for e in c["env"]}  # noqa: E731
+    assert env(head)["PGPASSWORD"] == "PGPASSWORD" and "HF_TOKEN" not in env(head)
+    assert all(env(w)["HF_TOKEN"] == "HF_TOKEN" and "PGPASSWORD" not in env(w) for w in workers)
+    # a relative model path cannot be mounted at one place on every pod: a located error
+    study.write_text(study.read_text().replace(str(model), "models/llama-3.1-8b"))
+    assert main(["rayjob", str(study), "--image", "i", "--model-claim", "m", "-o", str(tmp_path / "o2")]) == 2
+    assert "model.path 'models/llama-3.1-8b' is relative" in capsys.readouterr().err
