@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on one GPU host, and one vLLM trial that must run on the node the driver is not on.
+# Usage: two_node_ray.sh OUTDIR [GPU]   (after host_setup.sh vllm; GPU: the device index to lend, default 0)
+#
+# The head raylet (where the driver runs) declares no GPU; a second raylet, with its own TMPDIR, gets GPU $GPU and
+# the name "remote". The study (search_spaces/examples/gpu-vllm-two-node.yaml, llama-3.2-1b with random weights)
+# has one trial: it can only be placed on "remote", runs in a scratch directory under that node's TMPDIR, and
+# its files travel back through Ray's object store. The script then checks, and prints PASS or FAIL lines:
+# the trial completed on "remote"; trial.json, engine.log and the request files are in OUTDIR/run; the remote
+# scratch directory is gone. Nothing multi-node is proved on one machine: both raylets share the file system,
+# the network and the GPUs' host; the test of the code path is that the driver never reads the remote files.
+set -uo pipefail
+OUT=${1:?out dir}; GPU=${2:-0}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+source /tmp/kit-vllm/servetune-env.sh
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+W=/tmp/st-two-node; rm -rf "$W"; mkdir -p "$W/remote-tmp"
+[ -d /tmp/models/llama-3.2-1b ] || python3 /tmp/kit-vllm/bin/mkmodel.py llama-3.2-1b /tmp/models/llama-3.2-1b >/dev/null
+PORT=${PORT:-6390}
+{
+  echo "== $(date -u +%FT%TZ) head (no GPU) and remote (GPU $GPU)"
+  CUDA_VISIBLE_DEVICES= ray start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-gpus 0 --num-cpus 4 \
+      --node-name head --include-dashboard false --disable-usage-stats
+  CUDA_VISIBLE_DEVICES=$GPU TMPDIR=$W/remote-tmp ray start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 \
+      --num-gpus 1 --num-cpus 4 --node-name remote --disable-usage-stats
+  ray status --address "127.0.0.1:$PORT" | sed -n '1,25p'
+  echo "== $(date -u +%FT%TZ) study"
+  python3 -m servetune.optimizer.cli run "$REPO/search_spaces/examples/gpu-vllm-two-node.yaml" \
+      --ray-address "127.0.0.1:$PORT" --output-dir "$OUT/run" --no-report
+  echo "== $(date -u +%FT%TZ) checks"
+  python3 - "$OUT/run" "$W/remote-tmp" <<'PY'
+import json, pathlib, sys
+run, remote_tmp = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+t = run / "trials" / "0000"
+rec = json.loads((t / "trial.json").read_text())
+files = sorted(p.name for p in t.iterdir())
+checks = [
+    ("trial completed", rec.get("state") == "complete", rec.get("state"), (rec.get("failure") or {}).get("reason")),
+    ("ran on the remote node", rec.get("node", "").startswith("remote"), rec.get("node")),
+    ("files came home", {"trial.json", "engine.log"} <= set(files) and any(f.startswith("requests_") for f in files), files),
+    ("engine log has the engine's own lines", "vLLM" in (t / "engine.log").read_text(errors="replace")[:200000], ""),
+    ("remote scratch cleaned", not any((remote_tmp / "servetune-trials").rglob("trial.json")), str(remote_tmp)),
+]
+for name, ok, *why in checks:
+    print(("PASS " if ok else "FAIL ") + name, *why)
+s = rec.get("scenarios", {}).get("server", {}).get("summary", {})
+print("server:", {k: s.get(k) for k in ("output_tokens_per_s", "ttft_p99_ms", "tpot_p99_ms", "requests_ok")},
+      "ready_s", rec.get("ready_s"), "gpu_ids", rec.get("gpu_ids"))
+sys.exit(0 if all(c[1] for c in checks) else 1)
+PY
+  rc=$?
+  echo "== $(date -u +%FT%TZ) done (rc $rc)"
+  ray stop --force >/dev/null 2>&1
+  exit $rc
+} 2>&1 | tee -a "$OUT/progress.log"
+exit "${PIPESTATUS[0]}"
