@@ -112,8 +112,11 @@ class ClusterExecutor:
         self._note = on_note or (lambda text: None)
         self._owns = not ray.is_initialized()
         if self._owns:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True,
-                     configure_logging=True)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True,
+                         configure_logging=True)
+            except ConnectionError as e:
+                raise ClusterUnusable(f"cannot join the Ray cluster at {address}: {e}") from None
         self.home = ray.get_runtime_context().get_node_id()
         self._remote = ray.remote(run_placed_trial)
         self._pending: dict[Any, _Pending] = {}
@@ -202,12 +205,13 @@ class ClusterExecutor:
 
         from servetune.optimizer.engines import get_engine
 
-        place, reasons = self._placement(plan)
+        place, _ = self._placement(plan)
         home = None if self.cluster.files == "shared_dir" else self.home
         pending = _Pending(plan)
         opts: dict[str, Any] = dict(num_cpus=0, max_retries=0)
         if place is None:  # became impossible since it was planned (a node left): Ray holds it until one fits
-            place = placement.Placement("pack", plan.gpus, bundle={"GPU": float(plan.gpus)})
+            keep_out = {placement.NODE_ID_LABEL: f"!in({','.join(sorted(self.excluded))})"} if self.excluded else {}
+            place = placement.Placement("pack", plan.gpus, bundle={"GPU": float(plan.gpus)}, label_selector=keep_out)
         if place.kind == "span":
             eng = get_engine(plan.engine, plan.engine_command, plan.engine_version)
             plan = replace(plan, extra_args=[*plan.extra_args, *(eng.span_nodes_args() or [])],

@@ -503,7 +503,7 @@ class StudyDriver:
         while True:
             if self._claims is not None and time.monotonic() - last_foreign > 2.0:
                 last_foreign = time.monotonic()
-                started -= self._settle_foreign(study, executor, foreign, seen, outcome)
+                self._settle_foreign(study, executor, foreign, seen, outcome)
                 started = self._counted(study)  # the budget is the study's, over every driver
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
                    and rejected < REJECTIONS_PER_TRIAL * b.trials
@@ -653,7 +653,7 @@ class StudyDriver:
                 continue
             else:
                 try:
-                    raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                    raw = fidelity.estimate(self.model.shape, self.gpu_for(params)[0],
                                             {k: v for k, v in self.full_params(engine, params).items() if v is not None},
                                             scenario_plans(self.spec), dataset_args(self.spec),
                                             max_requests=self.spec.fidelity.max_requests)
@@ -770,7 +770,7 @@ class StudyDriver:
                     if engine not in self.engine_specs:
                         continue
                     try:
-                        raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                        raw = fidelity.estimate(self.model.shape, self.gpu_for(r.get("params") or {})[0],
                                                 {k: v for k, v in self.full_params(engine, r.get("params") or {}).items()
                                                  if v is not None},
                                                 scenario_plans(self.spec), dataset_args(self.spec),
@@ -875,18 +875,17 @@ class StudyDriver:
             None, "internal")
 
     def _settle_foreign(self, study: optuna.Study, executor, foreign: list, seen: dict[str, TrialResult],
-                        outcome: StudyOutcome) -> int:
+                        outcome: StudyOutcome) -> None:
         """Trials waiting on another driver's measurement: take its result once there is one; when it ended
-        without one, drop the waiting trial and queue the configuration again. Trials of a driver that stopped
-        beating are failed as stale and queued again first (as a restarted driver would). Returns how many
-        waiting trials were dropped (they leave the budget)."""
+        without one, drop the waiting trial (stale: out of the budget) and queue the configuration again.
+        Trials of a driver that stopped beating are failed as stale and queued again first (as a restarted
+        driver would)."""
         before = len(self._stale_dirs)
         if self.recover(study, exclusive=False) and hasattr(executor, "reap_everywhere"):
             executor.reap_everywhere(self._stale_dirs[before:])
         if not foreign:
-            return 0
+            return
         seen.update(self._seen_configs(study))
-        dropped = 0
         for entry in list(foreign):
             trial, plan, key = entry
             if key in seen:
@@ -902,8 +901,6 @@ class StudyDriver:
                 else:  # an internal failure: nobody queued it again
                     self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline,
                                   why + "; queued again")
-                dropped += 1
-        return dropped
 
     def _learns_from(self, result: TrialResult) -> bool:
         """Failures that say something about the configuration (not the driver, Ray or a busy GPU)."""
