@@ -129,7 +129,7 @@ def _cli_run(study: Path, *args: str, env: dict | None = None) -> subprocess.Pop
 
 GRID = """
   tensor_parallel: [1, 2, 4]
-  max_concurrency: [8, 32]
+  max_concurrency: [16]
 """
 
 
@@ -137,7 +137,7 @@ def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_pa
     from servetune.reports.html import write_report
     from servetune.reports.model import load_run
 
-    study = write_study(tmp_path, trials=6, parallel=6, duration_s=2, qps=4, gpus=8, search=GRID,
+    study = write_study(tmp_path, trials=3, parallel=3, duration_s=1.5, qps=4, gpus=8, search=GRID,
                         sampler="{kind: grid, seed: 1}", extra="baseline: false\n")
     # the one-node reference runs at the same time, in its own process with a local Ray instance
     # (RAY_ADDRESS=local: a new instance, not the cluster this machine already runs)
@@ -150,7 +150,7 @@ def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_pa
     recs, ref = _records(run), _records(one)
     # the same study: every configuration of the grid, each in the same state, once
     assert sorted(map(_config, recs.values())) == sorted(map(_config, ref.values()))
-    assert len(recs) == 6 and {r["state"] for r in recs.values()} == {r["state"] for r in ref.values()} == {"complete"}
+    assert len(recs) == 3 and {r["state"] for r in recs.values()} == {r["state"] for r in ref.values()} == {"complete"}
     # spread over the nodes, a 4-GPU trial on the one node that has 4, GPUs never shared on a node
     names = {r["node"].split()[0] for r in recs.values()}
     assert names <= {"gpu0", "gpu1", "gpu2"} and len(names) >= 2, names
@@ -183,7 +183,7 @@ def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_pa
 
 
 def test_a_heterogeneous_cluster_searches_the_gpu_type_and_places_each_trial_on_its_type(sim_cluster, tmp_path):
-    study = write_study(tmp_path, trials=4, parallel=4, duration_s=1.5, qps=4, gpus=8, search="""
+    study = write_study(tmp_path, trials=4, parallel=4, duration_s=1, qps=4, gpus=8, search="""
       tensor_parallel: [1, 4]
     """, sampler="{kind: grid, seed: 2}", extra=textwrap.dedent("""
     baseline: false
@@ -247,7 +247,7 @@ def test_a_node_without_the_model_is_left_out_by_name(sim_cluster, tmp_path):
     model = _tiny_model(tmp_path)
     _start_node_without(sim_cluster, model.parent, "nomodel", 8)
     try:
-        study = write_study(tmp_path, trials=2, parallel=2, duration_s=1.5, qps=4, gpus=8, search="""
+        study = write_study(tmp_path, trials=2, parallel=2, duration_s=1, qps=4, gpus=8, search="""
           tensor_parallel: [1, 8]
         """, sampler="{kind: grid, seed: 3}", extra="baseline: false\n")
         study.write_text(study.read_text().replace("model: {preset: llama-3.2-1b}", f"model: {{path: {model}}}"))
@@ -318,7 +318,7 @@ def test_a_node_removed_mid_study_loses_nothing(sim_cluster, tmp_path):
     from servetune.optimizer.cluster_execution import scratch_root
     from servetune.optimizer.process import reap_orphan
 
-    study = write_study(tmp_path, trials=4, parallel=3, duration_s=4, qps=4, gpus=8, search="""
+    study = write_study(tmp_path, trials=3, parallel=3, duration_s=3, qps=4, gpus=8, search="""
       tensor_parallel: [1, 2]
       max_concurrency: [8, 16, 32]
     """, sampler="{kind: grid, seed: 4}", extra="baseline: false\n")
@@ -362,7 +362,7 @@ def test_a_node_removed_mid_study_loses_nothing(sim_cluster, tmp_path):
     done = {_config(r): r for r in recs.values() if r["state"] == "complete"}
     for r in lost.values():
         assert _config(r) in done and not done[_config(r)]["node"].startswith(name)
-    assert len(done) == 4 and outcome.stopped_because == "trial budget reached"
+    assert len(done) == 3 and outcome.stopped_because == "trial budget reached"
     for n, r in recs.items():
         if r["state"] == "complete":
             files = {p.name for p in (tmp_path / "run" / "trials" / f"{n:04d}").iterdir()}
