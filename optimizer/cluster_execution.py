@@ -96,6 +96,7 @@ class _Pending:
     plan: TrialPlan
     pg: Any = None
     node_id: str | None = None  # known once the placement group is placed (span: chosen up front)
+    target: str | None = None  # the node the placement group was aimed at
 
 
 class ClusterExecutor:
@@ -219,14 +220,32 @@ class ClusterExecutor:
             pending = _Pending(plan, node_id=place.node_id)
             opts.update(num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(place.node_id, soft=False))
         else:
-            pg = placement_group([place.bundle], strategy="STRICT_PACK",
-                                 bundle_label_selector=[place.label_selector] if place.label_selector else None)
-            pending.pg = pg
+            target = self._best_fit(place)
+            kw: dict[str, Any] = {"_soft_target_node_id": target} if target else {}
+            if place.label_selector:
+                kw["bundle_label_selector"] = [place.label_selector]
+            pg = placement_group([place.bundle], strategy="STRICT_PACK", **kw)
+            pending = _Pending(plan, pg=pg, target=target)
             opts.update(num_gpus=plan.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0))
         ref = self._remote.options(**opts).remote(plan.to_dict(), home, self.study, self.model_path)
         self._pending[ref] = pending
         return ref
+
+    def _best_fit(self, place: placement.Placement) -> str | None:
+        """The smallest usable node with the trial's GPUs free now (minus what trials just submitted were aimed
+        at, which Ray may not have reserved yet), or None to let Ray choose."""
+        try:
+            from ray._private.state import available_resources_per_node
+
+            free = {nid: r.get("GPU", 0.0) for nid, r in available_resources_per_node().items()}
+        except Exception:  # a Ray without it: Ray places the group itself
+            return None
+        for p in self._pending.values():
+            if p.target and p.node_id is None:
+                free[p.target] = free.get(p.target, 0.0) - p.plan.gpus
+        now = [n for n in place.fits if free.get(n.node_id, 0.0) >= place.gpus]
+        return min(now, key=lambda n: (n.gpus, -free[n.node_id])).node_id if now else None
 
     def wait(self, refs: list, timeout_s: float) -> list:
         if not refs:

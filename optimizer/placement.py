@@ -2,7 +2,9 @@
 
 - G GPUs that fit on one node: one placement-group bundle of G GPUs, ``STRICT_PACK``, so tensor parallel
   never crosses a node (the bundle carries the node type's ``accelerator_type:`` resource when the study
-  names node types, and a label selector keeps it off the nodes that failed their checks).
+  names node types, and a label selector keeps it off the nodes that failed their checks). It is aimed at
+  the smallest node that has G GPUs free now (best fit: the big nodes stay free for the big trials; Ray
+  alone would pack every trial onto one node while others idle).
 - More GPUs than any node has: only with ``cluster.span_nodes`` and an engine with its own multi-node
   executor (vLLM's Ray backend), which reserves the GPUs itself; servetune's task then holds none.
 - Heterogeneous clusters: a node's type is the ``cluster.node_types`` entry whose Ray resource it carries;
@@ -52,6 +54,7 @@ class Placement:
     bundle: dict[str, float] = field(default_factory=dict)
     label_selector: dict[str, str] = field(default_factory=dict)
     node_id: str | None = None  # span: the node the engine's API server (and servetune's task) runs on
+    fits: list[Node] = field(default_factory=list)  # pack: the usable nodes with enough GPUs, smallest first
 
 
 def place(gpus: int, params: dict[str, Any], nodes: list[Node], excluded: dict[str, str], cluster,
@@ -75,7 +78,8 @@ def place(gpus: int, params: dict[str, Any], nodes: list[Node], excluded: dict[s
         bundle: dict[str, float] = {"GPU": float(gpus)}
         if want is not None:
             bundle[want.ray_resource] = 0.001
-        return Placement("pack", gpus, bundle=bundle, label_selector=selector), []
+        fits = sorted((n for n in usable if n.gpus >= gpus), key=lambda n: n.gpus)
+        return Placement("pack", gpus, bundle=bundle, label_selector=selector, fits=fits), []
     tp = int(params.get("tensor_parallel") or 1)
     pp = int(params.get("pipeline_parallel") or 1)
     total = sum(n.gpus for n in usable)

@@ -151,9 +151,10 @@ def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_pa
     # the same study: every configuration of the grid, each in the same state, once
     assert sorted(map(_config, recs.values())) == sorted(map(_config, ref.values()))
     assert len(recs) == 3 and {r["state"] for r in recs.values()} == {r["state"] for r in ref.values()} == {"complete"}
-    # spread over the nodes, a 4-GPU trial on the one node that has 4, GPUs never shared on a node
+    # over the three nodes (best fit: the 1- and 2-GPU trials on the 2-GPU nodes, the 4-GPU trial on the one
+    # node that has 4), GPUs never shared on a node
     names = {r["node"].split()[0] for r in recs.values()}
-    assert names <= {"gpu0", "gpu1", "gpu2"} and len(names) >= 2, names
+    assert names == {"gpu0", "gpu1", "gpu2"}, [(r["gpus"], r["node"]) for r in recs.values()]
     assert all(r["node"].startswith("gpu1") for r in recs.values() if r["gpus"] == 4)
     assert all(len(r["gpu_ids"]) == r["gpus"] for r in recs.values())
     assert all(r["node"] == "" for r in ref.values())

@@ -27,6 +27,9 @@ def test_a_trial_that_fits_one_node_gets_one_strict_pack_bundle():
     nodes = _nodes(("a", 2, "A100"), ("b", 4, "H100"))
     p, why = placement.place(4, {"tensor_parallel": 4}, nodes, {}, ClusterSpec(), engine_spans=False)
     assert why == [] and p.kind == "pack" and p.bundle == {"GPU": 4.0} and p.label_selector == {}
+    assert [n.name for n in p.fits] == ["b"]
+    p, _ = placement.place(1, {}, nodes, {}, ClusterSpec(), engine_spans=False)
+    assert [n.name for n in p.fits] == ["a", "b"]  # smallest first: best fit keeps the 4-GPU node for big trials
     # a node left out is kept out by a label selector on its Ray node id
     p, _ = placement.place(2, {}, nodes, {"a-id-0123456789": "model path /m does not exist"}, ClusterSpec(), False)
     assert p.label_selector == {"ray.io/node-id": "!in(a-id-0123456789)"}
@@ -256,3 +259,28 @@ def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path,
     study.write_text(study.read_text().replace(str(model), "models/llama-3.1-8b"))
     assert main(["rayjob", str(study), "--image", "i", "--model-claim", "m", "-o", str(tmp_path / "o2")]) == 2
     assert "model.path 'models/llama-3.1-8b' is relative" in capsys.readouterr().err
+
+
+def test_a_node_check_names_what_the_node_lacks(tmp_path):
+    """What the pinned task reports, run here (the pinning itself is exercised in test_cluster.py)."""
+    import shutil
+
+    from servetune.optimizer.node_checks import check_here, gpu_type_matches
+
+    model = tmp_path / "m"
+    answer = check_here({"model_path": str(model), "engines": [{"name": "sim"}, {"name": "vllm", "command": ["no-such-vllm", "serve"]}],
+                         "shared_token": str(tmp_path / ".node-check-x")})
+    assert answer["reasons"][0] == f"model path {model} does not exist"
+    assert "vllm: 'no-such-vllm' is not installed here (not on PATH)" in answer["reasons"]
+    assert any("output_dir is not shared with this node" in r for r in answer["reasons"])
+    assert not any(r.startswith("sim:") for r in answer["reasons"])  # the sim runs on the node's own python
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / ".node-check-x").write_text("")
+    assert check_here({"model_path": str(model), "shared_token": str(tmp_path / ".node-check-x")})["reasons"] == []
+    if shutil.which("nvidia-smi") is None:
+        assert check_here({"gpu_type": "h100"})["reasons"] == ["nvidia-smi is not available: no NVIDIA driver on this node"]
+    for name, kind in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA H100 PCIe", "h100"),
+                       ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA L40S", "l40s")):
+        assert gpu_type_matches(kind, name), name
+    assert not gpu_type_matches("h100", "NVIDIA A100-SXM4-80GB") and not gpu_type_matches("h100", "NVIDIA H200")
