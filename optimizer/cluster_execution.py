@@ -117,7 +117,10 @@ class ClusterExecutor:
                 ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True,
                          configure_logging=True)
             except ConnectionError as e:
-                raise ClusterUnusable(f"cannot join the Ray cluster at {address}: {e}") from None
+                hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                    " (a cluster with token authentication needs RAY_AUTH_MODE=token here, and its token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN)")
+                raise ClusterUnusable(f"cannot join the Ray cluster at {address}: {e}{hint}") from None
         self.home = ray.get_runtime_context().get_node_id()
         self._remote = ray.remote(run_placed_trial)
         self._pending: dict[Any, _Pending] = {}

@@ -26,6 +26,10 @@ if [ -x /tmp/kit-vllm/bin/mkmodel.py ] || [ -f /tmp/kit-vllm/bin/mkmodel.py ]; t
   [ -d /tmp/models/llama-3.2-1b ] || python3 /tmp/kit-vllm/bin/mkmodel.py llama-3.2-1b /tmp/models/llama-3.2-1b >/dev/null
 fi
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }  # the kit's site may hold no `ray` script
+# Ray 2.5x+ turns on token authentication when ~/.ray/auth_token exists, and then every client (the driver
+# too) must say so: one mode for the raylets and the driver, with a token made if there is none
+export RAY_AUTH_MODE=token
+ray_cli get-auth-token --generate >/dev/null
 PIDS=()
 stop_raylets() { for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; wait 2>/dev/null; }
 nodes_alive() {
@@ -34,13 +38,13 @@ nodes_alive() {
 {
   trap stop_raylets EXIT  # (in this group: it runs in a subshell of the pipe to tee)
   echo "== $(date -u +%FT%TZ) head (no GPU) and remote (GPU $GPU), port $PORT"
-  CUDA_VISIBLE_DEVICES= setsid python3 -m ray.scripts.scripts start --head --node-ip-address 127.0.0.1 \
+  CUDA_VISIBLE_DEVICES= setsid python3 -m ray.scripts.scripts start --head \
       --port "$PORT" --num-gpus 0 --num-cpus 4 --node-name head --include-dashboard false \
       --disable-usage-stats --block > "$W/ray-head.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 120); do [ "$(nodes_alive)" = 1 ] && break; sleep 1; done
   CUDA_VISIBLE_DEVICES=$GPU TMPDIR=$W/remote-tmp setsid python3 -m ray.scripts.scripts start \
-      --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-gpus 1 --num-cpus 4 --node-name remote \
+      --address "127.0.0.1:$PORT" --num-gpus 1 --num-cpus 4 --node-name remote \
       --disable-usage-stats --block > "$W/ray-remote.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 120); do [ "$(nodes_alive)" = 2 ] && break; sleep 1; done
