@@ -27,6 +27,7 @@ from servetune.optimizer import node_checks, placement, trial_files
 from servetune.optimizer.records import TrialPlan, TrialResult
 
 NODE_REFRESH_S = 10.0  # how often the driver looks for nodes that joined or left
+GPU_NODE_WAIT_S = float(os.environ.get("SERVETUNE_GPU_NODE_WAIT_S", "300"))  # for a first GPU node to join
 _NODE_GONE_ERRORS = ("NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
                      "ActorDiedError", "RaySystemError", "LocalRayletDiedError", "TaskUnschedulableError")
 
@@ -130,11 +131,19 @@ class ClusterExecutor:
         self._names: dict[str, str] = {}
         self._refreshed = 0.0
         self._shared_token = self._write_shared_token() if self.cluster.files == "shared_dir" else None
-        self._refresh(force=True)
-        usable = [n for n in self._nodes if n.gpus > 0 and n.node_id not in self.excluded]
-        if not usable:
-            why = "; ".join(f"{self.node_label(n)}: {r}" for n, r in self.excluded.items()) or "it has no GPU node"
-            raise ClusterUnusable(f"no node of the Ray cluster can run this study: {why}")
+        try:
+            self._refresh(force=True)
+            deadline = time.monotonic() + GPU_NODE_WAIT_S
+            while not any(n.gpus for n in self._nodes) and time.monotonic() < deadline:
+                time.sleep(2.0)  # worker pods may join after the head (KubeRay, an autoscaler)
+                self._refresh(force=True)
+            usable = [n for n in self._nodes if n.gpus > 0 and n.node_id not in self.excluded]
+            if not usable:
+                why = "; ".join(f"{self.node_label(n)}: {r}" for n, r in self.excluded.items()) or "it has no GPU node"
+                raise ClusterUnusable(f"no node of the Ray cluster can run this study: {why}")
+        except BaseException:
+            self.shutdown()  # nothing was submitted: the token file and our connection go
+            raise
 
     # nodes -------------------------------------------------------------------------------------------------
     def _write_shared_token(self) -> str:
