@@ -732,7 +732,8 @@ class StudySpec(_Strict):
                                                           "baseline's; limits make drifting trials infeasible")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db; "
                                 "a password only as ${NAME} (postgresql://user:${PGPASSWORD}@host/db)")
-    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="spread the study over a Ray cluster: "
+                                 "its address, how trial files come home, GPU types per node (docs/cluster.md)")
     output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     baseline: bool = Field(True, description="run the engine's defaults first, for comparison")
