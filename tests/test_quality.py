@@ -118,7 +118,7 @@ def test_the_study_file_checks_the_quality_section():
         ("baseline: false\nquality: {}\n", "quality", "set baseline: true"),
         ("quality: {max_accuracy_drop: 0.1}\n", "quality.max_accuracy_drop", "needs tasks"),
         ("quality: {eval_set: missing.jsonl}\n", "quality.eval_set", "missing.jsonl:1: no such file"),
-        ("quality: {min_exact_match: 1.5}\n", "quality.min_exact_match", "less than or equal to 1"),
+        ("quality: {min_exact_match: 1.5}\n", "quality.min_exact_match", "must be from 0 to 1 (got 1.5)"),
     ]:
         with pytest.raises(SpecError) as e:
             parse_study(base + "\n" + extra, str(ROOT / "q.yaml"))
