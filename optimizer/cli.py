@@ -1,4 +1,4 @@
-"""``servetune`` command line: run, validate, report, export, bench.
+"""``servetune`` command line: run, validate, report, export, bench, rayjob.
 
 A bad study file prints ``FILE:LINE: key: message`` lines and exits 2; no command shows a traceback for
 user error.
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)
     plan.add_parser(sub)
     list_runs.add_parser(sub)
+    from servetune.optimizer import rayjob
+
+    rayjob.add_parser(sub)
     return p
 
 

@@ -161,6 +161,8 @@ def make_sampler(spec: StudySpec, space: SearchSpace, n_objectives: int,
             grid = {n: list(d.grid()) for n, d in space.dimensions.items()}
             if len(space.engines) > 1:
                 grid["engine"] = list(space.engines)
+            if space.gpu_types:
+                grid["gpu"] = list(space.gpu_types)
             return _AskTellGrid(grid, seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
 
@@ -201,7 +203,8 @@ class StudyDriver:
         self.on_event = on_event or (lambda kind, data: None)
         self.ray_address = ray_address
         self.space = SearchSpace([e.name for e in spec.engines], spec.search,
-                                 {e.name: e.version for e in spec.engines})
+                                 {e.name: e.version for e in spec.engines},
+                                 gpu_types=[t.gpu for t in spec.cluster.node_types])
         self.engine_specs = {e.name: e for e in spec.engines}
         self.objectives = objective_keys(spec)
         self.model = resolve_model(spec)
@@ -217,18 +220,23 @@ class StudyDriver:
         # measured trials whose quality verdict waits for their engine's baseline evaluation (told after it)
         self._deferred: list[tuple[optuna.Trial, TrialResult, StudyOutcome]] = []
         self._ending = False  # no trial is launched any more: deferred verdicts are given with what there is
+        self._stale_dirs: list[str] = []  # trials a dead driver left running (their engines are reaped)
+        self._claims = None  # shared storage: configurations claimed in the database (shared_study)
 
     # storage ---------------------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # We record heartbeats ourselves for in-flight trials (ask/tell has no optimize() loop to do it).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        from servetune.optimizer.storage_url import expand
+
         with warnings.catch_warnings():
             # Optuna marks heartbeat_interval experimental (since 2.9); the heartbeat is how a driver on shared
             # storage finds a dead driver's trials, so the warning would only repeat on every run
             warnings.filterwarnings("ignore", message=r"Argument ``heartbeat_interval`` is an experimental feature",
                                     category=optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(self.spec.storage_url, heartbeat_interval=30, grace_period=120)
+            storage = optuna.storages.RDBStorage(expand(self.spec.storage_url), heartbeat_interval=30, grace_period=120)
+        self._rdb = storage
         directions = [o.direction for o in self.spec.objectives]
         sampler = make_sampler(self.spec, self.space, len(directions))
         return optuna.create_study(study_name=self.spec.name, storage=storage, sampler=sampler,
@@ -257,6 +265,7 @@ class StudyDriver:
 
             reap_orphan(self.trial_dir(ft.number) / "engine.pid")
             self._mask_secrets(self.trial_dir(ft.number))  # the dead driver's trial never masked its files
+            self._stale_dirs.append(str(self.trial_dir(ft.number).resolve()))
             finished = self._finished_on_disk(ft.number) if running else None
             if finished is not None:  # measured, but the driver died before telling Optuna: keep it
                 self._tell(study, optuna.Trial(study, ft._trial_id), finished, StudyOutcome(self.run_dir))
@@ -371,27 +380,42 @@ class StudyDriver:
         es = self.engine_specs[engine]
         eng = get_engine(engine, es.command, es.version)
         full = {**eng.defaults(), **params}
+        gpu, gpu_mem, _, gpus = self.gpu_for(params)
         reasons = [f"{engine} has no flag for {p}" for p in self.space.unsupported(engine) if p in params]
         cat = self.space.catalogs[engine]
         reasons += [f"{engine} {cat.version} does not accept {p}={v} (search_spaces/{engine}.yaml lists its choices)"
                     for p, v in params.items() if p in cat.params and not cat.params[p].accepts(v)]
-        reasons += rules.check(full, self.model.shape, gpus_available=self.spec.hardware.gpus,
+        reasons += rules.check(full, self.model.shape, gpus_available=gpus,
                                max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
-                               gpu_memory_gib=self.gpu_mem,
+                               gpu_memory_gib=gpu_mem,
                                default_memory_fraction=float(eng.defaults().get("memory_fraction") or 0.9),
                                covered=eng.covers)
-        reasons += eng.check(full, self.model, gpu=self.spec.hardware.gpu, gpu_memory_gib=self.gpu_mem,
-                             gpus_available=self.spec.hardware.gpus)
+        reasons += eng.check(full, self.model, gpu=gpu, gpu_memory_gib=gpu_mem, gpus_available=gpus)
         return list(dict.fromkeys(reasons))
+
+    def gpu_for(self, params: dict[str, Any]) -> tuple[str, float, float | None, int]:
+        """The GPU a configuration runs on: kind, memory GiB (table or override), the override, and how many
+        one trial can have. On a heterogeneous cluster that is the node type its ``gpu`` parameter names
+        (one node's GPUs, unless trials may span nodes)."""
+        from servetune.optimizer.placement import type_named
+
+        t = type_named(list(self.spec.cluster.node_types), params.get("gpu"))
+        if t is None:
+            return self.spec.hardware.gpu, self.gpu_mem, self.spec.hardware.gpu_memory_gib, self.spec.hardware.gpus
+        from servetune.optimizer.hardware import get_gpu
+
+        gpus = self.spec.hardware.gpus if self.spec.cluster.span_nodes else min(t.gpus_per_node, self.spec.hardware.gpus)
+        return t.gpu, t.gpu_memory_gib or get_gpu(t.gpu).memory_gib, t.gpu_memory_gib, gpus
 
     def build_plan(self, number: int, engine: str, params: dict[str, Any], is_baseline: bool,
                    trial_dir: Path) -> TrialPlan:
         es = self.engine_specs[engine]
+        gpu, _, gpu_mem_override, _ = self.gpu_for(params)
         return TrialPlan(
             number=number, engine=engine, params=params, model=self.model,
             gpus=rules.gpus_needed(self.full_params(engine, params)), trial_dir=str(Path(trial_dir).resolve()),
             dataset=dataset_args(self.spec), scenarios=scenario_plans(self.spec), host=self.spec.host,
-            gpu=self.spec.hardware.gpu, gpu_memory_gib=self.spec.hardware.gpu_memory_gib,
+            gpu=gpu, gpu_memory_gib=gpu_mem_override,
             engine_command=es.command, engine_version=es.version, extra_args=list(es.extra_args),
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
             fake_gpus=(engine == "sim"), warmup=self.spec.workload.warmup.model_dump(),
@@ -489,9 +513,14 @@ class StudyDriver:
             study = self.open_study()
             resume_check.check_distributions(study, self.space)
             session = open_session(self.run_dir)  # GPU use counts the time drivers ran, not the gaps between
+            if not exclusive:
+                from servetune.optimizer.shared_study import ConfigClaims
+
+                self._claims = ConfigClaims(self._rdb.engine, study._study_id)
             requeued = self.recover(study, exclusive)
             if requeued:
                 self.on_event("resumed", {"requeued": requeued})
+            self._restore_records(study)
             counted = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(STALE)
                        and t.user_attrs.get(STATE) != "rejected"]  # the budget counts what was measured
             if self.spec.baseline and not any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)):
@@ -502,8 +531,11 @@ class StudyDriver:
                                     "run_dir": str(self.run_dir)})
             self._note_unchecked_numerics()
             executor = self._executor()
+            if self._stale_dirs and hasattr(executor, "reap_everywhere"):
+                executor.reap_everywhere(self._stale_dirs)  # a dead driver's engines, on whichever node
             outcome = self._loop(study, executor, done_before)
             repeats = self._repeat(study, executor) if self.spec.budget.repeats else None
+            self._restore_records(study)  # what other drivers of a shared study measured meanwhile
             self._write_summary(study, outcome, repeats)
             return outcome
         except KeyboardInterrupt:  # say so now: stopping a 70B engine takes a while
@@ -524,9 +556,23 @@ class StudyDriver:
             self.on_event("note", {"text": f"the search changes numerics ({', '.join(lossy)}) and the study has no "
                                            "quality: section, so no trial's outputs are checked (docs/quality.md)"})
 
+    def _restore_records(self, study: optuna.Study) -> None:
+        from servetune.optimizer.shared_study import restore_records
+
+        n = restore_records(study, self.trial_dir)
+        if n:
+            self.on_event("note", {"text": f"{n} trial record(s) this run directory lacked were restored from the "
+                                           "study's storage (their per-request files stay where they ran)"})
+
     def _executor(self):
         from servetune.optimizer.execution import RayExecutor
 
+        address = self.ray_address or self.spec.cluster.address
+        if address:
+            from servetune.optimizer.cluster_execution import ClusterExecutor
+
+            return ClusterExecutor(self.spec, address, model_path=self.model.path if self.spec.model.path else None,
+                                   on_note=lambda text: self.on_event("note", {"text": text}))
         all_sim = all(e == "sim" for e in self.space.engines)
         return RayExecutor(self.spec.hardware.gpus, address=self.ray_address,
                            declare_gpus=all_sim or self.ray_address is None, run_dir=self.run_dir)
@@ -545,9 +591,17 @@ class StudyDriver:
         seen = self._seen_configs(study)
         # a config sampled while the same one is being measured waits for that result instead of a second GPU
         parked: dict[str, list[tuple[optuna.Trial, TrialPlan]]] = {}
+        # shared storage: a config another driver claimed waits for that driver's result (trial, plan, key)
+        foreign: list[tuple[optuna.Trial, TrialPlan, str]] = []
         withdrawn: set[Any] | None = None  # at the wall time: the trials still queued in Ray, never launched
-        last_beat = 0.0
+        last_beat = last_foreign = 0.0
+        placement_reasons = getattr(executor, "reject_reasons", None)  # a cluster: what no node can take
+        launched = getattr(executor, "launched", None)
         while True:
+            if self._claims is not None and time.monotonic() - last_foreign > 2.0:
+                last_foreign = time.monotonic()
+                self._settle_foreign(study, executor, foreign, seen, outcome)
+                started = self._counted(study)  # the budget is the study's, over every driver
             while (len(in_flight) < b.parallel and started < b.trials and time.monotonic() < deadline
                    and rejected < REJECTIONS_PER_TRIAL * b.trials
                    and (b.max_failures is None or failures < b.max_failures) and not self._grid_done(study)):
@@ -555,6 +609,8 @@ class StudyDriver:
                 trial = study.ask()
                 started += 1
                 plan, reasons = self.plan_trial(trial)
+                if not reasons and placement_reasons is not None:
+                    reasons = placement_reasons(plan)
                 # (with shared storage another driver may have taken the enqueued candidate: then this trial
                 # is whatever the sampler gave, and carries no estimate)
                 if picked is not None and picked["chosen"]["params"] == plan.params:
@@ -568,6 +624,8 @@ class StudyDriver:
                     started -= 1
                     rejected += 1
                     continue
+                if key not in seen and self._claims is not None:
+                    seen.update(self._seen_configs(study))  # what other drivers measured meanwhile
                 if key in seen:
                     prev = seen[key]
                     self._tell_duplicate(study, trial, plan, prev, outcome)
@@ -579,6 +637,14 @@ class StudyDriver:
                     self.on_event("note", {"text": f"trial {plan.number} has the config trial {running} is "
                                                    "measuring: it will take that result"})
                     continue
+                if self._claims is not None:
+                    holder = self._claims.claim(key, trial._trial_id, lambda tid: self._void(study, tid))
+                    if holder is not None:
+                        foreign.append((trial, plan, key))
+                        other = study._storage.get_trial_number_from_id(holder)
+                        self.on_event("note", {"text": f"trial {plan.number} has the config trial {other} "
+                                                       "(another driver) is measuring: it will take that result"})
+                        continue
                 write_json_atomic(Path(plan.trial_dir) / "trial.json", TrialResult(
                     number=plan.number, engine=plan.engine, params=plan.params, state="running",
                     is_baseline=plan.is_baseline, gpus=plan.gpus).to_dict())
@@ -587,9 +653,9 @@ class StudyDriver:
                 self.on_event("launch", {"number": trial.number, "engine": plan.engine, "params": plan.params,
                                          "gpus": plan.gpus, "baseline": plan.is_baseline,
                                          "queued": held + plan.gpus > self.spec.hardware.gpus})
-            if not in_flight and self._deferred:
+            if not in_flight and not foreign and self._deferred:
                 self._flush_deferred(study)  # their baseline will not run in this session
-            if not in_flight:
+            if not in_flight and not foreign:
                 outcome.stopped_because = ("trial budget reached" if started >= b.trials else
                                            f"the sampler drew {rejected} configurations the rules reject"
                                            if rejected >= REJECTIONS_PER_TRIAL * b.trials else
@@ -602,11 +668,13 @@ class StudyDriver:
             if withdrawn is None and time.monotonic() >= deadline:
                 # no engine starts after the wall time: unqueue what has not (nothing is submitted after it,
                 # so one look at the in-flight trials is enough)
-                withdrawn = {ref for ref, (_, plan) in in_flight.items() if not self._launched(plan)}
+                withdrawn = {ref for ref, (_, plan) in in_flight.items()
+                             if not (launched(ref) if launched else self._launched(plan))}
                 for ref in withdrawn:
                     executor.cancel(ref, force=False)
             if time.monotonic() - last_beat > 10:
-                for trial in [t for t, _ in in_flight.values()] + [t for t, _, _ in self._deferred]:
+                for trial in ([t for t, _ in in_flight.values()] + [t for t, _, _ in self._deferred]
+                              + [t for t, _, _ in foreign]):
                     study._storage.record_heartbeat(trial._trial_id)
                 last_beat = time.monotonic()
             for ref in ready:
@@ -614,6 +682,7 @@ class StudyDriver:
                 try:
                     result = executor.result(ref)
                 except Exception as e:  # the Ray worker died (or was cancelled): its engine may be orphaned
+                    from servetune.optimizer.cluster_execution import TrialLost
                     from servetune.optimizer.process import reap_orphan
 
                     reap_orphan(Path(plan.trial_dir) / "engine.pid")
@@ -621,6 +690,14 @@ class StudyDriver:
                     if withdrawn and ref in withdrawn:
                         self._withdraw(study, trial, plan, parked.pop(config_key(plan.engine, plan.params), []))
                         started -= 1  # not run: a resumed study runs it within the same budget
+                        continue
+                    if isinstance(e, TrialLost):  # its node went away: measure the config on another one
+                        self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline, str(e))
+                        started -= 1
+                        for waiting, waiting_plan in parked.pop(config_key(plan.engine, plan.params), []):
+                            self._drop(study, waiting._trial_id, waiting_plan.number, str(e))
+                            started -= 1  # the requeued trial measures it
+                        self.on_event("note", {"text": f"trial {plan.number}: {e}"})
                         continue
                     result = TrialResult(number=plan.number, engine=plan.engine, params=plan.params, state="failed",
                                          is_baseline=plan.is_baseline, gpus=plan.gpus,
@@ -678,7 +755,7 @@ class StudyDriver:
                 continue
             else:
                 try:
-                    raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                    raw = fidelity.estimate(self.model.shape, self.gpu_for(params)[0],
                                             {k: v for k, v in self.full_params(engine, params).items() if v is not None},
                                             scenario_plans(self.spec), dataset_args(self.spec),
                                             max_requests=self.spec.fidelity.max_requests)
@@ -795,7 +872,7 @@ class StudyDriver:
                     if engine not in self.engine_specs:
                         continue
                     try:
-                        raw = fidelity.estimate(self.model.shape, self.spec.hardware.gpu,
+                        raw = fidelity.estimate(self.model.shape, self.gpu_for(r.get("params") or {})[0],
                                                 {k: v for k, v in self.full_params(engine, r.get("params") or {}).items()
                                                  if v is not None},
                                                 scenario_plans(self.spec), dataset_args(self.spec),
@@ -827,6 +904,8 @@ class StudyDriver:
         return study.sampler.is_exhausted(study)
 
     def _seen_configs(self, study: optuna.Study) -> dict[str, TrialResult]:
+        from servetune.optimizer.shared_study import stored_record
+
         seen: dict[str, TrialResult] = {}
         for ft in study.get_trials(deepcopy=False):
             key = ft.user_attrs.get(KEY)
@@ -836,7 +915,10 @@ class StudyDriver:
             try:
                 r = TrialResult.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, TypeError):
-                continue
+                rec = stored_record(ft)  # measured by another driver, or before a move to another node
+                if rec is None:
+                    continue
+                r = TrialResult.from_dict({**rec, "number": ft.number})
             if r.state == "complete" or (r.failure and r.failure.get("kind") not in ("internal",)):
                 seen[key] = r
         return seen
@@ -865,6 +947,9 @@ class StudyDriver:
                         named["quality"] = float(result.quality["constraint"])
         study._storage.set_trial_user_attr(trial._trial_id, STATE, result.state)
         write_json_atomic(self.trial_dir(result.number) / "trial.json", result.to_dict())
+        from servetune.optimizer.shared_study import RECORD
+
+        study._storage.set_trial_user_attr(trial._trial_id, RECORD, result.to_dict())
         self._record_estimate_error(result)
         if values is not None:
             study._storage.set_trial_user_attr(trial._trial_id, CONSTRAINTS, list(named.values()))
@@ -925,6 +1010,51 @@ class StudyDriver:
                 self._tell(study, trial, result, outcome)
             else:
                 self._deferred.append((trial, result, outcome))
+
+    # several drivers on one study (shared storage) -------------------------------------------------------
+    def _counted(self, study: optuna.Study) -> int:
+        """Trials of the budget started so far by every driver (not stale, not rejected, not just queued)."""
+        return sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.state != optuna.trial.TrialState.WAITING and not t.user_attrs.get(STALE)
+                   and t.user_attrs.get(STATE) != "rejected")
+
+    def _void(self, study: optuna.Study, trial_id: int) -> bool:
+        """Whether a trial ended without a result for its configuration (stale, lost, an internal failure)."""
+        ft = study._storage.get_trial(trial_id)
+        if not ft.state.is_finished():
+            return False
+        if ft.user_attrs.get(STALE):
+            return True
+        return ft.state == optuna.trial.TrialState.FAIL and (ft.user_attrs.get(FAILURE) or {}).get("kind") in (
+            None, "internal")
+
+    def _settle_foreign(self, study: optuna.Study, executor, foreign: list, seen: dict[str, TrialResult],
+                        outcome: StudyOutcome) -> None:
+        """Trials waiting on another driver's measurement: take its result once there is one; when it ended
+        without one, drop the waiting trial (stale: out of the budget) and queue the configuration again.
+        Trials of a driver that stopped beating are failed as stale and queued again first (as a restarted
+        driver would)."""
+        before = len(self._stale_dirs)
+        if self.recover(study, exclusive=False) and hasattr(executor, "reap_everywhere"):
+            executor.reap_everywhere(self._stale_dirs[before:])
+        if not foreign:
+            return
+        seen.update(self._seen_configs(study))
+        for entry in list(foreign):
+            trial, plan, key = entry
+            if key in seen:
+                foreign.remove(entry)
+                self._tell_duplicate(study, trial, plan, seen[key], outcome)
+                continue
+            holder = self._claims.holder(key)
+            if holder is None or self._void(study, holder):
+                foreign.remove(entry)
+                why = "the trial measuring this config (another driver) ended without a result"
+                if holder is not None and study._storage.get_trial(holder).user_attrs.get(STALE):
+                    self._drop(study, trial._trial_id, plan.number, why + "; it was queued again")
+                else:  # an internal failure: nobody queued it again
+                    self._requeue(study, trial._trial_id, plan.number, trial.params, plan.is_baseline,
+                                  why + "; queued again")
 
     def _learns_from(self, result: TrialResult) -> bool:
         """Failures that say something about the configuration (not the driver, Ray or a busy GPU)."""

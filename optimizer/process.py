@@ -73,7 +73,8 @@ def start(argv: list[str], env: dict[str, str], log_path: Path, url: str, cwd: s
     pid_path = log_path.parent / "engine.pid"
     # write-then-rename: a reaper (or a driver killed mid-write) never reads half a pid file
     tmp = pid_path.with_name(f".{pid_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pgid": proc.pid, "argv0": argv[0], "started": time.time()}))
+    tmp.write_text(json.dumps({"pgid": proc.pid, "argv0": argv[0], "started": time.time(),
+                               "host": socket.gethostname()}))
     os.replace(tmp, pid_path)
     return EngineProcess(proc, log_path, pid_path, url)
 
@@ -205,6 +206,8 @@ def reap_orphan(pid_path: Path) -> bool:
         pgid = int(info["pgid"])
     except (OSError, ValueError, KeyError):
         return False
+    if info.get("host", socket.gethostname()) != socket.gethostname():
+        return False  # a trial directory on a shared file system: that group lives on another machine
     alive = _group_alive(pgid)
     started = info.get("started")
     leader_start = _start_time(pgid)

@@ -70,6 +70,7 @@ class TrialResult:
     failure: dict[str, str] | None = None  # {"kind": ..., "reason": ...}
     gpus: int = 0
     gpu_ids: list[int] = field(default_factory=list)
+    node: str = ""  # the Ray node that ran it, on a cluster ("name (node id)"); "" on a local instance
     argv: list[str] = field(default_factory=list)
     started_at: str = ""
     ready_s: float | None = None
@@ -216,7 +217,8 @@ def gpu_use(trials: Iterable[Mapping[str, Any]], gpus: int,
             continue
         wall = t.get("wall_s")
         end = start + (float(wall) if wall == wall and wall else 0.0)
-        spans.append((start, end, {str(i) for i in ids}, t.get("number")))
+        node = t.get("node") if isinstance(t.get("node"), str) else ""  # GPU 0 of two nodes is two GPUs
+        spans.append((start, end, {f"{node}:{i}" if node else str(i) for i in ids}, t.get("number")))
     if not spans:
         return {}
     first, last = min(s[0] for s in spans), max(s[1] for s in spans)

@@ -78,10 +78,13 @@ def _coerce(ptype: str, v: Any) -> Any:
 
 
 class SearchSpace:
-    """Dimensions per engine; ``engine`` itself is a dimension when the study names several."""
+    """Dimensions per engine; ``engine`` itself is a dimension when the study names several, and ``gpu`` when
+    a heterogeneous cluster offers several GPU types (``cluster.node_types``)."""
 
-    def __init__(self, engines: list[str], search: dict[str, Any], versions: dict[str, str | None] | None = None):
+    def __init__(self, engines: list[str], search: dict[str, Any], versions: dict[str, str | None] | None = None,
+                 gpu_types: list[str] | None = None):
         self.engines = list(engines)
+        self.gpu_types = list(gpu_types or []) if len(gpu_types or []) > 1 else []
         self.catalogs: dict[str, Catalog] = {e: load_catalog(e, (versions or {}).get(e)) for e in engines}
         domains = dict(search)
         if not domains:  # nothing given: search the catalog's own defaults (first engine's)
@@ -103,6 +106,8 @@ class SearchSpace:
                 out[name] = defaults[name]
         if len(self.engines) > 1:
             out["engine"] = engine
+        if self.gpu_types:
+            out["gpu"] = self.gpu_types[0]
         return out
 
     def suggest(self, trial: optuna.Trial) -> tuple[str, dict[str, Any]]:
@@ -110,6 +115,8 @@ class SearchSpace:
         if len(self.engines) > 1:
             engine = trial.suggest_categorical("engine", self.engines)
         params: dict[str, Any] = {}
+        if self.gpu_types:
+            params["gpu"] = trial.suggest_categorical("gpu", self.gpu_types)
         for name, dim in self._ordered():
             if not self._active(name, params):
                 continue
@@ -120,6 +127,8 @@ class SearchSpace:
         d = {n: dim.distribution() for n, dim in self.dimensions.items()}
         if len(self.engines) > 1:
             d["engine"] = optuna.distributions.CategoricalDistribution(self.engines)
+        if self.gpu_types:
+            d["gpu"] = optuna.distributions.CategoricalDistribution(self.gpu_types)
         return d
 
     def grid(self, points: int = 4) -> list[dict[str, Any]]:

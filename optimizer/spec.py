@@ -196,6 +196,53 @@ class HardwareSpec(_Strict):
         return self.max_gpus_per_trial or self.gpus
 
 
+class NodeTypeSpec(_Strict):
+    gpu: str = Field(description="GPU kind of these nodes: h100, a100, ... (sim timing and memory rules)")
+    gpus_per_node: int = Field(ge=1, le=64, description="GPUs one such node has")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="override the GPU table's memory")
+    accelerator_type: str | None = Field(None, description="the Ray resource that marks these nodes, "
+                                         "accelerator_type:<this>; default the GPU kind in capitals (H100)")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, v: str) -> str:
+        from servetune.optimizer.hardware import get_gpu
+
+        return get_gpu(v).name
+
+    @property
+    def ray_resource(self) -> str:
+        return f"accelerator_type:{self.accelerator_type or self.gpu.upper()}"
+
+
+class ClusterSpec(_Strict):
+    """A study spread over a Ray cluster (docs/cluster.md)."""
+
+    address: str | None = Field(None, description="Ray address to join (auto, host:port, ray://...); "
+                                "--ray-address overrides it")
+    files: Literal["object_store", "shared_dir"] = Field(
+        "object_store", description="how a trial's files reach output_dir: object_store (returned through "
+        "Ray with the result) or shared_dir (output_dir is one file system every node mounts at the same path)")
+    span_nodes: bool = Field(False, description="a trial may need more GPUs than one node has: pipeline "
+                             "parallel across nodes through the engine's own Ray executor")
+    node_types: list[NodeTypeSpec] = Field(default_factory=list, description="GPU types of a heterogeneous "
+                                           "cluster; with several, the GPU type is searched like a parameter")
+
+    @field_validator("node_types")
+    @classmethod
+    def _types_once(cls, v: list[NodeTypeSpec]) -> list[NodeTypeSpec]:
+        seen: dict[str, int] = {}
+        errs = []
+        for i, t in enumerate(v):
+            if t.ray_resource in seen:
+                errs.append(((i,), f"{t.ray_resource} is named twice (first at node_types[{seen[t.ray_resource]}]); "
+                                   "give each type its own accelerator_type"))
+            seen.setdefault(t.ray_resource, i)
+        if errs:
+            _fail("node_types", errs)
+        return v
+
+
 class EngineSpec(_Strict):
     name: Literal["sim", "vllm", "sglang"]
     command: list[str] | None = Field(None, description="how to start it, e.g. ['vllm', 'serve'] or a python path")
@@ -701,7 +748,10 @@ class StudySpec(_Strict):
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     quality: QualitySpec | None = Field(None, description="compare every trial's greedy answers with the "
                                                           "baseline's; limits make drifting trials infeasible")
-    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db; "
+                                "a password only as ${NAME} (postgresql://user:${PGPASSWORD}@host/db)")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="spread the study over a Ray cluster: "
+                                 "its address, how trial files come home, GPU types per node (docs/cluster.md)")
     output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     baseline: bool = Field(True, description="run the engine's defaults first, for comparison")
@@ -717,7 +767,7 @@ class StudySpec(_Strict):
         # `search:` with every entry commented out reads as null: treat it as absent
         if isinstance(v, dict):
             v = {k: x for k, x in v.items()
-                 if not (x is None and k in ("hardware", "search", "sampler", "budget", "fidelity"))}
+                 if not (x is None and k in ("hardware", "search", "sampler", "budget", "fidelity", "cluster"))}
         return v
 
     @field_validator("engines", mode="before")
@@ -777,7 +827,10 @@ class StudySpec(_Strict):
             raise ValueError(f"{v!r} is not a storage URL; e.g. sqlite:///runs/study.db or "
                              "postgresql://user@host/db (leave storage out for the default)")
         if v is not None:
-            why = _storage_problem(v)
+            from servetune.optimizer.storage_url import literal_password_error
+
+            # a literal password first: it is reported whether or not the driver is installed
+            why = literal_password_error(v) or _storage_problem(v)
             if why:
                 raise ValueError(why)
         return v

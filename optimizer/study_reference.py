@@ -75,6 +75,7 @@ _SECTIONS = [  # (heading, dotted prefix of the keys it holds)
     ("workload.scenarios[].max_qps", "workload.scenarios[].max_qps"), ("workload.warmup", "workload.warmup"),
     ("workload.audit", "workload.audit"), ("quality", "quality"), ("objectives[]", "objectives[]"),
     ("sampler", "sampler"), ("budget", "budget"), ("fidelity", "fidelity"),
+    ("cluster", "cluster"), ("cluster.node_types[]", "cluster.node_types[]"),
 ]
 
 

@@ -514,6 +514,7 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
     facts = [("engine", " ".join(str(x) for x in (row.get("engine"), row.get("engine_version")) if _present(x))),
              ("GPUs", f"{fmt_number(row.get('gpus'))}" + (f" (ids {row['gpu_ids']})" if _present(row.get("gpu_ids"))
                                                            and row.get("gpu_ids") else "")),
+             *([("node", str(row["node"]))] if _present(row.get("node")) else []),
              ("started", str(row.get("started_at") or "—")),
              ("time to ready", fmt_metric(row.get("ready_s"), "ready_s")),
              ("wall time", fmt_metric(row.get("wall_s"), "wall_s"))]

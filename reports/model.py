@@ -6,7 +6,8 @@ an older shape. Such files are skipped and counted, never fatal: a report of 11 
 Columns of :attr:`Run.trials` (one row per trial, sorted by ``number``):
 
 - ``number``, ``engine``, ``engine_version``, ``state`` (complete | failed | rejected | running),
-  ``is_baseline``, ``failure_kind``, ``failure_reason``, ``gpus``, ``gpu_ids``, ``started_at``, ``ready_s``,
+  ``is_baseline``, ``failure_kind``, ``failure_reason``, ``gpus``, ``gpu_ids``, ``node`` (the Ray node, on a
+  cluster), ``started_at``, ``ready_s``,
   ``wall_s``, ``trial_dir``
 - ``param.<name>``: the sampled parameters; nested ones flattened as ``param.<name>.<key>``
 - ``<scenario>.<metric>``: each scenario's summary (``server.tpot_p99_ms``); objective values the summary
@@ -201,7 +202,7 @@ class Run:
 
 
 _BASE_COLUMNS = ["number", "engine", "engine_version", "state", "is_baseline", "failure_kind",
-                 "failure_reason", "gpus", "gpu_ids", "started_at", "ready_s", "wall_s", "duplicate_of",
+                 "failure_reason", "gpus", "gpu_ids", "node", "started_at", "ready_s", "wall_s", "duplicate_of",
                  "trial_dir"]
 
 
@@ -305,6 +306,7 @@ def _flatten(data: dict[str, Any], d: Path) -> dict[str, Any]:
         "failure_reason": failure.get("reason"),
         "gpus": _num(data.get("gpus")),
         "gpu_ids": ",".join(map(str, gpu_ids)) if isinstance(gpu_ids, list) else None,
+        "node": data.get("node") or None,  # the Ray node, on a cluster
         "started_at": data.get("started_at"),
         "ready_s": _num(data.get("ready_s")),
         "wall_s": _num(data.get("wall_s")),

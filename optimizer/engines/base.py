@@ -75,6 +75,11 @@ class Engine(abc.ABC):
         """Engine-specific pre-launch rules: reasons this configuration would fail (empty = launch it)."""
         return []
 
+    def span_nodes_args(self) -> list[str] | None:
+        """Flags that let one server spread its pipeline stages over several Ray nodes with the engine's own
+        Ray executor (it reserves the GPUs itself); None: this engine cannot span nodes under servetune."""
+        return None
+
     def parse_metrics(self, text: str) -> dict[str, float]:
         """Prometheus text → {metric_name: value}; labelled series are summed per name."""
         from servetune.optimizer.engines.prometheus import parse_prometheus

@@ -132,6 +132,11 @@ class VllmEngine(CatalogEngine):
             kw["extra_args"] = _without_allreduce_fusion(list(kw.get("extra_args") or []))
         return super().plan(p, model, **kw)
 
+    def span_nodes_args(self) -> list[str]:
+        # vLLM's Ray executor joins the cluster named by RAY_ADDRESS and makes its own placement group of
+        # tensor_parallel x pipeline_parallel GPUs, the first on the node its API server runs on
+        return ["--distributed-executor-backend", "ray"]
+
     def _effective(self, params: dict[str, Any]) -> dict[str, Any]:
         """What reaches argv: speculative children only when a method uses them (an ngram trial in a study
         that also searches a draft path must not carry the path; a method of none carries nothing)."""

@@ -1,0 +1,147 @@
+"""``servetune rayjob``: a study as a KubeRay RayJob (docs/cluster.md).
+
+    servetune rayjob study.yaml --image registry/servetune-vllm:0.26 --model-claim models --workers 2 -o deploy/
+
+Writes one manifest: a ConfigMap holding the study file and a RayJob whose Ray cluster has a GPU-less head (the
+driver runs there) and one worker group per GPU type (``cluster.node_types``, else ``hardware.gpu``); the model
+claim is mounted read-only at the same path on every pod, and ``${NAME}`` references of the study (the storage
+password, engine tokens) come from a Secret, never from the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+EXIT_USAGE = 2
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RayJobError(ValueError):
+    pass
+
+
+def _dns(s: str) -> str:
+    out = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
+    return (out or "servetune")[:50].rstrip("-")
+
+
+def build_context(study_path: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from servetune.optimizer.spec import load_study
+
+    spec = load_study(study_path)
+    text = study_path.read_text(encoding="utf-8")
+    warnings: list[str] = []
+    if spec.model.path:
+        model = PurePosixPath(spec.model.path)
+        if not model.is_absolute():
+            raise RayJobError(f"model.path {spec.model.path!r} is relative; on a cluster every pod mounts the "
+                              "model at one absolute path: give that path in the study")
+        mount = opts.model_mount or str(model.parent)
+        if not (model == PurePosixPath(mount) or PurePosixPath(mount) in model.parents):
+            raise RayJobError(f"model.path {model} is not under --model-mount {mount}")
+    else:
+        mount = opts.model_mount or "/models"
+        warnings.append(f"model.preset {spec.model.preset}: the engine downloads nothing (HF_HUB_OFFLINE=1); "
+                        "a real engine needs model.path on the claim")
+    if spec.workload.dataset.path and not PurePosixPath(spec.workload.dataset.path).is_absolute():
+        warnings.append(f"workload.dataset.path {spec.workload.dataset.path} is relative: it is read next to "
+                        "/study/study.yaml on the head")
+    if spec.cluster.files == "shared_dir":
+        warnings.append("cluster.files is shared_dir: output_dir must be a ReadWriteMany volume mounted on "
+                        "every pod; this manifest mounts the results claim on the head only")
+    # the driver (head) opens the storage; the engines (workers) get their own references
+    head_env = sorted({m.group(1) for m in _REF.finditer(spec.storage or "")})
+    worker_env = sorted({m.group(1) for e in spec.engines for v in e.env.values() for m in _REF.finditer(v)})
+    literal = [f"{e.name}.env.{k}" for e in spec.engines for k, v in e.env.items()
+               if re.search(r"TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL", k, re.I) and v and not _REF.fullmatch(v)]
+    if literal:
+        raise RayJobError(f"{', '.join(literal)} hold(s) a literal secret; write ${{NAME}} and put NAME in the "
+                          "Secret")
+    name = _dns(opts.name or spec.name)
+    results_mount = "/results"
+    entry = ["servetune", "run", "/study/study.yaml", "--ray-address", "auto", "--output-dir",
+             f"{results_mount}/{spec.name}"]
+    types = list(spec.cluster.node_types)
+    per_gpu_cpu, per_gpu_mem = opts.cpu_per_gpu, opts.memory_per_gpu_gib
+    groups = []
+    for t in types or [None]:
+        gpus = t.gpus_per_node if t else opts.gpus_per_worker
+        groups.append({"name": _dns(t.gpu if t else "gpu"), "gpus": gpus, "replicas": opts.workers,
+                       "cpu": str(per_gpu_cpu * gpus), "memory": f"{per_gpu_mem * gpus}Gi",
+                       # the type's Ray resource, as the study's placement asks for it
+                       "resources": json.dumps({t.ray_resource: 1}) if t else ""})
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        st_version = version("servetune")
+    except PackageNotFoundError:
+        st_version = "dev"
+    return dict(name=name, namespace=opts.namespace, study_name=spec.name, study_text=text, image=opts.image,
+                ray_version=opts.ray_version or ray.__version__, groups=groups, entrypoint=entry,
+                model_claim=opts.model_claim, model_mount=mount, results_claim=opts.results_claim,
+                results_mount=results_mount, secret_name=opts.secret_name or f"{name}-secrets",
+                head_env=head_env, worker_env=worker_env, shm_size=opts.shm_size, head_cpu=opts.head_cpu, head_memory=opts.head_memory,
+                ttl_s=opts.ttl_s, deadline_s=opts.deadline_s, warnings=warnings, servetune_version=st_version)
+
+
+def render(ctx: dict[str, Any], out_dir: Path) -> Path:
+    from servetune.optimizer.export import _env
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "rayjob.yaml"
+    path.write_text(_env().get_template("rayjob.yaml.j2").render(**ctx), encoding="utf-8")
+    return path
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    r = subparsers.add_parser("rayjob", help="write a KubeRay RayJob that runs a study on a Kubernetes GPU cluster",
+                              description="A ConfigMap with the study and a RayJob (ray.io/v1) whose head runs "
+                                          "`servetune run --ray-address auto`; see docs/cluster.md.")
+    r.add_argument("study")
+    r.add_argument("--image", required=True, help="an image with servetune, Ray and the engines (every pod runs it)")
+    r.add_argument("--model-claim", required=True, help="PersistentVolumeClaim holding the model (mounted read-only)")
+    r.add_argument("--model-mount", help="where the claim is mounted (default: the directory above model.path)")
+    r.add_argument("--results-claim", help="PersistentVolumeClaim for the run directory (head only); without it "
+                                           "results live as long as the head pod")
+    r.add_argument("--workers", type=int, default=1, help="worker pods per GPU type (default 1)")
+    r.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs of a worker pod when the study names no "
+                                                                  "cluster.node_types (default 8)")
+    r.add_argument("--cpu-per-gpu", type=int, default=8)
+    r.add_argument("--memory-per-gpu-gib", type=int, default=64)
+    r.add_argument("--head-cpu", default="4")
+    r.add_argument("--head-memory", default="16Gi")
+    r.add_argument("--shm-size", default="16Gi")
+    r.add_argument("--name", help="RayJob name (default: the study's name)")
+    r.add_argument("--namespace")
+    r.add_argument("--secret-name", help="Secret holding the study's ${NAME} references (default <name>-secrets)")
+    r.add_argument("--ray-version", help="rayVersion of the cluster (default: the Ray installed here)")
+    r.add_argument("--ttl-s", type=int, default=3600, help="keep the finished cluster this long (default 3600)")
+    r.add_argument("--deadline-s", type=int, help="activeDeadlineSeconds of the RayJob")
+    r.add_argument("-o", "--output-dir", required=True)
+    r.set_defaults(func=cmd_rayjob)
+    return r
+
+
+def cmd_rayjob(args: argparse.Namespace) -> int:
+    from servetune.optimizer.spec import SpecError
+
+    try:
+        ctx = build_context(Path(args.study), args)
+    except SpecError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except RayJobError as e:
+        print(f"{args.study}:1: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    path = render(ctx, Path(args.output_dir))
+    for w in ctx["warnings"]:
+        print(f"note: {w}")
+    print(f"wrote {path}: kubectl apply -f {path}")
+    return 0
