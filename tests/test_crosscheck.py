@@ -35,6 +35,19 @@ def test_vllm_result_read_in_its_own_and_the_common_definitions(cc):
     assert run["client_input_tokens"] == 128
 
 
+def test_vllm_result_without_latencies_or_send_times_still_gives_the_common_definitions(cc, tmp_path):
+    # the H200 run's result files had no per-request latency list: the "same definition" rows were empty (nan)
+    raw = json.loads((FIX / "vllm-bench-1.json").read_text())
+    for key in ("latencies", "start_times"):
+        raw.pop(key)
+    (tmp_path / "r.json").write_text(json.dumps(raw))
+    run = cc.load_vllm(tmp_path / "r.json")
+    assert run["same"]["ttft"]["mean"] == pytest.approx(raw["mean_ttft_ms"])
+    assert run["same"]["tpot"]["mean"] == pytest.approx(raw["mean_tpot_ms"])
+    assert np.isnan(run["same"]["arrival_rate"])
+    assert "itls" in run["detail_keys"] and "latencies" not in run["detail_keys"]
+
+
 def test_sglang_result_is_the_last_line_of_its_output_file(cc):
     run = cc.load_sglang(FIX / "sglang-bench-1.jsonl")
     last = json.loads((FIX / "sglang-bench-1.jsonl").read_text().splitlines()[-1])

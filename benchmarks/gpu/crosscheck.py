@@ -107,12 +107,20 @@ def load_vllm(path: Path) -> dict[str, Any]:
            "output_tokens_per_s": d["output_throughput"],
            "ttft": {"mean": d["mean_ttft_ms"], "p50": d.get("p50_ttft_ms", d["median_ttft_ms"]), "p99": d["p99_ttft_ms"]},
            "tpot": {"mean": d["mean_tpot_ms"], "p50": d.get("p50_tpot_ms", d["median_tpot_ms"]), "p99": d["p99_tpot_ms"]}}
-    ok = [i for i, e in enumerate(d.get("errors") or []) if not e] if "ttfts" in d else []
-    t0 = d["start_times"] if "start_times" in d else None
-    same = _same([t0[i] for i in ok] if t0 else None, [d["ttfts"][i] for i in ok], [d["latencies"][i] for i in ok],
-                 [d["output_lens"][i] for i in ok]) if ok and "latencies" in d else _same(None, [], [], [])
+    ok = [i for i, e in enumerate(d.get("errors") or [""] * len(d.get("ttfts") or [])) if not e] \
+        if d.get("ttfts") else []
+    t0 = d.get("start_times")
+    # vLLM 0.26 saves no per-request end-to-end latency: last token = TTFT + the inter-token gaps, as for SGLang
+    if "latencies" in d:
+        lasts = [d["latencies"][i] for i in ok]
+    elif "itls" in d:
+        lasts = [d["ttfts"][i] + sum(d["itls"][i]) for i in ok]
+    else:
+        lasts = []
+    same = _same([t0[i] for i in ok] if t0 else None, [d["ttfts"][i] for i in ok], lasts,
+                 [d["output_lens"][i] for i in ok]) if ok and lasts else _same(None, [], [], [])
     return {"own": own, "same": same, "client_input_tokens": _mean([d["input_lens"][i] for i in ok]) if ok else None,
-            "prompt_format": "text"}
+            "prompt_format": "text", "detail_keys": sorted(k for k, v in d.items() if isinstance(v, list))}
 
 
 def load_sglang(path: Path) -> dict[str, Any]:
@@ -251,6 +259,10 @@ ROWS = [  # (section, label, getter, decimals)
 ]
 
 
+def _pct(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.1%}"
+
+
 def _get(r: dict[str, Any], fn) -> Any:
     try:
         return fn(r)
@@ -280,8 +292,11 @@ def goal(runs: list[dict[str, Any]], peer: str) -> list[dict[str, Any]]:
         else:
             spread = max(b) - min(b)
             ok, rule = abs(ma - mb) <= spread, f"within the peer's spread ({spread:,.1f})"
+        # how far apart the peer's own runs are: a difference smaller than that is not resolved by these runs
+        peer_spread = (max(b) - min(b)) / mb if mb and len(b) > 1 else math.nan
+        mine_spread = (max(a) - min(a)) / ma if ma and len(a) > 1 else math.nan
         checks.append({"metric": label, "servetune": ma, "peer": mb, "diff": diff, "rule": rule, "ok": bool(ok),
-                       "servetune_runs": a, "peer_runs": b})
+                       "servetune_runs": a, "peer_runs": b, "peer_spread": peer_spread, "servetune_spread": mine_spread})
     return checks
 
 
@@ -306,9 +321,11 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
     checks = goal(runs, peer)
     if checks:
         lines += ["", f"Goal: servetune (text prompts) against {peer}'s own client, mean of the runs.", "",
-                  "| metric | servetune | peer | difference | rule | met |", "|---|---|---|---|---|---|"]
+                  "| metric | servetune | peer | difference | servetune's runs apart | peer's runs apart | rule | met |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in checks:
             lines.append(f"| {c['metric']} | {_f(c['servetune'], 2)} | {_f(c['peer'], 2)} | {c['diff']:+.1%} "
+                         f"| {_pct(c['servetune_spread'])} | {_pct(c['peer_spread'])} "
                          f"| {c['rule']} | {'yes' if c['ok'] else '**no**'} |")
     notes = []
     for label, fn in (("client TTFT mean (from send)", lambda r: r["same"]["ttft"]["mean"]),
