@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Issues 15 and 18 on one H200, as one detached script (after the vLLM kit parts are in /tmp/kit-vllm).
-# Steps, in this order unless STEPS says otherwise (STEPS="two_node study crosscheck"):
+# Steps, in this order unless STEPS says otherwise (STEPS="two_node smollm2 study crosscheck"):
 #   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
 #              trial (llama-3.2-1b, random weights) that must run on "remote" and bring its files home (issue 18).
 #              Its kernels are not the MoE ones, so the study after it still meets the fused-MoE JIT.
+#   smollm2    issue 20's first step, when the SmolLM2 pieces were carried (smollm2_carry.sh recv): the GGUF
+#              converted to a bf16 checkpoint (on the CPU, while two_node runs), greedy completions from
+#              transformers, then the checkpoint served by vLLM and asked the same prompts greedily.
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet, so the warm-up and the audit must keep that JIT
 #              out of every measured level (issue 15).
@@ -14,7 +17,7 @@
 # Poll: tar the RES folder into $OUT (requests_* files left out; the crosscheck's own files are small).
 set -uo pipefail
 RES=${1:-/tmp/res}
-STEPS=${STEPS:-two_node study crosscheck}
+STEPS=${STEPS:-two_node smollm2 study crosscheck}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$RES"
 stamp() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$RES/progress.log"; }
@@ -31,6 +34,12 @@ if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
   bash "$REPO/benchmarks/gpu/host_setup.sh" vllm > "$RES/setup.log" 2>&1 || { stamp "setup failed"; exit 1; }
 fi
 source /tmp/kit-vllm/servetune-env.sh
+if [[ " $STEPS " == *" smollm2 "* ]] && ls /tmp/smollm2-parts/model.gguf.part* >/dev/null 2>&1; then
+  # CPU only: the greedy check runs on the CPU so that it holds no GPU memory while a step uses the GPU
+  (DEVICE=cpu bash "$REPO/benchmarks/gpu/smollm2_carry.sh" convert > "$RES/smollm2-convert.log" 2>&1;
+   echo "rc $?" >> "$RES/smollm2-convert.log") &
+  CONVERT=$!
+fi
 
 for step in $STEPS; do
   gpu_free
@@ -39,6 +48,33 @@ for step in $STEPS; do
       stamp "two-node Ray proof"
       bash "$REPO/benchmarks/gpu/two_node_ray.sh" "$RES/two-node" > "$RES/two-node.log" 2>&1
       stamp "two-node done (rc $?)";;
+    smollm2)
+      [ -n "${CONVERT:-}" ] || { stamp "smollm2: no pieces carried"; continue; }
+      stamp "smollm2: waiting for the conversion"; wait "$CONVERT"; tail -n 12 "$RES/smollm2-convert.log"
+      [ -f /tmp/models/smollm2-135m/config.json ] || { stamp "smollm2: no checkpoint"; continue; }
+      vllm serve /tmp/models/smollm2-135m --host 127.0.0.1 --port 8001 --enforce-eager \
+        --gpu-memory-utilization 0.3 > "$RES/smollm2-vllm-server.log" 2>&1 &
+      SERVER=$!
+      for _ in $(seq 300); do
+        curl -sf http://127.0.0.1:8001/health >/dev/null 2>&1 && break
+        kill -0 $SERVER 2>/dev/null || { stamp "smollm2 server died"; break; }
+        sleep 1
+      done
+      python3 - /tmp/models/smollm2-135m > "$RES/smollm2-vllm.txt" 2>&1 <<'PY'
+import json, sys, urllib.request
+prompts = ["The capital of France is", "Water boils at a temperature of",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+for p in prompts:
+    body = {"model": sys.argv[1], "prompt": p, "max_tokens": 32, "temperature": 0, "logprobs": 1}
+    req = urllib.request.Request("http://127.0.0.1:8001/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    c = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]
+    print(json.dumps({"prompt": p, "completion": c["text"],
+                      "mean_logprob": sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"])}))
+PY
+      cat "$RES/smollm2-vllm.txt"
+      kill -INT $SERVER; wait $SERVER 2>/dev/null
+      stamp "smollm2 done";;
     study)
       stamp "study mixtral-1xh200"
       bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
