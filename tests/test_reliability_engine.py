@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 EXPECTED = {
     "ok": ("complete", None, None),
     "crash_start": ("failed", "crash", "fake engine failed while loading weights"),
-    "crash_mid_load": ("failed", "crash_under_load", "died during the warm-up"),  # its 4th request
+    # its 4th request: in the warm-up's third ramp step, or in the first level when a loaded machine spent
+    # the warm-up's time bound on the first two steps (seen once in a full run next to other test runs)
+    "crash_mid_load": ("failed", "crash_under_load", "died during"),
     "hang": ("failed", "timeout", "not healthy after"),
     "no_tokens": ("failed", "load_errors", "streamed no output tokens"),
     "oom": ("failed", "oom", "out of memory"),
