@@ -470,6 +470,17 @@ def _size_gib(s: str) -> float:
     return float(m.group(1)) * mult.get(m.group(2) or "G", 1)
 
 
+def _without_measurement_flags(args: list[str], engine: str) -> list[str]:
+    """The trial's argv less the flags servetune added only to measure it (Engine.measurement_flags)."""
+    from servetune.optimizer.engines import get_engine
+
+    try:
+        flags = set(get_engine(engine).measurement_flags)
+    except (KeyError, ValueError):  # an engine this version does not know: its argv as recorded
+        return args
+    return [a for a in args if a not in flags]
+
+
 def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any]:
     """Everything every template needs, as plain data. No secret value is ever read."""
     from servetune.optimizer.catalog import load_catalog
@@ -488,6 +499,7 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
     args = list(sp.args)
     args, argv_secrets, w = redact_args(args)
     warnings += w
+    args = _without_measurement_flags(args, engine)
     load_format = _flag_value(args, "--load-format")
     if load_format == "dummy" and not opts.keep_load_format:
         args = _drop_flag(args, "--load-format")

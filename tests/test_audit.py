@@ -10,6 +10,7 @@ from servetune.loadgen.audit import (AUDIT, FLATTERS, HURTS, Auditor, client_cou
 from servetune.loadgen.records import RequestRecord, ScenarioResult
 from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines.base import ModelRef
 from servetune.optimizer.engines.probe import EngineProbe
 from servetune.optimizer.engines.prometheus import gauge_max
 
@@ -169,3 +170,39 @@ def test_a_window_opens_once_the_engine_holds_no_earlier_request():
     res = Auditor(probe, poll_s=0.01, settle_s=0, quiet_s=0.2).run_level(probe.run)
     assert res.audit["in_flight_at_start"] == 4.0
     assert any("still held 4 requests of an earlier run" in n for n in res.notes)
+
+
+# vLLM 0.26.0's jit_monitor (vllm/utils/jit_monitor.py): the message "%s %s during inference: %s%s. This causes
+# a latency spike; consider extending warmup to cover this shape/config." with (backend, event, kernel, detail),
+# where detail is " (constexprs=...; signature=...; extra_compile_info=...; key=...)" under
+# --jit-monitor-verbose; and Triton's autotuner print that the monitor switches on.
+VERBOSE_JIT = ("(EngineCore pid=5068) WARNING 12-04 20:47:31 [jit_monitor.py:133] Triton kernel JIT compilation "
+               "during inference: fused_moe_kernel (constexprs={BLOCK_SIZE_K=128, BLOCK_SIZE_M=64, "
+               "BLOCK_SIZE_N=128, GROUP_SIZE_M=1}; signature={a_ptr='*bf16', b_ptr='*bf16'}; "
+               "extra_compile_info={num_stages=3, num_warps=4}; key='c1f0'). This causes a latency spike; "
+               "consider extending warmup to cover this shape/config.")
+AUTOTUNE = ("(EngineCore pid=5068) Triton autotuning for function _w8a8_block_fp8_matmul, with key as (2048, 4096), "
+            "finished after 2.31s, best config selected: BLOCK_SIZE_M: 64, num_warps: 4;")
+
+
+def test_every_compile_is_a_jit_event_with_vllms_verbose_monitor_and_autotuning_too(tmp_path):
+    log = tmp_path / "engine.log"
+    log.write_text("INFO warm\n" + VERBOSE_JIT + "\n" + VERBOSE_JIT.replace("BLOCK_SIZE_M=64", "BLOCK_SIZE_M=16")
+                   + "\n" + AUTOTUNE + "\n")
+    probe = EngineProbe(get_engine("vllm"), "http://127.0.0.1:9/metrics", log)
+    events = probe.log_events(0, log.stat().st_size)
+    assert [(e["kind"], e["invalidates"]) for e in events] == [("jit", True)] * 3
+    reasons, _, _ = judge({"exact": 0.0}, {}, events)
+    assert reasons[0].startswith("3 jit lines in the engine log during the level")
+
+
+def test_vllm_is_launched_with_the_verbose_jit_monitor_and_exports_leave_it_out():
+    from servetune.optimizer.engines.vllm import JIT_MONITOR_VERBOSE, _version_at_least
+
+    e = get_engine("vllm")
+    argv = e.plan({}, ModelRef(path="/m", name="m", shape=None), host="127.0.0.1", port=1, gpu_ids=[0]).argv
+    assert JIT_MONITOR_VERBOSE in argv and JIT_MONITOR_VERBOSE in e.measurement_flags
+    for version in ("0.26.0", "0.33.0"):  # the flag is in both releases' own --help
+        assert JIT_MONITOR_VERBOSE in (FIX / "engine_help" / f"vllm-{version}.txt").read_text()
+    assert _version_at_least("0.26.0", (0, 26)) and _version_at_least("0.33.1rc1", (0, 26))
+    assert not _version_at_least("0.25.2", (0, 26)) and not _version_at_least("dev", (0, 26))

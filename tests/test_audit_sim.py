@@ -164,3 +164,30 @@ def test_a_launchs_first_level_that_fails_with_a_clean_audit_is_measured_once_mo
                                                            replace(LEVEL, ttft_limit_ms=0.001)))[1], LEVEL)
     assert len(calls) == 2 and not never.valid and not contaminated(never)
     assert any("it failed again" in n for n in never.notes)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_second_shape_of_a_kernel_compiles_silently_unless_the_monitor_is_verbose(tmp_path_factory, verbose):
+    # vLLM warns once per kernel name: after a warm-up that logged the kernel, a level that meets a new
+    # token-count bucket compiles it without a line (the H200's unexplained first-level outliers); with
+    # --jit-monitor-verbose, as servetune launches vLLM, that compile is a jit line and the level is re-run
+    srv = _sim(tmp_path_factory, "--emulate-jit", "--jit-compile-s", "0.05",
+               *(["--jit-monitor-verbose"] if verbose else []))
+    try:
+        endpoint, auditor, _ = _tools(srv)
+        auditor.rewarm = None
+        alone = ScenarioSettings(kind="single_stream", num_requests=2, require_early_stopping=False)
+        run(endpoint, level_variant(DATA, 50), alone)  # a warm-up of one request at a time: small buckets only
+        burst = _burst(len(DATA))
+        variant = iter(range(51, 99))  # every run fresh prompts (the re-run's too)
+        level = auditor.measure(lambda: run(endpoint, level_variant(DATA, next(variant)), burst), burst)
+        log = srv.log.read_text()
+        if verbose:
+            assert log.count("JIT compilation during inference") >= 3
+            first = level.audit["rerun_of"]["audit"]  # the re-run met new buckets of its own or was clean
+            assert "jit line" in first["reasons"][0] and first["log"]["counts"]["jit"] >= 2
+        else:
+            assert log.count("JIT compilation during inference") == 1  # the warm-up's, once
+            assert level.audit["passed"] and level.audit["log"]["events"] == []
+    finally:
+        srv.stop()

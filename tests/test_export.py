@@ -404,9 +404,11 @@ def test_command_round_trips(rendered, engine):
     assert "--load-format" not in argv and any("load-format dummy" in w for w in res.warnings)
     assert argv[:2] == (["vllm", "serve"] if engine == "vllm" else ["python3", "-m"])
     assert argv[-2:] == ["--api-key", "${API_KEY}"]  # the study's extra_args, last, as a reference
-    # the whole recorded argv survives except host/port/load-format
+    # the whole recorded argv survives except host/port/load-format and the flags added only to measure
     rec = res.choice.trial["argv"]
-    kept = [a for a in rec if a not in ("127.0.0.1", "41093", "--load-format", "dummy")]
+    measuring = set(get_engine(engine).measurement_flags)
+    assert engine != "vllm" or "--jit-monitor-verbose" in rec and "--jit-monitor-verbose" not in argv
+    kept = [a for a in rec if a not in ("127.0.0.1", "41093", "--load-format", "dummy") and a not in measuring]
     assert [a for a in argv if a not in ("127.0.0.1", "8000")] == kept
     if shutil.which("bash"):
         assert subprocess.run(["bash", "-n", str(serve)]).returncode == 0

@@ -93,6 +93,8 @@ class Engine(abc.ABC):
     # -- the audit of a measured level (loadgen.audit) ---------------------------------------------------
     kv_usage_metric: str | None = None  # the KV-cache usage gauge (0..1) sampled for a level's peak
     disturbances: tuple = ()  # engines.disturbances.Signature: log lines that disturb a measured level
+    # argv flags servetune adds only to measure (more logging); an exported deployment leaves them out
+    measurement_flags: tuple[str, ...] = ()
 
     def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
         """One parsed /metrics scrape as loadgen.audit's cumulative engine-neutral counters

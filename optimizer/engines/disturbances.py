@@ -37,6 +37,10 @@ def sig(kind: str, pattern: str, invalidates: bool) -> Signature:
 TORCH_RECOMPILE = sig("compile", r"torch\._dynamo hit config\.(?:recompile_limit|cache_size_limit)|"
                                  r"Recompiling function", True)
 FLASHINFER_JIT = sig("compile", r"flashinfer\.jit: Loading JIT ops", True)
+# Triton's autotuner benchmarking configs for a new key (printed when TRITON_PRINT_AUTOTUNING is on, which
+# vLLM's jit_monitor turns on after warm-up): "Triton autotuning for function fused_moe_kernel, with key as
+# (...), finished after 2.31s, best config selected: ...".
+TRITON_AUTOTUNE = sig("jit", r"Triton autotuning for function", True)
 
 
 def read_window(path: str | Path, start: int, end: int) -> str:

@@ -88,6 +88,25 @@ VLLM_RULES: list[Rule] = [
 ]
 
 
+# Every post-warm-up kernel compile logged, not a kernel's first only (see VLLM_DISTURBANCES). On the H200
+# (docs/results/2026-12-04-h200-trust2) each mixtral launch's first measured level failed p99 TTFT with 2 s
+# outliers and a clean log after a warm-up that had logged fused_moe_kernel once: a later fused_moe shape
+# compiling unlogged is what this flag makes visible. It logs only when something compiles, so a warm
+# server pays nothing for it. A measurement flag: exports leave it out (Engine.measurement_flags).
+JIT_MONITOR_VERBOSE = "--jit-monitor-verbose"
+JIT_MONITOR_SINCE = (0, 26)  # the first release with the flag (vllm/config/observability.py)
+
+
+def _version_at_least(version: str, least: tuple[int, ...]) -> bool:
+    nums = []
+    for part in str(version).split(".")[:len(least)]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            return False
+        nums.append(int(digits))
+    return tuple(nums) >= least
+
+
 def _multicast_off() -> bool:
     return os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1"
 
@@ -106,13 +125,16 @@ def _without_allreduce_fusion(extra_args: list[str]) -> list[str]:
 
 
 # Log lines that disturb a measured level (engines.disturbances). vLLM's jit_monitor warns when a Triton
-# (or TileLang) kernel compiles after warm-up, e.g. "(EngineCore_DP0 pid=1234) WARNING 12-04 10:11:12
-# [jit_monitor.py:103] Triton kernel JIT compilation during inference: fused_moe_kernel. This causes a latency
-# spike; ...". Some versions warn once per kernel name (warning_once), so a later shape of a kernel already
-# named compiles silently: the audit sees a kernel's first JIT only. vLLM v1 logs no preemption (the counter
-# counts them); the v0 wording is kept for older servers.
+# (or TileLang, CuTeDSL) kernel compiles after warm-up, e.g. "(EngineCore_DP0 pid=1234) WARNING 12-04
+# 10:11:12 [jit_monitor.py:135] Triton kernel JIT compilation during inference: fused_moe_kernel. This causes a
+# latency spike; ...". By default it warns once per kernel name (``logger.warning_once``, an lru_cache on the
+# message and its arguments, vllm/utils/jit_monitor.py in 0.26.0), so a second shape of a kernel already named
+# compiles silently; servetune launches vLLM with --jit-monitor-verbose (JIT_MONITOR_VERBOSE) so that every
+# compile is logged, with its constexprs and key. vLLM v1 logs no preemption (the counter counts them); the v0
+# wording is kept for older servers.
 VLLM_DISTURBANCES = (
     D.sig("jit", r"JIT compilation during inference", True),
+    D.TRITON_AUTOTUNE,
     D.TORCH_RECOMPILE,
     D.FLASHINFER_JIT,
     D.sig("preemption", r"is preempted by PreemptionMode", False),
@@ -124,6 +146,7 @@ class VllmEngine(CatalogEngine):
     covers = frozenset({"gpus", "heads", "weights"})
     kv_usage_metric = "vllm:kv_cache_usage_perc"
     disturbances = VLLM_DISTURBANCES
+    measurement_flags = (JIT_MONITOR_VERBOSE,)
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, **kw):
@@ -159,6 +182,8 @@ class VllmEngine(CatalogEngine):
         # Every /metrics and /health poll and every request would otherwise add an access-log line and push
         # the root cause of a crash out of the log tail (FrontendArgs.disable_uvicorn_access_log, 0.26/0.33).
         argv.append("--disable-uvicorn-access-log")
+        if _version_at_least(self.version, JIT_MONITOR_SINCE):
+            argv.append(JIT_MONITOR_VERBOSE)
         return argv
 
     def base_env(self) -> dict[str, str]:

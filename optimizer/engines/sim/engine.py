@@ -22,8 +22,10 @@ class SimEngine(CatalogEngine):
 
         return vllm_audit_counters(metrics)
 
+    measurement_flags = ("--jit-monitor-verbose",)
+
     def model_flags(self, model: ModelRef) -> list[str]:
-        return []
+        return ["--jit-monitor-verbose"]  # as servetune launches vLLM: every emulated compile logged
 
     def gpu_flags(self, gpu: str, gpu_memory_gib: float | None) -> list[str]:
         argv = ["--gpu", gpu]

@@ -157,19 +157,27 @@ class _SseOutput(_Output):
 class JitEmulator:
     """--emulate-jit: a kernel compiles the first time a step's token count falls in a new power-of-two
     bucket (as MoE GEMM configs are picked per token-count bucket), costing ``compile_s`` once and logging
-    vLLM's jit_monitor warning, so warm-up coverage and the level audit can be exercised without a GPU."""
+    vLLM's jit_monitor warning, so warm-up coverage and the level audit can be exercised without a GPU.
 
-    def __init__(self, compile_s: float, kernel: str):
-        self.compile_s, self.kernel = compile_s, kernel
+    As vLLM 0.26 does, the warning is logged once per kernel name (``warning_once``): later buckets compile
+    silently, unless ``verbose`` (vLLM's --jit-monitor-verbose), which logs every compile with its key."""
+
+    def __init__(self, compile_s: float, kernel: str, verbose: bool = False):
+        self.compile_s, self.kernel, self.verbose = compile_s, kernel, verbose
         self.seen: set[int] = set()
 
     def step(self, tokens: int) -> float:
         bucket = 1 << max(tokens - 1, 0).bit_length()
         if tokens <= 0 or bucket in self.seen:
             return 0.0
+        if self.verbose:
+            log.warning("Triton kernel JIT compilation during inference: %s (constexprs={BLOCK_SIZE_M=%d}; "
+                        "key=%d). This causes a latency spike; consider extending warmup to cover this "
+                        "shape/config.", self.kernel, min(bucket, 64), bucket)
+        elif not self.seen:
+            log.warning("Triton kernel JIT compilation during inference: %s. This causes a latency spike; "
+                        "consider extending warmup to cover this shape/config.", self.kernel)
         self.seen.add(bucket)
-        log.warning("Triton kernel JIT compilation during inference: %s (M<=%d). This causes a latency spike; "
-                    "consider extending warmup to cover this shape/config.", self.kernel, bucket)
         return self.compile_s
 
 
@@ -261,7 +269,8 @@ class SimServer:
         self.max_model_len = plan.max_model_len
         kernel = "fused_moe_kernel" if self.shape.is_moe else "sim_gemm_kernel"
         self.replicas = [Replica(k, Scheduler(self.shape, self.gpu, cfg, plan=plan, seed=cfg.seed * 1000 + k),
-                                 JitEmulator(self.args.jit_compile_s, kernel) if self.args.emulate_jit else None)
+                                 JitEmulator(self.args.jit_compile_s, kernel, self.args.jit_monitor_verbose)
+                                 if self.args.emulate_jit else None)
                          for k in range(cfg.data_parallel)]
         for r in self.replicas:
             r.task = asyncio.get_running_loop().create_task(r.run(), name=f"sim-engine-{r.index}")
@@ -561,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile a kernel (and log vLLM's JIT warning) the first time a step's token count falls "
                         "in a new power-of-two bucket, as a real engine does after a warm-up that missed a shape")
     p.add_argument("--jit-compile-s", type=float, default=0.3, help="seconds one emulated JIT compile stalls a step")
+    p.add_argument("--jit-monitor-verbose", action="store_true",
+                   help="log every emulated JIT compile (vLLM's flag), not only a kernel's first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
