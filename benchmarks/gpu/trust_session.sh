@@ -32,6 +32,17 @@ gpu_free() {  # the engine of the step before must have let go of the GPU before
   stamp "GPU memory still used: ${used:-?} MiB"
 }
 
+serve() {  # PORT LOG MODEL [FLAGS...]: `vllm serve` in the background (SERVER), until /health answers or it dies
+  local port=$1 log=$2; shift 2
+  vllm serve "$@" --host 127.0.0.1 --port "$port" > "$log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
+    kill -0 $SERVER 2>/dev/null || { stamp "server on $port died (see $log)"; return 1; }
+    sleep 1
+  done
+}
+
 if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
   stamp setup
   bash "$REPO/benchmarks/gpu/host_setup.sh" vllm > "$RES/setup.log" 2>&1 || { stamp "setup failed"; exit 1; }
@@ -55,14 +66,7 @@ for step in $STEPS; do
       [ -n "${CONVERT:-}" ] || { stamp "smollm2: no pieces carried"; continue; }
       stamp "smollm2: waiting for the conversion"; wait "$CONVERT"; tail -n 12 "$RES/smollm2-convert.log"
       [ -f /tmp/models/smollm2-135m/config.json ] || { stamp "smollm2: no checkpoint"; continue; }
-      vllm serve /tmp/models/smollm2-135m --host 127.0.0.1 --port 8001 --enforce-eager \
-        --gpu-memory-utilization 0.3 > "$RES/smollm2-vllm-server.log" 2>&1 &
-      SERVER=$!
-      for _ in $(seq 300); do
-        curl -sf http://127.0.0.1:8001/health >/dev/null 2>&1 && break
-        kill -0 $SERVER 2>/dev/null || { stamp "smollm2 server died"; break; }
-        sleep 1
-      done
+      serve 8001 "$RES/smollm2-vllm-server.log" /tmp/models/smollm2-135m --enforce-eager --gpu-memory-utilization 0.3
       python3 - /tmp/models/smollm2-135m > "$RES/smollm2-vllm.txt" 2>&1 <<'PY'
 import json, sys, urllib.request
 prompts = ["The capital of France is", "Water boils at a temperature of",
@@ -92,13 +96,7 @@ PY
     crosscheck)
       MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
       stamp "crosscheck server start ($MODEL)"
-      vllm serve "$MODEL" --load-format dummy --host 127.0.0.1 --port 8000 > "$RES/crosscheck-server.log" 2>&1 &
-      SERVER=$!
-      for _ in $(seq 600); do
-        curl -sf http://127.0.0.1:8000/health >/dev/null 2>&1 && break
-        kill -0 $SERVER 2>/dev/null || { stamp "crosscheck server died"; break; }
-        sleep 1
-      done
+      serve 8000 "$RES/crosscheck-server.log" "$MODEL" --load-format dummy
       stamp "crosscheck server ready"
       QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
         IDS_RUNS=${IDS_RUNS:-1} bash "$REPO/benchmarks/gpu/crosscheck.sh" http://127.0.0.1:8000 "$MODEL" vllm \
