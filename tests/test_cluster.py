@@ -34,9 +34,13 @@ ENV = {"SERVETUNE_STOP_GRACE_S": "3", "SERVETUNE_GPU_FREE_TIMEOUT_S": "5"}
 
 class SimCluster:
     def __init__(self, root: Path):
+        from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 
         self.root = root
+        # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) without creating that dir:
+        # on a fresh machine where Ray never started with its defaults (the CI box) the head fails to start.
+        os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
         for k, v in ENV.items():
             os.environ.setdefault(k, v)
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
