@@ -3,8 +3,9 @@
 Real clients send text, and the server's tokenization is part of the TTFT they see. A model directory
 (what vLLM and SGLang load) holds ``tokenizer.json``, the Hugging Face ``tokenizers`` format. With it a
 random prompt is token ids decoded to text, and the text is encoded again to check its length, as vLLM's
-random dataset does. Ids are drawn from the vocabulary's words: tokens that decode to a space and letters
-and encode back to themselves alone. Byte-level BPE (Llama-3, Qwen, GPT) and SentencePiece-style
+random dataset does. Ids are drawn from the vocabulary's short words: tokens that decode to a space and
+a few letters and encode back to themselves alone (short, so that a prompt costs the server's
+tokenizer what real text of the same token count costs: see :meth:`PromptTokenizer._word_chars`). Byte-level BPE (Llama-3, Qwen, GPT) and SentencePiece-style
 pre-tokenizers split text at those spaces, so a sequence of such tokens decodes to text that encodes to the
 same sequence: the length is exact without rounds of trimming (random ids of any kind decode to broken
 UTF-8 and merges across token boundaries, which vLLM trims and tops up for ten rounds and still misses).
@@ -17,6 +18,8 @@ the server's own ``prompt_tokens`` counter either way.
 """
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -60,22 +63,38 @@ class PromptTokenizer:
         regular = np.array(sorted(set(self._tok.get_vocab(with_added_tokens=False).values()) - added))
         if regular.size < 2:
             raise ValueError(f"tokenizer {file} has no regular vocabulary to draw prompts from")
-        words = self._words(regular)
-        self.pool = words if words.size >= MIN_WORDS else regular
+        words, chars = self._words(regular)
+        self.pool = words[chars <= self._word_chars(chars)] if words.size >= MIN_WORDS else regular
         probe = self._tok.encode("probe text", add_special_tokens=True).ids
         bare = self._tok.encode("probe text", add_special_tokens=False).ids
         k = next((i for i in range(len(probe) - len(bare) + 1) if probe[i:i + len(bare)] == bare), 0)
         self.leading, self.trailing = probe[:k], probe[k + len(bare):]
         self.specials = len(self.leading) + len(self.trailing)  # what the server adds to a text prompt
 
-    def _words(self, regular: np.ndarray) -> np.ndarray:
-        """The regular ids that decode to a space and letters, and encode back to themselves alone."""
+    def _words(self, regular: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The regular ids that decode to a space and letters, and encode back to themselves alone, with the
+        length of their text."""
         texts = self._tok.decode_batch([[int(i)] for i in regular], skip_special_tokens=False)
         cand = [(int(i), t) for i, t in zip(regular, texts) if len(t) > 1 and t[0] == " " and t[1:].isalpha()]
-        if not cand:
-            return np.array([], dtype=int)
-        enc = self._encode_batch([t for _, t in cand], add_special_tokens=False)
-        return np.array([i for (i, _), e in zip(cand, enc) if e.ids == [i]], dtype=int)
+        enc = self._encode_batch([t for _, t in cand], add_special_tokens=False) if cand else []
+        kept = [(i, len(t)) for (i, t), e in zip(cand, enc) if e.ids == [i]]
+        return np.array([i for i, _ in kept], dtype=int), np.array([n for _, n in kept], dtype=int)
+
+    def _word_chars(self, chars: np.ndarray) -> int:
+        """The longest word (in characters, its space included) the pool keeps: the one that gives prompts
+        the characters per token this tokenizer makes of English prose.
+
+        The server tokenizes a text prompt on the request's path, in time that grows with its characters.
+        Drawn from every word token, prompts had 7.7-9.5 characters per token where prose has 4.1-4.6, and
+        cost a Llama-3-shaped tokenizer 1.6-2.6x what vLLM's random dataset costs
+        (benchmarks/prompt_tokenization.py): a TTFT gap in any cross-check that is not the engine's."""
+        prose = " ".join(p["text"] for p in json.loads(
+            resources.files("servetune.loadgen").joinpath("data", "text_tasks.json").read_text(encoding="utf-8")
+        )["passages"] if p["kind"] == "prose")
+        target = len(prose) / max(1, len(self.encode(prose)))
+        fits = [(abs(float(chars[chars <= n].mean()) - target), n) for n in np.unique(chars)
+                if np.count_nonzero(chars <= n) >= MIN_WORDS]
+        return min(fits)[1]
 
     def encode(self, text: str) -> list[int]:
         """The ids of ``text`` without special tokens (the server adds those)."""

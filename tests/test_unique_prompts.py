@@ -10,7 +10,7 @@ import pytest
 from test_sim_server import Server
 from tokenizer_fixture import make_model_dir
 
-from servetune.loadgen.datasets import random_dataset
+from servetune.loadgen.datasets import random_dataset, text_corpus
 from servetune.loadgen.runner import REPEAT_TOKEN_LOW, repeat_variant
 from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
 from servetune.optimizer.bench_cli import main as bench
@@ -128,3 +128,15 @@ def test_a_study_sends_text_when_its_model_has_a_tokenizer(model_dir):
     assert all(isinstance(r.prompt, str) and r.input_tokens == 64 for r in reqs) and len(reqs) == 5
     preset = dataset_args(parse_study(text.replace(f"path: {model_dir}", "preset: llama-3.2-1b"), "p.yaml"))
     assert preset["prompt_format"] == "token_ids" and preset["tokenizer"] is None
+
+
+def test_text_prompts_cost_the_server_tokenizer_what_prose_of_their_length_does(tmp_path):
+    # Drawn from every word token, a prompt had ~2x the characters per token of prose, and the server's
+    # tokenizer time on a request's path grew with it (benchmarks/prompt_tokenization.py). The module's
+    # 2000-id tokenizer has too few short words to say; this one has the corpus's whole vocabulary.
+    tok = PromptTokenizer(make_model_dir(tmp_path / "m", vocab=8000))
+    prose = " ".join(p["text"] for p in text_corpus()["passages"] if p["kind"] == "prose")
+    prose_cpt = len(prose) / len(tok.encode(prose))
+    reqs = random_dataset(40, 256, 4, prompt_format="text", tokenizer=tok, seed=3)
+    prompt_cpt = sum(len(r.prompt) for r in reqs) / sum(r.input_tokens - tok.specials for r in reqs)
+    assert abs(prompt_cpt / prose_cpt - 1) < 0.25, (prompt_cpt, prose_cpt)
