@@ -22,15 +22,20 @@ import itertools
 import json
 import math
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import optuna
+
+from servetune.optimizer.engines.sim.estimate import simulate_offline
+from servetune.optimizer.fidelity import Calibration
 
 SPACE: dict[str, list] = {
     "tensor_parallel": [1, 2, 4],
@@ -50,8 +55,6 @@ def _key(p: dict) -> str:
 
 
 def _evaluate(args: tuple[dict, int]) -> tuple[str, dict | None]:
-    from servetune.optimizer.engines.sim.estimate import simulate_offline
-
     params, n = args
     try:
         r = simulate_offline("llama-3.1-8b", "h100", params, n_requests=n, input_tokens=INPUT, output_tokens=OUTPUT)
@@ -146,10 +149,6 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
     """TPE + the driver's pre-screen design: K candidates from a shadow study scored by a *wrong* estimator
     (x1.4 throughput, x0.8 TPOT, and a fixed per-config lognormal error of ``model_error``), calibrated on
     the launched trials (``optimizer.fidelity.Calibration``); only the best-scored candidate is launched."""
-    import random
-
-    from servetune.optimizer.fidelity import Calibration
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(1000 + seed)
     err = {key: (math.exp(rng.gauss(0, model_error)), math.exp(rng.gauss(0, model_error))) for key in table}
@@ -235,9 +234,6 @@ def grid_sequence() -> list[dict]:
 def measure_duty(tmp: Path) -> dict[str, float]:
     """Duty cycle (loaded_s / wall_s over trial.json) of a real sim study: one launch per config with a
     3-level qps sweep, against the same 3 levels as separate launches (one restart per level)."""
-    import subprocess
-    import textwrap
-
     levels = [2, 4, 8]
 
     def study(name: str, qps, trials: int) -> Path:
@@ -333,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as d:
             duty = measure_duty(Path(d))
         out["duty"] = duty
-        print(f"\nGPU duty cycle (loaded_s / wall_s, real sim studies, 2 configs x qps 2,4,8):")
+        print("\nGPU duty cycle (loaded_s / wall_s, real sim studies, 2 configs x qps 2,4,8):")
         print(f"  per-launch sweep     {duty['sweep_duty']:.0%}  ({duty['sweep_loaded_s']:.1f} s loaded of "
               f"{duty['sweep_wall_s']:.1f} s)")
         print(f"  restart per level    {duty['restart_duty']:.0%}  ({duty['restart_loaded_s']:.1f} s loaded of "

@@ -31,6 +31,10 @@ import sys
 import urllib.request
 from typing import Any
 
+from aiohttp import web
+
+from servetune.loadgen.endpoint import Endpoint
+
 DEFAULTS = {"ttft_s": 0.02, "tpot_s": 0.005, "tokens_per_chunk": 1, "mode": "normal", "usage": "honour",
             "fault_every": 0, "split": False, "crlf": False, "capacity": 0}
 
@@ -43,8 +47,6 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def build_app():
-    from aiohttp import web
-
     state: dict[str, Any] = {"requests": 0, "in_flight": 0, "peak_in_flight": 0, "last_body": None,
                              "last_auth": None}
     queues: dict[int, asyncio.Semaphore] = {}
@@ -151,8 +153,6 @@ def build_app():
 
 
 def _serve(port: int) -> None:
-    from aiohttp import web
-
     async def main() -> None:
         runner = web.AppRunner(build_app(), access_log=None)
         await runner.setup()
@@ -210,8 +210,6 @@ class MockServer:
 
     def endpoint(self, api: str = "completions", request_timeout_s: float = 10, headers: dict | None = None,
                  **mock: Any):
-        from servetune.loadgen.endpoint import Endpoint
-
         return Endpoint(base_url=self.url, model="mock", api=api, headers=headers or {},
                         request_timeout_s=request_timeout_s, extra_body={"mock": mock})
 

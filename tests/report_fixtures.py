@@ -16,6 +16,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
 
 HOSTILE = "<script>alert(1)</script>"
 OOM_REASON = ("CUDA out of memory while capturing CUDA graphs for batch 256: "
@@ -231,10 +234,6 @@ def _write_records(path: Path, summary: dict, seed: int) -> None:
 
 
 def _write_study_db(path: Path, trials: list[dict]) -> None:
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState, create_trial
-
     dists = {"tensor_parallel": CategoricalDistribution([1, 2, 4]),
              "max_concurrency": CategoricalDistribution([8, 16, 32, 64, 128, 256]),
              "quantization": CategoricalDistribution(["none", "fp8"]),
