@@ -63,6 +63,7 @@ class Mock:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "mock_server.py"), "--port", "0",
                                       "--ttft-ms", str(TTFT_MS), "--tpot-ms", str(TPOT_MS)],
                                      stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         self.port = int(self.proc.stdout.readline().split()[1])
         self.url = f"http://127.0.0.1:{self.port}"
 

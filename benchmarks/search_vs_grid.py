@@ -31,8 +31,10 @@ import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from servetune.optimizer.engines.sim.estimate import simulate_offline
 from servetune.optimizer.fidelity import Calibration
@@ -54,7 +56,7 @@ def _key(p: dict) -> str:
     return json.dumps([p[n] for n in NAMES])
 
 
-def _evaluate(args: tuple[dict, int]) -> tuple[str, dict | None]:
+def _evaluate(args: tuple[dict, int]) -> tuple[str, dict]:
     params, n = args
     try:
         r = simulate_offline("llama-3.1-8b", "h100", params, n_requests=n, input_tokens=INPUT, output_tokens=OUTPUT)
@@ -91,7 +93,9 @@ def hypervolume(points: list[tuple[float, float]], sla: float) -> float:
 
 
 def _feasible(v: dict | None, sla: float) -> bool:
-    return bool(v) and "error" not in v and v["tpot_p99_ms"] <= sla
+    if not v:
+        return False
+    return "error" not in v and v["tpot_p99_ms"] <= sla
 
 
 def trials_to_target(sequence: list[dict], table: dict, sla: float, target: float) -> int | None:
@@ -107,6 +111,7 @@ def trials_to_target(sequence: list[dict], table: dict, sla: float, target: floa
 
 def run_sampler(kind: str, seed: int, table: dict, sla: float, budget: int, target: float) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler: optuna.samplers.BaseSampler
     if kind == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
     elif kind == "nsga2":
@@ -114,7 +119,7 @@ def run_sampler(kind: str, seed: int, table: dict, sla: float, budget: int, targ
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    dists = {n: optuna.distributions.CategoricalDistribution(v) for n, v in SPACE.items()}
+    dists: dict[str, BaseDistribution] = {n: CategoricalDistribution(v) for n, v in SPACE.items()}
     seq: list[dict] = []
     seen: dict[str, dict | None] = {}
     worst = (0.0, 10 * sla)
@@ -160,7 +165,7 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
         a, b = err[key]
         return {"output_tokens_per_s": v["tps_gpu"] * 1.4 * a, "tpot_p99_ms": v["tpot_p99_ms"] * 0.8 * b}
 
-    dists = {n: optuna.distributions.CategoricalDistribution(v) for n, v in SPACE.items()}
+    dists: dict[str, BaseDistribution] = {n: CategoricalDistribution(v) for n, v in SPACE.items()}
     real = optuna.create_study(directions=["maximize", "minimize"],
                                sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10))
     seq: list[dict] = []
@@ -216,6 +221,7 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
         seq.append(p)
         if ok:
             e = estimate(key)
+            assert e is not None  # a config the engine ran has an estimate
             pairs.append((e, {"output_tokens_per_s": v["tps_gpu"], "tpot_p99_ms": v["tpot_p99_ms"]}))
             if v["tpot_p99_ms"] <= sla:
                 pts.append((v["tps_gpu"], v["tpot_p99_ms"]))
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntrials (distinct configs launched) to reach 95% of the exhaustive hypervolume; "
           f"{a.seeds} seeds, budget {a.budget}")
     print(f"{'strategy':32s} {'median':>8s} {'per seed':>30s} {'vs grid':>8s}")
-    out = {"space_size": len(table), "hv_opt": hv_opt, "grid": grid_n, "rows": {}}
+    out: dict[str, Any] = {"space_size": len(table), "hv_opt": hv_opt, "grid": grid_n, "rows": {}}
     for name, vals in rows.items():
         reached = [v for v in vals if v is not None]
         med = statistics.median(v if v is not None else math.inf for v in vals)

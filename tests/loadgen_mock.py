@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -122,6 +122,7 @@ def build_app():
                 await asyncio.sleep(delay)
             if j > 0 and j == len(chunks) // 2 and mode in ("drop", "eof", "malformed"):
                 if mode == "drop":
+                    assert request.transport is not None  # the request is being answered on it
                     request.transport.abort()  # a crashed server: reset, incomplete chunked body
                     return resp
                 if mode == "malformed":
@@ -158,7 +159,7 @@ def _serve(port: int) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        bound = site._server.sockets[0].getsockname()[1]
+        bound = runner.addresses[0][1]
         print(f"PORT {bound}", flush=True)
         await asyncio.Event().wait()
 
@@ -185,6 +186,7 @@ class MockServer:
 
     def __enter__(self) -> "MockServer":
         self.proc = subprocess.Popen([sys.executable, __file__, "--port", "0"], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
             self.proc.kill()
@@ -202,14 +204,15 @@ class MockServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self.proc.stdout.close()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def endpoint(self, api: str = "completions", request_timeout_s: float = 10, headers: dict | None = None,
-                 **mock: Any):
+    def endpoint(self, api: Literal["completions", "chat"] = "completions", request_timeout_s: float = 10,
+                 headers: dict | None = None, **mock: Any):
         return Endpoint(base_url=self.url, model="mock", api=api, headers=headers or {},
                         request_timeout_s=request_timeout_s, extra_body={"mock": mock})
 

@@ -34,7 +34,7 @@ import math
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def load_sglang(path: Path) -> dict[str, Any]:
 LOADERS = {"servetune": load_servetune, "vllm": load_vllm, "sglang": load_sglang}
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 

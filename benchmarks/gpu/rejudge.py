@@ -54,8 +54,7 @@ def rejudge_trial(trial_dir: Path, scenario: str, min_keep_up: float | None) -> 
 
 def front(judged: list[dict], key: str) -> list[str]:
     """Per trial, its highest level valid (before or now) as tok/s/GPU and tok/s/user; ★ on the Pareto front."""
-    rows = [(t, best_level(t["levels"], key)) for t in judged]
-    rows = [(t, b) for t, b in rows if b]
+    rows = [(t, b) for t in judged if (b := best_level(t["levels"], key))]
     if not rows:
         return []
     mask = pareto_mask(np.array([[b["out_tok_s_gpu"], b["tok_s_user"]] for _, b in rows]), ["maximize", "maximize"])

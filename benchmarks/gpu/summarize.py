@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,7 +38,7 @@ def summarize(run: Path) -> str:
                  "| p99 TTFT ms | p99 TPOT ms | prefix hit | reason |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in ts:
-        sc = next(iter(t.get("scenarios", {}).values()), {})
+        sc: dict[str, Any] = next(iter(t.get("scenarios", {}).values()), {})
         s = sc.get("summary", {})
         params = " ".join(f"{k}={v}" for k, v in t.get("params", {}).items()) or "(engine defaults)"
         if t.get("is_baseline"):
