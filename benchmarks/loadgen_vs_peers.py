@@ -31,9 +31,11 @@ Run: ``python benchmarks/loadgen_vs_peers.py [--setup] [--repeats 3] [--json out
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 # Peers stamp sends with the wall clock; the server logs perf_counter (CLOCK_MONOTONIC). Their difference is
@@ -59,6 +63,7 @@ class Mock:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "mock_server.py"), "--port", "0",
                                       "--ttft-ms", str(TTFT_MS), "--tpot-ms", str(TPOT_MS)],
                                      stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         self.port = int(self.proc.stdout.readline().split()[1])
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -82,8 +87,6 @@ class Mock:
 
 def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a tool in its own process group; on timeout the whole group goes (peers fork workers)."""
-    import signal
-
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             start_new_session=True)
     try:
@@ -110,8 +113,6 @@ def run_servetune(url: str, rate: float, n: int, out: Path, workers: int) -> tup
     p = _run(cmd, 400)
     if p.returncode != 0 or not (out / "requests.parquet").exists():
         return [], p.returncode, (p.stderr or p.stdout)[-2000:]
-    import pandas as pd
-
     f = pd.read_parquet(out / "requests.parquet")
     f = f[~f["warmup"]]
     t0 = json.loads((out / "result.json").read_text())["results"][0]["settings"].get("t0_perf_counter") or 0.0
@@ -231,8 +232,6 @@ def measure(tool: str, mock: Mock, rate: float, duration: float, tok: Path, work
     res["tpot_err_p99_ms"] = pct(tpot_err, 0.99)
     # The client's own share of the TTFT error: match each request to its arrival at the server (the first
     # arrival at or just after its send) and take out how late the server wrote that request's first chunk.
-    import bisect
-
     arr = [a for a, _ in log]
     client_err = []
     for r in ok:

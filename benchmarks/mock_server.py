@@ -184,7 +184,8 @@ class Http(asyncio.Protocol):
 
     @staticmethod
     def _dechunk(data: bytes) -> tuple[bytes | None, int]:
-        out, pos = [], 0
+        out: list[bytes] = []
+        pos = 0
         while True:
             eol = data.find(b"\r\n", pos)
             if eol < 0:
@@ -202,6 +203,7 @@ class Http(asyncio.Protocol):
     def handle(self, method: str, path: str, body: bytes, arrival: float) -> None:
         st = self.state
         tr = self.transport
+        assert tr is not None  # a request arrives on a made connection
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             req = json.loads(body)
             mock = req.get("mock") or {}
@@ -219,6 +221,7 @@ class Http(asyncio.Protocol):
             st.log.append(entry)  # type: ignore[arg-type]
             tr.write(HEAD_SSE)
             timers = st.timers
+            assert timers is not None  # the server's loop made them before accepting
 
             def emit(j: int) -> None:
                 if self.closed:

@@ -22,15 +22,22 @@ import itertools
 import json
 import math
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+
+from servetune.optimizer.engines.sim.estimate import simulate_offline
+from servetune.optimizer.fidelity import Calibration
 
 SPACE: dict[str, list] = {
     "tensor_parallel": [1, 2, 4],
@@ -49,9 +56,7 @@ def _key(p: dict) -> str:
     return json.dumps([p[n] for n in NAMES])
 
 
-def _evaluate(args: tuple[dict, int]) -> tuple[str, dict | None]:
-    from servetune.optimizer.engines.sim.estimate import simulate_offline
-
+def _evaluate(args: tuple[dict, int]) -> tuple[str, dict]:
     params, n = args
     try:
         r = simulate_offline("llama-3.1-8b", "h100", params, n_requests=n, input_tokens=INPUT, output_tokens=OUTPUT)
@@ -88,7 +93,9 @@ def hypervolume(points: list[tuple[float, float]], sla: float) -> float:
 
 
 def _feasible(v: dict | None, sla: float) -> bool:
-    return bool(v) and "error" not in v and v["tpot_p99_ms"] <= sla
+    if not v:
+        return False
+    return "error" not in v and v["tpot_p99_ms"] <= sla
 
 
 def trials_to_target(sequence: list[dict], table: dict, sla: float, target: float) -> int | None:
@@ -104,6 +111,7 @@ def trials_to_target(sequence: list[dict], table: dict, sla: float, target: floa
 
 def run_sampler(kind: str, seed: int, table: dict, sla: float, budget: int, target: float) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler: optuna.samplers.BaseSampler
     if kind == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
     elif kind == "nsga2":
@@ -111,7 +119,7 @@ def run_sampler(kind: str, seed: int, table: dict, sla: float, budget: int, targ
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    dists = {n: optuna.distributions.CategoricalDistribution(v) for n, v in SPACE.items()}
+    dists: dict[str, BaseDistribution] = {n: CategoricalDistribution(v) for n, v in SPACE.items()}
     seq: list[dict] = []
     seen: dict[str, dict | None] = {}
     worst = (0.0, 10 * sla)
@@ -146,10 +154,6 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
     """TPE + the driver's pre-screen design: K candidates from a shadow study scored by a *wrong* estimator
     (x1.4 throughput, x0.8 TPOT, and a fixed per-config lognormal error of ``model_error``), calibrated on
     the launched trials (``optimizer.fidelity.Calibration``); only the best-scored candidate is launched."""
-    import random
-
-    from servetune.optimizer.fidelity import Calibration
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(1000 + seed)
     err = {key: (math.exp(rng.gauss(0, model_error)), math.exp(rng.gauss(0, model_error))) for key in table}
@@ -161,7 +165,7 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
         a, b = err[key]
         return {"output_tokens_per_s": v["tps_gpu"] * 1.4 * a, "tpot_p99_ms": v["tpot_p99_ms"] * 0.8 * b}
 
-    dists = {n: optuna.distributions.CategoricalDistribution(v) for n, v in SPACE.items()}
+    dists: dict[str, BaseDistribution] = {n: CategoricalDistribution(v) for n, v in SPACE.items()}
     real = optuna.create_study(directions=["maximize", "minimize"],
                                sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10))
     seq: list[dict] = []
@@ -217,6 +221,7 @@ def run_prescreen(seed: int, table: dict, sla: float, budget: int, target: float
         seq.append(p)
         if ok:
             e = estimate(key)
+            assert e is not None  # a config the engine ran has an estimate
             pairs.append((e, {"output_tokens_per_s": v["tps_gpu"], "tpot_p99_ms": v["tpot_p99_ms"]}))
             if v["tpot_p99_ms"] <= sla:
                 pts.append((v["tps_gpu"], v["tpot_p99_ms"]))
@@ -235,9 +240,6 @@ def grid_sequence() -> list[dict]:
 def measure_duty(tmp: Path) -> dict[str, float]:
     """Duty cycle (loaded_s / wall_s over trial.json) of a real sim study: one launch per config with a
     3-level qps sweep, against the same 3 levels as separate launches (one restart per level)."""
-    import subprocess
-    import textwrap
-
     levels = [2, 4, 8]
 
     def study(name: str, qps, trials: int) -> Path:
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntrials (distinct configs launched) to reach 95% of the exhaustive hypervolume; "
           f"{a.seeds} seeds, budget {a.budget}")
     print(f"{'strategy':32s} {'median':>8s} {'per seed':>30s} {'vs grid':>8s}")
-    out = {"space_size": len(table), "hv_opt": hv_opt, "grid": grid_n, "rows": {}}
+    out: dict[str, Any] = {"space_size": len(table), "hv_opt": hv_opt, "grid": grid_n, "rows": {}}
     for name, vals in rows.items():
         reached = [v for v in vals if v is not None]
         med = statistics.median(v if v is not None else math.inf for v in vals)
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as d:
             duty = measure_duty(Path(d))
         out["duty"] = duty
-        print(f"\nGPU duty cycle (loaded_s / wall_s, real sim studies, 2 configs x qps 2,4,8):")
+        print("\nGPU duty cycle (loaded_s / wall_s, real sim studies, 2 configs x qps 2,4,8):")
         print(f"  per-launch sweep     {duty['sweep_duty']:.0%}  ({duty['sweep_loaded_s']:.1f} s loaded of "
               f"{duty['sweep_wall_s']:.1f} s)")
         print(f"  restart per level    {duty['restart_duty']:.0%}  ({duty['restart_loaded_s']:.1f} s loaded of "

@@ -189,7 +189,8 @@ def main() -> int:
     socks = listening_sockets()
     candidates = sorted(engine_ports & (set(socks) - ports_before))
     owners = socket_owners({i for port in candidates for i in socks[port]})
-    still_listening, reused_by_others = [], []
+    still_listening: list[str] = []
+    reused_by_others: list[str] = []
     for port in candidates:
         held = [o for i in socks[port] for o in owners.get(i, ["(owner unknown)"])]
         mine = [o for o in held if o == "(owner unknown)" or int(o.split()[0]) in leftover]

@@ -264,7 +264,9 @@ class Auditor:
     def judged(self, audit: dict[str, Any]) -> dict[str, Any]:
         events = audit.pop("_events", [])
         if audit["server"] is None:
-            reasons, notes, effects = [], ["the server's /metrics could not be read: nothing audited"], []
+            reasons: list[str] = []
+            effects: list[str] = []
+            notes = ["the server's /metrics could not be read: nothing audited"]
         else:
             reasons, notes, effects = judge(audit["client"], audit["server"], events,
                                             max_prefix_hit_fraction=self.max_prefix_hit_fraction,
@@ -289,13 +291,14 @@ class Auditor:
         first_of_launch = self.levels_measured == 0
         self.levels_measured += 1
         first = self.run_level(run)
-        if first.audit["passed"]:
+        first_audit = _audit_of(first)
+        if first_audit["passed"]:
             if first_of_launch and self.recheck_first and self.rerun and not first.valid:
                 return self._recheck_first(run, settings, first)
             return first
-        if first.audit["effects"] and set(first.audit["effects"]) == {FLATTERS} and _own_reasons(first):
+        if first_audit["effects"] and set(first_audit["effects"]) == {FLATTERS} and _own_reasons(first):
             # it failed on its own even with replayed prompts flattering it: a clean run can only fail too
-            first.audit["verdict_stands"] = True
+            first_audit["verdict_stands"] = True
             first.notes.append(f"{AUDIT}not re-run: the level is invalid on its own even with the replayed "
                                "prompts in its favour")
             return first
@@ -303,14 +306,15 @@ class Auditor:
             return contaminate(first)
         warm = self.rewarm(settings) if self.rewarm is not None else None
         second = self.run_level(run)
-        second.audit["rerun_of"] = {"valid": first.valid, "invalid_reasons": list(first.invalid_reasons),
+        second_audit = _audit_of(second)
+        second_audit["rerun_of"] = {"valid": first.valid, "invalid_reasons": list(first.invalid_reasons),
                                     "summary": {k: first.summary.get(k) for k in _KEPT if k in first.summary},
-                                    "audit": first.audit}
-        second.audit["rewarm"] = warm
+                                    "audit": first_audit}
+        second_audit["rewarm"] = warm
         second.summary["audit_reruns"] = 1.0
         second.notes.append(f"{AUDIT}re-ran once after more warm-up; the first run was contaminated "
-                            f"({'; '.join(first.audit['reasons'])})")
-        return second if second.audit["passed"] else contaminate(second)
+                            f"({'; '.join(first_audit['reasons'])})")
+        return second if second_audit["passed"] else contaminate(second)
 
 
     def _recheck_first(self, run: Callable[[], ScenarioResult], settings: Any,
@@ -323,15 +327,16 @@ class Auditor:
         A failing first level is therefore no verdict until a second run agrees; the second run decides."""
         warm = self.rewarm(settings) if self.rewarm is not None else None
         second = self.run_level(run)
-        second.audit["rerun_of"] = {"valid": first.valid, "invalid_reasons": list(first.invalid_reasons),
+        second_audit = _audit_of(second)
+        second_audit["rerun_of"] = {"valid": first.valid, "invalid_reasons": list(first.invalid_reasons),
                                     "summary": {k: first.summary.get(k) for k in _KEPT if k in first.summary},
                                     "audit": first.audit, "why": "first level of the launch"}
-        second.audit["rewarm"] = warm
+        second_audit["rewarm"] = warm
         second.summary["first_level_rechecked"] = 1.0
         agreed = "it failed again" if not second.valid else "it passed this time"
         second.notes.append(f"{AUDIT}the launch's first level failed with a clean audit "
                             f"({'; '.join(first.invalid_reasons)}) and was measured once more: {agreed}")
-        return second if second.audit["passed"] else contaminate(second)
+        return second if second_audit["passed"] else contaminate(second)
 
 
 _KEPT = ("requests_ok", "requests_issued", "output_tokens_per_s", "ttft_p99_ms", "tpot_p99_ms", "error_rate")
@@ -359,9 +364,15 @@ def attach(result: ScenarioResult, audit: dict[str, Any]) -> ScenarioResult:
     return result
 
 
+def _audit_of(result: ScenarioResult) -> dict[str, Any]:
+    """The audit ``run_level`` attached to ``result``."""
+    assert result.audit is not None, "an audited run always carries its audit"
+    return result.audit
+
+
 def contaminate(result: ScenarioResult) -> ScenarioResult:
     """Mark a level whose audit still fails as contaminated: what it measured is not the configuration's."""
-    result.audit["contaminated"] = True
+    _audit_of(result)["contaminated"] = True
     result.summary["audit_contaminated"] = 1.0
     return result
 

@@ -62,7 +62,7 @@ def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]
     I/O rate), else asyncio's. ``SERVETUNE_EVENT_LOOP=asyncio`` forces the standard one."""
     if os.environ.get("SERVETUNE_EVENT_LOOP", "").lower() != "asyncio" and hasattr(asyncio, "Runner"):
         try:
-            import uvloop
+            import uvloop  # noqa: PLC0415 — optional (the fast extra)
 
             return uvloop.new_event_loop, "uvloop"
         except ImportError:

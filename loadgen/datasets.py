@@ -308,20 +308,22 @@ def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request
 
 # What each task asks, and how much of the source its answer is expected to hold (the output budget, in
 # words of the source: ~1.3 tokens each, so the answer ends while it is still reusing the input).
-TEXT_TASKS = {
+# task -> (passage kind or None for free writing, the ask, the answer's lead-in, output budget as a share of
+# the passage's words)
+TEXT_TASKS: dict[str, tuple[str | None, str | None, str, float]] = {
     "rewrite": ("prose", "Rewrite the following passage in plain modern English, keeping every sentence and "
                          "its order.", "Rewritten passage:\n```\n", 1.0),
     "summarize": ("prose", "Summarize the following passage in a few sentences, quoting its key phrases.",
                   "Summary:\n", 0.5),
     "code_edit": ("code", None, "Edited code:\n```python\n", 1.0),
-    "freeform": (None, None, "", None),
+    "freeform": (None, None, "", 0.0),  # no passage: the budget is output_tokens
 }
 COPY_TASKS = ("rewrite", "summarize", "code_edit")
 
 
 def text_corpus() -> dict[str, Any]:
     """The shipped passages (prose and code, each with its source and licence) and free-writing topics."""
-    text = resources.files("servetune.loadgen").joinpath("data", "text_tasks.json").read_text(encoding="utf-8")
+    text = (resources.files("servetune.loadgen") / "data" / "text_tasks.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

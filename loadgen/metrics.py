@@ -129,6 +129,11 @@ def _peak_overlap(spans: Sequence[tuple[float, float]]) -> int:
     return peak
 
 
+def _over(value_ms: float | None, limit_ms: float) -> bool:
+    """Over the limit, or not measured (no first token)."""
+    return value_ms is None or value_ms > limit_ms
+
+
 def meets_limits(r: RequestRecord, ttft_limit_ms: float | None, tpot_limit_ms: float | None) -> bool:
     """A good request (goodput): succeeded and met every given limit. One-token outputs have TPOT 0."""
     if not r.ok:
@@ -265,8 +270,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_limit_ms
         out["good_request_fraction"] = good / len(measured) if measured else NAN
     # Over-limit counts feed MLPerf early stopping. A failed request never met its deadline, so it counts.
     if ttft_limit_ms is not None:
-        out["ttft_over_limit_count"] = len(failed) + sum(
-            1 for r in ok if (ttft_ms(r) is None or ttft_ms(r) > ttft_limit_ms))
+        out["ttft_over_limit_count"] = len(failed) + sum(1 for r in ok if _over(ttft_ms(r), ttft_limit_ms))
     if tpot_limit_ms is not None:
         out["tpot_over_limit_count"] = len(failed) + sum(1 for r in ok if (tpot_ms(r) or 0.0) > tpot_limit_ms)
     return out

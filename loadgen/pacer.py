@@ -59,6 +59,7 @@ class Pacer:
                 self.kind = "timerfd"
 
     def _arm(self, t: float) -> None:
+        assert _libc is not None  # only armed in timerfd mode, which needs libc
         sec = int(t)
         spec = _Itimerspec(_Timespec(0, 0), _Timespec(sec, int((t - sec) * 1e9)))
         if _libc.timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:

@@ -182,7 +182,7 @@ class _Issuer:
             await send(self.session, self.endpoint, req, rec, clock, payload, self.headers)
 
 
-async def _bounded(issue: Callable[[set[asyncio.Task]], Awaitable[None]], deadline: float) -> bool:
+async def _bounded(issue: Callable[[set[asyncio.Task]], Coroutine[Any, Any, None]], deadline: float) -> bool:
     """Run an issue loop and the requests it spawns until all finish or ``deadline``; True if it expired.
 
     Whatever is still running at the deadline (or when the caller is cancelled) is cancelled and awaited,
@@ -275,6 +275,7 @@ async def execute(endpoint: Endpoint, requests: Mapping[int, Request] | Sequence
         pacer = Pacer()
 
         async def scheduled(tasks: set[asyncio.Task]) -> None:
+            assert job.items is not None  # run only for a job with a schedule
             for index, sample, at in job.items:
                 req, payload = body(index, sample)
                 if clock() < at:
@@ -284,6 +285,7 @@ async def execute(endpoint: Endpoint, requests: Mapping[int, Request] | Sequence
                 _spawn(tasks, issuer(req, rec, clock, payload))
 
         async def sender() -> None:
+            assert positions is not None and order is not None  # a closed loop: positions and order were made
             while True:
                 p = positions.take(clock())
                 if p is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 ROUNDS = 10  # trim / top-up rounds for a text that does not encode back exactly (vLLM: 10)
@@ -44,10 +45,6 @@ class PromptTokenizer:
     """A ``tokenizer.json`` loaded with the ``tokenizers`` package (what ``transformers`` uses underneath)."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:  # pragma: no cover - a runtime dependency; a broken install says so
-            raise ValueError("prompts of exact length need the 'tokenizers' package (pip install tokenizers)") from None
         file = find_tokenizer(path)
         if file is None:
             raise ValueError(f"no {TOKENIZER_FILE} at {path}: give a model directory that holds one, or the file")
@@ -104,7 +101,8 @@ class PromptTokenizer:
         """``ids`` as the server holds them after tokenizing their text: with its special tokens."""
         return [*self.leading, *ids, *self.trailing]
 
-    def prompts(self, rows: Sequence[Sequence[int]], rng: np.random.Generator) -> tuple[list[str], list[list[int]]]:
+    def prompts(self, rows: Sequence[Sequence[int] | np.ndarray],
+                rng: np.random.Generator) -> tuple[list[str], list[list[int]]]:
         """Per row of ids: a text, and the ids that text encodes to (the row itself unless it had to be
         trimmed or topped up; after :data:`ROUNDS` rounds a text keeps the length it has)."""
         want = [len(r) for r in rows]

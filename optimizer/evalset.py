@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,14 +45,15 @@ def _text(source: str, base_dir: str | None) -> tuple[str, str]:
     if source in BUILTIN:
         name = BUILTIN[source]
         return f"{source} (search_spaces/eval/{name})", \
-            resources.files("servetune.search_spaces").joinpath("eval", name).read_text(encoding="utf-8")
+            (resources.files("servetune.search_spaces") / "eval" / name).read_text(encoding="utf-8")
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir:
         path = Path(base_dir) / path
     try:
         return source, path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EvalSetError(f"{source}:1: no such file" + (f" (looked in {path})" if str(path) != source else "")) from None
+        looked = f" (looked in {path})" if str(path) != source else ""
+        raise EvalSetError(f"{source}:1: no such file{looked}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise EvalSetError(f"{source}:1: cannot read it: {e}") from None
 
@@ -104,8 +106,6 @@ def fingerprint(items: list[EvalItem], settings: dict[str, Any]) -> str:
 
 def normalize(text: str) -> str:
     """Lower case, punctuation and the articles a/an/the removed, whitespace collapsed (SQuAD-style)."""
-    import string
-
     t = "".join(" " if c in string.punctuation else c for c in text.lower())
     return " ".join(w for w in t.split() if w not in ("a", "an", "the"))
 

@@ -11,6 +11,8 @@ import math
 import statistics
 from typing import Any, Sequence
 
+from scipy.stats import t
+
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -20,8 +22,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]
     mean = statistics.fmean(vals)
     if n == 1:
         return {"n": 1, "mean": mean, "ci": None, "values": vals}
-    from scipy.stats import t
-
     sd = statistics.stdev(vals)
     half = float(t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
     return {"n": n, "mean": mean, "ci": half, "values": vals}

@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from servetune.optimizer.records import write_json_atomic
+
 LOOPBACK = "127.0.0.1"
 RECORD = "ray.json"
 TOKEN_VAR = "SERVETUNE_RAY_TOKEN"  # in the environment of every process of the Ray instance a study started
@@ -74,8 +78,6 @@ class LocalRay:
     pids: list[list[int]] = field(default_factory=list)  # [pid, start time in clock ticks]
 
     def stop(self) -> None:
-        import ray
-
         if ray.is_initialized():
             ray.shutdown()
         # agents notice their raylet's end on their own, up to a minute later: end them now
@@ -88,8 +90,6 @@ class LocalRay:
         return _processes_of({"token": self.token, "session_dir": self.session_dir, "pids": self.pids})
 
     def _write(self) -> None:
-        from servetune.optimizer.records import write_json_atomic
-
         if self.record is not None:
             write_json_atomic(self.record, {"driver_pid": os.getpid(), "token": self.token,
                                             "temp_dir": str(self.temp_dir), "session_dir": self.session_dir,
@@ -99,8 +99,6 @@ class LocalRay:
 def start(run_dir: str | os.PathLike | None = None, **ray_kwargs: Any) -> LocalRay:
     """Start a local Ray instance for the study in ``run_dir`` (None: no record, nothing to clean up after a
     crash), after ending what a killed driver left there."""
-    import ray
-
     if run_dir is not None:
         reap_leftovers(run_dir)
     temp_dir = pick_temp_dir()
@@ -148,7 +146,7 @@ def _loopback_only():
     own setting is restored after, so that a later ``ray.init(address=...)`` in this process may still join a
     cluster. Ray is imported by then: its constant was read from the environment at import."""
     try:
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # noqa: PLC0415 — private; another Ray layout lacks it (below)
         before = ray_constants.ENABLE_RAY_CLUSTER
     except (ImportError, AttributeError):  # another Ray layout: the environment alone; start() warns if not loopback
         ray_constants, before = None, None

@@ -6,6 +6,7 @@ checked on the open descriptor, so a name swapped between the check and the read
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -59,8 +60,6 @@ def read_bytes(path: str | os.PathLike, max_bytes: int, what: str = "file") -> b
 def read_json(path: str | os.PathLike, max_bytes: int, what: str = "JSON file"):
     """A JSON document from a bounded regular file; ValueError (NotReadable, or a parse error that says where)
     for anything that is not one, including nesting too deep for the parser."""
-    import json
-
     data = read_bytes(path, max_bytes, what)
     try:
         return json.loads(data.decode("utf-8"))

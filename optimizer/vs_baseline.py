@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 
 def _value(rec: dict[str, Any], scenario: str, metric: str) -> float | None:
     v = (rec.get("scenarios", {}).get(scenario, {}).get("summary") or {}).get(metric)
+    if v is None:
+        return None
     try:
         x = float(v)
     except (TypeError, ValueError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from servetune.reports.importance import Importances
 from servetune.reports.model import PARAM, Run, Scenario
@@ -255,8 +256,6 @@ def _plain(fig: go.Figure) -> dict:
 
 def template() -> dict:
     """The plotly_white template, once for the whole page."""
-    import plotly.io as pio
-
     return _no_nan(pio.templates["plotly_white"].to_plotly_json())
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from servetune.reports.compare import write_compare
+from servetune.reports.html import write_report
+
 USAGE = ("usage: servetune report RUN_DIR [-o OUT.html]\n"
          "       servetune report serve [DIR] [--host HOST] [--port PORT]\n"
          "       servetune report compare RUN_A RUN_B [-o OUT.html]")
@@ -19,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN_DIR | serve | compare", help="a run directory, or serve / compare")
     p.add_argument("more", nargs="*", metavar="DIR", help="serve: the folder of studies (default .); "
                                                           "compare: the two run directories")
-    p.add_argument("-o", "--output", help="where to write the HTML (RUN_DIR/report.html; compare: compare-A-vs-B.html beside the runs)")
+    p.add_argument("-o", "--output", help="where to write the HTML (RUN_DIR/report.html; compare: "
+                                          "compare-A-vs-B.html beside the runs)")
     p.add_argument("--host", default="127.0.0.1", help="serve: address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8050, help="serve: port (default 8050)")
 
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace, out, err) -> int:
         if not root.is_dir():
             err(f"error: {root} is not a folder")
             return 2
-        from servetune.reports.serve import serve
+        # aiohttp (through serve) would add ~0.2 s to every CLI command, which all load this module
+        from servetune.reports.serve import serve  # noqa: PLC0415 — start-up, measured
 
         try:
             serve(root, host=args.host, port=args.port, print_fn=out)
@@ -58,8 +63,6 @@ def run(args: argparse.Namespace, out, err) -> int:
             if msg:
                 err(msg)
                 return 2
-        from servetune.reports.compare import write_compare
-
         path = write_compare(more[0], more[1], Path(args.output) if args.output else None)
         out(f"comparison: {path}")
         return 0
@@ -70,8 +73,6 @@ def run(args: argparse.Namespace, out, err) -> int:
     if msg:
         err(msg)
         return 2
-    from servetune.reports.html import write_report
-
     path = write_report(Path(target), Path(args.output) if args.output else None)
     out(f"report: {path}")
     return 0

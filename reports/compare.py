@@ -8,6 +8,7 @@ ratio, and the best configurations' parameters next to each other.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from servetune.reports.charts import _esc, _log_ticks, _plain, _wants_log, chart_specs, hover_text, template
-from servetune.reports.html import headlines, jinja_env, plotly_js
+from servetune.reports.html import headlines, jinja_env, plotly_js, write_text_atomic
 from servetune.reports.model import PARAM, Run, Scenario, load_run
 from servetune.reports.pareto import front
 from servetune.reports.units import axis_title, fmt_metric, fmt_param, metric_label
@@ -155,7 +156,7 @@ def best_table(sides: list[Side], pairs: list[tuple[Scenario, Scenario]]) -> lis
     rows = []
     for sa, sb in pairs:
         for metric, direction in BEST_METRICS:
-            cells = []
+            cells: list[tuple[float | None, int | None]] = []  # (best value, its trial number) per side
             for side, sc in zip(sides, (sa, sb)):
                 col = f"{sc.name}.{metric}"
                 if col not in side.run.trials:
@@ -234,16 +235,12 @@ def render_compare(run_a: Run, run_b: Run, *, mode: str = "static", links: tuple
 def write_compare(run_a: str | Path, run_b: str | Path, out_path: str | Path | None = None) -> Path:
     """Render the comparison of two run directories to ``out_path`` (default: next to the runs, in their
     common parent directory, as ``compare-A-vs-B.html``)."""
-    import os
-
     a, b = load_run(run_a), load_run(run_b)
     if out_path is None:
         pa, pb = Path(run_a).resolve(), Path(run_b).resolve()
         out = Path(os.path.commonpath([pa.parent, pb.parent])) / f"compare-{pa.name}-vs-{pb.name}.html"
     else:
         out = Path(out_path)
-    from servetune.reports.html import write_text_atomic
-
     write_text_atomic(out, render_compare(a, b))
     return out
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from servetune.optimizer.quality import load_eval
 from servetune.reports.charts import _esc, _no_nan
-from servetune.reports.model import DELTA, PARAM, Run
+from servetune.reports.model import DELTA, PARAM, Run, dict_at
 from servetune.reports.roofline import EXPLANATION, estimate
 from servetune.reports.units import fmt_metric, fmt_number, fmt_param, metric_label
 
@@ -223,8 +224,8 @@ def load_curve_figure(run: Run, row: pd.Series) -> dict | None:
             levels.append(sc)
     if len(levels) < 2:
         return None
-    levels.sort(key=lambda s: s.qps)
-    qps = [float(s.qps) for s in levels]
+    levels.sort(key=lambda s: s.qps or 0.0)
+    qps = [float(s.qps or 0.0) for s in levels]  # every level here has a qps
     names = [_esc(s.name) for s in levels]
 
     def col(metric):
@@ -241,7 +242,8 @@ def load_curve_figure(run: Run, row: pd.Series) -> dict | None:
     for sfx in ("", "2"):
         layout[f"xaxis{sfx}"]["title"] = {"text": "offered load (queries/s)"}
     layout["yaxis"]["rangemode"] = "tozero"
-    layout.update(height=290, margin={"l": 55, "r": 15, "t": 36, "b": 50}, legend={"orientation": "h", "y": -0.3, "x": 0})
+    layout.update(height=290, margin={"l": 55, "r": 15, "t": 36, "b": 50},
+                  legend={"orientation": "h", "y": -0.3, "x": 0})
     return _no_nan({"data": data, "layout": layout})
 
 
@@ -267,8 +269,8 @@ def _tokens(server: dict[str, Any], client: dict[str, Any], key: str) -> str:
 
 
 def _audit_row(label: str, a: dict[str, Any], status: str) -> list[str]:
-    server = a.get("server") if isinstance(a.get("server"), dict) else {}
-    client = a.get("client") if isinstance(a.get("client"), dict) else {}
+    server = dict_at(a, "server")
+    client = dict_at(a, "client")
     hits, prompt = server.get("prefix_cache_hits"), server.get("prompt_tokens")
     hit_text = f"{hits / prompt:.1%}" if _present(hits) and prompt else "—"
     peak = server.get("kv_cache_usage_peak")
@@ -289,13 +291,13 @@ def audit_table(raw_sc: Any) -> dict[str, Any] | None:
     included, for the drill-down; None when the trial recorded none."""
     if not isinstance(raw_sc, dict):
         return None
-    levels = raw_sc.get("levels") if isinstance(raw_sc.get("levels"), list) else [raw_sc]
+    levels: list[Any] = raw_sc["levels"] if isinstance(raw_sc.get("levels"), list) else [raw_sc]
     rows, flags = [], []
     for lvl in levels:
         a = lvl.get("audit") if isinstance(lvl, dict) else None
         if not isinstance(a, dict):
             continue
-        settings = lvl.get("settings") if isinstance(lvl.get("settings"), dict) else {}
+        settings = dict_at(lvl, "settings")
         rate = lvl.get("qps", lvl.get("concurrency", settings.get("qps") or settings.get("concurrency")))
         label = (f"{fmt_number(rate)} q/s" if "concurrency" not in lvl and settings.get("kind") != "concurrency"
                  else f"concurrency {fmt_number(rate)}") if _present(rate) else str(settings.get("kind") or "run")
@@ -366,7 +368,8 @@ QUALITY_EXAMPLES = 5  # continuations that differ from the baseline's, shown sid
 
 def _measured_dir(run: Run, number: Any) -> str | None:
     """The trial directory holding the measurement (and eval.json) of trial ``number``."""
-    rows = run.trials[run.trials["number"].eq(number)] if isinstance(number, (int, np.integer)) else run.trials.iloc[0:0]
+    rows = (run.trials[run.trials["number"].eq(number)] if isinstance(number, (int, np.integer))
+            else run.trials.iloc[0:0])
     if rows.empty:
         return None
     r = rows.iloc[0]
@@ -377,8 +380,6 @@ def _measured_dir(run: Run, number: Any) -> str | None:
 
 def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, Any] | None:
     """The trial's quality (or drift) verdict, its figures, and a few continuations that differ."""
-    from servetune.optimizer.quality import load_eval
-
     q = raw.get("quality") if isinstance(raw.get("quality"), dict) else None
     if not q or not q.get("kind"):
         return None
@@ -411,7 +412,8 @@ def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, A
         by_id = {a["id"]: a for a in mine["items"]}
         for a in ref["items"]:
             b = by_id.get(a.get("id"))
-            if a.get("kind") != "compare" or not b or "tokens" not in a or "tokens" not in b or a["tokens"] == b["tokens"]:
+            if (a.get("kind") != "compare" or not b or "tokens" not in a or "tokens" not in b
+                    or a["tokens"] == b["tokens"]):
                 continue
             at = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
                       min(len(a["tokens"]), len(b["tokens"])))
@@ -438,12 +440,14 @@ def speculation(raw: dict[str, Any]) -> dict[str, Any]:
     per-position acceptance rates. Empty when the trial drafted nothing."""
     rows: list[dict[str, Any]] = []
     positions = 0
-    scenarios = raw.get("scenarios") if isinstance(raw.get("scenarios"), dict) else {}
+    scenarios = dict_at(raw, "scenarios")
     for name, sc in scenarios.items():
         if not isinstance(sc, dict):
             continue
-        levels = [lv for lv in sc.get("levels") or [] if isinstance(lv, dict) and isinstance(lv.get("metrics_delta"), dict)]
-        units = [(_level_name(lv), lv.get("output_tokens_per_s") or (lv.get("summary") or {}).get("output_tokens_per_s"),
+        levels = [lv for lv in sc.get("levels") or []
+                  if isinstance(lv, dict) and isinstance(lv.get("metrics_delta"), dict)]
+        units = [(_level_name(lv),
+                  lv.get("output_tokens_per_s") or (lv.get("summary") or {}).get("output_tokens_per_s"),
                   lv["metrics_delta"]) for lv in levels]
         if not units and isinstance(sc.get("metrics_delta"), dict):
             units = [("all", (sc.get("summary") or {}).get("output_tokens_per_s"), sc["metrics_delta"])]

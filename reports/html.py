@@ -283,7 +283,8 @@ def objective_front(run: Run) -> tuple[set[int], str]:
 # -- the trial table ----------------------------------------------------------------------------------------
 
 QUALITY_COLUMNS = [
-    ("quality.exact_match", "exact match", "share of evaluation prompts whose greedy continuation equals the baseline's"),
+    ("quality.exact_match", "exact match",
+     "share of evaluation prompts whose greedy continuation equals the baseline's"),
     ("quality.first_divergence_mean", "1st divergence",
      "mean position of the first generated token that differs from the baseline's (tokens)"),
     ("quality.kl_mean", "mean KL", "per-token KL(baseline ‖ trial) over the top-K logprobs, nats, up to the first "
@@ -306,8 +307,9 @@ def quality_summary(run: Run) -> dict[str, Any] | None:
     text = (M("{} limits missed <b>{}</b> of {}").format(kind, failed, len(judged)) if len(judged)
             else M("{} measured on <b>{}</b> trial{} (no limits)").format(kind, checked, "s" if checked != 1 else ""))
     return {"kind": kind, "judged": int(len(judged)), "failed": failed, "text": text,
-            "tip": ("numerical drift against the baseline (the checkpoint's own precision) on random weights, not a measure of answer quality"
-                    if kind == "drift" else "greedy answers compared with the baseline's (docs/quality.md)")}
+            "tip": ("numerical drift against the baseline (the checkpoint's own precision) on random weights, "
+                    "not a measure of answer quality" if kind == "drift"
+                    else "greedy answers compared with the baseline's (docs/quality.md)")}
 
 
 def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], list[TableRow]]:
@@ -353,9 +355,9 @@ def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], l
             notes.append(f"{kind}: {reason}")
         # "run not valid" stays out of the row: it is often every trial of a short study, for one reason
         # (listed once under Failures), and the SLA cell already carries its ⚠.
-        for m in _scenario_problems(r, run):
-            if m["kind"] == "SLA missed":
-                notes.append(f"{m['scenario']}: {m['kind']}: {m['reasons']}")
+        for problem in _scenario_problems(r, run):
+            if problem["kind"] == "SLA missed":
+                notes.append(f"{problem['scenario']}: {problem['kind']}: {problem['reasons']}")
         if r.get("quality.passed") is False:
             notes.append(f"{r.get('quality.kind')} limits missed: {r.get('quality.reason') or 'no reason recorded'}")
         row.note = "; ".join(notes)
@@ -471,5 +473,5 @@ def invalid_measurements(run: Run) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: (d["kind"] == "run not valid", d["numbers"][0]))
 
 
-__all__ = ["write_report", "render_report", "jinja_env", "asset", "plotly_js", "headlines", "scenario_verdict", "objective_front", "trial_table", "failures",
-           "invalid_measurements"]
+__all__ = ["write_report", "render_report", "jinja_env", "asset", "plotly_js", "headlines", "scenario_verdict",
+           "objective_front", "trial_table", "failures", "invalid_measurements"]

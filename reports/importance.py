@@ -4,6 +4,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial
 
 from servetune.reports.model import Run
 from servetune.reports.units import metric_label
@@ -31,10 +37,6 @@ def param_importances(run: Run) -> Importances:
     if run.study_db is None:
         return Importances(note="no study.db beside the trials (remote or missing storage): importance not computed")
 
-    import optuna
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
-    from optuna.study import StudyDirection
-
     verbosity = optuna.logging.get_verbosity()  # the report may be drawn inside a running optimizer
     storage = None
     try:
@@ -60,7 +62,7 @@ def param_importances(run: Run) -> Importances:
             for i, (label, d) in enumerate(zip(_labels(run, len(study.directions)), study.directions, strict=True)):
                 sign = -1.0 if d == StudyDirection.MAXIMIZE else 1.0  # PED-ANOVA treats low targets as good
                 imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(target_quantile=quantile),
-                                            target=lambda t, i=i, sign=sign: sign * t.values[i])
+                                            target=_signed(i, sign))
                 out[label] = {k: float(v) for k, v in imp.items()}
     except Exception as e:  # a storage of another version, a study still empty, a search space that changed
         log.warning("parameter importance failed: %s", e)
@@ -71,6 +73,11 @@ def param_importances(run: Run) -> Importances:
             storage.engine.dispose()  # a long-lived report server must not pile up open SQLite handles
     return Importances(by_objective=out, note=f"PED-ANOVA over {n_done} complete trials in study.db "
                                               f"(top {quantile:.0%} of each objective against all)")
+
+
+def _signed(i: int, sign: float) -> Callable[[FrozenTrial], float]:
+    """Objective ``i`` of a trial, times ``sign``."""
+    return lambda t: sign * t.values[i]
 
 
 def _labels(run: Run, n_obj: int) -> list[str]:

@@ -42,6 +42,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from servetune.loadgen.sla import SLA_PRESETS, sla_limits
+from servetune.optimizer import study_yaml
+from servetune.optimizer.records import study_running
+
 log = logging.getLogger(__name__)
 
 PARAM = "param."
@@ -51,6 +55,19 @@ QUALITY_FIGURES = ("exact_match", "first_divergence_mean", "kl_mean", "kl_max", 
 # "interrupted": a trial that was running when its driver stopped (Ctrl-C, a crash); a resumed run queued its
 # configuration again as a new trial. Shown as such, not as failed or as running while nothing runs.
 STATES = ("complete", "failed", "rejected", "running", "interrupted")
+_VERDICT: dict[Any, str] = {True: "passed", False: "failed"}
+
+
+def dict_at(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` when it is a mapping, else {}: trial.json and study.yaml are read as found."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def list_at(data: dict[str, Any], key: str) -> list[Any]:
+    """``data[key]`` when it is a list, else []."""
+    value = data.get(key)
+    return value if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)
@@ -115,13 +132,13 @@ class Run:
 
     @property
     def gpu(self) -> str:
-        hw = self.spec.get("hardware") if isinstance(self.spec.get("hardware"), dict) else {}
+        hw = dict_at(self.spec, "hardware")
         kind = str(hw.get("gpu") or "GPU").upper()
         return f"{hw['gpus']} × {kind}" if hw.get("gpus") else kind
 
     @property
     def gpu_count(self) -> int | None:
-        hw = self.spec.get("hardware") if isinstance(self.spec.get("hardware"), dict) else {}
+        hw = dict_at(self.spec, "hardware")
         return int(hw["gpus"]) if isinstance(hw.get("gpus"), (int, float)) else None
 
     @property
@@ -211,8 +228,6 @@ def load_run(run_dir: str | Path) -> Run:
     warnings: list[str] = []
     spec = _read_spec(run_dir / "study.yaml", warnings)
 
-    from servetune.optimizer.records import study_running
-
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     skipped = 0
@@ -267,8 +282,6 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _read_spec(path: Path, warnings: list[str]) -> dict[str, Any]:
-    from servetune.optimizer import study_yaml
-
     if not path.exists():
         warnings.append("study.yaml: missing; names and SLA limits come from the trials alone")
         return {}
@@ -351,10 +364,10 @@ def _flatten(data: dict[str, Any], d: Path) -> dict[str, Any]:
         row[f"{QUALITY}reference"] = q.get("reference") if isinstance(q.get("reference"), int) else None
         row[f"{QUALITY}is_reference"] = bool(q.get("is_reference"))
         row[f"{QUALITY}changes"] = ", ".join(map(str, q.get("changes_numerics") or []))
-        reasons = q.get("reasons") if isinstance(q.get("reasons"), list) else []
+        reasons = list_at(q, "reasons")
         row[f"{QUALITY}reason"] = "; ".join(map(str, reasons)) or (str(q["unchecked"]) if q.get("unchecked") else None)
         row[f"{QUALITY}status"] = ("reference" if q.get("is_reference") else "not checked" if q.get("unchecked")
-                                   else {True: "passed", False: "failed"}.get(q.get("passed"), "no limits"))
+                                   else _VERDICT.get(q.get("passed"), "no limits"))
     return row
 
 
@@ -413,8 +426,6 @@ def _num(v: Any) -> Any:
 
 
 def _preset_limits(preset: Any, kind: str) -> tuple[float | None, float | None]:
-    from servetune.loadgen.sla import SLA_PRESETS, sla_limits
-
     return sla_limits(preset, kind) if preset in SLA_PRESETS else (None, None)
 
 
@@ -435,12 +446,12 @@ def _scenarios(spec: dict[str, Any], raw: list[dict[str, Any]]) -> list[Scenario
                         applied.setdefault(name, {}).setdefault(key, float(settings[key]))
 
     out: dict[str, Scenario] = {}
-    workload = spec.get("workload") if isinstance(spec.get("workload"), dict) else {}
+    workload = dict_at(spec, "workload")
     for sc in workload.get("scenarios") or []:
         if not isinstance(sc, dict) or not sc.get("kind"):
             continue
         name = str(sc.get("name") or sc["kind"])
-        sla = sc.get("sla") if isinstance(sc.get("sla"), dict) else {}
+        sla = dict_at(sc, "sla")
         ttft, tpot = _preset_limits(sla.get("preset"), str(sc["kind"]))
         ttft, tpot = sla.get("ttft_p99_ms") or ttft, sla.get("tpot_p99_ms") or tpot
         got = applied.get(name, {})

@@ -35,8 +35,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from plotly.offline import get_plotlyjs
 
 from servetune.reports.compare import render_compare
 from servetune.reports.details import trial_detail
@@ -277,7 +279,7 @@ SECURITY_HEADERS = {
 def _loopback_host(header: str) -> bool:
     """Whether a Host header names this machine's loopback (a malformed header does not)."""
     m = _HOST.fullmatch(header.strip())
-    return bool(m) and _loopback((m["v6"] or m["name"]).lower())
+    return m is not None and _loopback((m["v6"] or m["name"]).lower())
 
 
 def _loopback(host: str) -> bool:
@@ -368,8 +370,6 @@ def make_app(root: str | Path, *, host: str = "127.0.0.1") -> web.Application:
         if not a or not b:
             raise web.HTTPBadRequest(text="compare needs two studies: /compare?a=<id>&b=<id>")
         (ra, _, va), (rb, _, vb) = await studies.run(a), await studies.run(b)
-        from urllib.parse import quote, urlencode
-
         html = await asyncio.to_thread(
             render_compare, ra, rb, mode="serve", version=f"{va}{vb}", base_url=base,
             links=(f"{base}/study/{quote(a, safe='')}", f"{base}/study/{quote(b, safe='')}"),
@@ -403,8 +403,6 @@ _PLOTLY: bytes | None = None
 def _plotly_bytes() -> bytes:
     global _PLOTLY
     if _PLOTLY is None:
-        from plotly.offline import get_plotlyjs
-
         _PLOTLY = get_plotlyjs().encode("utf-8")
     return _PLOTLY
 

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from aiohttp import web
+    # only the faults that serve need aiohttp (~0.2 s to import); the crash/oom/hang faults, which the reliability
+    # tests time, exit or hang before this
+    from aiohttp import web  # noqa: PLC0415 — start-up
 
     name = args.served_model_name or args.model
     state = {"requests": 0, "tokens": 0}
@@ -157,8 +159,8 @@ async def serve(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.tpot_s)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
-            await resp.write(f"data: {json.dumps({'id': 'x', 'object': obj, 'model': name, 'choices': [], 'usage': usage})}\n\n"
-                             .encode())
+            last = {'id': 'x', 'object': obj, 'model': name, 'choices': [], 'usage': usage}
+            await resp.write(f"data: {json.dumps(last)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

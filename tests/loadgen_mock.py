@@ -29,7 +29,11 @@ import os
 import subprocess
 import sys
 import urllib.request
-from typing import Any
+from typing import Any, Literal
+
+from aiohttp import web
+
+from servetune.loadgen.endpoint import Endpoint
 
 DEFAULTS = {"ttft_s": 0.02, "tpot_s": 0.005, "tokens_per_chunk": 1, "mode": "normal", "usage": "honour",
             "fault_every": 0, "split": False, "crlf": False, "capacity": 0}
@@ -43,8 +47,6 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def build_app():
-    from aiohttp import web
-
     state: dict[str, Any] = {"requests": 0, "in_flight": 0, "peak_in_flight": 0, "last_body": None,
                              "last_auth": None}
     queues: dict[int, asyncio.Semaphore] = {}
@@ -120,6 +122,7 @@ def build_app():
                 await asyncio.sleep(delay)
             if j > 0 and j == len(chunks) // 2 and mode in ("drop", "eof", "malformed"):
                 if mode == "drop":
+                    assert request.transport is not None  # the request is being answered on it
                     request.transport.abort()  # a crashed server: reset, incomplete chunked body
                     return resp
                 if mode == "malformed":
@@ -151,14 +154,12 @@ def build_app():
 
 
 def _serve(port: int) -> None:
-    from aiohttp import web
-
     async def main() -> None:
         runner = web.AppRunner(build_app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        bound = site._server.sockets[0].getsockname()[1]
+        bound = runner.addresses[0][1]
         print(f"PORT {bound}", flush=True)
         await asyncio.Event().wait()
 
@@ -185,6 +186,7 @@ class MockServer:
 
     def __enter__(self) -> "MockServer":
         self.proc = subprocess.Popen([sys.executable, __file__, "--port", "0"], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
             self.proc.kill()
@@ -202,16 +204,15 @@ class MockServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self.proc.stdout.close()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def endpoint(self, api: str = "completions", request_timeout_s: float = 10, headers: dict | None = None,
-                 **mock: Any):
-        from servetune.loadgen.endpoint import Endpoint
-
+    def endpoint(self, api: Literal["completions", "chat"] = "completions", request_timeout_s: float = 10,
+                 headers: dict | None = None, **mock: Any):
         return Endpoint(base_url=self.url, model="mock", api=api, headers=headers or {},
                         request_timeout_s=request_timeout_s, extra_body={"mock": mock})
 

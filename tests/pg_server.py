@@ -78,7 +78,7 @@ def postgres_server():
         run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
             f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off", "start")
         started = True
-        import psycopg
+        import psycopg  # noqa: PLC0415 — optional (the postgres extra); callers skip without it
 
         with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=superpw, dbname="postgres",
                              autocommit=True) as con:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import TrialState, create_trial
 
 HOSTILE = "<script>alert(1)</script>"
 OOM_REASON = ("CUDA out of memory while capturing CUDA graphs for batch 256: "
@@ -89,7 +93,7 @@ SERVER16 = {0: (2000, 55.0, 400), 1: (1100, 30.0, 8000), 2: (2010, 38.0, 300), 3
             4: (2020, 41.0, 250), 5: (1900, 27.0, 2600), 6: (2060, 45.0, 2300), 7: (2030, 23.0, 140),
             8: (1500, 33.0, 5200), 11: (800, 25.0, 30000)}
 
-EXPECTED = {
+EXPECTED: dict[str, Any] = {
     "trials": 14,  # readable trial files (0..13); 14 is half written
     "skipped": 1,
     # server: output tok/s/GPU (max) vs p99 TPOT (min), SLA-valid only; 11 would be on it were it valid
@@ -124,7 +128,7 @@ def _trial(n: int) -> dict:
     if n == 13:
         return {**_trial(2), "number": 13, "duplicate_of": 2, "objectives": {}}
     tp, conc, quant, kv, attn = PARAMS[n]
-    t = {
+    t: dict[str, Any] = {
         "number": n, "engine": "sim", "engine_version": "1", "state": "complete", "is_baseline": n == 0,
         "params": {"tensor_parallel": tp, "max_concurrency": conc, "quantization": quant,
                    "kv_cache_dtype": kv, "attention_backend": attn},
@@ -231,11 +235,7 @@ def _write_records(path: Path, summary: dict, seed: int) -> None:
 
 
 def _write_study_db(path: Path, trials: list[dict]) -> None:
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState, create_trial
-
-    dists = {"tensor_parallel": CategoricalDistribution([1, 2, 4]),
+    dists: dict[str, BaseDistribution] = {"tensor_parallel": CategoricalDistribution([1, 2, 4]),
              "max_concurrency": CategoricalDistribution([8, 16, 32, 64, 128, 256]),
              "quantization": CategoricalDistribution(["none", "fp8"]),
              "kv_cache_dtype": CategoricalDistribution(["auto", "fp8"]),

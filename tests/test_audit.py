@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from servetune.loadgen.audit import (AUDIT, FLATTERS, HURTS, Auditor, client_counts, contaminated,
-                                     counter_deltas, judge)
+from servetune.loadgen.audit import AUDIT, FLATTERS, HURTS, Auditor, client_counts, contaminated, counter_deltas, judge
 from servetune.loadgen.records import RequestRecord, ScenarioResult
 from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
 from servetune.optimizer.engines.probe import EngineProbe
 from servetune.optimizer.engines.prometheus import gauge_max
+from servetune.optimizer.engines.vllm import JIT_MONITOR_VERBOSE, _version_at_least
 
 FIX = Path(__file__).parent / "fixtures"
 BEFORE = (FIX / "engine_metrics" / "vllm-0.26-bench-replay-before.prom").read_text()
@@ -83,7 +83,8 @@ def test_sglang_names_and_a_retraction_is_a_note_not_a_reason():
     e = get_engine("sglang")
     before = ('sglang:prompt_tokens_total{model_name="m"} 100.0\nsglang:generation_tokens_total{model_name="m"} 10.0\n'
               'sglang:cached_tokens_total{model_name="m",cache_source="device"} 0.0\n'
-              'sglang:num_requests_total{model_name="m"} 1.0\nsglang:num_retracted_requests_total{model_name="m"} 0.0\n')
+              'sglang:num_requests_total{model_name="m"} 1.0\n'
+              'sglang:num_retracted_requests_total{model_name="m"} 0.0\n')
     after = before.replace("100.0", "4100.0").replace(" 10.0", " 410.0").replace(" 1.0", " 5.0").replace(
         'retracted_requests_total{model_name="m"} 0.0', 'retracted_requests_total{model_name="m"} 1.0')
     server = counter_deltas(e.audit_counters(e.parse_metrics(before)), e.audit_counters(e.parse_metrics(after)))
@@ -197,8 +198,6 @@ def test_every_compile_is_a_jit_event_with_vllms_verbose_monitor_and_autotuning_
 
 
 def test_vllm_is_launched_with_the_verbose_jit_monitor_and_exports_leave_it_out():
-    from servetune.optimizer.engines.vllm import JIT_MONITOR_VERBOSE, _version_at_least
-
     e = get_engine("vllm")
     argv = e.plan({}, ModelRef(path="/m", name="m", shape=None), host="127.0.0.1", port=1, gpu_ids=[0]).argv
     assert JIT_MONITOR_VERBOSE in argv and JIT_MONITOR_VERBOSE in e.measurement_flags

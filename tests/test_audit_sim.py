@@ -6,16 +6,17 @@ import json
 from dataclasses import replace
 
 import pytest
-from test_sim_server import Server
 
 from servetune.loadgen.audit import Auditor, contaminated
 from servetune.loadgen.datasets import random_dataset
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.scenarios import ScenarioSettings, run
 from servetune.loadgen.search import find_max_qps, level_variant
+from servetune.optimizer.bench_cli import main
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.probe import EngineProbe
 from servetune.optimizer.warmup import Warmer
+from test_sim_server import Server
 
 DATA = random_dataset(24, input_tokens=64, output_tokens=8, seed=5)
 LEVEL = ScenarioSettings(kind="server", qps=8, duration_s=1.0, require_early_stopping=False, min_keep_up=None,
@@ -117,8 +118,6 @@ def test_a_jit_inside_a_cold_level_invalidates_it_and_the_rerun_after_warmup_is_
 
 
 def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsys):
-    from servetune.optimizer.bench_cli import main
-
     args = ["--url", plain.url, "--model", "m", "--scenario", "offline", "--num-requests", "12", "--dataset-size",
             "12", "--input-tokens", "32", "--output-tokens", "4", "--seed", "7", "-o"]
     assert main(args + [str(tmp_path / "a")]) == 0

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from study_fixtures import write_study
 
+from servetune.loadgen.datasets import random_dataset
 from servetune.optimizer import lifecycle
 from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.records import ScenarioPlan
 from servetune.optimizer.spec import SpecError, load_study
+from servetune.optimizer.warmup import ramp_top
+from study_fixtures import write_study
 
 JIT_SIM = "engines: [{name: sim, extra_args: [--emulate-jit, --jit-compile-s, '0.05']}]"
 
@@ -63,10 +66,6 @@ def test_study_keys_for_warmup_and_audit(tmp_path):
 
 
 def test_the_ramp_reaches_what_a_level_can_hold_while_meeting_its_sla():
-    from servetune.loadgen.datasets import random_dataset
-    from servetune.optimizer.records import ScenarioPlan
-    from servetune.optimizer.warmup import ramp_top
-
     reqs = random_dataset(50, input_tokens=16, output_tokens=128)
     sla = {"ttft_limit_ms": 2000, "tpot_limit_ms": 100}
     search = ScenarioPlan("s", {"kind": "server", "qps": 4, "duration_s": 60, **sla},

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from servetune.loadgen.scenarios import ScenarioSettings, schedule_for
 from test_gpu_scripts import _script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +94,8 @@ def test_table_and_goal(cc, tmp_path):
     goal = {g["metric"]: g for g in doc["goal"]}
     assert set(goal) == {"output tok/s", "mean TTFT", "mean TPOT", "p99 TTFT", "p99 TPOT"}
     g = goal["mean TTFT"]
-    assert g["servetune_runs"] == [r["own"]["ttft"]["mean"] for r in doc["runs"] if r["name"].startswith("servetune-text")]
+    assert g["servetune_runs"] == [r["own"]["ttft"]["mean"] for r in doc["runs"]
+                                   if r["name"].startswith("servetune-text")]
     assert g["diff"] == pytest.approx(g["servetune"] / g["peer"] - 1) and g["ok"] is (abs(g["diff"]) <= 0.03)
     assert "text − token ids, client TTFT mean (from send)" in text and "vllm bench − servetune text" in text
 
@@ -106,8 +109,6 @@ def test_crosscheck_sh_parses_and_refuses_a_bad_engine(tmp_path):
 
 
 def test_poisson_exact_arrivals_keep_the_draws_and_land_on_the_nominal_span():
-    from servetune.loadgen.scenarios import ScenarioSettings, schedule_for
-
     raw = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3), 100)]
     exact = [t for _, _, t in schedule_for(ScenarioSettings(kind="server", qps=20, num_requests=1200, seed=3,
                                                             arrival="poisson_exact"), 100)]

@@ -7,12 +7,17 @@ import json
 import shutil
 from pathlib import Path
 
+from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.spec import load_study
+from study_fixtures import write_study
+
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = Path(__file__).parent / "fixtures" / "gpu_levels"
 
 
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "gpu" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,10 +55,6 @@ def test_rejudge_applies_this_checkout_s_rules_to_a_finished_study(tmp_path, cap
 
 
 def test_summarize_states_packing_and_the_pareto_front_of_a_sharding_study(tmp_path):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-    from study_fixtures import write_study
-
     study = write_study(tmp_path, trials=4, parallel=3, duration_s=1, qps=3, gpus=4, sampler="{kind: random, seed: 1}",
                         search="""
       tensor_parallel: [1, 2]

@@ -7,8 +7,8 @@ import time
 from dataclasses import replace
 
 import pytest
-from loadgen_mock import MockServer, timing_slack_ms
 
+from loadgen_mock import MockServer, timing_slack_ms
 from servetune.loadgen.client import Clock, _event_data, _SSEBuffer, _StreamError, open_session, send
 from servetune.loadgen.datasets import random_dataset
 from servetune.loadgen.endpoint import Endpoint

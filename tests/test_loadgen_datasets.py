@@ -3,8 +3,21 @@ import json
 
 import pytest
 
-from servetune.loadgen.datasets import (SAFE_ID_LOW, SALT_TOKENS, SALT_WORDS, WORDS, random_dataset,
-                                        sharegpt_dataset, token_id_dataset)
+from servetune.loadgen.client import request_body
+from servetune.loadgen.datasets import (
+    SAFE_ID_LOW,
+    SALT_TOKENS,
+    SALT_WORDS,
+    WORDS,
+    random_dataset,
+    sharegpt_dataset,
+    text_corpus,
+    text_task_dataset,
+    token_id_dataset,
+    with_temperature,
+)
+from servetune.loadgen.endpoint import Endpoint
+from servetune.optimizer.engines.sim.answer import find_source
 
 
 def test_random_token_ids_exact_lengths_and_safe_range():
@@ -129,9 +142,6 @@ def test_token_id_dataset_malformed(tmp_path, line, match):
 # -- text tasks (speculative decoding's workloads) ----------------------------------------------------------
 
 def test_text_tasks_quote_their_source_and_ask_for_about_its_length():
-    from servetune.loadgen.datasets import text_corpus, text_task_dataset
-    from servetune.optimizer.engines.sim.answer import find_source
-
     corpus = text_corpus()
     assert all(p["source"] and p["text"] for p in corpus["passages"]) and corpus["topics"]
     reqs = text_task_dataset(40, tasks=["rewrite", "summarize", "code_edit"], output_tokens=1000, seed=3)
@@ -152,10 +162,6 @@ def test_text_tasks_quote_their_source_and_ask_for_about_its_length():
 
 
 def test_a_temperature_rides_with_every_request():
-    from servetune.loadgen.client import request_body
-    from servetune.loadgen.datasets import text_task_dataset, with_temperature
-    from servetune.loadgen.endpoint import Endpoint
-
     ep = Endpoint(base_url="http://127.0.0.1:1", model="m")
     reqs = text_task_dataset(2, tasks=["freeform"])
     assert "temperature" not in request_body(ep, reqs[0])

@@ -4,7 +4,16 @@ import math
 import numpy as np
 import pytest
 
-from servetune.loadgen.metrics import itl_ms, nearest_rank, summarize, tpot_ms, ttft_ms
+from servetune.loadgen.client import _spread
+from servetune.loadgen.metrics import (
+    chunk_gaps_ms,
+    itl_ms,
+    nearest_rank,
+    summarize,
+    tpot_ms,
+    ttft_from_send_ms,
+    ttft_ms,
+)
 from servetune.loadgen.records import Chunk, RequestRecord
 
 
@@ -100,8 +109,6 @@ def test_itl_with_zero_token_chunks_and_multi_token_first_chunk():
 
 
 def test_send_origin_chunk_gaps_goodput_and_output_length(records):
-    from servetune.loadgen.metrics import chunk_gaps_ms, ttft_from_send_ms
-
     r0 = records[0]
     assert ttft_from_send_ms(r0) == pytest.approx(99.0)  # sent 1 ms after its scheduled time
     assert chunk_gaps_ms(r0) == pytest.approx([20.0, 40.0])  # raw, before spreading over the 2 tokens
@@ -120,8 +127,6 @@ def test_send_origin_chunk_gaps_goodput_and_output_length(records):
 
 
 def test_final_usage_total_is_spread_over_chunks():
-    from servetune.loadgen.client import _spread
-
     chunks = [Chunk(0.1, 1), Chunk(0.2, 1), Chunk(0.3, 1)]
     _spread(chunks, 8)
     assert [c.tokens for c in chunks] == [3, 3, 2]

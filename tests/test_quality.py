@@ -6,6 +6,7 @@ that must wait for the baseline's evaluation are exercised every time.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import textwrap
@@ -16,9 +17,23 @@ import pytest
 
 from servetune.optimizer import evalset
 from servetune.optimizer.driver import StudyDriver
-from servetune.optimizer.quality import (NUMERICS, QualityGate, compare, numerics_changes, topk_kl,
-                                         wilson)
+from servetune.optimizer.engines.sim import logits
+from servetune.optimizer.engines.sim.server import SimServer, _BadRequest, build_parser, config_from_args, eval_drift
+from servetune.optimizer.export import QUALITY_WARNING, choose_trial, quality_warnings
+from servetune.optimizer.lifecycle import run_trial
+from servetune.optimizer.quality import (
+    NUMERICS,
+    QualityGate,
+    compare,
+    numerics_changes,
+    reference_trial,
+    topk_kl,
+    wilson,
+)
 from servetune.optimizer.spec import SpecError, load_study, parse_study
+from servetune.reports.details import trial_detail
+from servetune.reports.html import objective_front, render_report, trial_table
+from servetune.reports.model import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,8 +169,6 @@ def test_the_verdict_names_each_missed_limit_and_an_unchecked_trial_is_infeasibl
 
 
 def test_the_reference_is_the_baseline_else_the_first_trial_with_the_baselines_numerics():
-    from servetune.optimizer.quality import reference_trial
-
     ev = {"file": "eval.json"}
     recs = {0: {"engine": "vllm", "is_baseline": True, "state": "rejected"},
             1: {"engine": "vllm", "state": "complete", "quality": ev, "params": {"quantization": "fp8"}},
@@ -171,9 +184,6 @@ def test_the_reference_is_the_baseline_else_the_first_trial_with_the_baselines_n
 # -- the sim answers evaluations ------------------------------------------------------------------------------
 
 def test_the_sim_drifts_for_each_lossy_setting_and_never_for_speculation_unless_faulted():
-    from servetune.optimizer.engines.sim import logits
-    from servetune.optimizer.engines.sim.server import build_parser, config_from_args, eval_drift
-
     def drift(*flags):
         args = build_parser().parse_args(["--model", "llama-3.2-1b", *flags])
         return {k: v for k, v in eval_drift(args, config_from_args(args)).items() if v}
@@ -191,8 +201,6 @@ def test_the_sim_drifts_for_each_lossy_setting_and_never_for_speculation_unless_
 
 
 def test_the_sim_answers_logprobs_on_plain_completions_only():
-    from servetune.optimizer.engines.sim.server import SimServer, _BadRequest
-
     assert SimServer._logprobs_asked({"logprobs": 5}, chat=False) == 5
     assert SimServer._logprobs_asked({}, chat=False) is None and SimServer._logprobs_asked({}, chat=True) is None
     for body, chat in (({"logprobs": 5, "stream": True}, False), ({"logprobs": 5, "echo": True}, False),
@@ -218,8 +226,6 @@ class _InlineExecutor:
         return others[:1] or list(refs)[:1]
 
     def result(self, ref):
-        from servetune.optimizer.lifecycle import run_trial
-
         plan = self.plans.pop(ref)
         return run_trial(plan, list(range(plan.gpus)))
 
@@ -300,10 +306,6 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert {int(n) for n, q in summary["quality"]["trials"].items() if q["passed"] is False} == lossy
 
     # the report: a quality column group, the failed verdicts, the continuations that differ
-    from servetune.reports.details import trial_detail
-    from servetune.reports.html import render_report, trial_table, objective_front
-    from servetune.reports.model import load_run
-
     r = load_run(run)
     front, _ = objective_front(r)
     assert front and not front & lossy
@@ -318,8 +320,6 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert "quality limits missed" in page and "quality vs baseline" in page
 
     # the GPU runs' Markdown summary lists every verdict
-    import importlib.util
-
     loader = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "gpu" / "summarize.py")
     summarize = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(summarize)
@@ -329,8 +329,6 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert sum("**failed**: exact match" in ln for ln in text.splitlines()) == len(lossy)
 
     # the export never picks a lossy trial for "best", and says so loudly when asked for one
-    from servetune.optimizer.export import QUALITY_WARNING, choose_trial
-
     best = choose_trial(run)
     assert best.trial["number"] not in lossy and best.trial["quality"]["passed"]
     forced = choose_trial(run, trial=min(lossy))
@@ -338,8 +336,6 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
 
 
 def test_export_warns_when_the_chosen_trial_was_never_checked():
-    from servetune.optimizer.export import QUALITY_WARNING, quality_warnings
-
     study = {"engines": ["vllm"]}
     never = quality_warnings({"number": 3, "engine": "vllm", "params": {"kv_cache_dtype": "fp8"}}, study)
     assert never[0].startswith(QUALITY_WARNING) and "kv_cache_dtype=fp8" in never[0] and "NEVER" in never[0]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 from report_fixtures import write_run
-
 from servetune.reports import load_run
-from servetune.reports.charts import CONTAMINATED, INVALID, pareto_chart, chart_specs
+from servetune.reports.charts import CONTAMINATED, INVALID, chart_specs, pareto_chart
 from servetune.reports.details import trial_detail
 from servetune.reports.html import TableColumn, _cell
 

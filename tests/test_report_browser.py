@@ -16,14 +16,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from report_fixtures import EXPECTED, HOSTILE, OOM_REASON, write_run
+from servetune.reports import write_report
 
 pytestmark = pytest.mark.browser
 
@@ -123,7 +124,11 @@ class Page:
         self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}")
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
-        self.page.on("dialog", lambda d: (self.problems.append(f"dialog: {d.message}"), d.dismiss()))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog) -> None:
+        self.problems.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
 
     def close(self):
         self.page.close()
@@ -209,7 +214,7 @@ def test_trial_table_row_click_sort_filter_and_csv(server, tab, artifacts):
         }}""")
 
     # sorting: ascending, then descending, absent values last both ways
-    th = f"#trial-table th[data-key='server.tpot_p99_ms']"
+    th = "#trial-table th[data-key='server.tpot_p99_ms']"
     page.click(th)
     vals = column("server.tpot_p99_ms")
     nums = [float(v) for v in vals if v != ""]
@@ -312,8 +317,6 @@ def test_index_and_compare_view(server, tab, artifacts):
 
 
 def test_static_report_file_works_offline(studies, browser, artifacts):
-    from servetune.reports import write_report
-
     out = write_report(studies / "fixture", artifacts / "report.html")
     t = Page(browser.new_context(viewport={"width": 1400, "height": 1000}, offline=True), own_context=True)
     try:

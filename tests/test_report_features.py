@@ -6,7 +6,9 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +16,11 @@ import pytest
 from report_fixtures import EXPECTED, HOSTILE, OOM_REASON, write_run
 from servetune.reports import load_run
 from servetune.reports.analysis import sla_costs
+from servetune.reports.charts import chart_specs, pareto_chart
 from servetune.reports.compare import best_table, labels, match_scenarios, render_compare, write_compare
 from servetune.reports.details import command_parts, read_latencies, trial_detail
 from servetune.reports.html import render_report, scenario_verdict
+from servetune.reports.model import Scenario
 from servetune.reports.roofline import estimate, fractions
 
 
@@ -124,8 +128,8 @@ def test_trial_detail_of_failed_rejected_and_baseline(run):
 
 def test_latency_records_exclude_failed_requests(run_dir):
     lat = read_latencies(run_dir / "trials" / "0003" / "requests_server.csv")
-    assert {k: len(v) for k, v in lat.items()} == {"ttft_ms": EXPECTED["csv_requests"],
-                                                  "tpot_ms": EXPECTED["csv_requests"], "e2e_ms": EXPECTED["csv_requests"]}
+    n = EXPECTED["csv_requests"]
+    assert {k: len(v) for k, v in lat.items()} == {"ttft_ms": n, "tpot_ms": n, "e2e_ms": n}
     assert np.max(lat["ttft_ms"]) == pytest.approx(95.0)  # the summary's p99 TTFT
     assert read_latencies(run_dir / "trials" / "0003" / "requests_nowhere.csv") == {}
 
@@ -134,7 +138,8 @@ def test_latency_records_of_an_older_shape(tmp_path):
     p = tmp_path / "r.csv"
     p.write_text("index,scheduled,first_byte,done,status\n0,0.0,0.1,1.0,ok\n1,0.5,0.7,2.5,ok\n2,1,,,timeout\n")
     lat = read_latencies(p)
-    assert lat["ttft_ms"].tolist() == pytest.approx([100.0, 200.0]) and lat["e2e_ms"].tolist() == pytest.approx([1000.0, 2000.0])
+    assert lat["ttft_ms"].tolist() == pytest.approx([100.0, 200.0])
+    assert lat["e2e_ms"].tolist() == pytest.approx([1000.0, 2000.0])
 
 
 def test_command_parts_mark_flags_the_baseline_lacks():
@@ -186,10 +191,6 @@ def test_compare_two_studies(tmp_path, run_dir):
 
 
 def test_compare_matches_scenarios_by_kind():
-    from types import SimpleNamespace
-
-    from servetune.reports.model import Scenario
-
     a = SimpleNamespace(scenarios=[Scenario("offline", "offline"), Scenario("server", "server", qps=8)])
     b = SimpleNamespace(scenarios=[Scenario("batch", "offline"), Scenario("chat", "interactive", qps=2)])
     pairs, notes = match_scenarios(a, b)
@@ -234,15 +235,11 @@ def test_cli_run_dir_named_like_a_subcommand(tmp_path, run_dir):
 def test_runs_valid_only_without_early_stopping_are_not_labelled_mlperf_valid_and_rates_start_at_zero(run):
     """Issue 17.8: a search trial's level that met the study's checks but not MLPerf's early stopping (a note,
     not a reason) is not counted as valid under MLPerf's rules; throughput axes start at 0."""
-    from servetune.reports.charts import pareto_chart, chart_specs
-
     server = next(s for s in run.scenarios if s.name == "server")
     before = scenario_verdict(run, server)
     t = run.trials.copy()
     i = t.index[t["server.valid"].eq(True)][0]
     t.loc[i, "server.notes"] = "TTFT early stopping not met (n=120, need 459 with 0 over the 2000 ms limit at p99)"
-    from dataclasses import replace
-
     short = replace(run, trials=t)
     assert before.startswith("valid runs (MLPerf rules): 9 of 11")
     assert scenario_verdict(short, server).startswith("valid runs (MLPerf rules): 8 of 11; 1 more passed the study's "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import io
 import json
 import os
@@ -116,8 +117,6 @@ def test_live_version_changes_when_a_trial_is_written(tmp_path):
 
 
 def test_driver_lock_means_running(tmp_path):
-    import fcntl
-
     run = write_run(tmp_path / "r", with_db=False)
     assert driver_running(run) is False
     with open(run / ".lock", "w") as f:

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from report_fixtures import EXPECTED, HOSTILE, OOM_REASON, REJECT_REASON, SHORT_RUN_REASON, SLA_REASON, write_run
+from servetune.optimizer.records import gpu_use
 from servetune.reports import load_run, write_report
 from servetune.reports.charts import BASELINE, FRONT, INVALID, ChartSpec, pareto_chart
 from servetune.reports.html import headlines, objective_front
 from servetune.reports.pareto import front, pareto_mask
 from servetune.reports.units import fmt_metric, fmt_number
-
 
 # -- pareto_mask ----------------------------------------------------------------------------------------------
 
@@ -230,8 +230,6 @@ def test_units():
 
 def test_report_states_the_study_gpu_use(run_dir, report):
     """The header's GPU use is the one the driver writes to summary.json, from the same trial records."""
-    from servetune.optimizer.records import gpu_use
-
     records = []
     for p in sorted((run_dir / "trials").glob("*/trial.json")):
         try:

@@ -7,14 +7,19 @@ import urllib.request
 
 import numpy as np
 import pytest
-from test_sim_server import Server
-from tokenizer_fixture import make_model_dir
 
+from servetune.loadgen import datasets
 from servetune.loadgen.datasets import random_dataset, text_corpus
+from servetune.loadgen.records import Request
 from servetune.loadgen.runner import REPEAT_TOKEN_LOW, repeat_variant
 from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
 from servetune.optimizer.bench_cli import main as bench
+from servetune.optimizer.driver import dataset_args, scenario_plans
 from servetune.optimizer.engines.prometheus import parse_prometheus
+from servetune.optimizer.lifecycle import _dataset
+from servetune.optimizer.spec import parse_study
+from test_sim_server import Server
+from tokenizer_fixture import make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,6 @@ def _bench(sim, model_dir, out, *args: str) -> tuple[dict, dict[str, float]]:
 
 
 def test_repeat_variant_markers():
-    from servetune.loadgen.records import Request
-
     ids = Request(prompt=[5000, 5001], max_tokens=2, input_tokens=2)
     assert repeat_variant(ids, 0) is ids
     assert repeat_variant(ids, 1).prompt == [REPEAT_TOKEN_LOW + 1, 5000, 5001]
@@ -111,11 +114,6 @@ def test_tokenizer_rounds_fix_a_text_that_does_not_encode_back(tok):
 
 
 def test_a_study_sends_text_when_its_model_has_a_tokenizer(model_dir):
-    from servetune.loadgen import datasets
-    from servetune.optimizer.driver import dataset_args, scenario_plans
-    from servetune.optimizer.lifecycle import _dataset
-    from servetune.optimizer.spec import parse_study
-
     text = (f"name: t\nmodel: {{path: {model_dir}}}\nengines: [sim]\nworkload:\n"
             "  dataset: {input_tokens: 64, output_tokens: 4, num_requests: 5, shared_prefix_tokens: 16}\n"
             "  scenarios: [{kind: offline}]\nobjectives: [{metric: output_tokens_per_s}]\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from report_fixtures import write_run
 
+from report_fixtures import write_run
 from servetune.optimizer.vs_baseline import compare
+from servetune.reports.html import headlines
+from servetune.reports.model import load_run
 
 OBJ = [("server", "output_tokens_per_s", "maximize")]
 
@@ -43,9 +45,6 @@ def test_no_ratio_when_the_baseline_missed_even_at_the_floor():
 
 
 def test_report_headline_and_summary_say_why(tmp_path):
-    from servetune.reports.html import headlines
-    from servetune.reports.model import load_run
-
     run_dir = write_run(tmp_path, with_db=False)
     path = run_dir / "trials" / "0000" / "trial.json"
     rec = json.loads(path.read_text())

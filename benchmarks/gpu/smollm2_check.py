@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=12)
     args = ap.parse_args(argv)
 
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    # optional, GPU-host only: torch and transformers are no servetune dependency; --help works without them
+    import torch  # noqa: PLC0415
+    from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16).to(args.device).eval()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from servetune.optimizer.records import gpu_use, trial_records
 from servetune.optimizer.vs_baseline import compare
@@ -35,7 +38,7 @@ def summarize(run: Path) -> str:
                  "| p99 TTFT ms | p99 TPOT ms | prefix hit | reason |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in ts:
-        sc = next(iter(t.get("scenarios", {}).values()), {})
+        sc: dict[str, Any] = next(iter(t.get("scenarios", {}).values()), {})
         s = sc.get("summary", {})
         params = " ".join(f"{k}={v}" for k, v in t.get("params", {}).items()) or "(engine defaults)"
         if t.get("is_baseline"):
@@ -46,16 +49,20 @@ def summarize(run: Path) -> str:
         if t.get("duplicate_of") is not None:
             reason = f"same config as #{t['duplicate_of']} " + reason
         gpus = ",".join(map(str, t.get("gpu_ids") or [])) or "–"
-        lines.append(f"| {t['number']} | {t['state']} | {params} | {gpus} | {fmt(t.get('ready_s'), 1)} | {fmt(t.get('loaded_s'), 1)} "
+        hit_rate = sc.get('metrics_delta', {}).get('prefix_cache_hit_rate')
+        lines.append(f"| {t['number']} | {t['state']} | {params} | {gpus} | {fmt(t.get('ready_s'), 1)} "
+                     f"| {fmt(t.get('loaded_s'), 1)} "
                      f"| {fmt(t.get('wall_s'), 1)} | {levels(sc)} | {fmt(s.get('max_valid_qps'), 1)} "
-                     f"| {fmt(s.get('output_tokens_per_s'))} | {fmt(s.get('ttft_p99_ms'))} | {fmt(s.get('tpot_p99_ms'), 1)} "
-                     f"| {pct(sc.get('metrics_delta', {}).get('prefix_cache_hit_rate'))} | {reason.replace('|', '/')} |")
+                     f"| {fmt(s.get('output_tokens_per_s'))} | {fmt(s.get('ttft_p99_ms'))} "
+                     f"| {fmt(s.get('tpot_p99_ms'), 1)} "
+                     f"| {pct(hit_rate)} | {reason.replace('|', '/')} |")
     launched = [t for t in ts if t.get("ready_s") is not None and t.get("duplicate_of") is None]
     if launched:
         starts = [t["ready_s"] for t in launched]
         first = min(launched, key=lambda t: t.get("started_at", ""))
         lines += ["", f"Engine start (launch → healthy): first {first['ready_s']:.0f} s (cold caches), "
-                  f"others median {sorted(starts)[len(starts) // 2]:.0f} s, min {min(starts):.0f} s, max {max(starts):.0f} s."]
+                  f"others median {sorted(starts)[len(starts) // 2]:.0f} s, min {min(starts):.0f} s, "
+                  f"max {max(starts):.0f} s."]
         loaded = sum(t.get("loaded_s", 0) * t.get("gpus", 1) for t in launched)
         wall = sum(t.get("wall_s", 0) * t.get("gpus", 1) for t in launched)
         lines.append(f"GPU duty cycle (GPU-seconds under measured load ÷ GPU-seconds of launched trials): "
@@ -86,8 +93,6 @@ def summarize(run: Path) -> str:
 
 def _gpu_use_from_records(run: Path, ts: list[dict]) -> dict:
     """A study stopped before its summary.json: GPU use from its trial records and its study's GPU count."""
-    import yaml
-
     try:
         gpus = int(yaml.safe_load((run / "study.yaml").read_text())["hardware"]["gpus"])
     except (OSError, KeyError, TypeError, ValueError):
@@ -135,7 +140,8 @@ def quality_table(ts: list[dict], quality: dict) -> list[str]:
         klmax = "–" if q.get("kl_max") is None else f"{q['kl_max']:.4g}"
         em = "–" if q.get("exact_match") is None else f"{q['exact_match']:.1%}"
         out.append(f"| {t['number']} | {', '.join(q.get('changes_numerics') or []) or '–'} | {em} "
-                   f"| {fmt(q.get('first_divergence_mean'), 1)} | {kl} | {klmax} | {tasks} | {verdict.replace('|', '/')} |")
+                   f"| {fmt(q.get('first_divergence_mean'), 1)} | {kl} | {klmax} | {tasks} "
+                   f"| {verdict.replace('|', '/')} |")
     return out
 
 
