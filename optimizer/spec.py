@@ -22,14 +22,14 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind
 from servetune.optimizer import safe_read, study_yaml
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 
 ENGINES = ("sim", "vllm", "sglang")
-SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
 # MLPerf LLM latency limits (p99 TTFT ms, p99 TPOT ms); loadgen-and-mlperf.md §1.5.
-from servetune.loadgen.sla import SLA_PRESETS, sla_limits  # noqa: E402  (the table lives with the load generator)
+from servetune.loadgen.sla import SLA_PRESETS, resolve_limits  # noqa: E402  (the table lives with the load generator)
 
 # Objective metrics a scenario summary carries, with the direction that makes a config better.
 _LATENCIES = ("ttft", "tpot", "itl", "e2e")
@@ -426,8 +426,7 @@ class SLASpec(_Strict):
     def limits(self, scenario: str | None = None) -> tuple[float | None, float | None]:
         """(p99 TTFT ms, p99 TPOT ms) for a scenario of kind ``scenario``: the preset as it applies there
         (loadgen.sla's one resolution, so run and bench agree), overridden by explicit limits."""
-        ttft, tpot = sla_limits(self.preset, scenario) if self.preset else (None, None)
-        return (self.ttft_p99_ms or ttft, self.tpot_p99_ms or tpot)
+        return resolve_limits(self.preset, scenario, self.ttft_p99_ms, self.tpot_p99_ms)
 
 
 class MaxQPSSpec(_Strict):
@@ -471,7 +470,7 @@ def rate_floor(max_qps: dict[str, Any], gpus: int) -> float | None:
 
 
 class ScenarioSpec(_Strict):
-    kind: Literal["offline", "server", "interactive", "single_stream", "concurrency"]
+    kind: Literal[SCENARIOS]  # type: ignore[valid-type]  # the registered kinds (loadgen.scenario_kinds)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64,
                              description="defaults to kind; objectives refer to it")
     qps: Rate | list[Rate] | None = Field(
@@ -501,17 +500,18 @@ class ScenarioSpec(_Strict):
 
     @model_validator(mode="after")
     def _rate(self) -> "ScenarioSpec":
+        drive = ScenarioKind.get(self.kind).drive
         if self.max_qps is not None:
-            if self.kind not in ("server", "interactive"):
-                _fail("scenario", [(("max_qps",), f"max_qps searches an arrival rate: it applies to server and "
-                                                  f"interactive scenarios, not {_a(self.kind)} one")])
+            if drive != "arrivals":
+                _fail("scenario", [(("max_qps",), f"max_qps searches an arrival rate: it applies to "
+                                                  f"{' and '.join(OPEN_LOOP)} scenarios, not {_a(self.kind)} one")])
             if self.qps is not None:
                 _fail("scenario", [(("qps",), "give qps (fixed rates) or max_qps (a search for the highest "
                                               "valid rate), not both")])
             if self.sla is None:
                 _fail("scenario", [(("max_qps",), "max_qps needs an sla: the search is for the highest rate "
                                                   "that meets it")])
-        elif self.kind in ("server", "interactive") and self.qps is None:
+        elif drive == "arrivals" and self.qps is None:
             _fail("scenario", [(("qps",), f"{_a(self.kind)} scenario needs qps (requests per second), or "
                                           f"max_qps to search the highest rate that meets the SLA")])
         rates = self.qps if isinstance(self.qps, list) else ([] if self.qps is None else [self.qps])
@@ -522,7 +522,7 @@ class ScenarioSpec(_Strict):
                 _fail("scenario", [(("qps",), f"rates must be above 0 (got {r:g})")])
         if rates != sorted(rates) or len(set(rates)) != len(rates):
             _fail("scenario", [(("qps",), "list the sweep's rates in ascending order, each once")])
-        if self.kind == "concurrency":
+        if drive == "closed_loop":
             levels = self.concurrency if isinstance(self.concurrency, list) else (
                 [] if self.concurrency is None else [self.concurrency])
             if not levels:
@@ -536,9 +536,10 @@ class ScenarioSpec(_Strict):
                 _fail("scenario", [(("qps",), "a concurrency scenario sends the next request when one finishes; "
                                               "qps has no meaning there")])
         elif self.concurrency is not None:
-            _fail("scenario", [(("concurrency",), f"concurrency applies to kind: concurrency, not {self.kind} "
+            _fail("scenario", [(("concurrency",), f"concurrency applies to kind: "
+                                                  f"{', '.join(ScenarioKind.where(drive='closed_loop'))}, not {self.kind} "
                                                   "(max_connections caps the others)")])
-        if self.kind in ("offline", "single_stream") and self.qps is not None:
+        if drive in ("all_at_once", "one_at_a_time") and self.qps is not None:
             _fail("scenario", [(("qps",), f"qps has no meaning for {_a(self.kind)} scenario "
                                           "(it sends as fast as it can); use kind: server for a fixed rate")])
         return self
@@ -608,9 +609,13 @@ class WorkloadSpec(_Strict):
                 first[s.label] = j
         # An interactive scenario is the server scenario with tighter latency limits (MLPerf); looser ones
         # almost always mean the presets were swapped.
-        servers = [(s, s.sla.limits(s.kind)) for s in self.scenarios if s.kind == "server" and s.sla]
+        def category(s: ScenarioSpec) -> str | None:
+            kind = ScenarioKind.get(s.kind)
+            return kind.sla_category if kind.open_loop and s.sla else None
+
+        servers = [(s, s.sla.limits(s.kind)) for s in self.scenarios if s.sla and category(s) == "server"]
         for j, s in enumerate(self.scenarios):
-            if s.kind != "interactive" or not s.sla:
+            if not s.sla or category(s) != "interactive":
                 continue
             ttft, tpot = s.sla.limits(s.kind)
             for srv, (sttft, stpot) in servers:
@@ -907,6 +912,12 @@ class StudySpec(_Strict):
         return errs
 
     # -- derived --------------------------------------------------------------------------------------
+    def objective_keys(self) -> list[tuple[str, str]]:
+        """(scenario label, metric) of each objective, in order: the one spelling of which scenario an
+        objective without ``scenario:`` measures (the first)."""
+        first = self.workload.scenarios[0].label
+        return [(o.scenario or first, o.metric) for o in self.objectives]
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or os.path.join("runs", self.name))
