@@ -24,6 +24,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind
 from servetune.optimizer import safe_read, study_yaml
+from servetune.optimizer.parameters import PARAMETERS, bound_problem, is_off
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 
 ENGINES = ("sim", "vllm", "sglang")
@@ -45,14 +46,7 @@ METRICS: dict[str, str] = {
     "usd_per_million_tokens": "minimize",
 }
 
-# Parameters whose values have a floor (GPU counts, token counts, sizes) or a ceiling.
-_PARAM_MIN: dict[str, float] = {
-    "tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "max_concurrency": 1,
-    "max_batched_tokens": 1, "kv_block_size": 1, "max_model_len": 1, "speculative_tokens": 1,
-    "speculative_lookup_max": 1, "speculative_lookup_min": 1, "cuda_graph_max_batch": 1, "stream_interval": 1,
-}
 _GPU_PARAMS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
-_OFF = (None, "none", False, "off", 0)  # a `requires:` parent with one of these is off (as in space.py)
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 # Sane ranges for the numbers a study gives: a value outside one would fail a launch, never end or exhaust
@@ -71,20 +65,6 @@ MAX_NAME = 100  # the study name names a directory and the Optuna study
 MAX_TRIALS = 100_000
 Rate = Annotated[float, Field(gt=0, le=MAX_QPS)]
 Level = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
-
-
-def _parameters() -> dict[str, Any]:
-    """Engine-neutral parameter names (search_spaces/parameters.yaml) with type and ``requires``."""
-    try:
-        from servetune.optimizer.space import PARAMETERS
-    except ImportError:  # the search-space module is optional for validation; read the table directly
-        text = (Path(__file__).resolve().parent.parent / "search_spaces" / "parameters.yaml").read_text()
-        PARAMETERS = yaml.safe_load(text)
-    return PARAMETERS
-
-
-def _pget(p: Any, key: str) -> Any:
-    return p.get(key) if isinstance(p, dict) else getattr(p, key, None)
 
 
 def _fail(title: str, errors: list[tuple[tuple, str]]) -> None:
@@ -801,21 +781,21 @@ class StudySpec(_Strict):
     def _domains(cls, v: Any, info: ValidationInfo) -> Any:
         if not isinstance(v, dict):
             return v  # the type error is reported by pydantic
-        params = _parameters()
+        params = PARAMETERS
         errs: list[tuple[tuple, str]] = []
         for key, dom in v.items():
             if key not in params:
                 errs.append(((key,), f"unknown parameter {key!r}{_did_you_mean(key, params)}"))
                 continue
-            errs += _check_domain(key, dom, _pget(params[key], "type"))
+            errs += _check_domain(key, dom, params[key].get("type"))
         for key, dom in v.items():
-            parent = _pget(params.get(key, {}), "requires") if key in params else None
+            parent = params[key].get("requires") if key in params else None
             if not parent:
                 continue
             if parent not in v:
                 errs.append(((key,), f"{key} is only used when {parent} is on, and {parent} is not searched; "
                                      f"add {parent} to search (e.g. {parent}: [none, ...])"))
-            elif all(_is_off(x) for x in _values(v[parent])):
+            elif all(is_off(x) for x in _values(v[parent])):
                 errs.append(((key,), f"{key} is only used when {parent} is on, and every value of "
                                      f"search.{parent} is off"))
         hw = info.data.get("hardware")
@@ -966,10 +946,6 @@ def _values(dom: Any) -> list[Any]:
     return [dom]
 
 
-def _is_off(x: Any) -> bool:
-    return any(x is o or (type(x) is type(o) and x == o) for o in _OFF)
-
-
 def _check_value(key: str, x: Any, ptype: str | None) -> str | None:
     """Why ``x`` is not a value of parameter ``key`` (of ``ptype``), or None."""
     if x is None:
@@ -996,12 +972,8 @@ def _check_value(key: str, x: Any, ptype: str | None) -> str | None:
         return f"{key} takes finite numbers, got {_describe(x)}"
     if abs(x) > MAX_PARAM_INT:
         return f"{key} must be at most {MAX_PARAM_INT:,} (engines read it as a 32-bit number), got {_describe(x)}"
-    lo = _PARAM_MIN.get(key)
-    if lo is not None and x < lo:
-        return f"{key} must be at least {_num(float(lo))}, got {_describe(x)}"
-    if key == "memory_fraction" and not 0 < x <= 1:
-        return f"memory_fraction is a fraction in (0, 1], got {_describe(x)}"
-    return None
+    why = bound_problem(key, x)
+    return f"{key} {why}, got {_describe(x)}" if why else None
 
 
 def _check_domain(key: str, dom: Any, ptype: str | None) -> list[tuple[tuple, str]]:
