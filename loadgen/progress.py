@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from servetune.loadgen.scenario_kinds import OPEN_LOOP
+
 Listener = Callable[[str, dict[str, Any]], None]
 _listeners: list[Listener] = []
 
@@ -41,7 +43,7 @@ def level_seconds(settings: Any) -> float | None:
     kind = getattr(settings, "kind", None)
     dur = getattr(settings, "duration_s", None) or 0.0
     n = getattr(settings, "num_requests", None) or 0
-    if kind in ("server", "interactive"):
+    if kind in OPEN_LOOP:
         qps = getattr(settings, "qps", None)
         return max(dur, n / qps) if qps else (dur or None)
     return dur or None

@@ -53,15 +53,15 @@ from servetune.loadgen.datasets import prompt_format_of
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
 from servetune.loadgen.records import Chunk, Request, RequestRecord, ScenarioResult
+from servetune.loadgen.scenario_kinds import SCENARIOS, ScenarioKind
 from servetune.loadgen.runner import (Job, JobResult, Positions, execute, issue_order, run_in_workers,
                                       warmup_variant)
-from servetune.loadgen.sla import sla_limits
+from servetune.loadgen.sla import resolve_limits
 from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, DEFAULT_MIN_KEEP_UP, verdict
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 ARRIVALS = ("poisson", "constant", "poisson_exact")
 _warmup_variant = warmup_variant  # the name the tests and older callers use
 
@@ -96,11 +96,12 @@ class ScenarioSettings:
     def __post_init__(self) -> None:
         if self.kind not in SCENARIOS:
             raise ValueError(f"kind must be one of {SCENARIOS}, got {self.kind!r}")
-        if self.kind in ("server", "interactive") and not (self.qps and self.qps > 0):
+        drive = ScenarioKind.get(self.kind).drive
+        if drive == "arrivals" and not (self.qps and self.qps > 0):
             raise ValueError(f"the {self.kind} scenario needs qps > 0")
-        if self.kind == "concurrency" and not (self.concurrency and self.concurrency >= 1):
-            raise ValueError("the concurrency scenario needs concurrency >= 1")
-        if self.concurrency is not None and self.kind != "concurrency":
+        if drive == "closed_loop" and not (self.concurrency and self.concurrency >= 1):
+            raise ValueError(f"the {self.kind} scenario needs concurrency >= 1")
+        if self.concurrency is not None and drive != "closed_loop":
             raise ValueError(f"concurrency applies to the concurrency scenario, not {self.kind!r} "
                              "(max_connections caps the others)")
         for name in ("duration_s", "num_requests", "max_connections"):
@@ -120,11 +121,8 @@ class ScenarioSettings:
         if self.arrival not in ARRIVALS:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.sla is not None:
-            ttft, tpot = sla_limits(self.sla, self.kind)
-            if self.ttft_limit_ms is None:
-                self.ttft_limit_ms = ttft
-            if self.tpot_limit_ms is None:
-                self.tpot_limit_ms = tpot
+            self.ttft_limit_ms, self.tpot_limit_ms = resolve_limits(self.sla, self.kind, self.ttft_limit_ms,
+                                                                    self.tpot_limit_ms)
 
 
 def poisson_schedule(qps: float, seed: int, num_requests: int | None = None, duration_s: float | None = None,
@@ -175,18 +173,19 @@ def scenario_seeds(seed: int) -> tuple[int, int, int]:
 
 def _count(settings: ScenarioSettings, dataset_size: int) -> int:
     """Minimum request count. With only a duration, the duration decides (offline: one dataset pass)."""
-    by_duration = settings.duration_s is not None and settings.kind != "offline"
+    by_duration = settings.duration_s is not None and ScenarioKind.get(settings.kind).drive != "all_at_once"
     n = settings.num_requests or (1 if by_duration else dataset_size)
     return math.ceil(n / dataset_size) * dataset_size if settings.equal_issue else n
 
 
 def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[int, int, float]] | None:
     """(index, sample, scheduled s) of every measured request, or None for the closed-loop scenarios."""
-    if settings.kind in ("single_stream", "concurrency"):
+    drive = ScenarioKind.get(settings.kind).drive
+    if drive in ("one_at_a_time", "closed_loop"):
         return None
     seeds = scenario_seeds(settings.seed)
     count = _count(settings, dataset_size)
-    if settings.kind == "offline":
+    if drive == "all_at_once":
         times: list[float] = [0.0] * count
     else:
         multiple = dataset_size if settings.equal_issue else 1
@@ -210,11 +209,12 @@ def plan_jobs(settings: ScenarioSettings, dataset_size: int) -> tuple[list[Job],
     notes: list[str] = []
     items = schedule_for(settings, dataset_size)
     workers = settings.workers
-    if settings.kind == "single_stream":
+    drive = ScenarioKind.get(settings.kind).drive
+    if drive == "one_at_a_time":
         if workers > 1:
-            notes.append("single_stream keeps one request outstanding: it runs in one process (workers=1)")
+            notes.append(f"{settings.kind} keeps one request outstanding: it runs in one process (workers=1)")
         workers, loops = 1, [1]
-    elif settings.kind == "concurrency":
+    elif drive == "closed_loop":
         workers = min(workers, settings.concurrency)
         loops = _shares(settings.concurrency, workers)
     else:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 from servetune.loadgen.datasets import SAFE_ID_LOW
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.records import Request, ScenarioResult
+from servetune.loadgen.scenario_kinds import OPEN_LOOP, ScenarioKind
 from servetune.loadgen.scenarios import ScenarioSettings, run
 from servetune.loadgen.validity import NOT_KEEPING_UP, steady_state_shortfall
 
@@ -49,7 +50,8 @@ def level_variant(requests: Sequence[Request], level: int) -> list[Request]:
 def latency_margin(result: ScenarioResult) -> float:
     """Worst (percentile / limit − 1) over the TTFT and TPOT limits; < 0 means within. NaN without limits."""
     s = result.settings
-    pname = "p90" if result.scenario == "single_stream" else "p99"
+    kind = ScenarioKind.find(result.scenario)
+    pname = f"p{round((kind.percentile if kind and kind.percentile else 0.99) * 100)}"
     margins = []
     for metric, key in (("ttft", "ttft_limit_ms"), ("tpot", "tpot_limit_ms")):
         limit = s.get(key)
@@ -145,8 +147,8 @@ def find_max_qps(endpoint: Endpoint, requests: Sequence[Request], settings: Scen
     engine's counters and log; one whose audit fails runs once more, with fresh prompts, after more warm-up.
     A level still contaminated after that counts as not valid here (no capacity is claimed from it) and is
     marked so in its summary."""
-    if settings.kind not in ("server", "interactive"):
-        raise ValueError(f"find_max_qps needs a server or interactive scenario, got {settings.kind!r}")
+    if settings.kind not in OPEN_LOOP:
+        raise ValueError(f"find_max_qps needs a {' or '.join(OPEN_LOOP)} scenario, got {settings.kind!r}")
     if not 0 < lo < hi:
         raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
     if not 0 < tolerance < 1:
@@ -306,7 +308,7 @@ def concurrency_sweep(endpoint: Endpoint, requests: Sequence[Request], settings:
     out = SweepResult()
     runs = 0
     for i, c in enumerate(levels):
-        level = replace(settings, kind="concurrency", qps=None, concurrency=int(c), max_connections=None)
+        level = replace(settings, kind=ScenarioKind.where(drive="closed_loop")[0], qps=None, concurrency=int(c), max_connections=None)
 
         def once() -> ScenarioResult:
             nonlocal runs

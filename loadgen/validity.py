@@ -36,12 +36,12 @@ from scipy.special import betainc
 
 from servetune.loadgen.metrics import e2e_ms, summarize
 from servetune.loadgen.records import RequestRecord
+from servetune.loadgen.scenario_kinds import OPEN_LOOP, ScenarioKind
 
 CONFIDENCE = 0.99  # LoadGen's c; tolerance d = 0
-SCENARIO_PERCENTILE = {"server": 0.99, "interactive": 0.99, "single_stream": 0.90, "concurrency": 0.99}
+SCENARIO_PERCENTILE = {k.name: k.percentile for k in ScenarioKind.all() if k.percentile is not None}
 DEFAULT_MAX_ERROR_RATE = 0.01
 DEFAULT_MIN_KEEP_UP = 0.7
-OPEN_LOOP = ("server", "interactive")
 
 
 def _early_stopping_odds(h: int, t: int, p: float) -> float:
@@ -154,6 +154,8 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
     """
     s = _settings_view(settings)
     kind = s.kind
+    traits = ScenarioKind.find(kind)
+    e2e_estimate = bool(traits and traits.e2e_estimate)
     ttft_limit, tpot_limit = getattr(s, "ttft_limit_ms", None), getattr(s, "tpot_limit_ms", None)
     if require_early_stopping is None:
         require_early_stopping = getattr(s, "require_early_stopping", True)
@@ -187,10 +189,7 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
 
     min_duration = getattr(s, "duration_s", None)
     if min_duration:
-        clock_key, what = {"offline": ("last_done_s", "last completion"),
-                           "single_stream": ("last_sent_s", "last issue"),
-                           "concurrency": ("last_sent_s", "last issue")}.get(
-            kind, ("last_scheduled_s", "scheduled time of the last query"))
+        clock_key, what = (traits or ScenarioKind.get("server")).run_clock
         reached = summary.get(clock_key, float("nan"))
         if not reached >= min_duration:  # NaN (nothing issued) fails too
             reasons.append(f"min duration not met: {what} at {reached:.3f} s < {min_duration:g} s")
@@ -213,7 +212,7 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
         if ttft_limit is not None or tpot_limit is not None:
             notes.append(f"latency limits are not checked in the {kind} scenario")
     elif ttft_limit is None and tpot_limit is None:
-        if kind != "single_stream":
+        if not e2e_estimate:
             notes.append("no TTFT/TPOT limits given: latency constraints and early stopping not checked")
     else:
         pname = f"p{round(percentile * 100)}"
@@ -235,7 +234,7 @@ def verdict(source: Mapping[str, float] | Sequence[RequestRecord], settings: Any
                 early_stopping_short(f"{metric.upper()} early stopping not met (n={n}, need {need} with "
                                      f"{int(over)} over the {limit:g} ms limit at {pname})")
 
-    if kind == "single_stream":
+    if e2e_estimate:
         # LoadGen's SingleStream figure: the p90 early-stopping estimate of per-query latency.
         need = early_stopping_min_queries(1, 0.90)
         numbers["early_stopping_e2e_min_queries"] = need

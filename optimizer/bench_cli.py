@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from servetune.loadgen.scenario_kinds import SCENARIOS  # the registry alone: the parser imports no aiohttp/numpy
 from servetune.optimizer import secret_refs
 
 EXIT_USAGE = 2
@@ -93,11 +94,6 @@ def _keep_up_arg(text: str) -> float | None:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a ratio in [0, 1] or 'off', got {text!r}")
     return value
-
-
-# loadgen.scenarios.SCENARIOS, spelled out so building the parser imports no aiohttp/numpy (every
-# ``servetune`` command builds it); a test keeps the two equal.
-SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

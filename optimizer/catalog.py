@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from servetune.optimizer.parameters import PARAMETERS
+
 
 @dataclass(frozen=True)
 class ParamMapping:
@@ -66,7 +68,7 @@ def _read_yaml(name: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def parameters() -> dict[str, dict[str, Any]]:
     """The engine-neutral parameter names with type, help and dependencies."""
-    return _read_yaml("parameters.yaml")
+    return PARAMETERS
 
 
 @functools.lru_cache(maxsize=None)

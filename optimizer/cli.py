@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       markup=False)
 
     t0 = time.monotonic()
-    spec_objectives = [(o.scenario or spec.workload.scenarios[0].label, o.metric) for o in spec.objectives]
+    spec_objectives = spec.objective_keys()
     from servetune.optimizer.progress import RunProgress
 
     live = RunProgress(console, spec, _fmt_params)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
+from servetune.loadgen.sla import limit_excess
 from servetune.optimizer import rules
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
@@ -78,8 +79,7 @@ def gpu_memory_gib(spec: StudySpec) -> float:
 
 
 def objective_keys(spec: StudySpec) -> list[tuple[str, str]]:
-    first = spec.workload.scenarios[0].label
-    return [(o.scenario or first, o.metric) for o in spec.objectives]
+    return spec.objective_keys()
 
 
 def _judges_steady_state(sc: ScenarioPlan) -> bool:
@@ -459,15 +459,9 @@ class StudyDriver:
         constraints: dict[str, float] = {}
         for sc in scenario_plans(self.spec):
             summ = scenarios.get(sc.label, {}).get("summary", {})
-            mine = []
-            for limit_key, metric, short in (("ttft_limit_ms", "ttft_p99_ms", "ttft_p99"),
-                                             ("tpot_limit_ms", "tpot_p99_ms", "tpot_p99")):
-                limit = sc.settings.get(limit_key)
-                if limit:
-                    measured = summ.get(metric, math.inf)
-                    c = float(measured) / float(limit) - 1.0 if measured is not None and math.isfinite(measured) else 1e6
-                    constraints[f"{sc.label}.{short}"] = c
-                    mine.append(c)
+            excess = limit_excess(summ, sc.settings)
+            constraints.update({f"{sc.label}.{short}": c for short, c in excess.items()})
+            mine = list(excess.values())
             if _judges_steady_state(sc):
                 # the keep-up rule (loadgen.validity): p99 within limits at a rate the server cannot sustain is
                 # no SLA met; estimates carry no verdict and count as met

@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from servetune.loadgen.scenario_kinds import ScenarioKind
+from servetune.loadgen.sla import within_limits
+
 # Metric groups that share one calibration factor (a throughput error is the same factor on all of them).
 GROUPS: dict[str, tuple[str, ...]] = {
     "throughput": ("output_tokens_per_s", "output_tokens_per_s_per_gpu", "total_tokens_per_s", "requests_per_s",
@@ -71,14 +74,15 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     out: dict[str, Any] = {}
     for sc in scenarios:
         s = sc.settings
-        kind = s.get("kind")
+        kind = ScenarioKind.find(s.get("kind"))
+        drive = kind.drive if kind else None
         ins, outs, n_data = _lengths(getattr(sc, "dataset", None) or dataset)
         try:
-            if kind == "offline":
+            if drive == "all_at_once":
                 n = min(int(s.get("num_requests") or n_data), max_requests)
                 summ = simulate_offline(shape, gpu_spec, cfg, n_requests=n, input_tokens=ins, output_tokens=outs)
                 out[sc.label] = {"summary": summ}
-            elif kind in ("server", "interactive", "single_stream"):
+            elif drive in ("arrivals", "one_at_a_time"):  # one at a time: modelled as arrivals at a low rate
                 rates = s.get("qps")
                 rates = rates if isinstance(rates, list) else [rates if rates else 0.5]
                 m = getattr(sc, "max_qps", None)
@@ -93,9 +97,9 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
                     summ = simulate_server(shape, gpu_spec, cfg, qps=float(rate), duration_s=dur, input_tokens=ins,
                                            output_tokens=outs, seed=int(s.get("seed") or 0))
                     levels.append((rate, summ))
-                    if len(rates) > 1 and not _sla_met(summ, s):
+                    if len(rates) > 1 and not within_limits(summ, s):
                         break
-                met = [(r, x) for r, x in levels if _sla_met(x, s)]
+                met = [(r, x) for r, x in levels if within_limits(x, s)]
                 rate, summ = met[-1] if met else levels[0]
                 if len(rates) > 1:
                     summ = {**summ, "max_valid_qps": met[-1][0] if met else 0.0}
@@ -116,15 +120,6 @@ def _lengths(dataset: dict[str, Any]) -> tuple[int, int, int]:
     if dataset.get("kind", "random") != "random":
         return 512, 128, n  # a file or text dataset: typical lengths (calibration absorbs the difference)
     return int(dataset.get("input_tokens", 512)), int(dataset.get("output_tokens", 128)), n
-
-
-def _sla_met(summary: dict[str, Any], settings: dict[str, Any]) -> bool:
-    for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
-        limit = settings.get(limit_key)
-        v = summary.get(metric)
-        if limit and (v is None or not v <= limit):
-            return False
-    return True
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from servetune.loadgen.audit import contaminated
+from servetune.loadgen.sla import within_limits
 from servetune.optimizer import process, secret_refs
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import Failure, FailureKind
@@ -310,12 +311,7 @@ def sla_met(summary: dict[str, Any], settings: dict[str, Any], max_error_rate: f
     nothing: what it measured is not the configuration's."""
     if not summary.get("steady_state_met", 1.0) or summary.get("audit_contaminated"):
         return False
-    for limit_key, metric in (("ttft_limit_ms", "ttft_p99_ms"), ("tpot_limit_ms", "tpot_p99_ms")):
-        limit = settings.get(limit_key)
-        value = summary.get(metric)
-        if limit and (value is None or not value <= limit):
-            return False
-    return summary.get("error_rate", 0.0) <= max_error_rate
+    return within_limits(summary, settings) and summary.get("error_rate", 0.0) <= max_error_rate
 
 
 def _dataset(datasets, d: dict[str, Any]):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servetune.loadgen.scenario_kinds import ScenarioKind
+
 # Engine start (launch → /health 200), seconds, low-high, where the study's own run has none measured:
 # sim 1.6-2.1 s alone, 2.5-4.1 s in the quickstart on 2 cores shared with other jobs; vLLM 0.26 8B on H200
 # 61-94 s warm, 152 s cold; SGLang 0.5.17 8B 58-67 s warm, 123 s cold; a 70B took 120-293 s
@@ -122,18 +124,18 @@ def _estimate(d, accepted: list[tuple[str, dict]], baselines: dict[str, dict], k
 def _scenario_seconds(sc, est: list[dict[str, Any]], n_data: int) -> tuple[float, float]:
     """(shortest, longest) measured time of one scenario in one trial."""
     s = sc.settings
-    kind = s["kind"]
-    if kind == "offline":
+    kind = ScenarioKind.get(s["kind"])
+    if kind.drive == "all_at_once":
         n = int(s.get("num_requests") or n_data)
         rates = [x.get("requests_per_s") for x in est if x.get("requests_per_s")]
         if not rates:
             return (0.0, 0.0)
         return (n / max(rates), n / min(rates))
-    if kind == "single_stream":
+    if kind.drive == "one_at_a_time":
         n = int(s.get("num_requests") or n_data)
         e2e = [x.get("e2e_mean_ms") for x in est if x.get("e2e_mean_ms")]
         return (n * min(e2e) / 1000, n * max(e2e) / 1000) if e2e else (0.0, 0.0)
-    key = "concurrency" if kind == "concurrency" else "qps"
+    key = kind.rate_key or "qps"
     levels = s.get(key)
     levels = levels if isinstance(levels, list) else [levels]
     dur = float(s.get("duration_s") or 0.0)

@@ -12,10 +12,8 @@ from typing import Any
 
 import optuna
 
-from servetune.optimizer.catalog import Catalog, load_catalog, parameters
-
-PARAMETERS: dict[str, dict[str, Any]] = parameters()
-_OFF = (None, "none", False, "off", 0)
+from servetune.optimizer.catalog import Catalog, load_catalog
+from servetune.optimizer.parameters import PARAMETERS, is_off
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ class SearchSpace:
     @staticmethod
     def _active(name: str, chosen: dict[str, Any]) -> bool:
         parent = PARAMETERS[name].get("requires")
-        return parent is None or chosen.get(parent) not in _OFF
+        return parent is None or not is_off(chosen.get(parent))
 
 
 def _suggest(trial: optuna.Trial, dim: Dimension) -> Any:

@@ -25,6 +25,7 @@ from servetune.loadgen.client import Clock, open_session, run_loop, send
 from servetune.loadgen.datasets import SAFE_ID_LOW
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.records import Request, RequestRecord
+from servetune.loadgen.scenario_kinds import ScenarioKind
 from servetune.loadgen.search import LEVEL_TOKEN_BASE, concurrency_levels
 
 OUTPUT_TOKENS = 32  # output budget of a warm-up request (its decode steps run at the step's batch size)
@@ -53,15 +54,16 @@ def level_peak(settings: dict[str, Any], dataset_size: int, max_qps: dict[str, A
     batch grows no larger. At most the level's request count; for an arrival rate with latency limits, at
     most rate × the longest request that meets them (Little's law: TTFT limit + output tokens × TPOT
     limit), since a rate that holds more has missed the SLA anyway."""
-    kind = settings.get("kind")
+    found = ScenarioKind.find(settings.get("kind"))
+    drive = found.drive if found else None
     cap = settings.get("max_connections") or None
-    if kind == "single_stream":
+    if drive == "one_at_a_time":
         return 1
-    if kind == "concurrency":
+    if drive == "closed_loop":
         c = settings.get("concurrency")
         return int(max(c) if isinstance(c, list) else c or 1)
     n = settings.get("num_requests") or 0
-    if kind == "offline":
+    if drive == "all_at_once":
         n = n or dataset_size
     else:
         qps = settings.get("qps")

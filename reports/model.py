@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from servetune.loadgen.sla import SLA_PRESETS, sla_limits
+from servetune.loadgen.sla import SLA_PRESETS, resolve_limits
 from servetune.optimizer import study_yaml
 from servetune.optimizer.records import study_running
 
@@ -425,8 +425,8 @@ def _num(v: Any) -> Any:
     return v
 
 
-def _preset_limits(preset: Any, kind: str) -> tuple[float | None, float | None]:
-    return sla_limits(preset, kind) if preset in SLA_PRESETS else (None, None)
+def _preset_limits(preset: Any, kind: str, ttft: Any, tpot: Any) -> tuple[float | None, float | None]:
+    return resolve_limits(preset if preset in SLA_PRESETS else None, kind, ttft or None, tpot or None)
 
 
 def _scenarios(spec: dict[str, Any], raw: list[dict[str, Any]]) -> list[Scenario]:
@@ -452,8 +452,7 @@ def _scenarios(spec: dict[str, Any], raw: list[dict[str, Any]]) -> list[Scenario
             continue
         name = str(sc.get("name") or sc["kind"])
         sla = dict_at(sc, "sla")
-        ttft, tpot = _preset_limits(sla.get("preset"), str(sc["kind"]))
-        ttft, tpot = sla.get("ttft_p99_ms") or ttft, sla.get("tpot_p99_ms") or tpot
+        ttft, tpot = _preset_limits(sla.get("preset"), str(sc["kind"]), sla.get("ttft_p99_ms"), sla.get("tpot_p99_ms"))
         got = applied.get(name, {})
         out[name] = Scenario(name=name, kind=str(sc["kind"]), qps=got.get("qps", sc.get("qps")),
                              ttft_limit_ms=got.get("ttft_limit_ms", ttft),

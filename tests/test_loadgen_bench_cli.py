@@ -23,10 +23,10 @@ def test_parser_is_light_and_in_step_with_loadgen():
     import subprocess
     import sys
 
-    from servetune.loadgen.scenarios import SCENARIOS
+    from servetune.loadgen.scenario_kinds import ScenarioKind
     from servetune.optimizer import bench_cli
 
-    assert bench_cli.SCENARIOS == SCENARIOS
+    assert bench_cli.SCENARIOS == ScenarioKind.names()  # the --scenario choices are the registered kinds
     code = ("import argparse, sys; from servetune.optimizer.bench_cli import add_parser; "
             "add_parser(argparse.ArgumentParser().add_subparsers()); print('aiohttp' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

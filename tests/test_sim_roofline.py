@@ -175,7 +175,7 @@ def test_no_room_for_cache_blocks():
 def test_every_engine_neutral_parameter_is_understood():
     import yaml
     from pathlib import Path
-    names = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "parameters.yaml").read_text())
+    names = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "parameters.yaml").read_text())["parameters"]
     cfg = SimConfig.from_params({k: None for k in names if k not in
                                  ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_concurrency",
                                   "max_batched_tokens", "memory_fraction", "kv_block_size", "speculative_tokens",

@@ -51,3 +51,27 @@ def test_render_flags_styles_and_omission():
 def test_empty_search_uses_catalog_domains():
     space = SearchSpace(["sim"], {})
     assert set(space.dimensions) == set(load_catalog("sim").default_domains())
+
+
+def test_parameter_facts_live_once_in_parameters_yaml():
+    """Bounds and "off" values come from search_spaces/parameters.yaml alone: the spec, the search space
+    and the engines read the same table."""
+    from servetune.optimizer import catalog, space
+    from servetune.optimizer.engines import common
+    from servetune.optimizer.parameters import OFF_VALUES, PARAMETERS, bound_problem, is_off
+    from servetune.optimizer.spec import parse_study
+
+    assert catalog.parameters() is PARAMETERS is space.PARAMETERS and common.is_off is is_off
+    assert "off_values" not in PARAMETERS and None in OFF_VALUES
+    for v in (None, False, 0, 0.0, "", "none", "None", "OFF", "false", "0"):
+        assert is_off(v), v
+    for v in (True, 1, "ngram", "auto", "fp8"):
+        assert not is_off(v), v
+    assert bound_problem("tensor_parallel", 0) == "must be at least 1"
+    assert bound_problem("memory_fraction", 0) == bound_problem("memory_fraction", 1.5) == "must be above 0 and at most 1"
+    assert bound_problem("memory_fraction", 1) is None and bound_problem("attention_backend", -5) is None
+    study = ("name: p\nmodel: {preset: llama-3.2-1b}\nengines: [sim]\nworkload: {scenarios: [{kind: offline}]}\n"
+             "objectives: [{metric: output_tokens_per_s}]\nsearch:\n  speculative_method: [None, \"off\"]\n"
+             "  speculative_tokens: [2, 4]\n")
+    with pytest.raises(Exception, match="every value of search.speculative_method is off"):
+        parse_study(study, "p.yaml")

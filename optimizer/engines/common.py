@@ -11,10 +11,10 @@ import math
 import re
 from typing import Any
 
+from servetune.optimizer.parameters import is_off  # noqa: F401  (the engines' C.is_off; search_spaces/parameters.yaml)
+
 GIB = 1024**3
 MIB = 1024**2
-
-OFF = (None, "none", "off", "", False)
 
 # Weight quantization families: names an engine treats as the same checkpoint format.
 QUANT_FAMILIES: dict[str, str] = {
@@ -28,10 +28,6 @@ CHECKPOINT_ONLY = ("awq", "gptq")  # families that need weights quantized that w
 
 # Compute capability by GPU kind (hardware.py names): decides e.g. which attention kernels take fp8 KV.
 SM_BY_GPU = {"h100": 90, "h200": 90, "a100": 80, "l40s": 89, "l4": 89, "b200": 100}
-
-
-def is_off(v: Any) -> bool:
-    return v in OFF or (isinstance(v, str) and v.lower() in ("none", "off", "false", "0", ""))
 
 
 def as_int(v: Any, default: int) -> int:
