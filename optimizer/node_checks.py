@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.perfmodel.hardware import get_gpu
+
 # A GPU using more than this before any trial of ours holds it is busy with something else.
 BUSY_MIB = 2048.0
 
@@ -60,8 +63,6 @@ def _gpus() -> list[dict[str, Any]] | None:
 
 def gpu_type_matches(expected: str, nvidia_name: str) -> bool:
     """Whether nvidia-smi's name ("NVIDIA H100 80GB HBM3") is the study's GPU kind ("h100")."""
-    from servetune.optimizer.hardware import get_gpu
-
     try:
         return get_gpu(nvidia_name).name == expected
     except ValueError:  # a spelling the table does not know: the kind must appear as a word
@@ -79,8 +80,6 @@ def check_here(expect: dict[str, Any], gpu_ids: list[int] | None = None) -> dict
     if problem:
         reasons.append(problem)
     for es in e.engines:
-        from servetune.optimizer.engines import get_engine
-
         program = get_engine(es["name"], es.get("command"), es.get("version")).base_command()[0]
         if not (os.path.isabs(program) and os.access(program, os.X_OK)) and not shutil.which(program):
             reasons.append(f"{es['name']}: {program!r} is not installed here (not on PATH)")

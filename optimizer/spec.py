@@ -23,9 +23,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from servetune.optimizer import safe_read, study_yaml
+from servetune.optimizer.engines.registry import names as engine_names
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 
-ENGINES = ("sim", "vllm", "sglang")
+ENGINES = engine_names()
 SCENARIOS = ("offline", "server", "interactive", "single_stream", "concurrency")
 
 # MLPerf LLM latency limits (p99 TTFT ms, p99 TPOT ms); loadgen-and-mlperf.md §1.5.
@@ -167,7 +168,7 @@ class ModelSpec(_Strict):
             if not (p / "config.json").is_file():
                 _fail("model", [(("path",), f"{self.path!r} has no config.json{where}; point model.path at the "
                                             "checkpoint directory (the one holding config.json)")])
-            from servetune.optimizer.model_shapes import config_problem, load_shape
+            from servetune.optimizer.perfmodel.model_shapes import config_problem, load_shape
 
             try:  # the shape the pre-launch rules and the sim compute with: a hostile config.json fails here
                 why = config_problem(load_shape(path=str(p)))
@@ -206,7 +207,7 @@ class NodeTypeSpec(_Strict):
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, v: str) -> str:
-        from servetune.optimizer.hardware import get_gpu
+        from servetune.optimizer.perfmodel.hardware import get_gpu
 
         return get_gpu(v).name
 
@@ -244,7 +245,7 @@ class ClusterSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    name: Literal["sim", "vllm", "sglang"]
+    name: Literal[ENGINES]  # type: ignore[valid-type]
     command: list[str] | None = Field(None, description="how to start it, e.g. ['vllm', 'serve'] or a python path")
     version: str | None = Field(None, description="engine version whose flag mapping to use")
     extra_args: list[str] = Field(default_factory=list, description="flags passed after the mapped ones; a secret "
