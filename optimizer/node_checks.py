@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.perfmodel.hardware import get_gpu
 
@@ -110,9 +113,6 @@ def recheck(model_path: str | None) -> str | None:
 def check_nodes(node_ids: list[str], expect: NodeExpectations, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
     """Ask each node (a Ray task pinned to it) whether it can run the study: node id → ``check_here``'s
     answer, or reasons saying the node did not answer."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     remote = ray.remote(check_here)
     refs = {nid: remote.options(num_cpus=0, max_retries=0,
                                 scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)

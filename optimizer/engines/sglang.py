@@ -135,8 +135,8 @@ class SglangEngine(CatalogEngine):
             p.pop("max_batched_tokens", None)
         method = p.get("speculative_method")
         if C.is_off(method):
-            for k in SPEC_CHILDREN:
-                p.pop(k, None)
+            for child in SPEC_CHILDREN:
+                p.pop(child, None)
             return p
         algo = SPEC_ALGOS.get(str(method).lower(), str(method).upper())
         p.pop("speculative_lookup_max", None)

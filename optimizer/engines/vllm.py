@@ -185,8 +185,8 @@ class VllmEngine(CatalogEngine):
         p = dict(params)
         method = p.get("speculative_method")
         if C.is_off(method):
-            for k in SPEC_CHILDREN:
-                p.pop(k, None)
+            for child in SPEC_CHILDREN:
+                p.pop(child, None)
             return p
         method = str(method).lower()
         if method not in SPEC_NGRAM:

@@ -33,7 +33,8 @@ def weight_bytes(shape: dict[str, Any], quant: str | None) -> float | None:
         return None
     fam = quant_family(quant)
     if fam in PACKED_4BIT:
-        qc = shape.get("quantization_config") if isinstance(shape.get("quantization_config"), dict) else {}
+        found = shape.get("quantization_config")
+        qc: dict[str, Any] = found if isinstance(found, dict) else {}
         bits = float(qc.get("bits") or qc.get("w_bit") or 4)
         group = float(qc.get("group_size") or qc.get("q_group_size") or 128)
         per = bits / 8 + (2.0 / group if group > 0 else 0.0)
