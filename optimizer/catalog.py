@@ -2,7 +2,7 @@
 
 A catalog says, for one engine and version, how each engine-neutral parameter becomes a flag, what the
 engine's default is, and which domain to search when the study gives none. This is the one place a reader
-looks to follow a parameter from YAML to argv.
+looks to follow a parameter from YAML to argv (:func:`render_flags`) and back (:func:`parse_flags`).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 import yaml
+from packaging.version import Version
 
 from servetune.optimizer.parameters import PARAMETERS
 
@@ -101,8 +102,6 @@ def load_catalog(engine: str, version: str | None = None) -> Catalog:
 
 def _version_matches(version: str, spec: str) -> bool:
     """``spec`` is a version prefix ("0.33") or a lower bound (">=0.27")."""
-    from packaging.version import Version
-
     if spec.startswith(">="):
         return Version(version) >= Version(spec[2:])
     return version == spec or version.startswith(spec + ".")
@@ -145,3 +144,71 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
         return str(int(v))
     return str(v)
+
+
+def coerce(v: str) -> Any:
+    """A flag's text value as the YAML-ish scalar it spells: true/false, an int, a float, else the text."""
+    if v in ("true", "True"):
+        return True
+    if v in ("false", "False"):
+        return False
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_flags(catalog: Catalog, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The catalog's reverse mapping: argv fragment → (engine-neutral params, args no mapping claimed).
+
+    Engine spellings map back through ``values`` (fp8_e4m3 → fp8), bool styles back to booleans. What an
+    adapter spells out beyond the catalog reads back through its ``neutral_params``."""
+    seqs = []  # bool_argv fragments, longest first
+    by_flag: dict[str, list[ParamMapping]] = {}
+    for m in catalog.params.values():
+        if m.flag is None:
+            continue
+        if m.style == "bool_argv":
+            if m.when_true:
+                seqs.append((list(m.when_true), m.name, True))
+            if m.when_false:
+                seqs.append((list(m.when_false), m.name, False))
+            continue
+        by_flag.setdefault(m.flag, []).append(m)
+        if m.style == "bool_optional":
+            by_flag.setdefault("--no-" + m.flag.removeprefix("--"), []).append(m)
+    seqs.sort(key=lambda s: -len(s[0]))
+    params: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        hit = next((s for s in seqs if args[i: i + len(s[0])] == s[0]), None)
+        if hit:
+            params[hit[1]] = hit[2]
+            i += len(hit[0])
+            continue
+        ms = by_flag.get(a)
+        if not ms:
+            rest.append(a)
+            i += 1
+            continue
+        m = ms[0]
+        if m.style == "bool_optional":
+            params[m.name] = a == m.flag
+            i += 1
+        elif m.style == "bool_flag":
+            params[m.name] = True
+            i += 1
+        elif m.style == "bool_flag_inverted":
+            params[m.name] = False
+            i += 1
+        else:
+            raw = args[i + 1] if i + 1 < len(args) else ""
+            inverse = {str(v): k for k, v in m.values.items()}
+            v = inverse.get(raw, raw)
+            params[m.name] = coerce(v) if isinstance(v, str) else v
+            i += 2
+    return params, rest

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from servetune.optimizer import node_checks, placement, trial_files
+from servetune.optimizer.engines import simulated
 from servetune.optimizer.records import TrialPlan, TrialResult
 
 NODE_REFRESH_S = 10.0  # how often the driver looks for nodes that joined or left
@@ -154,7 +155,7 @@ class ClusterExecutor:
 
     def _expectations(self, node: placement.Node) -> node_checks.NodeExpectations:
         engines = [{"name": e.name, "command": e.command, "version": e.version} for e in self.spec.engines]
-        real = any(e.name != "sim" for e in self.spec.engines)
+        real = any(not simulated(e.name) for e in self.spec.engines)
         ntype = placement.node_type(node, list(self.cluster.node_types))
         gpu = (ntype.gpu if ntype else self.spec.hardware.gpu) if real else None
         return node_checks.NodeExpectations(model_path=self.model_path, engines=engines, gpu_type=gpu,

@@ -22,7 +22,7 @@ import optuna
 
 from servetune.loadgen.sla import limit_excess
 from servetune.optimizer import rules
-from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines import get_engine, simulated
 from servetune.optimizer.engines.base import ModelRef
 from servetune.optimizer.records import (ScenarioPlan, TrialPlan, TrialResult, close_session, gpu_use, open_session,
                                          read_sessions, trial_records, write_json_atomic)
@@ -61,7 +61,7 @@ class StudyOutcome:
 # -- building blocks ----------------------------------------------------------------------------------------
 
 def resolve_model(spec: StudySpec) -> ModelRef:
-    from servetune.optimizer.model_shapes import load_shape
+    from servetune.optimizer.perfmodel.model_shapes import load_shape
 
     m = spec.model
     path = spec.resolve_path(m.path) if m.path else None
@@ -73,7 +73,7 @@ def resolve_model(spec: StudySpec) -> ModelRef:
 def gpu_memory_gib(spec: StudySpec) -> float:
     if spec.hardware.gpu_memory_gib:
         return spec.hardware.gpu_memory_gib
-    from servetune.optimizer.hardware import get_gpu
+    from servetune.optimizer.perfmodel.hardware import get_gpu
 
     return get_gpu(spec.hardware.gpu).memory_gib
 
@@ -385,12 +385,8 @@ class StudyDriver:
         cat = self.space.catalogs[engine]
         reasons += [f"{engine} {cat.version} does not accept {p}={v} (search_spaces/{engine}.yaml lists its choices)"
                     for p, v in params.items() if p in cat.params and not cat.params[p].accepts(v)]
-        reasons += rules.check(full, self.model.shape, gpus_available=gpus,
-                               max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial,
-                               gpu_memory_gib=gpu_mem,
-                               default_memory_fraction=float(eng.defaults().get("memory_fraction") or 0.9),
-                               covered=eng.covers)
-        reasons += eng.check(full, self.model, gpu=gpu, gpu_memory_gib=gpu_mem, gpus_available=gpus)
+        reasons += rules.check(eng, full, self.model, gpu=gpu, gpu_memory_gib=gpu_mem, gpus_available=gpus,
+                               max_gpus_per_trial=self.spec.hardware.max_gpus_per_trial)
         return list(dict.fromkeys(reasons))
 
     def gpu_for(self, params: dict[str, Any]) -> tuple[str, float, float | None, int]:
@@ -402,7 +398,7 @@ class StudyDriver:
         t = type_named(list(self.spec.cluster.node_types), params.get("gpu"))
         if t is None:
             return self.spec.hardware.gpu, self.gpu_mem, self.spec.hardware.gpu_memory_gib, self.spec.hardware.gpus
-        from servetune.optimizer.hardware import get_gpu
+        from servetune.optimizer.perfmodel.hardware import get_gpu
 
         gpus = self.spec.hardware.gpus if self.spec.cluster.span_nodes else min(t.gpus_per_node, self.spec.hardware.gpus)
         return t.gpu, t.gpu_memory_gib or get_gpu(t.gpu).memory_gib, t.gpu_memory_gib, gpus
@@ -418,7 +414,7 @@ class StudyDriver:
             gpu=gpu, gpu_memory_gib=gpu_mem_override,
             engine_command=es.command, engine_version=es.version, extra_args=list(es.extra_args),
             extra_env=dict(es.env), ready_timeout_s=es.ready_timeout_s, is_baseline=is_baseline,
-            fake_gpus=(engine == "sim"), warmup=self.spec.workload.warmup.model_dump(),
+            fake_gpus=simulated(engine), warmup=self.spec.workload.warmup.model_dump(),
             audit=self.spec.workload.audit_settings(),
             quality=self.quality.trial_settings() if self.quality else None,
         )
@@ -567,7 +563,7 @@ class StudyDriver:
 
             return ClusterExecutor(self.spec, address, model_path=self.model.path if self.spec.model.path else None,
                                    on_note=lambda text: self.on_event("note", {"text": text}))
-        all_sim = all(e == "sim" for e in self.space.engines)
+        all_sim = all(simulated(e) for e in self.space.engines)
         return RayExecutor(self.spec.hardware.gpus, address=self.ray_address,
                            declare_gpus=all_sim or self.ray_address is None, run_dir=self.run_dir)
 

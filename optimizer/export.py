@@ -6,8 +6,9 @@ The source of truth is the trial's recorded launch argv (what was measured), not
 keeps every flag, in order, and changes only what a deployment must change — the listen address and port,
 the model path (a container sees the model where it is mounted), and ``--load-format dummy`` (random
 weights are a measurement device, never a deployment; dropped with a warning). The flags are checked
-against the catalog's reverse mapping (:func:`parse_flags`): parsing the exported command back yields the
-trial's engine-neutral parameters.
+against the catalog's reverse mapping (``Engine.parse_flags``): parsing the exported command back yields the
+trial's engine-neutral parameters. What differs by engine (image, pip package, Helm chart, Ray Serve's
+engine_kwargs) is a trait of the engine's adapter (``optimizer/engines/``).
 
 Choosing "best" is explicit (:func:`choose_trial`): an objective (default: the study's first), a scenario
 (default: that objective's scenario), and an SLA filter (trials whose ``sla_met`` is true in every scenario
@@ -38,14 +39,13 @@ from typing import Any
 import yaml
 
 from servetune.optimizer import secret_refs
+from servetune.optimizer.catalog import load_catalog
+from servetune.optimizer.engines import engine_class, get_engine, names, simulated
 
-FORMATS = ("vllm", "sglang", "sim", "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
-REAL_ENGINES = ("vllm", "sglang")
-SIM_FORMATS = ("sim", "command", "compose", "k8s", "json")  # what a simulated trial exports as
-DEFAULT_IMAGES = {
-    "vllm": "vllm/vllm-openai:v{version}",
-    "sglang": "lmsysorg/sglang:v{version}-cu129",
-}
+# An engine's name as a format is its launch command (a shell script), checked to be the engine measured.
+FORMATS = (*names(), "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
+REHEARSAL_FORMATS = ("command", "compose", "k8s", "json")  # the formats a simulated engine rehearses
+SIM_FORMATS = (*(n for n in names() if simulated(n)), *REHEARSAL_FORMATS)  # what a simulated trial exports as
 # Headline metrics shown in the choice line, with how to print them.
 _SHOWN = [("output_tokens_per_s_per_gpu", "tok/s/GPU"), ("ttft_p99_ms", "p99 TTFT"), ("tpot_p99_ms", "p99 TPOT")]
 
@@ -274,8 +274,6 @@ def quality_warnings(t: dict[str, Any], study: dict[str, Any]) -> list[str]:
         return []
     engine = t.get("engine") or ""
     try:
-        from servetune.optimizer.catalog import load_catalog
-
         defaults = load_catalog(engine, _engine_spec(study, engine).get("version")).defaults()
     except Exception:  # an engine without a catalog here: judge against the recorded parameters alone
         defaults = {}
@@ -358,76 +356,6 @@ def redact_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
     return out, names, warns
 
 
-def _coerce(v: str) -> Any:
-    if v in ("true", "True"):
-        return True
-    if v in ("false", "False"):
-        return False
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
-
-
-def parse_flags(catalog, args: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """The catalog's reverse mapping: argv fragment → (engine-neutral params, args no mapping claimed).
-
-    Engine spellings map back through ``values`` (fp8_e4m3 → fp8), bool styles back to booleans; SGLang's
-    ``--ep-size N`` (the neutral boolean spelled as the TP width) reads back as ``N > 1``."""
-    seqs = []  # bool_argv fragments, longest first
-    by_flag: dict[str, list] = {}
-    for m in catalog.params.values():
-        if m.flag is None:
-            continue
-        if m.style == "bool_argv":
-            if m.when_true:
-                seqs.append((list(m.when_true), m.name, True))
-            if m.when_false:
-                seqs.append((list(m.when_false), m.name, False))
-            continue
-        by_flag.setdefault(m.flag, []).append(m)
-        if m.style == "bool_optional":
-            by_flag.setdefault("--no-" + m.flag.removeprefix("--"), []).append(m)
-    seqs.sort(key=lambda s: -len(s[0]))
-    params: dict[str, Any] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        hit = next((s for s in seqs if args[i: i + len(s[0])] == s[0]), None)
-        if hit:
-            params[hit[1]] = hit[2]
-            i += len(hit[0])
-            continue
-        ms = by_flag.get(a)
-        if not ms:
-            rest.append(a)
-            i += 1
-            continue
-        m = ms[0]
-        if m.style == "bool_optional":
-            params[m.name] = a == m.flag
-            i += 1
-        elif m.style == "bool_flag":
-            params[m.name] = True
-            i += 1
-        elif m.style == "bool_flag_inverted":
-            params[m.name] = False
-            i += 1
-        else:
-            raw = args[i + 1] if i + 1 < len(args) else ""
-            inverse = {str(v): k for k, v in m.values.items()}
-            v = inverse.get(raw, raw)
-            v = _coerce(v) if isinstance(v, str) else v
-            if m.name == "expert_parallel" and isinstance(v, int) and not isinstance(v, bool):
-                v = v > 1
-            params[m.name] = v
-            i += 2
-    return params, rest
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the deployment context
 # ---------------------------------------------------------------------------------------------------------
@@ -472,24 +400,24 @@ def _size_gib(s: str) -> float:
 
 def _without_measurement_flags(args: list[str], engine: str) -> list[str]:
     """The trial's argv less the flags servetune added only to measure it (Engine.measurement_flags)."""
-    from servetune.optimizer.engines import get_engine
-
     try:
-        flags = set(get_engine(engine).measurement_flags)
-    except (KeyError, ValueError):  # an engine this version does not know: its argv as recorded
+        flags = set(engine_class(engine).measurement_flags)
+    except ValueError:  # an engine this version does not know: its argv as recorded
         return args
     return [a for a in args if a not in flags]
 
 
 def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any]:
     """Everything every template needs, as plain data. No secret value is ever read."""
-    from servetune.optimizer.catalog import load_catalog
-
     study = read_study(run_dir)
     t = choice.trial
     engine = t.get("engine") or "sim"
     version = str(t.get("engine_version") or "")
     warnings = list(choice.warnings)
+    try:
+        eng = get_engine(engine, None, version or None)
+    except ValueError as e:
+        raise ExportError(f"trial {t.get('number')}: {e}") from None
     catalog = load_catalog(engine, version or None)
     version = version or catalog.version
     argv = [str(a) for a in t.get("argv") or []]
@@ -509,9 +437,9 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
     model_rec = sp.model
     served_name = served_name or (study.get("model") or {}).get("name") or Path(model_rec).name
     name = _dns_name(opts.name or f"{study.get('name', 'servetune')}-{engine}")
-    simulated = engine not in REAL_ENGINES
+    is_sim = eng.simulated
     # the sim loads a preset by name (or a directory with config.json, given as --model-path): no model volume
-    container_model = opts.model_path or (model_rec if simulated else f"/models/{Path(model_rec).name or served_name}")
+    container_model = opts.model_path or (model_rec if is_sim else f"/models/{Path(model_rec).name or served_name}")
     shell_model = opts.model_path or model_rec
     host_model_dir = opts.model_host_path or model_rec
 
@@ -524,7 +452,7 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
 
     # the command as the engine's image and pip package provide it
     base = ["python3" if c == "{python}" else c for c in catalog.command]
-    if sp.base and sp.base[1:] != base[1:] and engine in REAL_ENGINES:
+    if sp.base and sp.base[1:] != base[1:] and not is_sim:
         warnings.append(f"the study launched the engine as {' '.join(sp.base)!r}; the export uses "
                         f"{' '.join(base)!r} (what the engine's image and pip package provide)")
 
@@ -572,22 +500,22 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
         st_version = _dist_version("servetune")
     except Exception:  # noqa: BLE001 - an uninstalled checkout
         st_version = "unknown"
-    if simulated:  # the sim is servetune's own server: its version is servetune's
+    if is_sim:  # the sim is servetune's own server: its version is servetune's
         version = st_version
         warnings.append("the simulated engine: this deployment rehearses the rollout with a server timed by a "
                         f"roofline model of {model_rec}; it serves no real model, and the trial's numbers were "
                         "modelled, not measured on a GPU")
-    image_tmpl = opts.image or DEFAULT_IMAGES.get(engine, "servetune-sim:{version}")
+    image_tmpl = opts.image or eng.image
     image = image_tmpl.format(version=version) if image_tmpl else ""
-    cpu = opts.cpu or (str(max(4, 8 * gpus)) if not simulated else "1")
-    memory = opts.memory or (f"{max(32, 64 * gpus)}Gi" if not simulated else "2Gi")
+    cpu = opts.cpu or (str(max(4, 8 * gpus)) if not is_sim else "1")
+    memory = opts.memory or (f"{max(32, 64 * gpus)}Gi" if not is_sim else "2Gi")
 
     metrics = {label: {k: v for k, v in (r.get("summary") or {}).items() if isinstance(v, (int, float))}
                for label, r in (t.get("scenarios") or {}).items()}
     ctx: dict[str, Any] = dict(
-        name=name, namespace=opts.namespace, engine=engine, version=version, image=image, simulated=simulated,
-        pip_spec="servetune" if simulated else f"{engine}=={version}", base_command=base,
-        gpu_request=0 if simulated else gpus, model_volume=not simulated or container_model.startswith("/"),
+        name=name, namespace=opts.namespace, engine=engine, version=version, image=image, simulated=is_sim,
+        pip_spec=eng.pip_spec(version), base_command=base,
+        gpu_request=0 if is_sim else gpus, model_volume=not is_sim or container_model.startswith("/"),
         shell_argv=base + engine_args(opts.host or "127.0.0.1", shell_model),
         container_args=engine_args("0.0.0.0", container_model),
         host=opts.host or "127.0.0.1", port=opts.port, health_path="/health", metrics_path="/metrics",
@@ -641,7 +569,7 @@ def _group(argv: list[str], nbase: int) -> list[list[str]]:
 
 def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dict[str, Any]:
     t = choice.trial
-    real = ctx["engine"] in REAL_ENGINES
+    real = not ctx["simulated"]
     return {
         "schema": "servetune.export/1",
         "provenance": {
@@ -688,49 +616,6 @@ def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dic
     }
 
 
-def vllm_engine_kwargs(ctx: dict[str, Any]) -> dict[str, Any]:
-    """vLLM flags → ``EngineArgs`` keyword names (what Ray Serve LLM's ``engine_kwargs`` takes)."""
-    args = list(ctx["container_args"][1:])  # model first
-    for f in ("--host", "--port", "--served-model-name"):
-        args = _drop_flag(args, f)
-    # API-server (frontend) flags are not EngineArgs; Ray Serve runs its own OpenAI front end.
-    frontend_only = {"--disable-uvicorn-access-log", "--disable-log-requests", "--enable-log-requests",
-                     "--api-key", "--enable-metrics"}
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            i += 1
-            continue
-        takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        if a in frontend_only:
-            i += 2 if takes_value else 1
-            continue
-        if takes_value and secret_refs.WHOLE_REF.match(args[i + 1]):  # a secret: Ray has no secret interpolation
-            ctx["warnings"].append(f"ray-serve: {a} takes a secret; left out of engine_kwargs (set it on the cluster)")
-            i += 2
-            continue
-        key = a[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
-            takes_value = False
-            value: Any = _coerce(val)
-        elif takes_value:
-            value = _coerce(args[i + 1])
-        elif key.startswith("no-"):
-            key, value = key[3:], False
-        else:
-            value = True
-        if "." in key:  # --speculative-config.method ngram -> speculative_config: {method: ngram}
-            head, sub = key.split(".", 1)
-            out.setdefault(head.replace("-", "_"), {})[sub] = value
-        else:
-            out[key.replace("-", "_")] = value
-        i += 2 if takes_value else 1
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------------------
@@ -773,21 +658,25 @@ def _yaml_scalar(v: Any) -> str:
 
 def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
     engine = ctx["engine"]
-    if fmt in REAL_ENGINES + ("sim",):
+    eng = engine_class(engine)
+    if fmt in names():
         if fmt != engine:
             raise ExportError(f"trial {ctx['trial_number']} ran on {engine}; --format {fmt} would launch a "
                               f"different engine than the one measured (use --format {engine} or command)")
         fmt = "command"
+    real = [n for n in names() if not simulated(n)]
     if ctx["simulated"] and fmt not in SIM_FORMATS:
         raise ExportError(f"trial {ctx['trial_number']} ran on the simulated engine: it exports as "
                           f"{', '.join(SIM_FORMATS)} (a rehearsal of the deployment without a GPU); --format {fmt} "
-                          "is for vllm and sglang trials. Measure the configuration on vllm or sglang "
-                          "(engines: [vllm]) to deploy it with a real model.")
-    if fmt == "ray-serve" and engine != "vllm":
-        raise ExportError("Ray Serve LLM (ray.serve.llm) runs vLLM only; an SGLang trial exports as "
-                          "command, compose, k8s, helm, kserve or json")
+                          f"is for {' and '.join(real)} trials. Measure the configuration on {' or '.join(real)} "
+                          f"(engines: [{real[-1]}]) to deploy it with a real model.")
     if fmt == "ray-serve":
-        ctx["engine_kwargs"] = vllm_engine_kwargs(ctx)
+        serve = get_engine(engine, None, ctx["version"]).ray_serve_engine_kwargs(list(ctx["container_args"]))
+        if serve is None:
+            raise ExportError(f"Ray Serve LLM (ray.serve.llm) runs vLLM only; a trial on {eng.label()} exports as "
+                              "command, compose, k8s, helm, kserve or json")
+        ctx["engine_kwargs"], warned = serve
+        ctx["warnings"] += warned
     files = list(_FILES[fmt])
     if ctx["simulated"] and fmt in ("compose", "k8s"):
         files.append(("Dockerfile.sim.j2", "Dockerfile"))
@@ -797,7 +686,7 @@ def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
         ctx["warnings"].append(f"the image {ctx['image']} is not published: build it from a servetune checkout "
                                f"first ({build})")
     if fmt == "helm":
-        files = [("helm-production-stack.yaml.j2" if engine == "vllm" else "helm-generic.yaml.j2", "values.yaml")]
+        files = [(eng.helm_template, "values.yaml")]
     env = _env()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

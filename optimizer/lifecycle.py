@@ -338,9 +338,7 @@ def _scrape(engine, url: str) -> dict[str, float] | None:
 
 
 def _delta(engine, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    if hasattr(engine, "metrics_delta"):
-        return engine.metrics_delta(before, after)
-    return {k: round(after[k] - before.get(k, 0.0), 6) for k in after}
+    return engine.metrics_delta(before, after)
 
 
 def _error_kinds(summary: dict[str, Any]) -> str:

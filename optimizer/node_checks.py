@@ -15,6 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.perfmodel.hardware import get_gpu
+
 # A GPU using more than this before any trial of ours holds it is busy with something else.
 BUSY_MIB = 2048.0
 
@@ -60,8 +66,6 @@ def _gpus() -> list[dict[str, Any]] | None:
 
 def gpu_type_matches(expected: str, nvidia_name: str) -> bool:
     """Whether nvidia-smi's name ("NVIDIA H100 80GB HBM3") is the study's GPU kind ("h100")."""
-    from servetune.optimizer.hardware import get_gpu
-
     try:
         return get_gpu(nvidia_name).name == expected
     except ValueError:  # a spelling the table does not know: the kind must appear as a word
@@ -79,8 +83,6 @@ def check_here(expect: dict[str, Any], gpu_ids: list[int] | None = None) -> dict
     if problem:
         reasons.append(problem)
     for es in e.engines:
-        from servetune.optimizer.engines import get_engine
-
         program = get_engine(es["name"], es.get("command"), es.get("version")).base_command()[0]
         if not (os.path.isabs(program) and os.access(program, os.X_OK)) and not shutil.which(program):
             reasons.append(f"{es['name']}: {program!r} is not installed here (not on PATH)")
@@ -111,9 +113,6 @@ def recheck(model_path: str | None) -> str | None:
 def check_nodes(node_ids: list[str], expect: NodeExpectations, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
     """Ask each node (a Ray task pinned to it) whether it can run the study: node id → ``check_here``'s
     answer, or reasons saying the node did not answer."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     remote = ray.remote(check_here)
     refs = {nid: remote.options(num_cpus=0, max_retries=0,
                                 scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)

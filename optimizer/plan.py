@@ -16,14 +16,9 @@ from typing import Any
 
 from servetune.loadgen.scenario_kinds import ScenarioKind
 
-# Engine start (launch → /health 200), seconds, low-high, where the study's own run has none measured:
-# sim 1.6-2.1 s alone, 2.5-4.1 s in the quickstart on 2 cores shared with other jobs; vLLM 0.26 8B on H200
-# 61-94 s warm, 152 s cold; SGLang 0.5.17 8B 58-67 s warm, 123 s cold; a 70B took 120-293 s
-# (docs/results/2026-11-22-*).
-START_S = {"sim": (1.5, 4.5), "vllm": (60.0, 155.0), "sglang": (55.0, 125.0)}
+# Engine start where the study's own run has none measured: each engine's typical one (Engine.start_s), but
+# a 70B took 120-293 s (docs/results/2026-11-22-*).
 START_S_LARGE = (120.0, 300.0)  # models of 40 GiB of weights and more (compile and load time grow with them)
-STOP_S = {"sim": 1.0}  # an engine's shutdown and the GPU's release; real engines default below
-STOP_S_REAL = 15.0
 OVERHEAD_S = 30.0  # Ray's start and the report at the end (the quickstart on 2 shared cores: 30 s together)
 ESTIMATES = 12  # configurations the estimator scores (0.2-0.3 s each on a laptop core)
 
@@ -158,6 +153,8 @@ def _scenario_seconds(sc, est: list[dict[str, Any]], n_data: int) -> tuple[float
 def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -> dict[str, Any]:
     from servetune.optimizer import rules
     from servetune.optimizer.driver import dataset_args, scenario_plans
+    from servetune.optimizer.engines.registry import engine_class
+    from servetune.optimizer.perfmodel.memory import weight_bytes
     from servetune.optimizer.records import trial_records
 
     n_data = int(dataset_args(spec).get("n") or 200)
@@ -169,12 +166,12 @@ def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -
     else:
         lo, hi = 0.0, 0.0
         for e in d.space.engines:
-            s = START_S.get(e, START_S["vllm"])
-            if e != "sim" and (rules.weight_bytes(d.model.shape, None) or 0) >= 40 * 1024**3:
+            s = engine_class(e).start_s
+            if not engine_class(e).simulated and (weight_bytes(d.model.shape, None) or 0) >= 40 * 1024**3:
                 s = START_S_LARGE
             lo, hi = max(lo, s[0]), max(hi, s[1])
         start, start_from = (lo, hi), "typical, docs/results"
-    stop = max(STOP_S.get(e, STOP_S_REAL) for e in d.space.engines)
+    stop = max(engine_class(e).stop_s for e in d.space.engines)
     per_scenario = {sc.label: _scenario_seconds(sc, durations.get(sc.label, []), n_data) for sc in scenario_plans(spec)}
     trial = (start[0] + stop + sum(a for a, _ in per_scenario.values()),
              start[1] + stop + sum(b for _, b in per_scenario.values()))

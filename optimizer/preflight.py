@@ -7,9 +7,17 @@ enumerated (every configuration rejected is an error; some rejected is what ``pl
 """
 from __future__ import annotations
 
+import difflib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from servetune.optimizer.driver import StudyDriver, make_sampler, resolve_model
+from servetune.optimizer.engines import simulated
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.space import SearchSpace
+from servetune.optimizer.spec import line_of
 
 # Configurations checked against the rules at most (engines × grid points); beyond it the space is too big to
 # enumerate up front and the rules judge each sampled configuration as before.
@@ -34,8 +42,6 @@ class Preflight:
 
 def check(spec, fname: str, *, check_paths: bool = True, enumerate_limit: int = ENUMERATE_LIMIT) -> Preflight:
     """Run every pre-launch check on a loaded study (``fname`` is its file, for line numbers)."""
-    from servetune.optimizer.spec import line_of
-
     pf = Preflight()
 
     def error(loc: tuple, msg: str) -> None:
@@ -49,8 +55,6 @@ def check(spec, fname: str, *, check_paths: bool = True, enumerate_limit: int = 
         _sampler(spec, space, error)
     if pf.errors or shape_spec is None or space is None:
         return pf
-    from servetune.optimizer.driver import StudyDriver
-
     try:
         pf.driver = StudyDriver(shape_spec)
     except (ValueError, FileNotFoundError) as e:  # nothing above missed it so far; say it rather than crash
@@ -69,8 +73,6 @@ def _path(loc: tuple) -> str:
 
 def _model(spec, check_paths: bool, error, notes: list[str]):
     """The spec whose model can be resolved (a copy with the preset, where only the path is unchecked)."""
-    from servetune.optimizer.driver import resolve_model
-
     m = spec.model
     try:
         resolve_model(spec)
@@ -96,13 +98,11 @@ def _model(spec, check_paths: bool, error, notes: list[str]):
 
 def _gpu(spec, error, notes: list[str]) -> None:
     """The GPU table gives memory (unless gpu_memory_gib does) and the sim's and estimator's timing."""
-    from servetune.optimizer.hardware import get_gpu
-
     hw = spec.hardware
     try:
         get_gpu(hw.gpu)
     except ValueError as e:
-        sim = any(e_.name == "sim" for e_ in spec.engines)
+        sim = any(simulated(e_.name) for e_ in spec.engines)
         if hw.gpu_memory_gib is None or sim or spec.fidelity.prescreen > 1:
             why = ("the sim and the estimator time it from the table" if sim or spec.fidelity.prescreen > 1
                    else "the memory rules need its memory: give hardware.gpu_memory_gib for a GPU not in the table")
@@ -113,8 +113,6 @@ def _gpu(spec, error, notes: list[str]) -> None:
 
 
 def _space(spec, error):
-    from servetune.optimizer.space import SearchSpace
-
     try:
         return SearchSpace([e.name for e in spec.engines], spec.search, {e.name: e.version for e in spec.engines})
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -124,8 +122,6 @@ def _space(spec, error):
 
 def _catalog_values(spec, space, error) -> None:
     """A searched value no engine of the study accepts: refused now, not as a failed launch (bad_args)."""
-    import difflib
-
     for name, dim in space.dimensions.items():
         if dim.choices is None:
             continue
@@ -138,14 +134,12 @@ def _catalog_values(spec, space, error) -> None:
             known = sorted({c for m in maps for c in m.choices})
             close = difflib.get_close_matches(str(v), known, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            engines = ", ".join(e if e == "sim" else f"{e} {space.catalogs[e].version}" for e in space.engines)
+            engines = ", ".join(e if simulated(e) else f"{e} {space.catalogs[e].version}" for e in space.engines)
             error(("search", name, i) if listed else ("search", name),
                   f"{v!r} is not a {name} that {engines} accepts{hint}; known: {', '.join(known)}")
 
 
 def _sampler(spec, space, error) -> None:
-    from servetune.optimizer.driver import make_sampler
-
     try:  # what run does when it opens the study (gp: PyTorch must be importable)
         make_sampler(spec, space, len(spec.objectives))
     except (ValueError, ImportError) as e:
@@ -154,8 +148,6 @@ def _sampler(spec, space, error) -> None:
 
 def _rules_over_space(pf: Preflight, spec, space, limit: int, error) -> None:
     """The pre-launch rules over every configuration (ranges at a few points); all rejected is an error."""
-    import math
-
     pf.exact = all(d.choices is not None for d in space.dimensions.values())
     per_engine = math.prod(len(d.grid(RANGE_POINTS)) for d in space.dimensions.values())
     if per_engine * len(space.engines) > limit:

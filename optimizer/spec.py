@@ -30,7 +30,7 @@ from servetune.optimizer.spec_base import (MAX_CONCURRENCY, MAX_GPUS, MAX_NAME, 
 from servetune.optimizer.spec_domains import Domain, RangeDomain, search_errors
 from servetune.optimizer.spec_errors import (SpecError, describe, did_you_mean, fail, fmt_path, line_map,
                                              nearest_line, structure_errors, validation_lines, yaml_error)
-from servetune.optimizer.spec_serving import (BudgetSpec, ClusterSpec, EngineSpec, FidelitySpec, HardwareSpec,
+from servetune.optimizer.spec_serving import (ENGINES, BudgetSpec, ClusterSpec, EngineSpec, FidelitySpec, HardwareSpec,
                                               ModelSpec, NodeTypeSpec, QualitySpec, SamplerSpec)
 from servetune.optimizer.storage_url import literal_password_error
 from servetune.optimizer.spec_workload import (METRICS, AuditSpec, DatasetSpec, MaxQPSSpec, ObjectiveSpec,
@@ -46,7 +46,6 @@ __all__ = [
     "line_of", "load_study", "parse_study", "rate_bracket", "rate_floor",
 ]
 
-ENGINES = ("sim", "vllm", "sglang")
 
 
 class StudySpec(StrictModel):

@@ -8,13 +8,16 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from servetune.optimizer.engines.registry import names as engine_names
 from servetune.optimizer.evalset import EvalSetError, load
-from servetune.optimizer.hardware import get_gpu
-from servetune.optimizer.model_shapes import config_problem, load_shape
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.perfmodel.model_shapes import config_problem, load_shape
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 from servetune.optimizer.spec_base import (MAX_GPUS, MAX_REQUESTS, MAX_SECONDS, MAX_SEED, MAX_TRIALS, MAX_WALL_S,
                                            StrictModel, base_dir_of, resolve_from)
 from servetune.optimizer.spec_errors import describe, fail
+
+ENGINES = engine_names()  # every registered engine (optimizer/engines/registry.py)
 
 class ModelSpec(StrictModel):
     preset: str | None = Field(None, description="built-in shape: llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, mixtral-8x7b")
@@ -115,7 +118,7 @@ class ClusterSpec(StrictModel):
 
 
 class EngineSpec(StrictModel):
-    name: Literal["sim", "vllm", "sglang"]
+    name: Literal[ENGINES]  # type: ignore[valid-type]
     command: list[str] | None = Field(None, description="how to start it, e.g. ['vllm', 'serve'] or a python path")
     version: str | None = Field(None, description="engine version whose flag mapping to use")
     extra_args: list[str] = Field(default_factory=list, description="flags passed after the mapped ones; a secret "

@@ -310,7 +310,7 @@ def _domain_schema(ptype: str) -> dict[str, Any]:
 
 def schema() -> dict[str, Any]:
     from servetune.optimizer.catalog import parameters
-    from servetune.optimizer.model_shapes import PRESETS
+    from servetune.optimizer.perfmodel.model_shapes import PRESETS
     from servetune.optimizer.spec import ENGINES, METRICS, SLA_PRESETS, StudySpec
 
     s = copy.deepcopy(StudySpec.model_json_schema())

@@ -44,6 +44,7 @@ import yaml
 
 from servetune.loadgen.sla import SLA_PRESETS, resolve_limits
 from servetune.optimizer import study_yaml
+from servetune.optimizer.engines import simulated
 from servetune.optimizer.records import study_running
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Run:
             for eng, ver in self.trials[["engine", "engine_version"]].itertuples(index=False):
                 if isinstance(eng, str) and eng:
                     # the sim is servetune's own engine: its catalog revision ("1") is no release to name
-                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver and eng != "sim" else eng] = None
+                    seen[f"{eng} {ver}" if isinstance(ver, str) and ver and not simulated(eng) else eng] = None
         if not seen:
             for e in self.spec.get("engines") or []:
                 name = e.get("name") if isinstance(e, dict) else e

@@ -1,6 +1,6 @@
 """How close a trial came to the hardware: measured output tokens/s against a roofline bound (an estimate).
 
-The bound is the sim's roofline (``engines/sim/roofline.py``) for the trial's own configuration, model shape
+The bound is the sim's roofline (``optimizer/perfmodel/roofline.py``) for the trial's own configuration, model shape
 and GPU, with two changes that make it a ceiling rather than a prediction: the GPU runs at its datasheet
 peak (compute, HBM and link efficiency 1.0, where the sim assumes 0.65 / 0.80 / 0.70), and host overhead
 (scheduling, launch, sampling) costs nothing. It is evaluated for the *average* engine step of the
@@ -22,6 +22,10 @@ from typing import Any
 
 import pandas as pd
 
+from servetune.optimizer.engines.sim.scheduler import SimConfig
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.roofline import Roofline, StepBatch
 from servetune.reports.model import PARAM, Run
 
 EXPLANATION = ("measured output tokens/s over the sim roofline's bound for this configuration, model "
@@ -45,14 +49,10 @@ class RooflineEstimate:
 
 @lru_cache(maxsize=16)
 def _shape(preset: str | None, path: str | None):
-    from servetune.optimizer.model_shapes import ModelShape
-
     return ModelShape.load(preset=preset, path=path)
 
 
 def _peak_gpu(name: str, memory_gib: float | None):
-    from servetune.optimizer.hardware import get_gpu
-
     g = get_gpu(name).with_memory(memory_gib)
     return dataclasses.replace(g, compute_efficiency=1.0, bandwidth_efficiency=1.0, link_efficiency=1.0)
 
@@ -104,9 +104,6 @@ def estimate(run: Run, row: pd.Series, scenario: str) -> RooflineEstimate:
 
 
 def _estimate(run: Run, row: pd.Series, scenario: str) -> RooflineEstimate:
-    from servetune.optimizer.engines.sim.roofline import Roofline, StepBatch
-    from servetune.optimizer.engines.sim.scheduler import SimConfig
-
     measured = _f(row.get(f"{scenario}.output_tokens_per_s"))
     if measured is None:
         return RooflineEstimate(None, note="not measured")

@@ -212,7 +212,7 @@ def test_a_heterogeneous_cluster_searches_the_gpu_type_and_places_each_trial_on_
 
 
 def _tiny_model(root: Path) -> Path:
-    from servetune.optimizer.model_shapes import load_shape
+    from servetune.optimizer.perfmodel.model_shapes import load_shape
 
     d = root / "models" / "tiny"
     d.mkdir(parents=True)

@@ -16,7 +16,7 @@ from servetune.optimizer.catalog import load_catalog, parameters, render_flags
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
 from servetune.optimizer.engines.version_check import flags_in_help, main as version_check_main, missing_flags, used_flags
-from servetune.optimizer.model_shapes import load_shape
+from servetune.optimizer.perfmodel.model_shapes import load_shape
 
 HELP = Path(__file__).parent / "fixtures" / "engine_help"
 VERSIONS = [("vllm", "0.26.0"), ("vllm", "0.33.0"), ("sglang", "0.5.17"), ("sglang", "0.5.20")]

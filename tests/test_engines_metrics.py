@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from servetune.optimizer.engines import get_engine
-from servetune.optimizer.engines.common import summarize_vllm_metrics
+from servetune.optimizer.engines.vllm_metrics import summarize_vllm_metrics
 
 VLLM_BEFORE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

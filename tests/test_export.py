@@ -15,8 +15,7 @@ import yaml
 from servetune.optimizer.catalog import load_catalog, render_flags
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.export import (ExportError, Options, _dns_name, choose_trial, export, parse_flags,
-                                        split_argv)
+from servetune.optimizer.export import ExportError, Options, _dns_name, choose_trial, export, split_argv
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_secret123"
@@ -374,14 +373,14 @@ def _expected(engine: str) -> dict:
     cat = load_catalog(engine)
     eng = get_engine(engine)
     params = VLLM_PARAMS if engine == "vllm" else SGLANG_PARAMS
-    return {k: v for k, v in eng._effective(params).items() if render_flags(cat, {k: v})}
+    return {k: v for k, v in eng.launch_params(params).items() if render_flags(cat, {k: v})}
 
 
 def _roundtrip(engine: str, argv: list[str]) -> dict:
     cat = load_catalog(engine)
     sp = split_argv(argv, cat)
-    params, rest = parse_flags(cat, sp.args)
-    assert render_flags(cat, params) == render_flags(cat, get_engine(engine)._effective(
+    params, rest = get_engine(engine).parse_flags(sp.args)
+    assert render_flags(cat, params) == render_flags(cat, get_engine(engine).launch_params(
         VLLM_PARAMS if engine == "vllm" else SGLANG_PARAMS))
     return params
 
@@ -476,9 +475,9 @@ def test_parse_flags_inverts_every_catalog_value(engine):
             params = {"tensor_parallel": 2, name: value}
             if name.startswith("speculative_") and name != "speculative_method":
                 params["speculative_method"] = "ngram"
-            eff = eng._effective(params)
+            eff = eng.launch_params(params)
             argv = render_flags(cat, eff)
-            parsed, rest = parse_flags(cat, argv)
+            parsed, rest = eng.parse_flags(argv)
             assert rest == [], (name, value, argv)
             want = {k: v for k, v in eff.items() if render_flags(cat, {k: v})}
             if engine == "sglang" and name == "expert_parallel":
@@ -521,7 +520,7 @@ def test_gpu_record_round_trips(tmp_path):
     (doc,) = [d for d in yaml.safe_load_all(res.files[0].read_text()) if d]
     c = doc["spec"]["predictor"]["containers"][0]
     cat = load_catalog("vllm")
-    params, rest = parse_flags(cat, split_argv(c["command"] + c["args"], cat).args)
+    params, rest = get_engine("vllm").parse_flags(split_argv(c["command"] + c["args"], cat).args)
     assert params == t["params"]
     assert rest == ["--served-model-name", "llama8b", "--host", "0.0.0.0", "--port", "8000",
                     "--disable-uvicorn-access-log"]

@@ -84,7 +84,7 @@ def test_the_real_smollm2_gguf_converts_to_a_checkpoint_vllm_loads(tmp_path):
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["vocab_size"], cfg["tie_word_embeddings"]) == (576, 30, 9, 3, 49152, True)
     assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 100000.0
-    from servetune.optimizer.model_shapes import PRESETS
+    from servetune.optimizer.perfmodel.model_shapes import PRESETS
 
     assert {k: cfg[k] for k in PRESETS["smollm2-135m"] if k != "torch_dtype"} == \
         {k: v for k, v in PRESETS["smollm2-135m"].items() if k != "torch_dtype"}

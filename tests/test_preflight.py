@@ -43,7 +43,7 @@ def test_validate_and_run_refuse_the_same_bad_studies_at_their_own_line(capsys, 
 
 def _materialize(example: Path, tmp: Path) -> Path:
     """The example with its checkpoint directory made here (config.json of the same shape, no weights)."""
-    from servetune.optimizer.model_shapes import PRESETS
+    from servetune.optimizer.perfmodel.model_shapes import PRESETS
 
     text = example.read_text()
     for m in re.finditer(r"path: (/tmp/models/([\w.-]+))", text):

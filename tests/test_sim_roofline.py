@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from servetune.optimizer.engines.sim.roofline import PER_SEQ_S, STEP_OVERHEAD_S, Roofline, StepBatch
+from servetune.optimizer.perfmodel.roofline import PER_SEQ_S, STEP_OVERHEAD_S, Roofline, StepBatch
 from servetune.optimizer.engines.sim.scheduler import (Scheduler, SimConfig, SimConfigError, SimRequest,
                                                        SimStartupError, memory_plan)
-from servetune.optimizer.hardware import GPUS, GpuSpec, get_gpu
-from servetune.optimizer.model_shapes import PRESETS, ModelShape, load_shape
+from servetune.optimizer.perfmodel.hardware import GPUS, GpuSpec, get_gpu
+from servetune.optimizer.perfmodel.model_shapes import PRESETS, ModelShape, load_shape
 
 # A GPU with round numbers and no derating, so step times can be worked out by hand.
 UNIT_GPU = GpuSpec("unit", memory_gib=16, bf16_tflops=100, fp8_tflops=200, hbm_tb_s=1.0, link_gb_s=100,

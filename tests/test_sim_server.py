@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 
 from servetune.optimizer.engines.prometheus import parse_prometheus
-from servetune.optimizer.engines.sim.roofline import StepBatch
+from servetune.optimizer.perfmodel.roofline import StepBatch
 from servetune.optimizer.engines.sim.scheduler import SimConfig, build_roofline
-from servetune.optimizer.hardware import get_gpu
-from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
 
 MODULE = "servetune.optimizer.engines.sim"
 

@@ -9,8 +9,8 @@ import pytest
 from servetune.loadgen.datasets import text_task_dataset
 from servetune.optimizer.engines.sim.answer import Answer, find_source, prompt_seed
 from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest
-from servetune.optimizer.hardware import get_gpu
-from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
 
 
 def vllm_ngram(tokens: list, lo: int, hi: int, k: int) -> list:

@@ -9,6 +9,7 @@ from typing import Any
 from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines.base import Engine
 from servetune.optimizer.engines.prometheus import gauge_max
+from servetune.optimizer.engines.registry import engine_class, get_engine, names
 from servetune.optimizer.process import http_get
 
 
@@ -53,12 +54,12 @@ class EngineProbe:
 def probe_for_server(metrics_url: str) -> tuple[EngineProbe | None, str]:
     """A probe for a server someone else started (``servetune bench``): the engine is told by the names its
     /metrics exposes. (None, why) when it exposes none servetune reads."""
-    from servetune.optimizer.engines import get_engine
-
     text = http_get(metrics_url)
     if text is None:
         return None, f"{metrics_url} did not answer: no audit"
-    for prefix, name in (("vllm:", "vllm"), ("sglang:", "sglang")):
-        if f"\n{prefix}" in f"\n{text}":
-            return EngineProbe(get_engine(name), metrics_url), f"{name} metrics at {metrics_url}"
-    return None, f"{metrics_url} exposes neither vLLM's nor SGLang's metrics: no audit"
+    real = [engine_class(n) for n in names() if not engine_class(n).simulated and engine_class(n).metrics_prefix]
+    for cls in real:
+        if f"\n{cls.metrics_prefix}" in f"\n{text}":
+            return EngineProbe(get_engine(cls.name), metrics_url), f"{cls.name} metrics at {metrics_url}"
+    known = " nor ".join(f"{c.label()}'s" for c in real)
+    return None, f"{metrics_url} exposes neither {known} metrics: no audit"

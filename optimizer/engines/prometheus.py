@@ -1,4 +1,5 @@
-"""Minimal Prometheus text-format reader: enough for engine /metrics scraping (gauges, counters, histograms)."""
+"""Minimal Prometheus text-format reader: enough for engine /metrics scraping (gauges, counters, histograms),
+and the arithmetic of two scrapes that every engine's summary of a measured window uses."""
 from __future__ import annotations
 
 import math
@@ -71,3 +72,22 @@ def gauge_max(text: str, name: str) -> float | None:
             continue
         if not math.isnan(value):
             best = value if best is None else max(best, value)
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """How far a counter moved between two scrapes; None when the second does not have it."""
+    if name not in after:
+        return None
+    return after[name] - before.get(name, 0.0)
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, None where either is unknown or den is not positive."""
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def finite_rounded(d: dict[str, float | None]) -> dict[str, float]:
+    """The known, finite values of a summary, rounded to 6 decimals."""
+    return {k: round(float(v), 6) for k, v in d.items() if v is not None and math.isfinite(float(v))}

@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
+
 from servetune.optimizer.engines import common as C
 from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines.base import CatalogEngine, Failure, FailureKind, ModelRef
 from servetune.optimizer.engines.classify import Rule, classify_with
+from servetune.optimizer.engines.prometheus import counter_delta, finite_rounded, ratio
+from servetune.optimizer.engines.registry import register
+from servetune.optimizer.perfmodel import memory as M
 
 # Neutral speculative_method -> what SGLang runs. NEXTN is an alias of EAGLE (MTP heads in the checkpoint).
 SPEC_ALGOS = {"ngram": "NGRAM", "eagle": "EAGLE", "eagle3": "EAGLE3", "draft_model": "STANDALONE", "mtp": "NEXTN"}
@@ -91,18 +96,31 @@ SGLANG_DISTURBANCES = (
 )
 
 
+@register("sglang")
 class SglangEngine(CatalogEngine):
-    name = "sglang"
-    covers = frozenset({"gpus", "heads", "weights"})
+    display_name = "SGLang"
+    # SGLang 0.5.17 8B on H200: 58-67 s warm, 123 s cold (docs/results/2026-11-22-*)
+    start_s = (55.0, 125.0)
+    image = "lmsysorg/sglang:v{version}-cu129"
+    pip_package = "sglang"
+    metrics_prefix = "sglang:"
     kv_usage_metric = "sglang:token_usage"
     disturbances = SGLANG_DISTURBANCES
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, *, extra_args: list[str] | None = None, **kw):
         # /metrics exists only with --enable-metrics; servetune always scrapes it.
-        return super().plan(self._effective(params), model, extra_args=["--enable-metrics", *(extra_args or [])], **kw)
+        return super().plan(params, model, extra_args=["--enable-metrics", *(extra_args or [])], **kw)
 
-    def _effective(self, params: dict[str, Any]) -> dict[str, Any]:
+    def neutral_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """--ep-size N reads back as the neutral boolean (N > 1: EP across the TP group)."""
+        p = dict(params)
+        ep = p.get("expert_parallel")
+        if isinstance(ep, int) and not isinstance(ep, bool):
+            p["expert_parallel"] = ep > 1
+        return p
+
+    def launch_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Neutral parameters as SGLang needs them spelled out:
         - expert_parallel true -> --ep-size = tensor_parallel (false -> not passed, ep 1);
         - chunked_prefill false -> --chunked-prefill-size -1, so max_batched_tokens is dropped;
@@ -117,8 +135,8 @@ class SglangEngine(CatalogEngine):
             p.pop("max_batched_tokens", None)
         method = p.get("speculative_method")
         if C.is_off(method):
-            for k in SPEC_CHILDREN:
-                p.pop(k, None)
+            for child in SPEC_CHILDREN:
+                p.pop(child, None)
             return p
         algo = SPEC_ALGOS.get(str(method).lower(), str(method).upper())
         p.pop("speculative_lookup_max", None)
@@ -156,12 +174,9 @@ class SglangEngine(CatalogEngine):
               gpus_available: int) -> list[str]:
         shape = model.shape or {}
         raw = dict(params)
-        p = self._effective(params)
+        p = self.launch_params(params)
         r: list[str] = []
-        tp = C.as_int(p.get("tensor_parallel"), 1)
         pp = C.as_int(p.get("pipeline_parallel"), 1)
-        r += C.gpu_count_rule(p, gpus_available)
-        r += C.heads_rules(p, shape)
         r += C.quantization_rules(p, shape, "SGLang")
         r += C.block_quant_rule(p, shape)
         if C.truthy(raw.get("expert_parallel")) and not C.is_moe(shape):
@@ -172,8 +187,6 @@ class SglangEngine(CatalogEngine):
         r += self._value_rules(p, shape)
         r += self._chunk_rules(raw, p, gpu_memory_gib)
         r += self._spec_rules(raw, p, shape, pp)
-        if not r:
-            r += self._memory_rules(raw, p, shape, gpu_memory_gib, tp, pp)
         return r
 
     def _value_rules(self, p: dict[str, Any], shape: dict[str, Any]) -> list[str]:
@@ -205,8 +218,6 @@ class SglangEngine(CatalogEngine):
         return r
 
     def _policies(self) -> set[str]:
-        from packaging.version import InvalidVersion, Version
-
         out: set[str] = set()
         for v, extra in SCHED_POLICIES.items():
             try:
@@ -300,33 +311,39 @@ class SglangEngine(CatalogEngine):
             reserved = max(reserved, 10 * 1024)
         return round((mb - reserved) / mb, 3)
 
-    def _memory_rules(self, raw: dict[str, Any], p: dict[str, Any], shape: dict[str, Any], gib: float,
-                      tp: int, pp: int) -> list[str]:
+    def check_memory(self, params: dict[str, Any], model: ModelRef, *, gpu: str,
+                     gpu_memory_gib: float) -> list[str]:
         """SGLang sizes weights + KV pool as mem_fraction_static·memory ('Not enough memory' if the pool is
         empty); activations and CUDA graphs must fit in the rest."""
+        gib = gpu_memory_gib
         if not gib or gib <= 0:
             return []
+        shape = model.shape or {}
+        raw = dict(params)
+        p = self.launch_params(params)
+        tp = C.as_int(p.get("tensor_parallel"), 1)
+        pp = C.as_int(p.get("pipeline_parallel"), 1)
         dp = C.as_int(p.get("data_parallel"), 1)
         quant = C.effective_quant(p, shape)
-        w = C.weights_per_gpu(shape, quant, tp, pp, dp, C.truthy(raw.get("expert_parallel")))
+        w = M.weights_per_gpu(shape, quant, tp, pp, dp, C.truthy(raw.get("expert_parallel")))
         if w is None:
             return []
         explicit = p.get("memory_fraction") is not None
         frac = float(p["memory_fraction"]) if explicit else self.auto_memory_fraction(raw, gib, tp, pp)
-        static = frac * gib * C.GIB
+        static = frac * gib * M.GIB
         q = quant or "none"
         if static - w <= 0:
             how = f"memory_fraction={frac:g}" if explicit else f"SGLang's automatic memory_fraction (~{frac:g})"
-            return [f"weights need {C.fmt_gib(w)} per GPU (quantization={q}, tensor_parallel={tp}, "
+            return [f"weights need {M.fmt_gib(w)} per GPU (quantization={q}, tensor_parallel={tp}, "
                     f"pipeline_parallel={pp}) but {how} of {gib:g} GiB gives weights + KV only "
-                    f"{C.fmt_gib(static)}: no KV pool ('Not enough memory'); shard wider or quantize"]
+                    f"{M.fmt_gib(static)}: no KV pool ('Not enough memory'); shard wider or quantize"]
         if explicit:
             chunk = self.resolve_chunk(raw, gib)
-            act = C.activation_floor_bytes(shape, chunk if chunk > 0 else 16384, tp)
-            rest = (1 - frac) * gib * C.GIB
+            act = M.activation_floor_bytes(shape, chunk if chunk > 0 else 16384, tp)
+            rest = (1 - frac) * gib * M.GIB
             if rest < act:
-                return [f"memory_fraction={frac:g} leaves {C.fmt_gib(rest)} of {gib:g} GiB outside weights + KV, "
-                        f"less than the {C.fmt_gib(act)} a {max(chunk, 0) or 16384}-token prefill needs at least: "
+                return [f"memory_fraction={frac:g} leaves {M.fmt_gib(rest)} of {gib:g} GiB outside weights + KV, "
+                        f"less than the {M.fmt_gib(act)} a {max(chunk, 0) or 16384}-token prefill needs at least: "
                         "lower memory_fraction or max_batched_tokens"]
         return []
 
@@ -340,7 +357,54 @@ class SglangEngine(CatalogEngine):
         return f
 
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return C.summarize_sglang_metrics(before, after)
+        return summarize_sglang_metrics(before, after)
 
     def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
-        return C.sglang_audit_counters(metrics)
+        return sglang_audit_counters(metrics)
+
+
+# -- /metrics ----------------------------------------------------------------------------------------------
+def summarize_sglang_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """SGLang /metrics (``--enable-metrics``) between two scrapes → the same engine-neutral keys as vLLM.
+
+    SGLang retracts (re-queues) requests where vLLM preempts them: both count as ``preemptions``. Its
+    speculative acceptance rate is a gauge of the latest logged batch, taken at ``after``; the mean acceptance
+    length over the window comes from counters where SGLang has them: every verification call of a request
+    emits its accepted drafts plus one token, and each request's first token comes from its prefill, so it is
+    (Δgeneration tokens − Δrequests) / Δspec_verify_calls (the gauge otherwise).
+    """
+    d = lambda n: counter_delta(before, after, n)  # noqa: E731
+    hit = ratio(d("sglang:cached_tokens_total"), d("sglang:prompt_tokens_total"))
+    if hit is None:
+        hit = after.get("sglang:cache_hit_rate")
+    pre = d("sglang:num_retracted_requests_total")
+    verify, gen, reqs = d("sglang:spec_verify_calls_total"), d("sglang:generation_tokens_total"), \
+        d("sglang:num_requests_total")
+    mean_len = ratio(None if gen is None or reqs is None else gen - reqs, verify)
+    return finite_rounded({
+        "spec_drafts": verify if verify else None,
+        "kv_cache_usage": after.get("sglang:token_usage"),
+        "running": after.get("sglang:num_running_reqs"),
+        "waiting": after.get("sglang:num_queue_reqs"),
+        "preemptions": pre if pre is not None else after.get("sglang:num_retracted_reqs"),
+        "prefix_cache_hit_rate": hit,
+        "spec_acceptance_rate": after.get("sglang:spec_accept_rate"),
+        "spec_mean_acceptance_length": mean_len if mean_len is not None else after.get("sglang:spec_accept_length"),
+        "prompt_tokens": d("sglang:prompt_tokens_total"),
+        "generation_tokens": d("sglang:generation_tokens_total"),
+        "requests_succeeded": d("sglang:num_requests_total"),
+    })
+
+
+def sglang_audit_counters(m: dict[str, float]) -> dict[str, float]:
+    """SGLang's cumulative counters (``--enable-metrics``). Its radix cache looks up every prompt token, so
+    the prompt tokens are the queries; ``cached_tokens_total`` are the hits; a retracted request is
+    SGLang's preemption. Its token counters move when a request finishes (tokenizer manager)."""
+    names = {"prompt_tokens": "sglang:prompt_tokens_total", "generation_tokens": "sglang:generation_tokens_total",
+             "prefix_cache_queries": "sglang:prompt_tokens_total", "prefix_cache_hits": "sglang:cached_tokens_total",
+             "preemptions": "sglang:num_retracted_requests_total", "requests_finished": "sglang:num_requests_total",
+             "kv_cache_usage": "sglang:token_usage"}
+    out = {k: m[n] for k, n in names.items() if n in m}
+    if "sglang:num_running_reqs" in m:
+        out["in_flight"] = m["sglang:num_running_reqs"] + m.get("sglang:num_queue_reqs", 0.0)
+    return out

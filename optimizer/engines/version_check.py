@@ -19,10 +19,10 @@ import subprocess
 import sys
 from typing import Any
 
-_FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+from servetune.optimizer.engines.base import ModelRef
+from servetune.optimizer.engines.registry import engine_class, get_engine, names
 
-# The help command per engine, as an argv suffix to the engine's launch command.
-HELP_ARGS = {"vllm": ["--help=all"], "sglang": ["--help"]}
+_FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 
 def flags_in_help(text: str) -> set[str]:
@@ -53,8 +53,6 @@ def _flag_name(token: str) -> str:
 
 def used_flags(engine: Any) -> dict[str, list[str]]:
     """Every flag the adapter can emit → the parameters (or fixed parts of the command) that emit it."""
-    from servetune.optimizer.engines.base import ModelRef
-
     cat = engine.catalog
     used: dict[str, list[str]] = {}
 
@@ -91,17 +89,13 @@ def used_flags(engine: Any) -> dict[str, list[str]]:
 
 def missing_flags(help_text: str, engine_name: str, version: str | None = None) -> list[tuple[str, list[str]]]:
     """Flags the adapter would pass that the help text does not declare: [(flag, [parameters])]."""
-    from servetune.optimizer.engines import get_engine
-
     engine = get_engine(engine_name, None, version)
     known = flags_in_help(help_text)
     return [(f, who) for f, who in sorted(used_flags(engine).items()) if f not in known]
 
 
 def help_text_of(engine_name: str, command: list[str] | None = None) -> str:
-    from servetune.optimizer.engines import get_engine
-
-    argv = (command or get_engine(engine_name).base_command()) + HELP_ARGS.get(engine_name, ["--help"])
+    argv = (command or get_engine(engine_name).base_command()) + list(engine_class(engine_name).help_args)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     return proc.stdout + "\n" + proc.stderr
 
@@ -109,7 +103,7 @@ def help_text_of(engine_name: str, command: list[str] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m servetune.optimizer.engines.version_check",
                                  description="List catalog flags the installed engine does not accept.")
-    ap.add_argument("engine", choices=["vllm", "sglang"])
+    ap.add_argument("engine", choices=[n for n in names() if not engine_class(n).simulated])
     ap.add_argument("--version", dest="engine_version", default=None,
                     help="catalog version to check (default: the catalog's own)")
     src = ap.add_mutually_exclusive_group(required=True)

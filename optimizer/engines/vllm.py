@@ -11,10 +11,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
+
+from servetune.optimizer import secret_refs
+from servetune.optimizer.catalog import coerce
 from servetune.optimizer.engines import common as C
 from servetune.optimizer.engines import disturbances as D
 from servetune.optimizer.engines.base import CatalogEngine, Failure, FailureKind, ModelRef
 from servetune.optimizer.engines.classify import Rule, classify_with
+from servetune.optimizer.engines.prometheus import parse_prometheus
+from servetune.optimizer.engines.registry import register
+from servetune.optimizer.engines.vllm_metrics import VLLM_SPLIT, summarize_vllm_metrics, vllm_audit_counters
+from servetune.optimizer.perfmodel import memory as M
+from servetune.optimizer.perfmodel.hardware import compute_capability
 
 # `--speculative-config.method` values (SpeculativeMethod in vllm/config/speculative.py, 0.26.0).
 SPEC_METHODS_026 = {"ngram", "ngram_gpu", "medusa", "mlp_speculator", "draft_model", "suffix", "custom_class",
@@ -24,8 +33,11 @@ SPEC_NEEDS_MODEL = {"eagle", "eagle3", "draft_model", "medusa", "mlp_speculator"
 SPEC_NGRAM = {"ngram", "ngram_gpu"}
 # Methods an explicit --async-scheduling accepts (EagleModelTypes + ngram_gpu + draft_model + dspark).
 SPEC_ASYNC_OK = {"eagle", "eagle3", "extract_hidden_states", "mtp", "dflash", "ngram_gpu", "draft_model", "dspark"}
-# Speculative children: which ones each method reads. The rest are dropped from argv (see _effective).
+# Speculative children: which ones each method reads. The rest are dropped from argv (see launch_params).
 SPEC_CHILDREN = ("speculative_tokens", "speculative_lookup_max", "speculative_lookup_min", "speculative_draft_path")
+# API-server (frontend) flags, not EngineArgs: Ray Serve LLM runs its own OpenAI front end.
+FRONTEND_ONLY = {"--disable-uvicorn-access-log", "--disable-log-requests", "--enable-log-requests", "--api-key",
+                 "--enable-metrics"}
 
 KV_DTYPES = {"auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla",
              "fp8_per_token_head", "int8_per_token_head", "int4_per_token_head", "nvfp4"}
@@ -141,33 +153,40 @@ VLLM_DISTURBANCES = (
 )
 
 
+@register("vllm")
 class VllmEngine(CatalogEngine):
-    name = "vllm"
-    covers = frozenset({"gpus", "heads", "weights"})
+    display_name = "vLLM"
+    # vLLM 0.26 8B on H200: 61-94 s warm, 152 s cold (docs/results/2026-11-22-*)
+    start_s = (60.0, 155.0)
+    image = "vllm/vllm-openai:v{version}"
+    pip_package = "vllm"
+    helm_template = "helm-production-stack.yaml.j2"  # vLLM's production-stack chart
+    help_args = ("--help=all",)  # plain --help shows only the group summaries
+    metrics_prefix = "vllm:"
     kv_usage_metric = "vllm:kv_cache_usage_perc"
     disturbances = VLLM_DISTURBANCES
     measurement_flags = (JIT_MONITOR_VERBOSE,)
 
     # -- launch ----------------------------------------------------------------------------------------
     def plan(self, params: dict[str, Any], model: ModelRef, **kw):
-        p = self._effective(params)
-        if C.as_int(p.get("tensor_parallel"), 1) > 1 and _multicast_off() and self.version.startswith("0.26"):
+        tp = C.as_int(self.launch_params(params).get("tensor_parallel"), 1)
+        if tp > 1 and _multicast_off() and self.version.startswith("0.26"):
             kw["extra_args"] = _without_allreduce_fusion(list(kw.get("extra_args") or []))
-        return super().plan(p, model, **kw)
+        return super().plan(params, model, **kw)
 
     def span_nodes_args(self) -> list[str]:
         # vLLM's Ray executor joins the cluster named by RAY_ADDRESS and makes its own placement group of
         # tensor_parallel x pipeline_parallel GPUs, the first on the node its API server runs on
         return ["--distributed-executor-backend", "ray"]
 
-    def _effective(self, params: dict[str, Any]) -> dict[str, Any]:
+    def launch_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """What reaches argv: speculative children only when a method uses them (an ngram trial in a study
         that also searches a draft path must not carry the path; a method of none carries nothing)."""
         p = dict(params)
         method = p.get("speculative_method")
         if C.is_off(method):
-            for k in SPEC_CHILDREN:
-                p.pop(k, None)
+            for child in SPEC_CHILDREN:
+                p.pop(child, None)
             return p
         method = str(method).lower()
         if method not in SPEC_NGRAM:
@@ -216,12 +235,9 @@ class VllmEngine(CatalogEngine):
     def check(self, params: dict[str, Any], model: ModelRef, *, gpu: str, gpu_memory_gib: float,
               gpus_available: int) -> list[str]:
         shape = model.shape or {}
-        p = self._effective(params)
+        p = self.launch_params(params)
         r: list[str] = []
-        tp = C.as_int(p.get("tensor_parallel"), 1)
         pp = C.as_int(p.get("pipeline_parallel"), 1)
-        r += C.gpu_count_rule(p, gpus_available)
-        r += C.heads_rules(p, shape)
         r += C.quantization_rules(p, shape, "vLLM")
         r += C.block_quant_rule(p, shape)
         if C.truthy(p.get("expert_parallel")) and not C.is_moe(shape):
@@ -232,8 +248,6 @@ class VllmEngine(CatalogEngine):
         r += self._batch_rules(p, shape, batch)
         r += self._spec_rules(p, shape, pp, batch)
         r += self._kernel_rules(p, gpu)
-        if not r:  # the memory estimate assumes a configuration that is otherwise valid
-            r += self._memory_rules(p, shape, gpu, gpu_memory_gib, tp, pp)
         return r
 
     def _value_rules(self, p: dict[str, Any], shape: dict[str, Any]) -> list[str]:
@@ -346,7 +360,7 @@ class VllmEngine(CatalogEngine):
         backend = None if backend in (None, "auto") else str(
             self.catalog.params["attention_backend"].values.get(str(backend), backend)).upper()
         kv = str(p.get("kv_cache_dtype") or "auto")
-        sm = C.gpu_sm(gpu)
+        sm = compute_capability(gpu)
         if kv.startswith("fp8") and backend:
             if backend == "FLASH_ATTN" and (kv == "fp8_e5m2" or (sm is not None and sm != 90)):
                 where = "e5m2" if kv == "fp8_e5m2" else f"a {gpu} (SM{sm})"
@@ -363,35 +377,40 @@ class VllmEngine(CatalogEngine):
                 r.append(f"kv_block_size={b} with attention_backend=FLASHINFER: it takes 16, 32 or 64")
         return r
 
-    def _memory_rules(self, p: dict[str, Any], shape: dict[str, Any], gpu: str, gib: float,
-                      tp: int, pp: int) -> list[str]:
+    def check_memory(self, params: dict[str, Any], model: ModelRef, *, gpu: str,
+                     gpu_memory_gib: float) -> list[str]:
         """vLLM gives the KV cache memory_fraction·memory minus weights, the profiled activation peak and
         non-torch memory, and refuses to start unless it holds one max_model_len sequence."""
+        gib = gpu_memory_gib
         if not gib or gib <= 0:
             return []
+        shape = model.shape or {}
+        p = self.launch_params(params)
+        tp = C.as_int(p.get("tensor_parallel"), 1)
+        pp = C.as_int(p.get("pipeline_parallel"), 1)
         dp = C.as_int(p.get("data_parallel"), 1)
         quant = C.effective_quant(p, shape)
-        w = C.weights_per_gpu(shape, quant, tp, pp, dp, C.truthy(p.get("expert_parallel")))
-        per_tok = C.kv_bytes_per_token_per_gpu(shape, p.get("kv_cache_dtype"), tp, pp)
+        w = M.weights_per_gpu(shape, quant, tp, pp, dp, C.truthy(p.get("expert_parallel")))
+        per_tok = M.kv_bytes_per_token_per_gpu(shape, p.get("kv_cache_dtype"), tp, pp)
         if w is None or per_tok is None:
             return []
         frac = float(p.get("memory_fraction") or 0.92)
-        budget = frac * gib * C.GIB
+        budget = frac * gib * M.GIB
         tokens, _, _ = self.resolve_batch(p, shape, gpu, gib)
-        act = C.activation_floor_bytes(shape, tokens, tp)
+        act = M.activation_floor_bytes(shape, tokens, tp)
         kv = budget - w - act
         mml = C.max_model_len_of(p, shape)
         need = mml * per_tok
         q = quant or "none"
         if kv <= 0:
-            return [f"weights need {C.fmt_gib(w)} per GPU (quantization={q}, tensor_parallel={tp}, "
-                    f"pipeline_parallel={pp}) plus at least {C.fmt_gib(act)} of activations, more than "
-                    f"memory_fraction={frac:g} of {gib:g} GiB ({C.fmt_gib(budget)}): no memory left for KV; "
+            return [f"weights need {M.fmt_gib(w)} per GPU (quantization={q}, tensor_parallel={tp}, "
+                    f"pipeline_parallel={pp}) plus at least {M.fmt_gib(act)} of activations, more than "
+                    f"memory_fraction={frac:g} of {gib:g} GiB ({M.fmt_gib(budget)}): no memory left for KV; "
                     "shard wider or quantize"]
         if kv < need:
-            return [f"one max_model_len={mml} sequence needs {C.fmt_gib(need)} of KV per GPU "
-                    f"(kv_cache_dtype={p.get('kv_cache_dtype') or 'auto'}) but at most {C.fmt_gib(kv)} is left "
-                    f"after weights ({C.fmt_gib(w)}) within memory_fraction={frac:g} of {gib:g} GiB: lower "
+            return [f"one max_model_len={mml} sequence needs {M.fmt_gib(need)} of KV per GPU "
+                    f"(kv_cache_dtype={p.get('kv_cache_dtype') or 'auto'}) but at most {M.fmt_gib(kv)} is left "
+                    f"after weights ({M.fmt_gib(w)}) within memory_fraction={frac:g} of {gib:g} GiB: lower "
                     "max_model_len, use fp8 KV, shard wider or raise memory_fraction"]
         return []
 
@@ -405,20 +424,60 @@ class VllmEngine(CatalogEngine):
         return f
 
     def parse_metrics(self, text: str) -> dict[str, float]:
-        from servetune.optimizer.engines.prometheus import parse_prometheus
-
-        return parse_prometheus(text, split=C.VLLM_SPLIT)
+        return parse_prometheus(text, split=VLLM_SPLIT)
 
     def metrics_delta(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return C.summarize_vllm_metrics(before, after)
+        return summarize_vllm_metrics(before, after)
 
     def audit_counters(self, metrics: dict[str, float]) -> dict[str, float]:
-        return C.vllm_audit_counters(metrics)
+        return vllm_audit_counters(metrics)
+
+    # -- deployment ------------------------------------------------------------------------------------
+    def ray_serve_engine_kwargs(self, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+        """vLLM flags → ``EngineArgs`` keyword names (what Ray Serve LLM's ``engine_kwargs`` takes); a flag
+        that carries a secret is left out with a warning (Ray has no secret interpolation)."""
+        args = list(args[1:])  # model first
+        for f in ("--host", "--port", "--served-model-name"):
+            while f in args:
+                k = args.index(f)
+                del args[k: k + 2]
+        out: dict[str, Any] = {}
+        warnings: list[str] = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if not a.startswith("--"):
+                i += 1
+                continue
+            takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            if a in FRONTEND_ONLY:
+                i += 2 if takes_value else 1
+                continue
+            if takes_value and secret_refs.WHOLE_REF.match(args[i + 1]):
+                warnings.append(f"ray-serve: {a} takes a secret; left out of engine_kwargs (set it on the cluster)")
+                i += 2
+                continue
+            key = a[2:]
+            if "=" in key:
+                key, val = key.split("=", 1)
+                takes_value = False
+                value: Any = coerce(val)
+            elif takes_value:
+                value = coerce(args[i + 1])
+            elif key.startswith("no-"):
+                key, value = key[3:], False
+            else:
+                value = True
+            if "." in key:  # --speculative-config.method ngram -> speculative_config: {method: ngram}
+                head, sub = key.split(".", 1)
+                out.setdefault(head.replace("-", "_"), {})[sub] = value
+            else:
+                out[key.replace("-", "_")] = value
+            i += 2 if takes_value else 1
+        return out, warnings
 
 
 def _at_least(version: str, floor: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-
     try:
         return Version(version) >= Version(floor)
     except InvalidVersion:

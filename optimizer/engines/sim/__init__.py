@@ -1,0 +1,3 @@
+"""The simulated engine: an OpenAI-compatible server timed by the performance model (``server``), its
+scheduler (``scheduler``), its in-process estimate (``estimate``) and its adapter (``engine``)."""
+from servetune.optimizer.engines.sim import engine as engine  # registers "sim"

@@ -23,9 +23,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
-from servetune.optimizer.hardware import GIB, GpuSpec
-from servetune.optimizer.model_shapes import ModelShape
-from servetune.optimizer.engines.sim.roofline import (ACT_BYTES, ACT_HIDDEN_FACTOR, ACT_INTER_FACTOR, Roofline,
+from servetune.optimizer.perfmodel.hardware import GIB, GpuSpec
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.roofline import (ACT_BYTES, ACT_HIDDEN_FACTOR, ACT_INTER_FACTOR, Roofline,
                                                       StepBatch, StepTime)
 
 SPEC_METHODS = ("none", "ngram", "suffix", "eagle", "eagle3")

@@ -27,8 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from servetune.optimizer.hardware import GpuSpec
-from servetune.optimizer.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.hardware import GpuSpec
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
 
 # Host-side cost of one iteration with CUDA graphs (schedule, prepare inputs, launch, sample): vLLM V1
 # spends ~0.5-1.5 ms here on 8B-class models.

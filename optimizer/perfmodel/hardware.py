@@ -6,7 +6,8 @@ instead of hiding fudge factors in formulas. The defaults (0.65 compute, 0.80 HB
 well-tuned serving kernels reach on Hopper-class parts (cuBLAS/CUTLASS GEMMs at 60-70 % MFU for large
 shapes, FlashAttention/paged decode at ~80 % of HBM bandwidth, NCCL/custom all-reduce at ~70 % of the
 per-direction NVLink rate); with them the sim reproduces vLLM's llama-3.1-8b numbers on an H100 to
-within ~10 % (see ``engines/sim/estimate.py``).
+within ~10 % (see ``optimizer/engines/sim/estimate.py``). ``sm`` is the compute capability: it decides e.g. which
+attention kernels take an fp8 KV cache.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class GpuSpec:
     compute_efficiency: float = 0.65  # of bf16/fp8 tensor peak in large GEMMs
     bandwidth_efficiency: float = 0.80  # of HBM peak when streaming weights / KV
     link_efficiency: float = 0.70  # of per-direction link rate in ring all-reduce
+    sm: int | None = None  # compute capability ×10 (90 = SM90, Hopper)
 
     @property
     def memory_bytes(self) -> float:
@@ -71,19 +73,19 @@ GPUS: dict[str, GpuSpec] = {
     g.name: g
     for g in (
         # H100 SXM5: NVLink4 is 900 GB/s bidirectional = 450 per direction.
-        GpuSpec("h100", memory_gib=80, bf16_tflops=989, fp8_tflops=1979, hbm_tb_s=3.35, link_gb_s=450),
+        GpuSpec("h100", memory_gib=80, bf16_tflops=989, fp8_tflops=1979, hbm_tb_s=3.35, link_gb_s=450, sm=90),
         # H200 SXM: H100 silicon with 141 GB HBM3e; only memory size and bandwidth differ.
-        GpuSpec("h200", memory_gib=141, bf16_tflops=989, fp8_tflops=1979, hbm_tb_s=4.8, link_gb_s=450),
+        GpuSpec("h200", memory_gib=141, bf16_tflops=989, fp8_tflops=1979, hbm_tb_s=4.8, link_gb_s=450, sm=90),
         # A100 SXM 80GB: no fp8 tensor cores; vLLM runs fp8 checkpoints weight-only (Marlin W8A16).
-        GpuSpec("a100", memory_gib=80, bf16_tflops=312, fp8_tflops=None, hbm_tb_s=2.0, link_gb_s=300),
+        GpuSpec("a100", memory_gib=80, bf16_tflops=312, fp8_tflops=None, hbm_tb_s=2.0, link_gb_s=300, sm=80),
         # L40S: GDDR6, no NVLink; collectives cross PCIe Gen4 x16 with host-bounce latency.
         GpuSpec("l40s", memory_gib=48, bf16_tflops=362, fp8_tflops=733, hbm_tb_s=0.864, link_gb_s=32,
-                link_latency_us=20.0, nvlink=False),
+                link_latency_us=20.0, nvlink=False, sm=89),
         # B200: HBM3e 8 TB/s, NVLink5 1.8 TB/s bidirectional.
-        GpuSpec("b200", memory_gib=180, bf16_tflops=2250, fp8_tflops=4500, hbm_tb_s=8.0, link_gb_s=900),
+        GpuSpec("b200", memory_gib=180, bf16_tflops=2250, fp8_tflops=4500, hbm_tb_s=8.0, link_gb_s=900, sm=100),
         # L4: small inference card, PCIe only.
         GpuSpec("l4", memory_gib=24, bf16_tflops=121, fp8_tflops=242, hbm_tb_s=0.3, link_gb_s=32,
-                link_latency_us=20.0, nvlink=False),
+                link_latency_us=20.0, nvlink=False, sm=89),
     )
 }
 
@@ -102,6 +104,13 @@ def _normalize(name: str) -> str:
         if n.startswith(prefix):
             n = n[len(prefix):]
     return _ALIASES.get(n, n)
+
+
+def compute_capability(name: str | None) -> int | None:
+    """The GPU kind's SM version (90 for an H100), or None for a kind not in the table."""
+    key = _normalize(str(name)) if name else ""
+    spec = GPUS.get(key)
+    return spec.sm if spec else None
 
 
 def get_gpu(name: str) -> GpuSpec:
