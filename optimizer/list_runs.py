@@ -25,7 +25,7 @@ def find_runs(root: Path) -> list[Path]:
 def describe(run_dir: Path) -> dict[str, Any]:
     import json
 
-    from servetune.optimizer.records import study_running
+    from servetune.optimizer.run_dir import study_running
     from servetune.reports.model import load_run
 
     run = load_run(run_dir)
@@ -33,7 +33,7 @@ def describe(run_dir: Path) -> dict[str, Any]:
     budget = (run.spec.get("budget") or {}).get("trials") if isinstance(run.spec.get("budget"), dict) else None
     from datetime import datetime
 
-    from servetune.optimizer.records import read_sessions
+    from servetune.optimizer.run_dir import read_sessions
 
     summary = run_dir / "summary.json"
     try:

@@ -156,7 +156,7 @@ def _scenario_seconds(sc, est: list[dict[str, Any]], n_data: int) -> tuple[float
 def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -> dict[str, Any]:
     from servetune.optimizer import rules
     from servetune.optimizer.driver import dataset_args, scenario_plans
-    from servetune.optimizer.records import trial_records
+    from servetune.optimizer.run_dir import trial_records
 
     n_data = int(dataset_args(spec).get("n") or 200)
     durations = est.get("durations") or {}

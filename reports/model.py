@@ -211,7 +211,7 @@ def load_run(run_dir: str | Path) -> Run:
     warnings: list[str] = []
     spec = _read_spec(run_dir / "study.yaml", warnings)
 
-    from servetune.optimizer.records import study_running
+    from servetune.optimizer.run_dir import study_running
 
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []

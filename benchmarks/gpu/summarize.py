@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from servetune.optimizer.records import gpu_use, trial_records
+from servetune.optimizer.records import gpu_use
+from servetune.optimizer.run_dir import trial_records
 from servetune.optimizer.vs_baseline import compare
 
 
