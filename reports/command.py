@@ -1,4 +1,4 @@
-"""``servetune report ...``: the three forms of the command, behind ``optimizer/cli.py``'s ``report`` parser.
+"""``servetune report ...``: the three forms of the command, behind ``optimizer/cli/report.py``.
 
 - ``servetune report RUN_DIR [-o OUT]``: the self-contained offline HTML (default ``RUN_DIR/report.html``)
 - ``servetune report serve [DIR] [--host 127.0.0.1] [--port 8050]``: the local web app over every study in DIR

@@ -117,7 +117,7 @@ def test_a_jit_inside_a_cold_level_invalidates_it_and_the_rerun_after_warmup_is_
 
 
 def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsys):
-    from servetune.optimizer.bench_cli import main
+    from servetune.optimizer.cli.bench import main
 
     args = ["--url", plain.url, "--model", "m", "--scenario", "offline", "--num-requests", "12", "--dataset-size",
             "12", "--input-tokens", "32", "--output-tokens", "4", "--seed", "7", "-o"]

@@ -13,7 +13,7 @@ from tokenizer_fixture import make_model_dir
 from servetune.loadgen.datasets import random_dataset
 from servetune.loadgen.runner import REPEAT_TOKEN_LOW, repeat_variant
 from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
-from servetune.optimizer.bench_cli import main as bench
+from servetune.optimizer.cli.bench import main as bench
 from servetune.optimizer.engines.prometheus import parse_prometheus
 
 
