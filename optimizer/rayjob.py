@@ -15,7 +15,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from servetune.optimizer.secret_refs import ENV_REF as _REF
+from servetune.optimizer.secret_refs import is_literal_secret
 
 
 class RayJobError(ValueError):
@@ -57,7 +58,7 @@ def build_context(study_path: Path, opts: argparse.Namespace) -> dict[str, Any]:
     head_env = sorted({m.group(1) for m in _REF.finditer(spec.storage or "")})
     worker_env = sorted({m.group(1) for e in spec.engines for v in e.env.values() for m in _REF.finditer(v)})
     literal = [f"{e.name}.env.{k}" for e in spec.engines for k, v in e.env.items()
-               if re.search(r"TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL", k, re.I) and v and not _REF.fullmatch(v)]
+               if is_literal_secret(k, v)]
     if literal:
         raise RayJobError(f"{', '.join(literal)} hold(s) a literal secret; write ${{NAME}} and put NAME in the "
                           "Secret")

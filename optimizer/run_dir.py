@@ -41,8 +41,16 @@ class StudyLocked(RuntimeError):
 
 # -- where ------------------------------------------------------------------------------------------------------
 
+def trials_root(run_dir: PathLike) -> Path:
+    return Path(run_dir, TRIALS)
+
+
 def trial_dir(run_dir: PathLike, number: int) -> Path:
     return Path(run_dir, TRIALS, f"{number:04d}")
+
+
+def record_path(tdir: PathLike) -> Path:
+    return Path(tdir, RECORD)
 
 
 def repeat_dir(run_dir: PathLike, number: int, k: int) -> Path:

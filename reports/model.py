@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from servetune.optimizer import run_dir as rd
+
 log = logging.getLogger(__name__)
 
 PARAM = "param."
@@ -209,19 +211,17 @@ _BASE_COLUMNS = ["number", "engine", "engine_version", "state", "is_baseline", "
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     warnings: list[str] = []
-    spec = _read_spec(run_dir / "study.yaml", warnings)
-
-    from servetune.optimizer.run_dir import study_running
+    spec = _read_spec(rd.study_file(run_dir), warnings)
 
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     skipped = 0
-    running_now = study_running(run_dir)
-    tdir = run_dir / "trials"
+    running_now = rd.study_running(run_dir)
+    tdir = rd.trials_root(run_dir)
     for d in sorted(tdir.iterdir()) if tdir.is_dir() else []:
         if not d.is_dir():
             continue
-        f = d / "trial.json"
+        f = rd.record_path(d)
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
             if not isinstance(data, dict):
