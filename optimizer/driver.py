@@ -121,8 +121,7 @@ class StudyDriver:
     def open_study(self) -> optuna.Study:
         inner = make_sampler(self.spec, self.space, len(self.spec.objectives))
         self.sampler = PrescreenSampler(inner, self.prescreen)
-        self._store = StudyStore(self.spec.storage_url, self.spec.name, [o.direction for o in self.spec.objectives],
-                                 self.sampler)
+        self._store = StudyStore(self.spec.storage_url, self.spec.name, self.scorer.directions, self.sampler)
         self._teller = Teller(self.spec, self._store, self.scorer, self.planner, self.quality, self.on_event)
         self._recovery = Recovery(self.spec, self._store, self._teller, self.on_event)
         return self.store.study

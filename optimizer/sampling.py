@@ -21,10 +21,12 @@ def make_sampler(spec: StudySpec, space: SearchSpace, n_objectives: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if s.kind == "tpe":
-            kw = {"n_startup_trials": s.startup_trials} if s.startup_trials is not None else {}
             # group=True: conditional parameters (speculative_tokens under speculative_method) are modelled
             # jointly with the trials that have them instead of falling back to independent sampling
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, **kw)
+            if s.startup_trials is not None:
+                return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                                  n_startup_trials=s.startup_trials)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
         if s.kind == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if s.kind == "gp":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 
@@ -15,6 +15,9 @@ from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.study_store import PESSIMISTIC
 from servetune.optimizer.trial_planner import judges_steady_state, scenario_plans
+
+
+Direction = Literal["maximize", "minimize"]
 
 
 def objective_keys(spec: StudySpec) -> list[tuple[str, str]]:
@@ -34,7 +37,8 @@ class Scorer:
         self.spec = spec
         self.objectives = objective_keys(spec)
         self.names = [f"{s}.{m}" for s, m in self.objectives]
-        self.directions = [o.direction for o in spec.objectives]
+        # (the spec fills in each objective's natural direction; "or" only tells the type checker so)
+        self.directions: list[Direction] = [o.direction or "maximize" for o in spec.objectives]
         self.quality_constrains = quality_constrains
 
     def constraint_names(self) -> list[str]:

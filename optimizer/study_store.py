@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -84,7 +84,7 @@ class _Storage(optuna.storages.RDBStorage):
 class StudyStore:
     """One study: open or create it, beat for the trials in flight, find and fail stale trials."""
 
-    def __init__(self, url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler):
+    def __init__(self, url: str, name: str, directions: Sequence[Literal["maximize", "minimize"]], sampler: optuna.samplers.BaseSampler):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # ask/tell has no optimize() loop to record heartbeats: beat() does it for the trials in flight
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

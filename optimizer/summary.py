@@ -55,7 +55,7 @@ def write_summary(spec: StudySpec, study: optuna.Study, outcome: StudyOutcome, *
     records = run_dir.trial_records(outcome.run_dir)
     outcome.gpu_use = summary["gpu_use"] = gpu_use(records.values(), spec.hardware.gpus,
                                                    run_dir.read_sessions(outcome.run_dir))
-    summary["vs_baseline"] = compare(list(records.values()), [(s, m, o.direction) for (s, m), o
+    summary["vs_baseline"] = compare(list(records.values()), [(s, m, str(o.direction)) for (s, m), o
                                                             in zip(objectives, spec.objectives)])
     if quality is not None:
         summary["quality"] = {

@@ -43,7 +43,8 @@ class Teller:
     def tell(self, trial: optuna.Trial, result: TrialResult, outcome: StudyOutcome) -> bool:
         """Tell the trial's result; True when it was measured (values told, or its verdict deferred)."""
         study = self.store.study
-        values, named, why = (None, {}, "")
+        values: list[float] | None = None
+        named: dict[str, float] = {}
         if result.state == "complete":
             values, named, why = self.scorer.score(result.scenarios, result.gpus)
             contaminated = values is None and any(sr.get("contaminated") for sr in result.scenarios.values())

@@ -31,7 +31,7 @@ def resolve_model(spec: StudySpec) -> ModelRef:
     path = spec.resolve_path(m.path) if m.path else None
     shape = load_shape(m.preset, path)
     name = m.name or m.preset or Path(path or "model").name
-    return ModelRef(name=name, path=path or m.preset, shape=shape, load_format=m.load_format)
+    return ModelRef(name=name, path=path or m.preset or "", shape=shape, load_format=m.load_format)
 
 
 def gpu_memory_gib(spec: StudySpec) -> float:
@@ -99,7 +99,7 @@ class TrialPlanner:
         self.space = space
         self.model = model
         self.gpu_mem = gpu_memory_gib(spec)
-        self.engine_specs = {e.name: e for e in spec.engines}
+        self.engine_specs: dict[str, Any] = {e.name: e for e in spec.engines}
         self.quality_settings = quality_settings
 
     def sampled(self, trial: optuna.Trial) -> tuple[str, dict[str, Any]]:

@@ -97,8 +97,8 @@ def list_runs(root: Path) -> int:
     rows = [("STUDY", "STATUS", "TRIALS", "BEST (first objective, SLA met)", "UPDATED", "PATH")]
     for d in runs:
         try:
-            r = describe(d)
-            rows.append((r["study"], r["status"], r["trials"], r["best"], r["updated"], r["path"]))
+            info = describe(d)
+            rows.append((info["study"], info["status"], info["trials"], info["best"], info["updated"], info["path"]))
         except Exception as e:  # one unreadable run never hides the others
             rows.append((d.name, f"unreadable ({type(e).__name__})", "", "", "", str(d)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
