@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from servetune.optimizer.run_dir import trials_root
+
 USAGE = ("usage: servetune report RUN_DIR [-o OUT.html]\n"
          "       servetune report serve [DIR] [--host HOST] [--port PORT]\n"
          "       servetune report compare RUN_A RUN_B [-o OUT.html]")
@@ -25,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _not_run_dir(p: Path) -> str | None:
-    if not (p / "trials").is_dir():
+    if not trials_root(p).is_dir():
         return f"error: {p} is not a servetune run directory (no trials/ inside)"
     return None
 
@@ -33,7 +35,7 @@ def _not_run_dir(p: Path) -> str | None:
 def run(args: argparse.Namespace, out, err) -> int:
     """Dispatch; ``out``/``err`` print a line (rich consoles in the CLI). Returns the exit status."""
     target, more = args.target, list(args.more or [])
-    if target == "serve" and not (Path("serve") / "trials").is_dir():
+    if target == "serve" and not trials_root("serve").is_dir():
         if len(more) > 1:
             err(f"error: report serve takes one folder, got {len(more)}\n{USAGE}")
             return 2
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace, out, err) -> int:
             err(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
             return 1
         return 0
-    if target == "compare" and not (Path("compare") / "trials").is_dir():
+    if target == "compare" and not trials_root("compare").is_dir():
         if len(more) != 2:
             err(f"error: report compare takes two run directories, got {len(more)}\n{USAGE}")
             return 2
