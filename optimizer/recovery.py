@@ -155,7 +155,8 @@ class Recovery:
             if holder is None or self.store.void(holder):
                 foreign.remove(entry)
                 why = "the trial measuring this config (another driver) ended without a result"
-                if holder is not None and self.store.frozen(holder).user_attrs.get(STALE):
+                held = self.store.frozen(holder) if holder is not None else None
+                if held is not None and held.user_attrs.get(STALE):
                     self.drop(trial, plan.number, why + "; it was queued again")
                 else:  # an internal failure: nobody queued it again
                     self.requeue(trial, plan.number, trial.params, plan.is_baseline, why + "; queued again")

@@ -100,8 +100,8 @@ class StudyStore:
     def trials(self, *states: TrialState) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states or None)
 
-    def frozen(self, number: int) -> FrozenTrial:
-        return next(t for t in self.trials() if t.number == number)
+    def frozen(self, number: int) -> FrozenTrial | None:
+        return next((t for t in self.trials() if t.number == number), None)
 
     def handle(self, ft: FrozenTrial) -> optuna.Trial | None:
         """A live trial for a stored RUNNING one (a dead driver's): None when it predates STORAGE_ID."""
@@ -138,6 +138,8 @@ class StudyStore:
     def void(self, number: int) -> bool:
         """Whether a trial ended without a result for its configuration (stale, lost, an internal failure)."""
         ft = self.frozen(number)
+        if ft is None:  # a claim left by a study of the same name that is gone
+            return True
         if not ft.state.is_finished():
             return False
         if ft.user_attrs.get(STALE):
