@@ -9,7 +9,8 @@ result, not counted against the budget (``STALE``).
 Optuna's ``Trial`` and ``FrozenTrial`` name a trial by its number; its storage id stays inside the storage. The
 store's storage subclass, through the storage's public methods, remembers the id of each trial this driver
 starts (for heartbeats) and records it on the trial (``STORAGE_ID``), so a restarted driver can tell the result
-a dead driver measured to the very trial that measured it.
+a dead driver measured to the very trial that measured it (a trial started by a servetune older than this
+record is measured again instead).
 """
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ GRACE_S = 120
 
 
 class _Storage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage that notes the trials this process starts (a new trial, or a queued one popped by
-    ``ask``) and, while :meth:`StudyStore.failing_stale` is on, marks each trial stale before it is failed."""
+    """Optuna's RDB storage that notes the trials this process starts and, while
+    :meth:`StudyStore.failing_stale` is on, marks each trial stale before it is failed.
+
+    A trial is noted at the first user attribute written to it while it runs (the driver names each asked trial's
+    engine and parameters at once), or when ``ask`` pops it from the queue: the public calls Optuna's own caching
+    storage passes on to this one."""
 
     def __init__(self, url: str):
         with warnings.catch_warnings():
@@ -54,19 +59,19 @@ class _Storage(optuna.storages.RDBStorage):
                                     category=optuna.exceptions.ExperimentalWarning)
             super().__init__(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         self.started: dict[int, int] = {}  # trial number -> storage id
+        self._seen: set[int] = set()
         self.marking_stale = False
         self.staled: list[int] = []  # trials this process failed as stale, by number
 
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        tid = super().create_new_trial(study_id, template_trial)
-        if template_trial is None:  # ask() without a queued trial: it starts RUNNING
-            self._note_started(tid)
-        return tid
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        super().set_trial_user_attr(trial_id, key, value)
+        if trial_id not in self._seen:
+            self._note_started(trial_id)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state == TrialState.FAIL and self.marking_stale:
             try:
-                self.set_trial_user_attr(trial_id, STALE, True)
+                super().set_trial_user_attr(trial_id, STALE, True)
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False  # another driver got there first
         ok = super().set_trial_state_values(trial_id, state, values)
@@ -77,8 +82,13 @@ class _Storage(optuna.storages.RDBStorage):
         return ok
 
     def _note_started(self, tid: int) -> None:
-        self.started[self.get_trial(tid).number] = tid
-        self.set_trial_user_attr(tid, STORAGE_ID, tid)
+        self._seen.add(tid)
+        ft = self.get_trial(tid)
+        if ft.state != TrialState.RUNNING:
+            return
+        self.started[ft.number] = tid
+        if ft.user_attrs.get(STORAGE_ID) != tid:
+            super().set_trial_user_attr(tid, STORAGE_ID, tid)
 
 
 class StudyStore:
