@@ -105,7 +105,7 @@ def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.
 
 
 def run_servetune(url: str, rate: float, n: int, out: Path, workers: int) -> tuple[list[dict], int, str]:
-    cmd = [sys.executable, "-m", "servetune.optimizer.bench_cli", "--url", url, "--model", "mock", "--api", "chat",
+    cmd = [sys.executable, "-m", "servetune.optimizer.cli", "bench", "--url", url, "--model", "mock", "--api", "chat",
            "--scenario", "server", "--arrival", "constant", "--qps", str(rate), "--num-requests", str(n),
            "--input-tokens", str(IN_TOKENS), "--output-tokens", str(OUT_TOKENS), "--dataset-size", "1000",
            "--no-early-stopping", "--workers", str(workers), "--request-timeout", "60", "--timeout", "300",

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from servetune.optimizer import run_dir as rd
 from servetune.optimizer import secret_refs
 from servetune.optimizer.catalog import load_catalog
 from servetune.optimizer.engines import engine_class, get_engine, names, simulated
@@ -59,7 +60,7 @@ class ExportError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 def load_trials(run_dir: Path) -> list[dict[str, Any]]:
     trials = []
-    for f in sorted(Path(run_dir).glob("trials/*/trial.json")):
+    for f in rd.record_paths(run_dir):
         try:
             trials.append(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as e:
@@ -72,7 +73,7 @@ def load_trials(run_dir: Path) -> list[dict[str, Any]]:
 def read_study(run_dir: Path) -> dict[str, Any]:
     """The run's study.yaml as plain data. Read leniently (not through load_study): the model path it names
     lives on the GPU host the study ran on, not necessarily where the export is made."""
-    p = Path(run_dir) / "study.yaml"
+    p = rd.study_file(run_dir)
     if not p.is_file():
         raise ExportError(f"{run_dir}: no study.yaml (is this a servetune run directory?)")
     from servetune.optimizer import study_yaml

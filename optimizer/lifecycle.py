@@ -14,10 +14,10 @@ from typing import Any
 
 from servetune.loadgen.audit import contaminated
 from servetune.loadgen.sla import within_limits
-from servetune.optimizer import process, secret_refs
+from servetune.optimizer import process, run_dir, secret_refs
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import Failure, FailureKind
-from servetune.optimizer.records import TrialPlan, TrialResult, write_json_atomic
+from servetune.optimizer.records import TrialPlan, TrialResult
 
 MAX_ERROR_RATE = 0.5  # more failed requests than this and the server, not the load, is the problem
 # Seconds an engine gets between SIGTERM and SIGKILL, and a GPU to drop its memory after a trial; the
@@ -39,7 +39,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
                          gpu_ids=list(gpu_ids),
                          started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"))
     t_start = time.monotonic()
-    write_json_atomic(trial_dir / "trial.json", result.to_dict())
+    run_dir.write_record(trial_dir, result)
     from servetune.optimizer.progress import TrialProgress
 
     progress = TrialProgress(trial_dir, plan.scenarios)  # progress.json, which the driver polls
@@ -106,7 +106,7 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
                                    f"{GPU_FREE_TIMEOUT_S:.0f} s after the engine stopped")
         _redact_trial(result, trial_dir, plan)
         result.wall_s = round(time.monotonic() - t_start, 3)
-        write_json_atomic(trial_dir / "trial.json", result.to_dict())
+        run_dir.write_record(trial_dir, result)
 
 
 def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: TrialResult, progress=None) -> None:

@@ -155,7 +155,7 @@ def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -
     from servetune.optimizer.driver import dataset_args, scenario_plans
     from servetune.optimizer.engines.registry import engine_class
     from servetune.optimizer.perfmodel.memory import weight_bytes
-    from servetune.optimizer.records import trial_records
+    from servetune.optimizer.run_dir import trial_records
 
     n_data = int(dataset_args(spec).get("n") or 200)
     durations = est.get("durations") or {}
@@ -267,36 +267,3 @@ def lines(spec, plan: Plan) -> list[str]:
                    + (f"; then {w['repeats']} repeat(s) of the Pareto candidates" if w["repeats"] else ""))
     out += [f"note: {n}" for n in plan.notes]
     return out
-
-
-# -- command ----------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any):
-    p = subparsers.add_parser("plan", help="what a run would do: space, rules, baseline argv, estimate, wall time",
-                              description="Print the size of the search space, the configurations the pre-launch "
-                              "rules reject (reasons grouped), each engine's baseline argv, the estimator's range "
-                              "for the objectives and the expected wall time. Launches nothing, writes nothing.")
-    p.add_argument("study")
-    p.add_argument("--no-path-check", action="store_true",
-                   help="do not look for model.path and the dataset file (plan a GPU host's study elsewhere)")
-    p.add_argument("--estimates", type=int, default=ESTIMATES, metavar="N",
-                   help=f"configurations the estimator scores (default {ESTIMATES}; 0: none)")
-    p.set_defaults(func=cmd_plan)
-    return p
-
-
-def cmd_plan(args) -> int:
-    from servetune.optimizer.cli import _load, _preflight, console
-
-    check_paths = not args.no_path_check
-    spec = _load(args.study, check_paths)
-    pf = _preflight(spec, args.study, check_paths)
-    if pf.driver is None:
-        for note in pf.notes:
-            console.print(f"note: {note}", markup=False)
-        console.print("plan: the model's shape is unknown here, so there is nothing to plan; give model.preset "
-                      "beside model.path", markup=False)
-        return 2
-    for line in lines(spec, make_plan(spec, pf, estimates=max(args.estimates, 0))):
-        console.print(line, markup=False)
-    return 0

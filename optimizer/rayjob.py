@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from servetune.optimizer.export import _env
-
-EXIT_USAGE = 2
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from servetune.optimizer.secret_refs import ENV_REF as _REF
+from servetune.optimizer.secret_refs import is_literal_secret
 
 
 class RayJobError(ValueError):
@@ -61,7 +59,7 @@ def build_context(study_path: Path, opts: argparse.Namespace) -> dict[str, Any]:
     head_env = sorted({m.group(1) for m in _REF.finditer(spec.storage or "")})
     worker_env = sorted({m.group(1) for e in spec.engines for v in e.env.values() for m in _REF.finditer(v)})
     literal = [f"{e.name}.env.{k}" for e in spec.engines for k, v in e.env.items()
-               if re.search(r"TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL", k, re.I) and v and not _REF.fullmatch(v)]
+               if is_literal_secret(k, v)]
     if literal:
         raise RayJobError(f"{', '.join(literal)} hold(s) a literal secret; write ${{NAME}} and put NAME in the "
                           "Secret")
@@ -96,51 +94,3 @@ def render(ctx: dict[str, Any], out_dir: Path) -> Path:
     path = out_dir / "rayjob.yaml"
     path.write_text(_env().get_template("rayjob.yaml.j2").render(**ctx), encoding="utf-8")
     return path
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    r = subparsers.add_parser("rayjob", help="write a KubeRay RayJob that runs a study on a Kubernetes GPU cluster",
-                              description="A ConfigMap with the study and a RayJob (ray.io/v1) whose head runs "
-                                          "`servetune run --ray-address auto`; see docs/cluster.md.")
-    r.add_argument("study")
-    r.add_argument("--image", required=True, help="an image with servetune, Ray and the engines (every pod runs it)")
-    r.add_argument("--model-claim", required=True, help="PersistentVolumeClaim holding the model (mounted read-only)")
-    r.add_argument("--model-mount", help="where the claim is mounted (default: the directory above model.path)")
-    r.add_argument("--results-claim", help="PersistentVolumeClaim for the run directory (head only); without it "
-                                           "results live as long as the head pod")
-    r.add_argument("--workers", type=int, default=1, help="worker pods per GPU type (default 1)")
-    r.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs of a worker pod when the study names no "
-                                                                  "cluster.node_types (default 8)")
-    r.add_argument("--cpu-per-gpu", type=int, default=8)
-    r.add_argument("--memory-per-gpu-gib", type=int, default=64)
-    r.add_argument("--head-cpu", default="4")
-    r.add_argument("--head-memory", default="16Gi")
-    r.add_argument("--shm-size", default="16Gi")
-    r.add_argument("--name", help="RayJob name (default: the study's name)")
-    r.add_argument("--namespace")
-    r.add_argument("--secret-name", help="Secret holding the study's ${NAME} references (default <name>-secrets)")
-    r.add_argument("--ray-version", help="rayVersion of the cluster (default: the Ray installed here)")
-    r.add_argument("--ttl-s", type=int, default=3600, help="keep the finished cluster this long (default 3600)")
-    r.add_argument("--deadline-s", type=int, help="activeDeadlineSeconds of the RayJob")
-    r.add_argument("-o", "--output-dir", required=True)
-    r.set_defaults(func=cmd_rayjob)
-    return r
-
-
-def cmd_rayjob(args: argparse.Namespace) -> int:
-    from servetune.optimizer.spec import SpecError  # noqa: PLC0415 — start-up, as in build_context
-
-    try:
-        ctx = build_context(Path(args.study), args)
-    except SpecError as e:
-        for line in e.lines:
-            print(line, file=sys.stderr)
-        return EXIT_USAGE
-    except RayJobError as e:
-        print(f"{args.study}:1: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    path = render(ctx, Path(args.output_dir))
-    for w in ctx["warnings"]:
-        print(f"note: {w}")
-    print(f"wrote {path}: kubectl apply -f {path}")
-    return 0

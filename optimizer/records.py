@@ -1,7 +1,7 @@
 """Plain data of one trial: what to launch (TrialPlan) and what happened (TrialResult).
 
-Both travel through Ray as dicts and land on disk as ``trials/NNNN/trial.json``; the report reads that file,
-so it carries everything a person needs to judge the trial without the Optuna storage.
+Both travel through Ray as dicts and land on disk as ``trials/NNNN/trial.json`` (optimizer.run_dir); the report
+reads that file, so it carries everything a person needs to judge the trial without the Optuna storage.
 """
 from __future__ import annotations
 
@@ -110,66 +110,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1
         except OSError:
             pass
         raise
-
-
-def trial_records(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """Every readable ``trials/NNNN/trial.json`` of a run, by trial number (a file being written is skipped)."""
-    out: dict[int, dict[str, Any]] = {}
-    for path in sorted(Path(run_dir, "trials").glob("*/trial.json")):
-        try:
-            out[int(path.parent.name)] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-SESSIONS = "sessions.json"  # the driver's runs of a study: [{"started": iso, "ended": iso | null, "pid": n}]
-
-
-def open_session(run_dir: str | os.PathLike) -> int:
-    """Record that a driver starts running the study now; returns the session's index (for close_session)."""
-    sessions = read_sessions(run_dir)
-    import socket
-
-    sessions.append({"started": datetime.now().astimezone().isoformat(timespec="milliseconds"), "ended": None,
-                     "pid": os.getpid(), "host": socket.gethostname()})
-    write_json_atomic(Path(run_dir) / SESSIONS, sessions)
-    return len(sessions) - 1
-
-
-def close_session(run_dir: str | os.PathLike, index: int) -> None:
-    sessions = read_sessions(run_dir)
-    if 0 <= index < len(sessions):
-        sessions[index]["ended"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
-        write_json_atomic(Path(run_dir) / SESSIONS, sessions)
-
-
-def read_sessions(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    try:
-        data = json.loads((Path(run_dir) / SESSIONS).read_text())
-    except (OSError, ValueError):
-        return []
-    return [s for s in data if isinstance(s, dict)] if isinstance(data, list) else []
-
-
-def study_running(run_dir: str | os.PathLike) -> bool:
-    """Whether a driver runs the study now: its last session has not ended and its process is alive (a driver
-    on another host is taken to be alive: it cannot be checked from here)."""
-    import socket
-
-    sessions = read_sessions(run_dir)
-    if not sessions or sessions[-1].get("ended"):
-        return False
-    last = sessions[-1]
-    if last.get("host") not in (None, socket.gethostname()):
-        return True
-    try:
-        os.kill(int(last.get("pid")), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
 
 
 def _session_windows(sessions: Iterable[Mapping[str, Any]], spans: list[tuple]) -> list[tuple[float, float]]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from servetune.optimizer import run_dir as rd
+
 # Top-level keys whose change leaves the results comparable. Everything else is refused.
 ALLOWED = ("budget", "sampler", "fidelity", "baseline", "host")
 # Keys inside an engine entry that do not change a measurement.
@@ -61,7 +63,7 @@ def _section(line: str) -> str:
 
 
 def has_results(run_dir: Path) -> bool:
-    return any(Path(run_dir).glob("trials/*/trial.json"))
+    return rd.has_records(run_dir)
 
 
 def _normalized(data: Any) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]
 
 def compare(spec) -> Comparison:
     """The study ``spec`` against the study kept in its run directory (nothing to compare: an empty result)."""
-    stored = Path(spec.run_dir) / "study.yaml"
+    stored = rd.study_file(spec.run_dir)
     if not stored.is_file() or not has_results(spec.run_dir):
         return Comparison()
     try:

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 # ${NAME} anywhere in a text, and a text that is exactly one reference
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-WHOLE_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+WHOLE_REF = re.compile(f"^{ENV_REF.pattern}$")
 
 # Name parts (split at anything but letters and digits) that make a variable or flag a secret, and parts that
 # make it a path to one (a key file is not the key).

@@ -7,10 +7,9 @@ and the expanded URL lives in memory only (messages show the reference, never th
 from __future__ import annotations
 
 import os
-import re
 from urllib.parse import quote, urlsplit
 
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from servetune.optimizer.secret_refs import ENV_REF as _REF
 
 
 class StorageUrlError(ValueError):

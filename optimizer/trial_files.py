@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from servetune.optimizer.run_dir import TRIALS
+
 ENGINE_LOG_TAIL_BYTES = int(os.environ.get("SERVETUNE_ENGINE_LOG_TAIL_BYTES", str(8 * 1024 * 1024)))
 _SKIP = ("engine.pid",)  # a pid means something only on the node that wrote it
 
@@ -70,7 +72,7 @@ def scratch_dir(root: str | os.PathLike, study: str, trial_dir: str | os.PathLik
     """Where a trial runs on a node that is not the driver's: under ``root`` (the node's Ray temp dir),
     named by study and trial directory so repeats (``NNNN/repeat_K``) do not collide."""
     parts = Path(trial_dir).parts
-    tail = parts[parts.index("trials") + 1:] if "trials" in parts else parts[-1:]
+    tail = parts[parts.index(TRIALS) + 1:] if TRIALS in parts else parts[-1:]
     return Path(root, "servetune-trials", study, *tail)
 
 

@@ -1,4 +1,4 @@
-"""``servetune report ...``: the three forms of the command, behind ``optimizer/cli.py``'s ``report`` parser.
+"""``servetune report ...``: the three forms of the command, behind ``optimizer/cli/report.py``.
 
 - ``servetune report RUN_DIR [-o OUT]``: the self-contained offline HTML (default ``RUN_DIR/report.html``)
 - ``servetune report serve [DIR] [--host 127.0.0.1] [--port 8050]``: the local web app over every study in DIR
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from servetune.optimizer.run_dir import trials_root
 from servetune.reports.compare import write_compare
 from servetune.reports.html import write_report
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _not_run_dir(p: Path) -> str | None:
-    if not (p / "trials").is_dir():
+    if not trials_root(p).is_dir():
         return f"error: {p} is not a servetune run directory (no trials/ inside)"
     return None
 
@@ -37,7 +38,7 @@ def _not_run_dir(p: Path) -> str | None:
 def run(args: argparse.Namespace, out, err) -> int:
     """Dispatch; ``out``/``err`` print a line (rich consoles in the CLI). Returns the exit status."""
     target, more = args.target, list(args.more or [])
-    if target == "serve" and not (Path("serve") / "trials").is_dir():
+    if target == "serve" and not trials_root("serve").is_dir():
         if len(more) > 1:
             err(f"error: report serve takes one folder, got {len(more)}\n{USAGE}")
             return 2
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace, out, err) -> int:
             err(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
             return 1
         return 0
-    if target == "compare" and not (Path("compare") / "trials").is_dir():
+    if target == "compare" and not trials_root("compare").is_dir():
         if len(more) != 2:
             err(f"error: report compare takes two run directories, got {len(more)}\n{USAGE}")
             return 2

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from servetune.optimizer.quality import load_eval
+from servetune.optimizer.run_dir import read_record
 from servetune.reports.charts import _esc, _no_nan
 from servetune.reports.model import DELTA, PARAM, Run, dict_at
 from servetune.reports.roofline import EXPLANATION, estimate
@@ -45,11 +46,7 @@ def read_trial_json(trial_dir: Any) -> dict[str, Any]:
     """The raw trial.json (argv, per-scenario metric deltas), or {} while it is missing or half written."""
     if not isinstance(trial_dir, str):
         return {}
-    try:
-        data = json.loads((Path(trial_dir) / "trial.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_record(trial_dir) or {}
 
 
 def log_tail(trial_dir: Any, lines: int = LOG_LINES, chars: int = LOG_CHARS) -> str:

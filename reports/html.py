@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
 
-from servetune.optimizer.records import gpu_use, read_sessions
+from servetune.optimizer.records import gpu_use
+from servetune.optimizer.run_dir import read_sessions
 from servetune.reports.analysis import sla_costs
 from servetune.reports.charts import Chart, importance_chart, scenario_charts, template
 from servetune.reports.details import all_details, log_tail

@@ -43,9 +43,9 @@ import pandas as pd
 import yaml
 
 from servetune.loadgen.sla import SLA_PRESETS, resolve_limits
+from servetune.optimizer import run_dir as rd
 from servetune.optimizer import study_yaml
 from servetune.optimizer.engines import simulated
-from servetune.optimizer.records import study_running
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +227,17 @@ _BASE_COLUMNS = ["number", "engine", "engine_version", "state", "is_baseline", "
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     warnings: list[str] = []
-    spec = _read_spec(run_dir / "study.yaml", warnings)
+    spec = _read_spec(rd.study_file(run_dir), warnings)
 
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     skipped = 0
-    running_now = study_running(run_dir)
-    tdir = run_dir / "trials"
+    running_now = rd.study_running(run_dir)
+    tdir = rd.trials_root(run_dir)
     for d in sorted(tdir.iterdir()) if tdir.is_dir() else []:
         if not d.is_dir():
             continue
-        f = d / "trial.json"
+        f = rd.record_path(d)
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
             if not isinstance(data, dict):

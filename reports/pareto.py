@@ -62,3 +62,34 @@ def front(df: pd.DataFrame, x_col: str, y_col: str, x_dir: str, y_dir: str,
     values = pool[[x_col, y_col]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     on = pool[pareto_mask(values, [x_dir, y_dir])]
     return on.sort_values([x_col, y_col], kind="stable").copy()
+
+
+
+def feasible(trials: pd.DataFrame, quality_ok: pd.Series) -> pd.DataFrame:
+    """The completed trials that met the SLA in every scenario that has one and the quality limits; a
+    contaminated measurement (its audit failed twice) is neither met nor missed, so it is left out."""
+    ok = trials[trials["state"] == "complete"].copy()
+    for c in [c for c in ok.columns if c.endswith(".sla_met")]:
+        ok = ok[ok[c].fillna(True).astype(bool)]
+    for c in [c for c in ok.columns if c.endswith(".contaminated")]:
+        ok = ok[~ok[c].eq(True)]
+    return ok[quality_ok.loc[ok.index]]
+
+
+def sla_front(ok: pd.DataFrame, cols: Sequence[str], directions: Sequence[str]
+              ) -> tuple[pd.DataFrame, dict[int, list[int]]]:
+    """The Pareto front of the :func:`feasible` trials ``ok`` over the objective columns, sorted by the first;
+    and, per trial on it, the trials that took its result (same configuration), which are not points of their
+    own."""
+    ok = ok.copy()
+    for c in cols:
+        if c not in ok:
+            ok[c] = float("nan")
+    also: dict[int, list[int]] = {}
+    if "duplicate_of" in ok:
+        dups = ok[ok["duplicate_of"].notna()]
+        for n, dup in zip(dups["number"], dups["duplicate_of"]):
+            also.setdefault(int(dup), []).append(int(n))
+        ok = ok[ok["duplicate_of"].isna()]
+    mask = pareto_mask(ok[list(cols)].to_numpy(dtype=float), directions)
+    return ok[mask].sort_values(cols[0], ascending=directions[0] == "minimize"), also

@@ -40,6 +40,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 from plotly.offline import get_plotlyjs
 
+from servetune.optimizer import run_dir as rd
 from servetune.reports.compare import render_compare
 from servetune.reports.details import trial_detail
 from servetune.reports.html import headlines, jinja_env, render_report
@@ -61,7 +62,7 @@ _HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::
 # -- finding studies --------------------------------------------------------------------------------------------
 
 def is_run_dir(p: Path) -> bool:
-    return (p / "trials").is_dir() or (p / "study.yaml").is_file()
+    return rd.is_run_dir(p)
 
 
 def discover(root: Path, max_depth: int = MAX_DEPTH) -> dict[str, Path]:
@@ -101,14 +102,14 @@ def fingerprint(run_dir: Path) -> tuple[str, float, int]:
     h = hashlib.sha1()
     newest = 0.0
     n = 0
-    for f in (run_dir / "study.yaml",):
+    for f in (rd.study_file(run_dir),):
         try:
             st = f.stat()
             h.update(f"{f.name}:{st.st_mtime_ns}:{st.st_size};".encode())
             newest = max(newest, st.st_mtime)
         except OSError:
             pass
-    tdir = run_dir / "trials"
+    tdir = rd.trials_root(run_dir)
     try:
         entries = sorted(os.scandir(tdir), key=lambda e: e.name) if tdir.is_dir() else []
     except OSError:
@@ -118,7 +119,7 @@ def fingerprint(run_dir: Path) -> tuple[str, float, int]:
             continue
         n += 1
         try:
-            st = os.stat(os.path.join(e.path, "trial.json"))
+            st = os.stat(rd.record_path(e.path))
             h.update(f"{e.name}:{st.st_mtime_ns}:{st.st_size};".encode())
             newest = max(newest, st.st_mtime)
         except OSError:
@@ -132,7 +133,7 @@ def fingerprint(run_dir: Path) -> tuple[str, float, int]:
 
 def driver_running(run_dir: Path) -> bool:
     """True while a ``servetune run`` holds the study's lock file (it never creates the file)."""
-    lock = run_dir / ".lock"
+    lock = rd.lock_path(run_dir)
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:
@@ -217,7 +218,7 @@ class Studies:
         running = driver_running(path)
         # A local driver holds .lock while it runs; without one (a study copied here, or driven from another
         # host) recent trial files are the only sign of life.
-        recent = not (path / ".lock").exists() and newest > 0 and time.time() - newest < ACTIVE_WINDOW_S
+        recent = not rd.lock_path(path).exists() and newest > 0 and time.time() - newest < ACTIVE_WINDOW_S
         return {"id": sid, "version": version, "trial_dirs": n,
                 "updated": _iso(newest) if newest else None, "active": running or recent,
                 "driver_running": running}

@@ -12,7 +12,7 @@ from servetune.loadgen.datasets import random_dataset
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.scenarios import ScenarioSettings, run
 from servetune.loadgen.search import find_max_qps, level_variant
-from servetune.optimizer.bench_cli import main
+from servetune.optimizer.cli.bench import main
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.probe import EngineProbe
 from servetune.optimizer.warmup import Warmer

@@ -155,7 +155,7 @@ def test_one_claim_per_configuration_across_drivers(tmp_path):
     from servetune.optimizer.shared_study import ConfigClaims
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    a, b = ConfigClaims(sa.create_engine(url), 1), ConfigClaims(sa.create_engine(url), 1)
+    a, b = ConfigClaims(sa.create_engine(url), "s"), ConfigClaims(sa.create_engine(url), "s")
     results: dict[int, int | None] = {}
     barrier = threading.Barrier(2)
 
@@ -171,7 +171,7 @@ def test_one_claim_per_configuration_across_drivers(tmp_path):
     winner = next(t for t, held in results.items() if held is None)
     loser = 30 - winner
     assert results[loser] == winner and a.holder("cfg") == winner
-    assert ConfigClaims(sa.create_engine(url), 2).claim("cfg", 99, void=lambda h: False) is None  # another study
+    assert ConfigClaims(sa.create_engine(url), "other").claim("cfg", 99, void=lambda h: False) is None  # another study
     # the winner's trial was lost: the next two claimants race for it, one takes it over
     takers = [a.claim("cfg", 31, void=lambda held: held == winner), b.claim("cfg", 32, void=lambda held: held == winner)]
     assert takers == [None, 31] and b.holder("cfg") == 31

@@ -418,7 +418,8 @@ def test_host_option_and_bench_script(tmp_path, secret_env):
     res = export(run, fmt="vllm", out_dir=tmp_path / "o", options=Options(host="0.0.0.0", port=9000))
     argv = _exec_argv(res.files[0])
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "9000"
-    from servetune.optimizer import bench_cli
+    from servetune.optimizer.cli.bench import BenchCommand
+    from servetune.optimizer.cli.command import register
     import argparse
 
     bench = (tmp_path / "o/bench.sh").read_text()
@@ -426,7 +427,7 @@ def test_host_option_and_bench_script(tmp_path, secret_env):
     assert cmd[:2] == ["servetune", "bench"]
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    bench_cli.add_parser(sub)
+    register(sub, BenchCommand)
     ns = p.parse_args(["bench", *[a.replace("$URL", "http://h:9000").replace("$OUT", "o") for a in cmd[2:]]])
     assert (ns.scenario, ns.qps, ns.duration, ns.input_tokens, ns.output_tokens, ns.sla, ns.num_gpus) == \
         ("server", [48.0] if isinstance(ns.qps, list) else 48.0, 15.0, 1024, 128, "llama3.1-8b", 2)
@@ -447,7 +448,7 @@ def test_wrong_engine_format_and_sim(tmp_path):
 
 
 def test_cli(tmp_path, capsys, secret_env):
-    from servetune.optimizer.export_cli import main
+    from servetune.optimizer.cli.export import main
 
     run = engine_run(tmp_path, "sglang")
     assert main([str(run), "--format", "compose", "-o", str(tmp_path / "c"), "--gpu-ids", "0,1",

@@ -89,3 +89,22 @@ def test_gpu_use_counts_only_the_time_a_driver_ran():
     assert gpu_use(trials, 1)["utilization"] < 0.02  # the four hours between the runs counted
     use = gpu_use(trials, 1, sessions)
     assert use["available_gpu_s"] == 220.0 and use["utilization"] > 0.9, use  # 2 × (10 s of start-up + 100 s)
+
+
+def test_a_measurement_the_dead_driver_never_told_is_told_to_its_own_trial(tmp_path):
+    from servetune.optimizer.driver import STALE
+
+    driver = _driver(tmp_path)
+    driver.run_dir.mkdir(parents=True)
+    study = driver.open_study()
+    measured = _running(driver, study, {"tensor_parallel": 1, "max_concurrency": 8, "quantization": "none"})
+    summary = {"output_tokens_per_s_per_gpu": 900.0, "output_tokens_per_s": 900.0, "tpot_p99_ms": 9.0,
+               "ttft_p99_ms": 80.0}
+    write_json_atomic(driver.trial_dir(measured.number) / "trial.json", TrialResult(  # the worker finished it
+        number=measured.number, engine="sim", params=measured.params, state="complete",
+        scenarios={"server": {"summary": summary}}).to_dict())
+    assert driver.recover(study, exclusive=True) == 0  # nothing queued again: it was measured
+    t = study.get_trials(deepcopy=False)[measured.number]
+    assert t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get(STALE)
+    assert t.values == [900.0, 9.0]
+    assert json.loads((driver.trial_dir(measured.number) / "trial.json").read_text())["state"] == "complete"

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from loadgen_mock import MockServer
 
-from servetune.optimizer.bench_cli import UsageError, add_parser, main, redacted_argv, resolve_header
+from servetune.optimizer.cli.bench import BenchCommand, UsageError, main, redacted_argv, resolve_header
+from servetune.optimizer.cli.command import register
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +25,19 @@ def test_parser_is_light_and_in_step_with_loadgen():
     import sys
 
     from servetune.loadgen.scenario_kinds import ScenarioKind
-    from servetune.optimizer import bench_cli
+    from servetune.optimizer.cli import bench as bench_cli
 
     assert bench_cli.SCENARIOS == ScenarioKind.names()  # the --scenario choices are the registered kinds
-    code = ("import argparse, sys; from servetune.optimizer.bench_cli import add_parser; "
-            "add_parser(argparse.ArgumentParser().add_subparsers()); print('aiohttp' in sys.modules)")
+    code = ("import argparse, sys; from servetune.optimizer.cli.bench import BenchCommand; "
+            "BenchCommand.add_cli_args(argparse.ArgumentParser()); print('aiohttp' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_add_parser_registers_bench():
     p = argparse.ArgumentParser(prog="servetune")
-    add_parser(p.add_subparsers(dest="command"))
+    register(p.add_subparsers(dest="command"), BenchCommand)
     args = p.parse_args(["bench", "--url", "http://h:1", "--model", "m", "-o", "x", "--concurrency", "1,2,4"])
-    assert args.func.__name__ == "cmd_bench" and args.concurrency == [1, 2, 4]
+    assert args.command_class is BenchCommand and args.concurrency == [1, 2, 4]
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "--url", "http://h:1", "--model", "m", "-o", "x", "--concurrency", "0"])
 

@@ -9,7 +9,8 @@ import pytest
 from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind
 from servetune.loadgen.scenarios import ScenarioSettings
 from servetune.loadgen.sla import SLA_PRESETS, limit_excess, resolve_limits, within_limits
-from servetune.optimizer import bench_cli, fidelity, lifecycle
+from servetune.optimizer import fidelity, lifecycle
+from servetune.optimizer.cli import bench as bench_cli
 from servetune.optimizer.driver import scenario_plans
 from servetune.optimizer.spec import ScenarioSpec, parse_study
 from servetune.reports.model import _preset_limits

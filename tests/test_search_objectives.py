@@ -12,9 +12,10 @@ import optuna
 import pytest
 
 from servetune.optimizer import fidelity, noise
-from servetune.optimizer.driver import PESSIMISTIC, StudyDriver, StudyOutcome
+from servetune.optimizer.driver import PESSIMISTIC, StudyDriver
 from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import SpecError, load_study
+from servetune.optimizer.summary import pareto_numbers
 
 from study_fixtures import write_study
 
@@ -39,7 +40,7 @@ def _ask_tell(d: StudyDriver, study, **kw) -> tuple[optuna.Trial, TrialResult]:
     trial = study.ask()
     plan, _ = d.plan_trial(trial)
     r = _result(plan, **kw)
-    d._tell(study, trial, r, StudyOutcome(d.run_dir))
+    d.tell(trial, r)
     return trial, r
 
 
@@ -73,7 +74,7 @@ def test_failures_are_infeasible_with_pessimistic_values_and_never_on_the_front(
     # an internal error says nothing about the config: plain FAIL, the samplers ignore it
     assert ts[t_int.number].state == optuna.trial.TrialState.FAIL
     assert t_oom.number not in [t.number for t in study.best_trials]
-    assert t_oom.number not in d._pareto(study)
+    assert t_oom.number not in pareto_numbers(study)
 
 
 def test_failure_learning_steers_tpe_away_from_a_failing_region(tmp_path):
@@ -100,7 +101,7 @@ def test_failure_learning_steers_tpe_away_from_a_failing_region(tmp_path):
                 bad += i >= 8
             else:
                 r = _result(plan, tps=100.0 * c ** 0.5, tpot=20 + c / 8)
-            d._tell(study, trial, r, StudyOutcome(d.run_dir))
+            d.tell(trial, r)
         counts[learn] = bad
     assert counts[True] < counts[False], counts
     assert counts[True] <= 12, counts
@@ -133,7 +134,7 @@ def test_conditional_space_with_every_sampler(tmp_path, kind):
         est = fidelity.estimate("llama-3.2-1b", "h100", p, [], {})  # no scenarios: just the config check
         assert "error" not in est
         tps = 1000 + 3 * p["max_concurrency"] + 50 * p.get("speculative_tokens", 0)
-        d._tell(study, trial, _result(plan, tps=tps, tpot=10 + p["max_concurrency"] / 10), StudyOutcome(d.run_dir))
+        d.tell(trial, _result(plan, tps=tps, tpot=10 + p["max_concurrency"] / 10))
     assert seen_on and seen_off
     assert len(study.best_trials) >= 1
 
@@ -159,7 +160,7 @@ def test_prescreen_with_grid_is_a_spec_error(tmp_path):
 def test_cost_per_gpu_hour_gives_usd_per_million_tokens(tmp_path):
     d = _driver(tmp_path, extra="cost_per_gpu_hour: 2.0\nbaseline: false\n")
     sr = {"summary": {"output_tokens_per_s": 1000.0}}
-    d._derived_metrics(sr, gpus=2)
+    d.scorer.derived_metrics(sr, gpus=2)
     # 2 GPUs x $2/h = $4/h for 3.6 M tokens/h
     assert sr["summary"]["usd_per_million_tokens"] == pytest.approx(4.0 / 3.6)
     assert sr["summary"]["output_tokens_per_s_per_gpu"] == 500.0
@@ -219,9 +220,10 @@ def test_prescreen_enqueues_the_best_estimated_candidate(tmp_path):
       quantization: [none, fp8]
     """, extra="baseline: false\nfidelity: {prescreen: 6, max_requests: 40}\n")
     study = d.open_study()
-    picked = d._prescreen(study, {}, [])
-    assert picked is not None and picked["chosen"]["candidates"] == 6
+    d.sampler.arm()  # as the loop does before it asks for a trial
     trial = study.ask()
+    picked = d.sampler.taken(trial.number)
+    assert picked is not None and picked["chosen"]["candidates"] == 6
     plan, _ = d.plan_trial(trial)
     chosen = [c for c in picked["candidates"] if c["params"] == plan.params]
     assert chosen, (plan.params, picked["candidates"])

@@ -13,7 +13,7 @@ from servetune.loadgen.datasets import random_dataset, text_corpus
 from servetune.loadgen.records import Request
 from servetune.loadgen.runner import REPEAT_TOKEN_LOW, repeat_variant
 from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
-from servetune.optimizer.bench_cli import main as bench
+from servetune.optimizer.cli.bench import main as bench
 from servetune.optimizer.driver import dataset_args, scenario_plans
 from servetune.optimizer.engines.prometheus import parse_prometheus
 from servetune.optimizer.lifecycle import _dataset

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from servetune.optimizer.records import trial_records
+from servetune.optimizer.run_dir import trial_records
 
 OFF = (None, "none", "off", False)
 SPEC = ("speculative_method", "speculative_tokens", "speculative_lookup_min", "speculative_lookup_max")

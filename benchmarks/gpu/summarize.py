@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from servetune.optimizer.records import gpu_use, trial_records
+from servetune.optimizer.records import gpu_use
+from servetune.optimizer.run_dir import trial_records
 from servetune.optimizer.vs_baseline import compare
 
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
-EXIT_USAGE = 2
+from servetune.optimizer.cli.command import Command, run_alone
+from servetune.optimizer.cli.common import EXIT_USAGE
+from servetune.optimizer.export import FORMATS, QUALITY_WARNING, ExportError, Options, export
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from servetune.optimizer.export import FORMATS
+def _print_err(m: str) -> None:
+    print(m, file=sys.stderr)
 
-    e = subparsers.add_parser(
-        "export", help="write the chosen trial as a deployment (command, compose, k8s, helm, kserve, ray-serve, json; "
-                       "a sim trial: command, compose, k8s, json)",
-        description="Render the chosen trial of a run directory as a ready deployment. 'best' = the best value "
-                    "of the objective (default: the study's first) in the scenario, among completed trials that "
-                    "met the SLA in every scenario that has one.")
+
+def add_cli_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("run_dir", help="a run directory (runs/<study>/)")
     e.add_argument("--trial", default="best", help="'best' (default) or a trial number")
     e.add_argument("--scenario", help="scenario whose results choose (default: the objective's scenario)")
@@ -59,14 +58,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--replicas", type=int, default=1)
     d.add_argument("--keep-load-format", action="store_true",
                    help="keep --load-format dummy if the trial used it (random weights; benchmarking only)")
-    e.set_defaults(func=cmd_export)
-    return e
 
 
-def cmd_export(args: argparse.Namespace, out=print, err=None) -> int:
-    from servetune.optimizer.export import ExportError, Options, export
+@dataclass
+class ExportCommand(Command):
+    name = "export"
+    help = ("write the chosen trial as a deployment (command, compose, k8s, helm, kserve, ray-serve, json; "
+            "a sim trial: command, compose, k8s, json)")
+    description = ("Render the chosen trial of a run directory as a ready deployment. 'best' = the best value "
+                   "of the objective (default: the study's first) in the scenario, among completed trials that "
+                   "met the SLA in every scenario that has one.")
 
-    err = err or (lambda m: print(m, file=sys.stderr))
+    # the deployment's ~20 options travel as parsed: export.Options is their one typed home
+    args: argparse.Namespace
+    out: Callable[[str], None] = print
+    err: Callable[[str], None] = _print_err
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_cli_args(parser)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ExportCommand:
+        return cls(args)
+
+    def run(self) -> int:
+        return cmd_export(self.args, self.out, self.err)
+
+
+def cmd_export(args: argparse.Namespace, out: Callable[[str], None] = print,
+               err: Callable[[str], None] = _print_err) -> int:
     opts = Options(host=args.host, port=args.port, image=args.image, model_path=args.model_path,
                    model_host_path=args.model_host_path, name=args.name, namespace=args.namespace,
                    secret_name=args.secret_name, pvc=args.pvc, pvc_size=args.pvc_size,
@@ -80,8 +101,6 @@ def cmd_export(args: argparse.Namespace, out=print, err=None) -> int:
     except ExportError as e:
         err(f"servetune export: {e}")
         return EXIT_USAGE
-    from servetune.optimizer.export import QUALITY_WARNING
-
     out(res.choice.describe())
     for w in res.warnings:
         if w.startswith(QUALITY_WARNING):  # about the model's answers: a banner nobody scrolls past
@@ -96,11 +115,7 @@ def cmd_export(args: argparse.Namespace, out=print, err=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="servetune")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = p.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    return cmd_export(args)
+    return run_alone(ExportCommand, ["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

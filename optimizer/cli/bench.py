@@ -25,13 +25,14 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from servetune.loadgen.scenario_kinds import SCENARIOS  # the registry alone: the parser imports no aiohttp/numpy
 from servetune.optimizer import secret_refs
-
-EXIT_USAGE = 2
+from servetune.optimizer.cli.command import Command, run_alone
+from servetune.optimizer.cli.common import EXIT_USAGE
 
 
 class UsageError(Exception):
@@ -96,14 +97,10 @@ def _keep_up_arg(text: str) -> float | None:
     return value
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on the ``servetune`` sub-command parser."""
+def add_cli_args(b: argparse.ArgumentParser) -> None:
+    """``bench``'s arguments (building them imports no aiohttp/numpy: ``servetune --help`` stays quick)."""
     from servetune.loadgen.sla import SLA_PRESETS
 
-    b = subparsers.add_parser(
-        "bench", help="run a load scenario against any OpenAI-compatible server",
-        description="Run an MLPerf-style scenario (or a max-QPS search / concurrency sweep) against a "
-                    "running OpenAI-compatible server and write result.json + per-request records.")
     t = b.add_argument_group("target")
     t.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
     t.add_argument("--model", required=True, help="served model name (sent as 'model')")
@@ -190,8 +187,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("-o", "--output-dir", required=True)
     o.add_argument("--records-format", choices=("parquet", "csv"), default="parquet")
     o.add_argument("--quiet", action="store_true")
-    b.set_defaults(func=cmd_bench)
-    return b
+
+
+@dataclass
+class BenchCommand(Command):
+    name = "bench"
+    help = "run a load scenario against any OpenAI-compatible server"
+    description = ("Run an MLPerf-style scenario (or a max-QPS search / concurrency sweep) against a "
+                   "running OpenAI-compatible server and write result.json + per-request records.")
+
+    # ~40 load-generator options travel as parsed: loadgen's ScenarioSettings and datasets are their typed homes
+    args: argparse.Namespace
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_cli_args(parser)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> BenchCommand:
+        return cls(args)
+
+    def run(self) -> int:
+        return cmd_bench(self.args)
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -456,15 +473,8 @@ def _json_default(o: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m servetune.optimizer.bench_cli ...``: the same as ``servetune bench ...``."""
-    parser = argparse.ArgumentParser(prog="servetune")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["bench"]:
-        argv = ["bench", *argv]
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """``bench`` alone (tests, scripts): the same as ``servetune bench ...``."""
+    return run_alone(BenchCommand, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

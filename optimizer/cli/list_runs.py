@@ -2,52 +2,47 @@
 best result, last change. Reads the run directories only (trial records, study.yaml, sessions.json)."""
 from __future__ import annotations
 
+import argparse
 import math
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from servetune.optimizer import run_dir as rd
+from servetune.optimizer.cli.command import Command
+from servetune.optimizer.cli.common import console, err_console
+from servetune.reports.model import load_run
 
 
 def find_runs(root: Path) -> list[Path]:
     """Run directories at or under ``root`` (a directory holding trials/ or study.yaml), two levels deep."""
     root = Path(root)
-    if (root / "trials").is_dir() or (root / "study.yaml").is_file():
+    if rd.is_run_dir(root):
         return [root]
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        if (d / "trials").is_dir() or (d / "study.yaml").is_file():
+        if rd.is_run_dir(d):
             out.append(d)
         else:
-            out += [e for e in sorted(d.iterdir()) if e.is_dir() and (e / "trials").is_dir()]
+            out += [e for e in sorted(d.iterdir()) if e.is_dir() and (e / rd.TRIALS).is_dir()]
     return out
 
 
 def describe(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    from servetune.optimizer.records import study_running
-    from servetune.reports.model import load_run
-
     run = load_run(run_dir)
     states = run.state_counts()
     budget = (run.spec.get("budget") or {}).get("trials") if isinstance(run.spec.get("budget"), dict) else None
-    from datetime import datetime
-
-    from servetune.optimizer.records import read_sessions
-
-    summary = run_dir / "summary.json"
-    try:
-        stopped = json.loads(summary.read_text()).get("stopped_because")
-    except (OSError, ValueError):
-        stopped = None
-    sessions = read_sessions(run_dir)
+    stopped = (rd.read_summary(run_dir) or {}).get("stopped_because")
+    sessions = rd.read_sessions(run_dir)
     try:  # a summary older than the last run's start is an earlier run's: the last one did not finish
         last_start = datetime.fromisoformat(str(sessions[-1]["started"])).timestamp() if sessions else 0.0
     except (KeyError, ValueError):
         last_start = 0.0
-    if study_running(run_dir):
+    if rd.study_running(run_dir):
         status = "running"
-    elif stopped is None or summary.stat().st_mtime < last_start:
+    elif stopped is None or rd.summary_path(run_dir).stat().st_mtime < last_start:
         status = "interrupted"
     else:
         status = f"done ({stopped})"
@@ -61,7 +56,7 @@ def describe(run_dir: Path) -> dict[str, Any]:
             if not vals.empty:
                 idx = vals.idxmax() if o.direction == "maximize" else vals.idxmin()
                 best = f"{o.column} {vals[idx]:,.4g} (#{int(run.trials.at[idx, 'number'])})"
-    newest = max((p.stat().st_mtime for p in run_dir.glob("trials/*/trial.json")), default=0.0)
+    newest = rd.newest_record_mtime(run_dir)
     done = sum(v for k, v in states.items() if k in ("complete", "failed"))
     return {"study": run.spec.get("name") or run_dir.name, "path": str(run_dir), "status": status,
             "trials": f"{done}{'/' + str(budget) if budget else ''}"
@@ -69,20 +64,29 @@ def describe(run_dir: Path) -> dict[str, Any]:
             "best": best or "—", "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else ""}
 
 
-def add_parser(subparsers: Any):
-    p = subparsers.add_parser("list", help="the studies under a directory: status, trials, best result",
-                              description="List the run directories under DIR (default runs/) with their status "
-                              "(running, done, interrupted), trials measured of the budget, and the best value of "
-                              "the first objective among trials that met the SLA.")
-    p.add_argument("dir", nargs="?", default="runs")
-    p.set_defaults(func=cmd_list)
-    return p
+@dataclass
+class ListCommand(Command):
+    name = "list"
+    help = "the studies under a directory: status, trials, best result"
+    description = ("List the run directories under DIR (default runs/) with their status (running, done, "
+                   "interrupted), trials measured of the budget, and the best value of the first objective among "
+                   "trials that met the SLA.")
+
+    dir: str = "runs"
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("dir", nargs="?", default="runs")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ListCommand:
+        return cls(dir=args.dir)
+
+    def run(self) -> int:
+        return list_runs(Path(self.dir))
 
 
-def cmd_list(args) -> int:
-    from servetune.optimizer.cli import console, err_console
-
-    root = Path(args.dir)
+def list_runs(root: Path) -> int:
     if not root.exists():
         err_console.print(f"{root}: no such directory (studies are written to runs/NAME by default)", markup=False)
         return 2
@@ -93,8 +97,8 @@ def cmd_list(args) -> int:
     rows = [("STUDY", "STATUS", "TRIALS", "BEST (first objective, SLA met)", "UPDATED", "PATH")]
     for d in runs:
         try:
-            r = describe(d)
-            rows.append((r["study"], r["status"], r["trials"], r["best"], r["updated"], r["path"]))
+            info = describe(d)
+            rows.append((info["study"], info["status"], info["trials"], info["best"], info["updated"], info["path"]))
         except Exception as e:  # one unreadable run never hides the others
             rows.append((d.name, f"unreadable ({type(e).__name__})", "", "", "", str(d)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
