@@ -53,9 +53,8 @@ from servetune.loadgen.datasets import prompt_format_of
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import e2e_ms, schedule_lag_ms, summarize, tpot_ms, ttft_from_send_ms, ttft_ms
 from servetune.loadgen.records import Chunk, Request, RequestRecord, ScenarioResult
+from servetune.loadgen.runner import Job, JobResult, Positions, execute, issue_order, run_in_workers, warmup_variant
 from servetune.loadgen.scenario_kinds import SCENARIOS, ScenarioKind
-from servetune.loadgen.runner import (Job, JobResult, Positions, execute, issue_order, run_in_workers,
-                                      warmup_variant)
 from servetune.loadgen.sla import resolve_limits
 from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, DEFAULT_MIN_KEEP_UP, verdict
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import optuna
 
-from servetune.optimizer.engines import simulated
 from servetune.optimizer import repeats, resume_check, run_dir
 from servetune.optimizer.cluster_execution import ClusterExecutor, TrialLost
+from servetune.optimizer.engines import simulated
 from servetune.optimizer.execution import RayExecutor
 from servetune.optimizer.in_flight import Done, InFlight, worker_died
 from servetune.optimizer.prescreen import Prescreen, PrescreenSampler
@@ -30,16 +30,23 @@ from servetune.optimizer.records import TrialPlan, TrialResult
 from servetune.optimizer.recovery import Foreign, Recovery
 from servetune.optimizer.run_dir import StudyLocked
 from servetune.optimizer.sampling import grid_done, make_sampler
-from servetune.optimizer.scoring import Scorer, objective_keys
+from servetune.optimizer.scoring import Scorer
 from servetune.optimizer.shared_study import ConfigClaims, restore_records
 from servetune.optimizer.space import SearchSpace
 from servetune.optimizer.spec import StudySpec
-from servetune.optimizer.study_store import (BASELINE, ENGINE, ESTIMATE, FAILURE, KEY, PESSIMISTIC, STALE, STATE,
-                                             StudyStore)
+from servetune.optimizer.study_store import (
+    BASELINE,
+    ENGINE,
+    ESTIMATE,
+    KEY,
+    PESSIMISTIC,
+    STALE,
+    STATE,
+    StudyStore,
+)
 from servetune.optimizer.summary import StudyOutcome, write_summary
 from servetune.optimizer.teller import Teller
-from servetune.optimizer.trial_planner import (TrialPlanner, config_key, dataset_args, resolve_model,
-                                               scenario_plans)
+from servetune.optimizer.trial_planner import TrialPlanner, config_key, dataset_args, resolve_model, scenario_plans
 
 # the names tests and the other commands import from here
 __all__ = ["StudyDriver", "StudyLocked", "StudyOutcome", "config_key", "dataset_args", "make_sampler",

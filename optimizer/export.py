@@ -632,9 +632,9 @@ _FILES = {
 
 
 def _env():
-    import jinja2
-
     from importlib import resources
+
+    import jinja2
 
     root = str(resources.files("servetune.deploy_templates"))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(root),

@@ -55,11 +55,11 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     ``scenarios`` are :class:`~servetune.optimizer.records.ScenarioPlan`; a qps list is swept in order and
     stops at the first SLA miss, as the real trial does. Raises :class:`EstimateUnavailable` when the
     study cannot be estimated at all."""
+    from servetune.loadgen.search import FLOOR_DIVISOR
     from servetune.optimizer.engines.sim.estimate import simulate_offline, simulate_server
     from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
     from servetune.optimizer.perfmodel.hardware import get_gpu
     from servetune.optimizer.rules import gpus_needed
-    from servetune.loadgen.search import FLOOR_DIVISOR
     from servetune.optimizer.spec import rate_bracket, rate_floor
 
     try:

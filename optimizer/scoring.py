@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 import optuna
 
-from servetune.optimizer.records import TrialResult
 from servetune.loadgen.sla import LIMITS, limit_excess
+from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.study_store import PESSIMISTIC
 from servetune.optimizer.trial_planner import judges_steady_state, scenario_plans
-
 
 Direction = Literal["maximize", "minimize"]
 

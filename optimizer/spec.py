@@ -24,18 +24,59 @@ from servetune.loadgen.scenario_kinds import SCENARIOS
 from servetune.loadgen.sla import SLA_PRESETS
 from servetune.optimizer import study_yaml
 from servetune.optimizer.catalog import load_catalog
-from servetune.optimizer.spec_base import (MAX_CONCURRENCY, MAX_GPUS, MAX_NAME, MAX_PARAM_INT, MAX_QPS,
-                                           MAX_REQUESTS, MAX_SECONDS, MAX_SEED, MAX_TOKENS, MAX_TRIALS, MAX_WALL_S,
-                                           StrictModel)
+from servetune.optimizer.spec_base import (
+    MAX_CONCURRENCY,
+    MAX_GPUS,
+    MAX_NAME,
+    MAX_PARAM_INT,
+    MAX_QPS,
+    MAX_REQUESTS,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_TOKENS,
+    MAX_TRIALS,
+    MAX_WALL_S,
+    StrictModel,
+)
 from servetune.optimizer.spec_domains import Domain, RangeDomain, search_errors
-from servetune.optimizer.spec_errors import (SpecError, describe, did_you_mean, fail, fmt_path, line_map,
-                                             nearest_line, structure_errors, validation_lines, yaml_error)
-from servetune.optimizer.spec_serving import (ENGINES, BudgetSpec, ClusterSpec, EngineSpec, FidelitySpec, HardwareSpec,
-                                              ModelSpec, NodeTypeSpec, QualitySpec, SamplerSpec)
+from servetune.optimizer.spec_errors import (
+    SpecError,
+    describe,
+    did_you_mean,
+    fail,
+    fmt_path,
+    line_map,
+    nearest_line,
+    structure_errors,
+    validation_lines,
+    yaml_error,
+)
+from servetune.optimizer.spec_serving import (
+    ENGINES,
+    BudgetSpec,
+    ClusterSpec,
+    EngineSpec,
+    FidelitySpec,
+    HardwareSpec,
+    ModelSpec,
+    NodeTypeSpec,
+    QualitySpec,
+    SamplerSpec,
+)
+from servetune.optimizer.spec_workload import (
+    METRICS,
+    AuditSpec,
+    DatasetSpec,
+    MaxQPSSpec,
+    ObjectiveSpec,
+    ScenarioSpec,
+    SLASpec,
+    WarmupSpec,
+    WorkloadSpec,
+    rate_bracket,
+    rate_floor,
+)
 from servetune.optimizer.storage_url import literal_password_error
-from servetune.optimizer.spec_workload import (METRICS, AuditSpec, DatasetSpec, MaxQPSSpec, ObjectiveSpec,
-                                               ScenarioSpec, SLASpec, WarmupSpec, WorkloadSpec, rate_bracket,
-                                               rate_floor)
 
 __all__ = [
     "ENGINES", "SCENARIOS", "SLA_PRESETS", "METRICS", "MAX_CONCURRENCY", "MAX_GPUS", "MAX_NAME", "MAX_PARAM_INT",

@@ -9,7 +9,15 @@ from pydantic import Field, ValidationError, model_validator
 
 from servetune.optimizer.parameters import PARAMETERS, bound_problem, is_off
 from servetune.optimizer.spec_base import MAX_PARAM_INT, StrictModel
-from servetune.optimizer.spec_errors import close_match, describe, did_you_mean, did_you_mean_or_list, fail, message, num
+from servetune.optimizer.spec_errors import (
+    close_match,
+    describe,
+    did_you_mean,
+    did_you_mean_or_list,
+    fail,
+    message,
+    num,
+)
 from servetune.optimizer.spec_serving import HardwareSpec
 
 _GPU_PARAMS = ("tensor_parallel", "pipeline_parallel", "data_parallel")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+
 def fail(title: str, errors: list[tuple[tuple, str]]) -> None:
     """Raise a ValidationError whose errors sit at ``loc`` (relative to the model being validated)."""
     raise ValidationError.from_exception_data(title, [

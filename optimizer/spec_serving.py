@@ -13,8 +13,17 @@ from servetune.optimizer.evalset import EvalSetError, load
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import config_problem, load_shape
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
-from servetune.optimizer.spec_base import (MAX_GPUS, MAX_REQUESTS, MAX_SECONDS, MAX_SEED, MAX_TRIALS, MAX_WALL_S,
-                                           StrictModel, base_dir_of, resolve_from)
+from servetune.optimizer.spec_base import (
+    MAX_GPUS,
+    MAX_REQUESTS,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_TRIALS,
+    MAX_WALL_S,
+    StrictModel,
+    base_dir_of,
+    resolve_from,
+)
 from servetune.optimizer.spec_errors import describe, fail
 
 ENGINES = engine_names()  # every registered engine (optimizer/engines/registry.py)

@@ -9,8 +9,19 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind
 from servetune.loadgen.sla import SLA_PRESETS, resolve_limits
 from servetune.optimizer import safe_read
-from servetune.optimizer.spec_base import (MAX_CONCURRENCY, MAX_QPS, MAX_REQUESTS, MAX_SECONDS, MAX_SEED, MAX_TOKENS,
-                                           Level, Rate, StrictModel, base_dir_of, resolve_from)
+from servetune.optimizer.spec_base import (
+    MAX_CONCURRENCY,
+    MAX_QPS,
+    MAX_REQUESTS,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_TOKENS,
+    Level,
+    Rate,
+    StrictModel,
+    base_dir_of,
+    resolve_from,
+)
 from servetune.optimizer.spec_errors import a_word, did_you_mean, did_you_mean_or_list, fail, num
 
 # Objective metrics a scenario summary carries, with the direction that makes a config better.

@@ -17,8 +17,17 @@ from servetune.optimizer.prescreen import Prescreen
 from servetune.optimizer.records import TrialPlan, TrialResult
 from servetune.optimizer.scoring import Scorer, set_constraints
 from servetune.optimizer.spec import StudySpec
-from servetune.optimizer.study_store import (BASELINE, CONSTRAINTS, ENGINE, FAILURE, OBJECTIVES, PESSIMISTIC, RECORD,
-                                             STATE, StudyStore)
+from servetune.optimizer.study_store import (
+    BASELINE,
+    CONSTRAINTS,
+    ENGINE,
+    FAILURE,
+    OBJECTIVES,
+    PESSIMISTIC,
+    RECORD,
+    STATE,
+    StudyStore,
+)
 from servetune.optimizer.summary import StudyOutcome
 from servetune.optimizer.trial_planner import TrialPlanner
 

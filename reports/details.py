@@ -7,7 +7,6 @@ HTML); the only pseudo-HTML is in the Plotly figures, built here with every user
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

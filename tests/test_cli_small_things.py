@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from servetune.optimizer import cli
 from report_fixtures import write_run
+from servetune.optimizer import cli
 from study_fixtures import write_study
 
 ROOT = Path(__file__).resolve().parent.parent

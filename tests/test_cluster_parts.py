@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +14,6 @@ import pytest
 
 from servetune.optimizer import placement, trial_files
 from servetune.optimizer.spec import ClusterSpec, SpecError, parse_study
-
 from study_fixtures import write_study
 
 

@@ -15,7 +15,8 @@ import pytest
 from servetune.optimizer.catalog import load_catalog, parameters, render_flags
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.engines.version_check import flags_in_help, main as version_check_main, missing_flags, used_flags
+from servetune.optimizer.engines.version_check import flags_in_help, missing_flags, used_flags
+from servetune.optimizer.engines.version_check import main as version_check_main
 from servetune.optimizer.perfmodel.model_shapes import load_shape
 
 HELP = Path(__file__).parent / "fixtures" / "engine_help"

@@ -418,9 +418,10 @@ def test_host_option_and_bench_script(tmp_path, secret_env):
     res = export(run, fmt="vllm", out_dir=tmp_path / "o", options=Options(host="0.0.0.0", port=9000))
     argv = _exec_argv(res.files[0])
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "9000"
+    import argparse
+
     from servetune.optimizer.cli.bench import BenchCommand
     from servetune.optimizer.cli.command import register
-    import argparse
 
     bench = (tmp_path / "o/bench.sh").read_text()
     cmd = shlex.split(bench[bench.index("\nexec ") + 6:].replace("\\\n", " "))

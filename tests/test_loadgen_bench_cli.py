@@ -4,8 +4,8 @@ import json
 
 import pandas as pd
 import pytest
-from loadgen_mock import MockServer
 
+from loadgen_mock import MockServer
 from servetune.optimizer.cli.bench import BenchCommand, UsageError, main, redacted_argv, resolve_header
 from servetune.optimizer.cli.command import register
 

@@ -2,22 +2,30 @@
 import json
 import statistics
 import time
-from dataclasses import asdict
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
-from loadgen_mock import MockServer, timing_slack_ms
 from scipy import stats
 
+from loadgen_mock import MockServer, timing_slack_ms
 from servetune.loadgen.datasets import SAFE_ID_LOW, random_dataset
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import ttft_ms
 from servetune.loadgen.records import Request
-from servetune.loadgen.scenarios import (ScenarioSettings, _warmup_variant, issue_order, poisson_schedule,
-                                         read_records, records_frame, run, scenario_seeds,
-                                         write_records)
+from servetune.loadgen.scenarios import (
+    ScenarioSettings,
+    _warmup_variant,
+    issue_order,
+    poisson_schedule,
+    read_records,
+    records_frame,
+    run,
+    scenario_seeds,
+    write_records,
+)
 
 DATA = random_dataset(10, input_tokens=16, output_tokens=8)
 

@@ -3,13 +3,20 @@ import math
 from dataclasses import replace
 
 import pytest
-from loadgen_mock import MockServer
 
+from loadgen_mock import MockServer
 from servetune.loadgen.datasets import random_dataset
 from servetune.loadgen.records import Request, ScenarioResult
 from servetune.loadgen.scenarios import ScenarioSettings
-from servetune.loadgen.search import (LEVEL_TOKEN_BASE, concurrency_levels, concurrency_sweep, find_max_qps,
-                                      latency_margin, level_variant, pareto_front)
+from servetune.loadgen.search import (
+    LEVEL_TOKEN_BASE,
+    concurrency_levels,
+    concurrency_sweep,
+    find_max_qps,
+    latency_margin,
+    level_variant,
+    pareto_front,
+)
 
 DATA = random_dataset(10, input_tokens=16, output_tokens=8)
 

@@ -98,7 +98,6 @@ def test_validate_no_path_check_checks_a_gpu_study_on_a_laptop(capsys, tmp_path)
 def test_a_value_one_engine_refuses_is_rejected_for_that_engine_only(tmp_path, capsys):
     from servetune.optimizer.driver import StudyDriver
     from servetune.optimizer.spec import load_study
-
     from study_fixtures import write_study
 
     path = write_study(tmp_path, search="""

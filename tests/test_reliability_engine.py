@@ -15,9 +15,15 @@ import time
 import optuna
 import pytest
 
-from reliability_helpers import ray_local  # noqa: F401  (the session's Ray instance)
-from reliability_helpers import (assert_nothing_leaked, fake_study, marked_pids, ray_gpus_back, run_study_inprocess,
-                                 trials)
+from reliability_helpers import (
+    assert_nothing_leaked,
+    fake_study,
+    marked_pids,
+    ray_gpus_back,
+    ray_local,  # noqa: F401  (the session's Ray instance)
+    run_study_inprocess,
+    trials,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -110,7 +110,6 @@ def test_pid_file_is_complete_whenever_it_exists(tmp_path):
 
 def test_reap_orphan_kills_the_group_and_never_a_reused_pid(tmp_path):
     import json
-    import os
     import subprocess
     import sys
     import time

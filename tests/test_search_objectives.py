@@ -16,7 +16,6 @@ from servetune.optimizer.driver import PESSIMISTIC, StudyDriver
 from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import SpecError, load_study
 from servetune.optimizer.summary import pareto_numbers
-
 from study_fixtures import write_study
 
 

@@ -13,7 +13,6 @@ import pytest
 from servetune.optimizer.driver import STALE, StudyDriver
 from servetune.optimizer.records import TrialResult, write_json_atomic
 from servetune.optimizer.spec import load_study
-
 from study_fixtures import write_study
 
 pytestmark = pytest.mark.slow

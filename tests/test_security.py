@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import ray_local  # noqa: F401  (the session's Ray instance)
-from reliability_helpers import WORKER_ENV, argv_port, fake_study, listening, run_study_inprocess, trials
+from reliability_helpers import (
+    WORKER_ENV,
+    argv_port,
+    fake_study,
+    listening,
+    ray_local,  # noqa: F401  (the session's Ray instance)
+    run_study_inprocess,
+    trials,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = WORKER_ENV["HF_TOKEN"]  # hf_planted_secret_123
@@ -30,10 +37,9 @@ def test_no_shell_anywhere_in_the_code():
 
 def test_servers_bind_loopback_unless_the_study_says_otherwise(tmp_path):
     from servetune.optimizer import process
-    from servetune.optimizer.engines import get_engine
-    from servetune.optimizer.spec import StudySpec
     from servetune.optimizer.driver import resolve_model
-    from servetune.optimizer.spec import load_study
+    from servetune.optimizer.engines import get_engine
+    from servetune.optimizer.spec import StudySpec, load_study
     from study_fixtures import write_study
 
     spec = load_study(str(write_study(tmp_path)))

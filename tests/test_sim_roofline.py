@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from servetune.optimizer.perfmodel.roofline import PER_SEQ_S, STEP_OVERHEAD_S, Roofline, StepBatch
-from servetune.optimizer.engines.sim.scheduler import (Scheduler, SimConfig, SimConfigError, SimRequest,
-                                                       SimStartupError, memory_plan)
+from servetune.optimizer.engines.sim.scheduler import (
+    Scheduler,
+    SimConfig,
+    SimConfigError,
+    SimRequest,
+    SimStartupError,
+    memory_plan,
+)
 from servetune.optimizer.perfmodel.hardware import GPUS, GpuSpec, get_gpu
 from servetune.optimizer.perfmodel.model_shapes import PRESETS, ModelShape, load_shape
+from servetune.optimizer.perfmodel.roofline import PER_SEQ_S, STEP_OVERHEAD_S, Roofline, StepBatch
 
 # A GPU with round numbers and no derating, so step times can be worked out by hand.
 UNIT_GPU = GpuSpec("unit", memory_gib=16, bf16_tflops=100, fp8_tflops=200, hbm_tb_s=1.0, link_gb_s=100,
@@ -173,8 +179,9 @@ def test_no_room_for_cache_blocks():
 
 
 def test_every_engine_neutral_parameter_is_understood():
-    import yaml
     from pathlib import Path
+
+    import yaml
     names = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "parameters.yaml").read_text())["parameters"]
     cfg = SimConfig.from_params({k: None for k in names if k not in
                                  ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_concurrency",

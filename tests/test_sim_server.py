@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,10 +16,10 @@ import aiohttp
 import pytest
 
 from servetune.optimizer.engines.prometheus import parse_prometheus
-from servetune.optimizer.perfmodel.roofline import StepBatch
 from servetune.optimizer.engines.sim.scheduler import SimConfig, build_roofline
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.roofline import StepBatch
 
 MODULE = "servetune.optimizer.engines.sim"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servetune.optimizer.spec import (SLA_PRESETS, SpecError, StudySpec, load_study, parse_study)
+from servetune.optimizer.spec import SLA_PRESETS, SpecError, StudySpec, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_studies"

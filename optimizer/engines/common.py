@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from servetune.optimizer.parameters import is_off  # noqa: F401  (the engines' C.is_off; search_spaces/parameters.yaml)
+from servetune.optimizer.parameters import is_off
 from servetune.optimizer.perfmodel.quantization import CHECKPOINT_ONLY, checkpoint_quant, quant_family
 
 

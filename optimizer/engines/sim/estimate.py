@@ -27,9 +27,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest, memory_plan
 from servetune.optimizer.perfmodel.hardware import GpuSpec, get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
-from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest, memory_plan
 
 
 def _shape(shape: ModelShape | str | dict) -> ModelShape:

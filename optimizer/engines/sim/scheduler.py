@@ -25,8 +25,14 @@ from typing import Any, Sequence
 
 from servetune.optimizer.perfmodel.hardware import GIB, GpuSpec
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
-from servetune.optimizer.perfmodel.roofline import (ACT_BYTES, ACT_HIDDEN_FACTOR, ACT_INTER_FACTOR, Roofline,
-                                                      StepBatch, StepTime)
+from servetune.optimizer.perfmodel.roofline import (
+    ACT_BYTES,
+    ACT_HIDDEN_FACTOR,
+    ACT_INTER_FACTOR,
+    Roofline,
+    StepBatch,
+    StepTime,
+)
 
 SPEC_METHODS = ("none", "ngram", "suffix", "eagle", "eagle3")
 # Draft-free methods: their drafts come from the request's own context (answer.py), so with a request's

@@ -37,13 +37,22 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from servetune.optimizer.perfmodel.hardware import GIB, get_gpu
-from servetune.optimizer.perfmodel.model_shapes import ModelShape
 from servetune.optimizer.engines.sim import logits as sim_logits
 from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE, Answer, prompt_seed
-from servetune.optimizer.engines.sim.scheduler import (FINISHED, KV_DTYPES, QUANTIZATIONS, SPEC_METHODS, Scheduler,
-                                                       SimConfig, SimConfigError, SimRequest, SimStartupError,
-                                                       memory_plan)
+from servetune.optimizer.engines.sim.scheduler import (
+    FINISHED,
+    KV_DTYPES,
+    QUANTIZATIONS,
+    SPEC_METHODS,
+    Scheduler,
+    SimConfig,
+    SimConfigError,
+    SimRequest,
+    SimStartupError,
+    memory_plan,
+)
+from servetune.optimizer.perfmodel.hardware import GIB, get_gpu
+from servetune.optimizer.perfmodel.model_shapes import ModelShape
 
 log = logging.getLogger("servetune.sim")
 
