@@ -86,7 +86,7 @@ def measure(path: str, n: int, length: int, reps: int, seed: int) -> dict[str, d
     kinds = {"servetune": pt.prompts(rows, rng)[0], "all-words": pt.prompts(all_rows, rng)[0],
              "vllm-random": vllm_random(tok, n, length, rng),
              "real-text": real_text(tok, n, length)}
-    res = {}
+    res: dict[str, dict[str, float]] = {}
     for _ in range(2):  # interleaved passes: a busy machine slows every kind alike
         for name, prompts in kinds.items():
             tokens = [len(tok.encode(p, add_special_tokens=False).ids) for p in prompts]
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'kind':<12} {'chars/token':>11} {'tokens':>8} {'encode ms':>10} {'vs vllm-random':>15}")
         for name, r in res.items():
             ratio = r["encode_ms"] / res["vllm-random"]["encode_ms"]
-            print(f"{name:<12} {r['chars_per_token']:>11.2f} {r['mean_tokens']:>8.1f} {r['encode_ms']:>10.3f} {ratio:>14.2f}x")
+            print(f"{name:<12} {r['chars_per_token']:>11.2f} {r['mean_tokens']:>8.1f} {r['encode_ms']:>10.3f}"
+                  f" {ratio:>14.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(allres, indent=1))
     return 0

@@ -40,12 +40,14 @@ import asyncio
 import gc
 import json
 import math
+import multiprocessing
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from servetune.loadgen import progress
 from servetune.loadgen.client import loop_factory, run_loop
@@ -57,9 +59,6 @@ from servetune.loadgen.runner import Job, JobResult, Positions, execute, issue_o
 from servetune.loadgen.scenario_kinds import SCENARIOS, ScenarioKind
 from servetune.loadgen.sla import resolve_limits
 from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, DEFAULT_MIN_KEEP_UP, verdict
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 ARRIVALS = ("poisson", "constant", "poisson_exact")
 _warmup_variant = warmup_variant  # the name the tests and older callers use
@@ -187,13 +186,15 @@ def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[in
     if drive == "all_at_once":
         times: list[float] = [0.0] * count
     else:
+        qps = settings.qps
+        assert qps is not None  # ScenarioSettings refuses an arrivals scenario without qps > 0
         multiple = dataset_size if settings.equal_issue else 1
-        arr = (constant_schedule(settings.qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
-               else poisson_schedule(settings.qps, seeds[0], count, settings.duration_s, multiple))
+        arr = (constant_schedule(qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
+               else poisson_schedule(qps, seeds[0], count, settings.duration_s, multiple))
         if settings.arrival == "poisson_exact" and len(arr) > 1:
             # the same draws rescaled so the run's mean rate is exactly qps, as vllm bench serve rescales its
             # own: 1,200 Poisson arrivals span their nominal time ±2.9 % (1/√n), which moves throughput as much
-            arr = arr * ((len(arr) - 1) / settings.qps / arr[-1])
+            arr = arr * ((len(arr) - 1) / qps / arr[-1])
         times = arr.tolist()
     order = issue_order(dataset_size, seeds[1])
     return [(i, next(order), t) for i, t in enumerate(times)]
@@ -214,9 +215,12 @@ def plan_jobs(settings: ScenarioSettings, dataset_size: int) -> tuple[list[Job],
             notes.append(f"{settings.kind} keeps one request outstanding: it runs in one process (workers=1)")
         workers, loops = 1, [1]
     elif drive == "closed_loop":
-        workers = min(workers, settings.concurrency)
-        loops = _shares(settings.concurrency, workers)
+        concurrency = settings.concurrency
+        assert concurrency is not None  # ScenarioSettings refuses a closed loop without concurrency >= 1
+        workers = min(workers, concurrency)
+        loops = _shares(concurrency, workers)
     else:
+        assert items is not None  # schedule_for draws a schedule for every open-loop drive
         workers = max(1, min(workers, len(items), settings.max_connections or workers))
         loops = [0] * workers
     caps = (_shares(settings.max_connections, workers) if settings.max_connections and items is not None
@@ -239,7 +243,7 @@ def _check_inputs(endpoint: Endpoint, requests: Sequence[Request]) -> None:
 def _raise_fd_limit() -> None:
     """Thousands of concurrent connections need thousands of descriptors; the soft limit is often 1024."""
     try:
-        import resource
+        import resource  # noqa: PLC0415 — POSIX only: absent on Windows (the ImportError below)
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or soft < hard:
@@ -262,8 +266,6 @@ async def _execute_all(endpoint: Endpoint, requests: Sequence[Request], settings
 
         result = await execute(endpoint, requests, jobs[0], positions, seeds[1], deadline, settings.timeout_s, start)
         return [result], []
-    import multiprocessing
-
     positions = (Positions(_count(settings, len(requests)), settings.duration_s, multiple,
                            ctx=multiprocessing.get_context("spawn")) if closed else None)
     outcome = await asyncio.get_running_loop().run_in_executor(
@@ -324,10 +326,8 @@ def run(endpoint: Endpoint, requests: Sequence[Request], settings: ScenarioSetti
     return run_loop(run_scenario(endpoint, requests, settings))
 
 
-def records_frame(records: Sequence[RequestRecord]) -> "pd.DataFrame":
+def records_frame(records: Sequence[RequestRecord]) -> pd.DataFrame:
     """One row per request: raw times (s since t0), derived latencies (ms), tokens, status, chunk trace."""
-    import pandas as pd
-
     rows = []
     for r in records:
         rows.append({
@@ -369,14 +369,12 @@ def write_records(records: Sequence[RequestRecord], path: str | Path) -> Path:
 def read_records(path: str | Path) -> list[RequestRecord]:
     """The records :func:`write_records` wrote (CSV, gzipped CSV or Parquet), so a finished run can be judged
     again; columns it lacks (an older or trimmed file) take the record's defaults."""
-    import pandas as pd
-
     path = Path(path)
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False,
                                                                                  na_values=[""])
     names = set(frame.columns)
 
-    def opt(v: object) -> float | None:
+    def opt(v: float | None) -> float | None:
         return None if v is None or v != v else float(v)  # NaN → None
 
     def trace(row: dict) -> list[Chunk]:

@@ -308,7 +308,8 @@ def concurrency_sweep(endpoint: Endpoint, requests: Sequence[Request], settings:
     out = SweepResult()
     runs = 0
     for i, c in enumerate(levels):
-        level = replace(settings, kind=ScenarioKind.where(drive="closed_loop")[0], qps=None, concurrency=int(c), max_connections=None)
+        level = replace(settings, kind=ScenarioKind.where(drive="closed_loop")[0], qps=None, concurrency=int(c),
+                        max_connections=None)
 
         def once() -> ScenarioResult:
             nonlocal runs

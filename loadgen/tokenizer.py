@@ -5,10 +5,11 @@ Real clients send text, and the server's tokenization is part of the TTFT they s
 random prompt is token ids decoded to text, and the text is encoded again to check its length, as vLLM's
 random dataset does. Ids are drawn from the vocabulary's short words: tokens that decode to a space and
 a few letters and encode back to themselves alone (short, so that a prompt costs the server's
-tokenizer what real text of the same token count costs: see :meth:`PromptTokenizer._word_chars`). Byte-level BPE (Llama-3, Qwen, GPT) and SentencePiece-style
-pre-tokenizers split text at those spaces, so a sequence of such tokens decodes to text that encodes to the
-same sequence: the length is exact without rounds of trimming (random ids of any kind decode to broken
-UTF-8 and merges across token boundaries, which vLLM trims and tops up for ten rounds and still misses).
+tokenizer what real text of the same token count costs: see :meth:`PromptTokenizer._word_chars`).
+Byte-level BPE (Llama-3, Qwen, GPT) and SentencePiece-style pre-tokenizers split text at those spaces, so a
+sequence of such tokens decodes to text that encodes to the same sequence: the length is exact without rounds
+of trimming (random ids of any kind decode to broken UTF-8 and merges across token boundaries, which vLLM
+trims and tops up for ten rounds and still misses).
 A prompt whose text does not encode back exactly is trimmed or topped up until it does.
 
 The server adds its special tokens to a text prompt (Llama: one BOS); :attr:`PromptTokenizer.specials`
@@ -86,7 +87,7 @@ class PromptTokenizer:
         cost a Llama-3-shaped tokenizer 1.6-2.6x what vLLM's random dataset costs
         (benchmarks/prompt_tokenization.py): a TTFT gap in any cross-check that is not the engine's."""
         prose = " ".join(p["text"] for p in json.loads(
-            resources.files("servetune.loadgen").joinpath("data", "text_tasks.json").read_text(encoding="utf-8")
+            (resources.files("servetune.loadgen") / "data" / "text_tasks.json").read_text(encoding="utf-8")
         )["passages"] if p["kind"] == "prose")
         target = len(prose) / max(1, len(self.encode(prose)))
         fits = [(abs(float(chars[chars <= n].mean()) - target), n) for n in np.unique(chars)

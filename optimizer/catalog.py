@@ -23,7 +23,8 @@ class ParamMapping:
     flag: str | None  # None: the engine has no such knob (the parameter is rejected if searched)
     default: Any = None  # the engine's own default (the baseline); None = leave unset
     domain: Any = None  # default search domain: list, or {low, high, step?, log?}
-    style: str = "value"  # value | bool_optional (--x / --no-x) | bool_flag (--x when true) | bool_flag_inverted | bool_argv
+    # value | bool_optional (--x / --no-x) | bool_flag (--x when true) | bool_flag_inverted | bool_argv
+    style: str = "value"
     values: dict[str, Any] = field(default_factory=dict)  # neutral value -> engine spelling
     omit: tuple = ()  # neutral values that mean "do not pass the flag"
     # style bool_argv: the exact argv fragment for true / for false (either may be empty). For knobs that are

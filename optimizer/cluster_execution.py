@@ -23,8 +23,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
 from servetune.optimizer import node_checks, placement, trial_files
-from servetune.optimizer.engines import simulated
+from servetune.optimizer.engines import get_engine, simulated
+from servetune.optimizer.lifecycle import run_trial
+from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
 
 NODE_REFRESH_S = 10.0  # how often the driver looks for nodes that joined or left
@@ -51,10 +57,6 @@ def run_placed_trial(plan_dict: dict[str, Any], home_node: str | None, study: st
                      model_path: str | None) -> dict[str, Any]:
     """The Ray task of one trial on a cluster node: re-check the model here, run the trial (in scratch when
     this is not the driver's node), and return the result with the files."""
-    import ray
-
-    from servetune.optimizer.lifecycle import run_trial
-
     node_id = ray.get_runtime_context().get_node_id()
     plan = TrialPlan.from_dict(plan_dict)
     away = home_node is not None and node_id != home_node
@@ -78,10 +80,6 @@ def run_placed_trial(plan_dict: dict[str, Any], home_node: str | None, study: st
 
 def reap_trials_here(study: str, trial_dirs: list[str]) -> int:
     """On one node: kill engine groups of these trials that a dead task or driver left running."""
-    import ray
-
-    from servetune.optimizer.process import reap_orphan
-
     root = scratch_root(ray.get_runtime_context().get_node_id())
     killed = 0
     for d in trial_dirs:
@@ -104,8 +102,6 @@ class _Pending:
 class ClusterExecutor:
     def __init__(self, spec, address: str | None, *, model_path: str | None,
                  on_note: Callable[[str], None] | None = None):
-        import ray
-
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self._ray = ray
         self.spec = spec
@@ -203,8 +199,6 @@ class ClusterExecutor:
 
     # the executor contract -----------------------------------------------------------------------------
     def _placement(self, plan: TrialPlan) -> tuple[placement.Placement | None, list[str]]:
-        from servetune.optimizer.engines import get_engine
-
         self._refresh()
         spans = get_engine(plan.engine, plan.engine_command, plan.engine_version).span_nodes_args() is not None
         return placement.place(plan.gpus, plan.params, self._nodes, self.excluded, self.cluster, spans)
@@ -214,11 +208,6 @@ class ClusterExecutor:
         return self._placement(plan)[1]
 
     def submit(self, plan: TrialPlan):
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
-
-        from servetune.optimizer.engines import get_engine
-
         place, _ = self._placement(plan)
         home = None if self.cluster.files == "shared_dir" else self.home
         pending = _Pending(plan)
@@ -227,6 +216,7 @@ class ClusterExecutor:
             keep_out = {placement.NODE_ID_LABEL: f"!in({','.join(sorted(self.excluded))})"} if self.excluded else {}
             place = placement.Placement("pack", plan.gpus, bundle={"GPU": float(plan.gpus)}, label_selector=keep_out)
         if place.kind == "span":
+            assert place.node_id is not None  # placement.place names the node of every span placement
             eng = get_engine(plan.engine, plan.engine_command, plan.engine_version)
             plan = replace(plan, extra_args=[*plan.extra_args, *(eng.span_nodes_args() or [])],
                            extra_env={**plan.extra_env, "RAY_ADDRESS": "{cluster}"})
@@ -249,7 +239,7 @@ class ClusterExecutor:
         """The smallest usable node with the trial's GPUs free now (minus what trials just submitted were aimed
         at, which Ray may not have reserved yet), or None to let Ray choose."""
         try:
-            from ray._private.state import available_resources_per_node
+            from ray._private.state import available_resources_per_node  # noqa: PLC0415 — private, may be absent
 
             free = {nid: r.get("GPU", 0.0) for nid, r in available_resources_per_node().items()}
         except Exception:  # a Ray without it: Ray places the group itself
@@ -272,8 +262,6 @@ class ClusterExecutor:
         """Note the node a trial's placement group landed on, while it can still be asked."""
         if p is None or p.node_id is not None or p.pg is None:
             return
-        from ray.util.placement_group import placement_group_table
-
         try:
             table = placement_group_table(p.pg)
         except Exception:
@@ -330,8 +318,6 @@ class ClusterExecutor:
 
     def _release(self, p: _Pending | None) -> None:
         if p is not None and p.pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
             try:
                 remove_placement_group(p.pg)
             except Exception:
@@ -340,8 +326,6 @@ class ClusterExecutor:
 
     def reap(self, node_id: str, trial_dirs: list[str]) -> None:
         """Kill what trials left running on one node (pid files in their scratch directories there)."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         if not self._alive(node_id):
             return
         try:

@@ -244,7 +244,8 @@ class StudyDriver:
         trials = study.get_trials(deepcopy=False)
         rejected = sum(1 for t in trials if t.user_attrs.get(STATE) == "rejected")
         failures = sum(1 for t in trials
-                       if t.state.is_finished() and not t.user_attrs.get(STALE) and t.user_attrs.get(STATE) != "rejected"
+                       if t.state.is_finished() and not t.user_attrs.get(STALE)
+                       and t.user_attrs.get(STATE) != "rejected"
                        and (t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get(PESSIMISTIC)))
         seen = recovery.seen_configs()
         # a config sampled while the same one is being measured waits for that result instead of a second GPU

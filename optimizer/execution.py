@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+import ray
+
+from servetune.optimizer import ray_local, secret_refs
+from servetune.optimizer.lifecycle import redact_files, run_trial
+from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
 
 
 def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
-    import ray
-
-    from servetune.optimizer.lifecycle import run_trial
-
     plan = TrialPlan.from_dict(plan_dict)
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
     return run_trial(plan, gpu_ids).to_dict()
@@ -26,8 +28,6 @@ def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
 class RayExecutor:
     def __init__(self, num_gpus: int, *, address: str | None = None, declare_gpus: bool = True,
                  run_dir: str | os.PathLike | None = None):
-        import ray
-
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self._ray = ray
         self._owns = not ray.is_initialized()
@@ -39,8 +39,6 @@ class RayExecutor:
                 kwargs["address"] = address
                 ray.init(**kwargs)
             else:
-                from servetune.optimizer import ray_local
-
                 kwargs["num_cpus"] = max(2, os.cpu_count() or 2)
                 kwargs["object_store_memory"] = 128 * 1024 * 1024
                 if declare_gpus:
@@ -79,12 +77,6 @@ class RayExecutor:
     def shutdown(self) -> None:
         """Stop for good: trials still running (Ctrl-C, an error in the driver) are cancelled, their Ray
         workers killed, and the engines those workers can no longer stop are reaped from their pid files."""
-        from pathlib import Path
-
-        from servetune.optimizer import secret_refs
-        from servetune.optimizer.lifecycle import redact_files
-        from servetune.optimizer.process import reap_orphan
-
         pending, self._pending = dict(self._pending), {}
         for ref in pending:
             self.cancel(ref)

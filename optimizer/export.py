@@ -28,20 +28,26 @@ It never becomes a vLLM/SGLang deployment: that would carry measurements nobody 
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import math
 import re
 import shlex
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from servetune.optimizer import run_dir as rd
-from servetune.optimizer import secret_refs
+from servetune.optimizer import secret_refs, study_yaml
 from servetune.optimizer.catalog import load_catalog
 from servetune.optimizer.engines import engine_class, get_engine, names, simulated
+from servetune.optimizer.quality import describe, numerics_changes
+from servetune.optimizer.spec import METRICS
 
 # An engine's name as a format is its launch command (a shell script), checked to be the engine measured.
 FORMATS = (*names(), "command", "compose", "k8s", "helm", "kserve", "ray-serve", "json")
@@ -76,8 +82,6 @@ def read_study(run_dir: Path) -> dict[str, Any]:
     p = rd.study_file(run_dir)
     if not p.is_file():
         raise ExportError(f"{run_dir}: no study.yaml (is this a servetune run directory?)")
-    from servetune.optimizer import study_yaml
-
     try:  # within the study file's bounds: a run directory may come from anyone
         data = study_yaml.load(study_yaml.read_text(p)) or {}
     except yaml.YAMLError as e:
@@ -104,8 +108,6 @@ def _engine_spec(study: dict[str, Any], engine: str) -> dict[str, Any]:
 
 
 def _natural_direction(metric: str) -> str:
-    from servetune.optimizer.spec import METRICS
-
     if metric in METRICS:
         return METRICS[metric]
     return "minimize" if metric.endswith("_ms") or "error" in metric else "maximize"
@@ -196,8 +198,9 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
     first = objectives[0] if objectives else {}
     metric = objective or first.get("metric") or "output_tokens_per_s_per_gpu"
     direction = None
+    first_label = labels[0] if labels else None  # an objective without a scenario names the first
     for o in objectives:
-        if o.get("metric") == metric and (scenario is None or (o.get("scenario") or (labels or [None])[0]) == scenario):
+        if o.get("metric") == metric and (scenario is None or (o.get("scenario") or first_label) == scenario):
             direction = o.get("direction")
             if scenario is None:
                 scenario = o.get("scenario")
@@ -233,8 +236,6 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
 
     known = {k for t in trials for k in (((t.get("scenarios") or {}).get(scenario) or {}).get("summary") or {})}
     if known and metric not in known:
-        import difflib
-
         close = difflib.get_close_matches(metric, sorted(known), n=1)
         raise ExportError(f"no metric {metric!r} in scenario {scenario!r} results"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -244,7 +245,13 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
         raise ExportError(f"no completed trial met the SLA (and the quality limits) with a {metric} result in "
                           f"scenario {scenario!r} ({len(trials)} trial(s) in {run_dir}); pick one with --trial N")
     sign = -1.0 if direction == "maximize" else 1.0
-    ok.sort(key=lambda t: (sign * value(t), t.get("number", 0)))
+
+    def rank(t: dict[str, Any]) -> tuple[float, int]:
+        v = value(t)
+        assert v is not None  # ok holds only trials with a value
+        return sign * v, t.get("number", 0)
+
+    ok.sort(key=rank)
     return Choice(trial=ok[0], scenario=scenario, metric=metric, direction=direction, value=value(ok[0]),
                   runner_up=ok[1] if len(ok) > 1 else None, eligible=len(ok),
                   warnings=quality_warnings(ok[0], study))
@@ -256,8 +263,6 @@ QUALITY_WARNING = "QUALITY: "  # the prefix of the warnings `servetune export` p
 def quality_warnings(t: dict[str, Any], study: dict[str, Any]) -> list[str]:
     """What a deployer must hear about the chosen trial's outputs: a failed or missing quality check, or a
     check that measured drift on random weights (docs/quality.md)."""
-    from servetune.optimizer.quality import describe, numerics_changes
-
     n, q = t.get("number"), t.get("quality") or {}
     if q.get("kind"):
         if q.get("passed") is False:
@@ -496,8 +501,6 @@ def build_context(run_dir: Path, choice: Choice, opts: Options) -> dict[str, Any
             # a preset with overrides is passed as the effective limits (settings), not as the preset
             sla_preset = sla.get("preset") if set(sla) == {"preset"} else None
     try:
-        from importlib.metadata import version as _dist_version
-
         st_version = _dist_version("servetune")
     except Exception:  # noqa: BLE001 - an uninstalled checkout
         st_version = "unknown"
@@ -632,10 +635,6 @@ _FILES = {
 
 
 def _env():
-    from importlib import resources
-
-    import jinja2
-
     root = str(resources.files("servetune.deploy_templates"))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(root),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -682,7 +681,8 @@ def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
     if ctx["simulated"] and fmt in ("compose", "k8s"):
         files.append(("Dockerfile.sim.j2", "Dockerfile"))
         ctx["checkout"] = _checkout()
-        build = f"docker build -f {Path(out_dir).resolve() / 'Dockerfile'} -t {ctx['image']} {ctx['checkout'] or 'SERVETUNE_CHECKOUT'}"
+        build = (f"docker build -f {Path(out_dir).resolve() / 'Dockerfile'} -t {ctx['image']} "
+                 f"{ctx['checkout'] or 'SERVETUNE_CHECKOUT'}")
         ctx["build_command"] = build
         ctx["warnings"].append(f"the image {ctx['image']} is not published: build it from a servetune checkout "
                                f"first ({build})")
@@ -704,8 +704,6 @@ def render(fmt: str, ctx: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def _checkout() -> str | None:
     """The servetune source checkout this install runs from (an editable install), if there is one."""
-    from importlib import resources
-
     root = Path(str(resources.files("servetune.optimizer"))).resolve().parent
     return str(root) if (root / "pyproject.toml").is_file() else None
 

@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from optuna._hypervolume import compute_hypervolume  # no public equivalent in Optuna 5
 
 from servetune.loadgen.scenario_kinds import ScenarioKind
+from servetune.loadgen.search import FLOOR_DIVISOR
 from servetune.loadgen.sla import within_limits
+from servetune.optimizer.engines.sim.estimate import simulate_offline, simulate_server
+from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
+from servetune.optimizer.perfmodel.hardware import get_gpu
+from servetune.optimizer.rules import gpus_needed
+from servetune.optimizer.spec import rate_bracket, rate_floor
 
 # Metric groups that share one calibration factor (a throughput error is the same factor on all of them).
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -55,13 +62,6 @@ def estimate(shape: Any, gpu: str, params: dict[str, Any], scenarios: list[Any],
     ``scenarios`` are :class:`~servetune.optimizer.records.ScenarioPlan`; a qps list is swept in order and
     stops at the first SLA miss, as the real trial does. Raises :class:`EstimateUnavailable` when the
     study cannot be estimated at all."""
-    from servetune.loadgen.search import FLOOR_DIVISOR
-    from servetune.optimizer.engines.sim.estimate import simulate_offline, simulate_server
-    from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
-    from servetune.optimizer.perfmodel.hardware import get_gpu
-    from servetune.optimizer.rules import gpus_needed
-    from servetune.optimizer.spec import rate_bracket, rate_floor
-
     try:
         gpu_spec = get_gpu(gpu)
     except Exception as e:
@@ -191,8 +191,6 @@ def hypervolume_gain(front: list[list[float]], point: list[float], ref: list[flo
     if len(point) == 1:
         best = min([f[0] for f in front], default=ref[0])
         return max(0.0, best - point[0])
-    from optuna._hypervolume import compute_hypervolume  # no public equivalent in Optuna 5
-
     base = [f for f in front if all(a < b for a, b in zip(f, ref))]
     r = np.asarray(ref, dtype=float)
     hv0 = compute_hypervolume(np.asarray(base, dtype=float), r) if base else 0.0

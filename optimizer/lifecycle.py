@@ -12,12 +12,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from servetune.loadgen.audit import contaminated
+from servetune.loadgen import datasets
+from servetune.loadgen.audit import Auditor, contaminated
+from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.records import ScenarioResult
+from servetune.loadgen.scenarios import ScenarioSettings, run, write_records
+from servetune.loadgen.search import find_max_qps, level_variant, longest_level_s
 from servetune.loadgen.sla import within_limits
+from servetune.loadgen.tokenizer import PromptTokenizer
 from servetune.optimizer import process, run_dir, secret_refs
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import Failure, FailureKind
+from servetune.optimizer.engines.probe import EngineProbe
+from servetune.optimizer.progress import TrialProgress
+from servetune.optimizer.quality_run import evaluate
 from servetune.optimizer.records import TrialPlan, TrialResult
+from servetune.optimizer.spec import rate_bracket, rate_floor
+from servetune.optimizer.warmup import Warmer, ramp_top
 
 MAX_ERROR_RATE = 0.5  # more failed requests than this and the server, not the load, is the problem
 # Seconds an engine gets between SIGTERM and SIGKILL, and a GPU to drop its memory after a trial; the
@@ -40,8 +51,6 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
                          started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"))
     t_start = time.monotonic()
     run_dir.write_record(trial_dir, result)
-    from servetune.optimizer.progress import TrialProgress
-
     progress = TrialProgress(trial_dir, plan.scenarios)  # progress.json, which the driver polls
     ep = None
     try:
@@ -110,10 +119,6 @@ def run_trial(plan: TrialPlan, gpu_ids: list[int]) -> TrialResult:
 
 
 def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: TrialResult, progress=None) -> None:
-    from servetune.loadgen import datasets
-    from servetune.loadgen.endpoint import Endpoint
-    from servetune.loadgen.scenarios import write_records
-
     trial_requests = None  # built once, when a scenario without its own dataset needs it
     # Every level of every scenario in this launch gets prompts no earlier level sent: the engine's prefix
     # cache survives between levels, and replayed prompts would skip their prefill and inflate capacity.
@@ -157,7 +162,8 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
             key = _swept(sc)
             for rate, s_ in levels:
                 suffix = f"_{'qps' if key == 'qps' else 'c'}{rate:.4g}"
-                _write_records_atomic(write_records, s_.records, Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
+                _write_records_atomic(write_records, s_.records,
+                                      Path(plan.trial_dir) / f"requests_{sc.label}{suffix}.csv")
             result.scenarios[sc.label]["levels"] = [
                 {key: r, **s_.to_dict(), **({"metrics_delta": level_deltas[i]} if i in level_deltas else {})}
                 for i, (r, s_) in sorted(enumerate(levels), key=lambda x: x[1][0])]
@@ -194,10 +200,10 @@ def _measure(plan: TrialPlan, engine, ep, url: str, metrics_path: str, result: T
 def _evaluate(plan: TrialPlan, ep, url: str, result: TrialResult) -> None:
     """The quality evaluation on this launch, after the load. Whatever goes wrong here leaves the measured
     trial complete: the evaluation's record says what broke, and the driver judges that as unchecked."""
-    from servetune.optimizer.quality_run import evaluate
-
+    settings = plan.quality
+    assert settings is not None  # run_trial evaluates only a plan that asks for it
     try:
-        result.quality = evaluate(url, plan.model.name, plan.quality, plan.trial_dir)
+        result.quality = evaluate(url, plan.model.name, settings, plan.trial_dir)
     except Exception as e:  # noqa: BLE001  (a broken evaluation must not lose the load measurement)
         result.quality = {"error": f"the evaluation failed: {type(e).__name__}: {e}"[:300]}
     if not ep.alive():
@@ -212,10 +218,6 @@ def _swept(sc) -> str:
 
 def _audit_tools(plan: TrialPlan, engine, endpoint, requests, metrics_url: str):
     """The launch's level auditor and warmer (None, None when both are off)."""
-    from servetune.loadgen.audit import Auditor
-    from servetune.optimizer.engines.probe import EngineProbe
-    from servetune.optimizer.warmup import Warmer, ramp_top
-
     audit, warm = plan.audit, plan.warmup
     if not (audit.get("enabled") or warm.get("enabled")):
         return None, None
@@ -238,9 +240,6 @@ class _Fresh:
         self.runs = 0
 
     def __call__(self):
-        from servetune.loadgen.scenarios import run
-        from servetune.loadgen.search import level_variant
-
         self.runs += 1
         return run(self.endpoint, level_variant(self.requests, self.first + self.runs - 1), self.settings)
 
@@ -256,12 +255,10 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None, sc
     first), every level run as (level, result), what goes into the reported summary, and how many runs
     were made. With ``scrape``, the engine's /metrics are read around each level of a sweep and ``deltas[i]``
     gets level i's (speculative acceptance and the like, per load level; an audit's re-run included)."""
-    from servetune.loadgen.scenarios import ScenarioSettings
-
     key = _swept(sc)
     rates = sc.settings.get(key)
     rates = rates if isinstance(rates, list) else [rates]
-    levels = []
+    levels: list[tuple[float, ScenarioResult]] = []
     runs = 0
     per_level = scrape is not None and deltas is not None and len(rates) > 1
     for rate in rates:  # a load sweep within this one launch: no restart per level
@@ -271,7 +268,7 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None, sc
         sr = auditor.measure(once, settings) if auditor is not None else once()
         runs += once.runs
         after = scrape() if before is not None else None
-        if after is not None:
+        if before is not None and after is not None:
             deltas[len(levels)] = _delta(engine, before, after)
         levels.append((rate, sr))
         if len(rates) > 1 and not contaminated(sr) and not sla_met(sr.summary, sc.settings):
@@ -285,10 +282,6 @@ def _sweep(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None, sc
 
 def _search_rate(plan: TrialPlan, endpoint, requests, sc, epoch: int, auditor=None):
     """The highest rate meeting the SLA, bracketed and narrowed on this one launch (find_max_qps)."""
-    from servetune.loadgen.scenarios import ScenarioSettings
-    from servetune.loadgen.search import find_max_qps, longest_level_s
-    from servetune.optimizer.spec import rate_bracket, rate_floor
-
     m = sc.max_qps
     lo, hi = rate_bracket(m, plan.gpus)
     settings = ScenarioSettings(**{**sc.settings, "qps": lo, "num_gpus": plan.gpus})
@@ -319,8 +312,6 @@ def _dataset(datasets, d: dict[str, Any]):
     kind = d.pop("kind", "random")
     temperature = d.pop("temperature", None)
     if kind == "random":
-        from servetune.loadgen.tokenizer import PromptTokenizer
-
         tokenizer = d.pop("tokenizer", None)
         requests = datasets.random_dataset(**d, tokenizer=PromptTokenizer(tokenizer) if tokenizer else None)
     elif kind == "text_tasks":

@@ -32,7 +32,8 @@ def bound_problem(name: str, value: float) -> str | None:
     if lo is not None and value < lo:
         return f"must be at least {_num(lo)}"
     if (above is not None and not value > above) or (hi is not None and not value <= hi):
-        words = ([f"above {_num(above)}"] if above is not None else []) + ([f"at most {_num(hi)}"] if hi is not None else [])
+        words = (([f"above {_num(above)}"] if above is not None else [])
+                 + ([f"at most {_num(hi)}"] if hi is not None else []))
         return "must be " + " and ".join(words)
     return None
 

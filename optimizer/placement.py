@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+
 NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node
 
 
@@ -31,8 +33,6 @@ class Node:
 
 
 def alive_nodes() -> list[Node]:
-    import ray
-
     return [Node(n["NodeID"], n.get("NodeName") or n.get("NodeManagerAddress", "?"),
                  int(n.get("Resources", {}).get("GPU", 0)), dict(n.get("Resources", {})))
             for n in ray.nodes() if n.get("Alive")]

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from servetune.loadgen.scenario_kinds import ScenarioKind
+from servetune.optimizer import rules
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines.registry import engine_class
+from servetune.optimizer.perfmodel.memory import weight_bytes
+from servetune.optimizer.run_dir import trial_records
 
 # Engine start where the study's own run has none measured: each engine's typical one (Engine.start_s), but
 # a 70B took 120-293 s (docs/results/2026-11-22-*).
@@ -54,8 +59,6 @@ def make_plan(spec, pf, estimates: int = ESTIMATES) -> Plan:
 
 
 def _baseline(d, engine: str) -> dict[str, Any]:
-    from servetune.optimizer.engines import get_engine
-
     params = d.space.baseline(engine)
     params.pop("engine", None)
     es = d.engine_specs[engine]
@@ -75,8 +78,8 @@ def _spread(items: list, k: int) -> list:
 
 
 def _estimate(d, accepted: list[tuple[str, dict]], baselines: dict[str, dict], k: int) -> dict[str, Any]:
-    from servetune.optimizer import fidelity, rules
-    from servetune.optimizer.driver import dataset_args, scenario_plans
+    from servetune.optimizer import fidelity  # noqa: PLC0415 — CLI start-up time (aiohttp, through loadgen)
+    from servetune.optimizer.driver import dataset_args, scenario_plans  # noqa: PLC0415 — CLI start-up time (Ray)
 
     out: dict[str, Any] = {"scored": 0, "predicted_failures": 0, "sla_met": 0, "objectives": {}, "baseline": {},
                            "durations": {}}
@@ -122,13 +125,13 @@ def _scenario_seconds(sc, est: list[dict[str, Any]], n_data: int) -> tuple[float
     kind = ScenarioKind.get(s["kind"])
     if kind.drive == "all_at_once":
         n = int(s.get("num_requests") or n_data)
-        rates = [x.get("requests_per_s") for x in est if x.get("requests_per_s")]
+        rates = [r for x in est if (r := x.get("requests_per_s"))]
         if not rates:
             return (0.0, 0.0)
         return (n / max(rates), n / min(rates))
     if kind.drive == "one_at_a_time":
         n = int(s.get("num_requests") or n_data)
-        e2e = [x.get("e2e_mean_ms") for x in est if x.get("e2e_mean_ms")]
+        e2e = [t for x in est if (t := x.get("e2e_mean_ms"))]
         return (n * min(e2e) / 1000, n * max(e2e) / 1000) if e2e else (0.0, 0.0)
     key = kind.rate_key or "qps"
     levels = s.get(key)
@@ -151,11 +154,7 @@ def _scenario_seconds(sc, est: list[dict[str, Any]], n_data: int) -> tuple[float
 
 
 def _wall_time(spec, d, accepted: list[tuple[str, dict]], est: dict[str, Any]) -> dict[str, Any]:
-    from servetune.optimizer import rules
-    from servetune.optimizer.driver import dataset_args, scenario_plans
-    from servetune.optimizer.engines.registry import engine_class
-    from servetune.optimizer.perfmodel.memory import weight_bytes
-    from servetune.optimizer.run_dir import trial_records
+    from servetune.optimizer.driver import dataset_args, scenario_plans  # noqa: PLC0415 — CLI start-up time (Ray)
 
     n_data = int(dataset_args(spec).get("n") or 200)
     durations = est.get("durations") or {}
@@ -260,10 +259,12 @@ def lines(spec, plan: Plan) -> list[str]:
                          for label, (a, b) in w["scenarios"].items())
         lo, hi = w["study_s"]
         out.append(f"wall time: about {_dur(lo)}" + (f" – {_dur(hi)}" if hi > lo * 1.05 else "")
-                   + f" ({_span(w['rounds'])} rounds of {_span(w['at_once'][::-1], '.3g')} trial(s) at once; a trial {_dur(w['trial_s'][0])}"
+                   + f" ({_span(w['rounds'])} rounds of {_span(w['at_once'][::-1], '.3g')} trial(s) at once; "
+                   + f"a trial {_dur(w['trial_s'][0])}"
                    + (f"–{_dur(w['trial_s'][1])}" if w["trial_s"][1] > w["trial_s"][0] * 1.05 else "")
                    + f": engine start {_dur(w['start_s'][0])}–{_dur(w['start_s'][1])} ({w['start_from']}), {scen})"
-                   + (f"; budget.wall_time_s stops new trials after {_dur(w['wall_time_s'])}" if w["wall_time_s"] else "")
+                   + (f"; budget.wall_time_s stops new trials after {_dur(w['wall_time_s'])}"
+                      if w["wall_time_s"] else "")
                    + (f"; then {w['repeats']} repeat(s) of the Pareto candidates" if w["repeats"] else ""))
     out += [f"note: {n}" for n in plan.notes]
     return out

@@ -162,5 +162,6 @@ def _rules_over_space(pf: Preflight, spec, space, limit: int, error) -> None:
             pf.rejected.update(reasons)
     if pf.exact and pf.configs and pf.n_rejected == len(pf.configs):
         top = "; ".join(f"{why} ({n})" for why, n in pf.rejected.most_common(3))
-        which = "the only configuration" if len(pf.configs) == 1 else f"every one of the {len(pf.configs)} configurations"
+        which = ("the only configuration" if len(pf.configs) == 1
+                 else f"every one of the {len(pf.configs)} configurations")
         error(("search",), f"{which} of the space is rejected before launch, so no trial could run: {top}")

@@ -9,10 +9,17 @@ its phase changes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
+
+from rich.console import Group
+from rich.live import Live
+from rich.status import Status
+from rich.table import Table
+from rich.text import Text
 
 from servetune.loadgen import progress as loadgen_progress
 
@@ -63,8 +70,6 @@ class TrialProgress:
         loadgen_progress.remove(self._on_event)
 
     def _write(self, **update: Any) -> None:
-        import os
-
         self.state.update(update, updated=time.time())
         tmp = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
         try:  # by rename, so the driver never reads half a file; no fsync: a lost update costs nothing
@@ -151,9 +156,9 @@ class RunProgress:
         self.objective = (first.scenario or spec.workload.scenarios[0].label, first.metric, first.direction)
         self.done = 0
         self.in_flight: list[Any] = []
-        self.shown: dict[int, tuple[str, str]] = {}  # trial -> last (phase) printed in plain mode
+        self.shown: dict[int, tuple[str, str, str]] = {}  # trial -> last (phase, level, scenario) printed plain
         self.best: tuple[float, int] | None = None
-        self.live = None
+        self.live: Live | None = None
 
     # events from StudyDriver (the CLI forwards each one here after printing its own line)
     def event(self, kind: str, data: dict[str, Any]) -> None:
@@ -161,8 +166,6 @@ class RunProgress:
             self.done = data["done"]
             self.budget = data["budget"]
             if self.live_mode:
-                from rich.live import Live
-
                 # the live region re-renders this object (``__rich__``) on its own refresh thread
                 self.live = Live(self, console=self.console, refresh_per_second=2, transient=True)
                 self.live.start()
@@ -221,10 +224,6 @@ class RunProgress:
                 + self.best_text())
 
     def _table(self):
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
         now, running, queued = self._rows()
         t = Table(box=None, padding=(0, 1), show_header=bool(running))
         for col in ("#", "config", "phase", "elapsed", "left"):
@@ -261,7 +260,7 @@ class BenchProgress:
         self.level = 0
         self.started = time.time()
         self.state: dict[str, Any] = {}
-        self.status = None
+        self.status: Status | None = None
 
     def __enter__(self) -> "BenchProgress":
         loadgen_progress.add(self._on_event)
@@ -313,6 +312,4 @@ class BenchProgress:
                                    markup=False, highlight=False)
 
     def __rich__(self):
-        from rich.text import Text
-
         return Text(self.text() if self.state else "connecting")

@@ -111,7 +111,8 @@ class Recovery:
     @staticmethod
     def _finished_on_disk(tdir: Path) -> TrialResult | None:
         r = run_dir.read_result(tdir)
-        if r is not None and (r.state == "complete" or (r.state == "failed" and (r.failure or {}).get("kind") != "internal")):
+        if r is not None and (r.state == "complete"
+                              or (r.state == "failed" and (r.failure or {}).get("kind") != "internal")):
             return r
         return None
 

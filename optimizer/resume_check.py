@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
+from pydantic import ValidationError
 
 from servetune.optimizer import run_dir as rd
+from servetune.optimizer.spec import StudySpec
 
 # Top-level keys whose change leaves the results comparable. Everything else is refused.
 ALLOWED = ("budget", "sampler", "fidelity", "baseline", "host")
@@ -47,6 +50,7 @@ class Comparison:
     allowed: list[str] = field(default_factory=list)
 
     def refusal(self, source: str | None) -> list[str]:
+        assert self.stored is not None  # compare() refuses only where a stored study was read
         what = sorted({_section(line) for line in self.refused})
         lines = [f"{source or 'the study'}: refusing to resume {self.stored.parent}: the study file changes "
                  f"{', '.join(_WHAT.get(w, 'the ' + w) for w in what)} since the trials there were measured:"]
@@ -69,10 +73,6 @@ def has_results(run_dir: Path) -> bool:
 def _normalized(data: Any) -> dict[str, Any]:
     """A study as plain data with every default filled in, so `gpus: 1` and no `gpus:` compare equal. A file
     the current schema no longer reads is compared as written."""
-    from pydantic import ValidationError
-
-    from servetune.optimizer.spec import StudySpec
-
     if not isinstance(data, dict):
         return {}
     try:  # without a base_dir context: paths are compared as written, not checked on this machine
@@ -117,7 +117,8 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]
     """(refused, allowed) differences between two normalized studies, as ``path: old → new`` lines."""
     a = {k: v for k, v in _flatten(old).items() if k.split(".", 1)[0] not in IGNORED}
     b = {k: v for k, v in _flatten(new).items() if k.split(".", 1)[0] not in IGNORED}
-    refused, allowed = [], []
+    refused: list[str] = []
+    allowed: list[str] = []
     for path in list(a) + [q for q in b if q not in a]:  # in file order
         va, vb = a.get(path, _ABSENT), b.get(path, _ABSENT)
         if va == vb or (va in (_ABSENT, None, {}, []) and vb in (_ABSENT, None, {}, [])):
@@ -154,8 +155,6 @@ def fresh_name(spec) -> tuple[str, str | None]:
 
 def check_distributions(study, space) -> None:
     """Refuse a search space whose distributions differ from those the stored trials were sampled from."""
-    import optuna
-
     wanted = space.distributions()
     seen: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False):
@@ -178,8 +177,6 @@ def check_distributions(study, space) -> None:
 
 
 def _describe(d) -> str:
-    import optuna
-
     if isinstance(d, optuna.distributions.CategoricalDistribution):
         return json.dumps(list(d.choices), default=str)
     low, high = getattr(d, "low", None), getattr(d, "high", None)

@@ -5,8 +5,9 @@
   its result: it takes the result instead of measuring the configuration again, and writes the record
   into its own run directory for the report.
 - A configuration is *claimed* before its launch, in a table of the study's own database whose primary key
-  is (study name, configuration) and that names the claiming trial by number: two drivers that sample the same configuration at the same moment cannot both
-  insert the row, so only one launches it; the other waits for that trial's result. A claim whose trial
+  is (study name, configuration) and that names the claiming trial by number: two drivers that sample the
+  same configuration at the same moment cannot both insert the row, so only one launches it; the other waits
+  for that trial's result. A claim whose trial
   ended without a measurement (stale, lost, an internal failure) is taken over with a compare-and-set.
 """
 from __future__ import annotations

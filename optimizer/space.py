@@ -30,27 +30,32 @@ class Dimension:
     def fixed(self) -> bool:
         return self.choices is not None and len(self.choices) == 1
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a range dimension."""
+        assert self.low is not None and self.high is not None  # _dimension gives every non-categorical both
+        return self.low, self.high
+
     def distribution(self) -> optuna.distributions.BaseDistribution:
         if self.choices is not None:
             return optuna.distributions.CategoricalDistribution(self.choices)
+        low, high = self.bounds()
         if self.is_int:
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
-                                                        step=int(self.step or 1))
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+            return optuna.distributions.IntDistribution(int(low), int(high), log=self.log, step=int(self.step or 1))
+        return optuna.distributions.FloatDistribution(low, high, log=self.log, step=self.step)
 
     def grid(self, points: int = 4) -> list[Any]:
         if self.choices is not None:
             return list(self.choices)
+        low, high = self.bounds()
         if self.is_int and not self.log:
-            step = int(self.step or 1)
-            vals = list(range(int(self.low), int(self.high) + 1, step))
-            if len(vals) <= points:
-                return vals
+            ints = list(range(int(low), int(high) + 1, int(self.step or 1)))
+            if len(ints) <= points:
+                return ints
         if self.log:
-            vals = [math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (points - 1))
+            vals = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (points - 1))
                     for i in range(points)]
         else:
-            vals = [self.low + i * (self.high - self.low) / (points - 1) for i in range(points)]
+            vals = [low + i * (high - low) / (points - 1) for i in range(points)]
         return sorted({int(round(v)) for v in vals}) if self.is_int else vals
 
 
@@ -158,6 +163,7 @@ class SearchSpace:
 def _suggest(trial: optuna.Trial, dim: Dimension) -> Any:
     if dim.choices is not None:
         return trial.suggest_categorical(dim.name, dim.choices)
+    low, high = dim.bounds()
     if dim.is_int:
-        return trial.suggest_int(dim.name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
-    return trial.suggest_float(dim.name, dim.low, dim.high, step=dim.step, log=dim.log)
+        return trial.suggest_int(dim.name, int(low), int(high), step=int(dim.step or 1), log=dim.log)
+    return trial.suggest_float(dim.name, low, high, step=dim.step, log=dim.log)

@@ -259,9 +259,9 @@ class StudySpec(StrictModel):
 
 def _storage_problem(url: str) -> str | None:
     """Why Optuna cannot open this storage URL here (an unknown database, a driver not installed), or None."""
-    # here, not at the top: sqlalchemy takes ~0.2 s to import (measured), and only a study with storage: pays it
-    from sqlalchemy.engine.url import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    # CLI start-up time: sqlalchemy takes ~0.2 s to import (measured), and only a study with storage: pays it
+    from sqlalchemy.engine.url import make_url  # noqa: PLC0415 — CLI start-up time (above)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError  # noqa: PLC0415 — CLI start-up time (above)
 
     shown = describe(url.split("@")[-1] if "@" in url else url)  # never echo a password
     try:
@@ -311,7 +311,8 @@ def parse_study(text: str, fname: str = "<study>", check_paths: bool = True) -> 
         finally:
             loader.dispose()
     except study_yaml.StudyFileError as e:
-        path = study_yaml.path_of(node, e.node) if e.node is not None else None
+        # an error about a value comes from construct_document, so the document's node is there
+        path = study_yaml.path_of(node, e.node) if e.node is not None and node is not None else None
         raise SpecError([f"{fname}:{e.line}: {fmt_path(path) if path else e.where}: {e.message}"]) from None
     except yaml.reader.ReaderError as e:
         e2 = study_yaml.reader_error(e, text)

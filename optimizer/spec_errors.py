@@ -120,7 +120,8 @@ def structure_errors(root: yaml.Node) -> list[tuple[int, tuple, str]]:
     return errs
 
 
-def line_map(node: yaml.Node, path: tuple = (), out: dict | None = None, _stack: frozenset = frozenset()) -> dict[tuple, int]:
+def line_map(node: yaml.Node, path: tuple = (), out: dict | None = None,
+             _stack: frozenset = frozenset()) -> dict[tuple, int]:
     """Map every key path in the YAML document to its 1-based line (keys point at the key's line)."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
@@ -225,9 +226,11 @@ def _model_in(ann: Any) -> Any:
 _TYPE_WORDS = {
     "string_type": "expected text", "int_type": "expected a whole number", "int_parsing": "expected a whole number",
     "int_from_float": "expected a whole number", "float_type": "expected a number",
-    "float_parsing": "expected a number", "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "float_parsing": "expected a number", "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
     "list_type": "expected a list", "dict_type": "expected a mapping (key: value lines)",
-    "model_type": "expected a mapping (key: value lines)", "model_attributes_type": "expected a mapping (key: value lines)",
+    "model_type": "expected a mapping (key: value lines)",
+    "model_attributes_type": "expected a mapping (key: value lines)",
 }
 
 

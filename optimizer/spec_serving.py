@@ -29,7 +29,8 @@ from servetune.optimizer.spec_errors import describe, fail
 ENGINES = engine_names()  # every registered engine (optimizer/engines/registry.py)
 
 class ModelSpec(StrictModel):
-    preset: str | None = Field(None, description="built-in shape: llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, mixtral-8x7b")
+    preset: str | None = Field(None, description="built-in shape: llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, "
+                                                 "mixtral-8x7b")
     path: str | None = Field(None, description="checkpoint directory with config.json (what a real engine loads)")
     name: str | None = Field(None, description="served model name; defaults to the preset or directory name")
     load_format: str | None = Field(None, description="e.g. 'dummy' for random weights of the real shape")
@@ -132,7 +133,8 @@ class EngineSpec(StrictModel):
     version: str | None = Field(None, description="engine version whose flag mapping to use")
     extra_args: list[str] = Field(default_factory=list, description="flags passed after the mapped ones; a secret "
                                   "as ${NAME} (read from the environment at launch, never recorded)")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment; use ${NAME} to pass a secret by name")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="extra environment; use ${NAME} to pass a secret by name")
     ready_timeout_s: float = Field(900.0, gt=0, le=MAX_SECONDS)
 
     @field_validator("version", mode="before")

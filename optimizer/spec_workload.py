@@ -112,8 +112,8 @@ class DatasetSpec(StrictModel):
             if problem:
                 fail("dataset", [(("path",), problem)])
         if self.tokenizer and base is not None:
-            # here, not at the top: the tokenizer module costs ~50 ms to import (measured); most studies never need it
-            from servetune.loadgen.tokenizer import find_tokenizer
+            # CLI start-up time: the tokenizers library costs 8-50 ms to import (measured); most studies never need it
+            from servetune.loadgen.tokenizer import find_tokenizer  # noqa: PLC0415 — CLI start-up time (above)
 
             if find_tokenizer(resolve_from(base, self.tokenizer)) is None:
                 fail("dataset", [(("tokenizer",), f"no tokenizer.json at {self.tokenizer!r}; give the model "
@@ -252,8 +252,8 @@ class ScenarioSpec(StrictModel):
                 fail("scenario", [(("qps",), "a concurrency scenario sends the next request when one finishes; "
                                               "qps has no meaning there")])
         elif self.concurrency is not None:
-            fail("scenario", [(("concurrency",), f"concurrency applies to kind: "
-                                                  f"{', '.join(ScenarioKind.where(drive='closed_loop'))}, not {self.kind} "
+            closed = ", ".join(ScenarioKind.where(drive="closed_loop"))
+            fail("scenario", [(("concurrency",), f"concurrency applies to kind: {closed}, not {self.kind} "
                                                   "(max_connections caps the others)")])
         if drive in ("all_at_once", "one_at_a_time") and self.qps is not None:
             fail("scenario", [(("qps",), f"qps has no meaning for {a_word(self.kind)} scenario "

@@ -1,7 +1,9 @@
 """The study file's reference, generated from its pydantic schema (``optimizer/spec.py``).
 
-    python -m servetune.optimizer.study_reference          # rewrite docs/study-file.md and search_spaces/study.schema.json
-    python -m servetune.optimizer.study_reference --check  # exit 1 if either is out of date (tests/test_study_reference.py)
+    # rewrite docs/study-file.md and search_spaces/study.schema.json:
+    python -m servetune.optimizer.study_reference
+    # exit 1 if either is out of date (tests/test_study_reference.py):
+    python -m servetune.optimizer.study_reference --check
 
 ``docs/study-file.md`` lists every key with its type, default, meaning and an example (taken from the example
 studies where one uses the key); ``search_spaces/study.schema.json`` is a JSON Schema editors use to complete and
@@ -22,6 +24,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+from servetune.optimizer.catalog import parameters
+from servetune.optimizer.perfmodel.model_shapes import PRESETS
+from servetune.optimizer.spec import ENGINES, METRICS, SLA_PRESETS, StudySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "study-file.md"
@@ -70,7 +76,8 @@ EXTRA_EXAMPLES = {
 
 _SECTIONS = [  # (heading, dotted prefix of the keys it holds)
     ("Top level", ""), ("model", "model"), ("engines[]", "engines[]"), ("hardware", "hardware"),
-    ("workload", "workload"), ("workload.dataset", "workload.dataset"), ("workload.scenarios[]", "workload.scenarios[]"),
+    ("workload", "workload"), ("workload.dataset", "workload.dataset"),
+    ("workload.scenarios[]", "workload.scenarios[]"),
     ("workload.scenarios[].sla", "workload.scenarios[].sla"),
     ("workload.scenarios[].max_qps", "workload.scenarios[].max_qps"), ("workload.warmup", "workload.warmup"),
     ("workload.audit", "workload.audit"), ("quality", "quality"), ("objectives[]", "objectives[]"),
@@ -108,7 +115,8 @@ def _type(ann: Any) -> str:
         return "mapping"
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return "mapping"
-    return {str: "text", int: "whole number", float: "number", bool: "true/false"}.get(ann, getattr(ann, "__name__", str(ann)))
+    names = {str: "text", int: "whole number", float: "number", bool: "true/false"}
+    return names.get(ann, getattr(ann, "__name__", str(ann)))
 
 
 def _default(field) -> str:
@@ -171,9 +179,6 @@ def _inline(v: Any) -> str:
 # -- the Markdown reference --------------------------------------------------------------------------------------
 
 def markdown() -> str:
-    from servetune.optimizer.catalog import parameters
-    from servetune.optimizer.spec import METRICS, SLA_PRESETS, StudySpec
-
     ex = examples()
     rows = fields(StudySpec)
     lines = [
@@ -309,10 +314,6 @@ def _domain_schema(ptype: str) -> dict[str, Any]:
 
 
 def schema() -> dict[str, Any]:
-    from servetune.optimizer.catalog import parameters
-    from servetune.optimizer.perfmodel.model_shapes import PRESETS
-    from servetune.optimizer.spec import ENGINES, METRICS, SLA_PRESETS, StudySpec
-
     s = copy.deepcopy(StudySpec.model_json_schema())
     props, defs = s["properties"], s["$defs"]
     props.pop("source", None)
@@ -322,9 +323,10 @@ def schema() -> dict[str, Any]:
     props["engines"]["items"] = {"anyOf": [{"$ref": "#/$defs/EngineSpec"}, {"enum": list(ENGINES)}]}
     for k in ("hardware", "search", "sampler", "budget", "fidelity"):
         props[k] = {"anyOf": [props[k], {"type": "null"}]}
+    version = defs["EngineSpec"]["properties"]["version"]
     defs["EngineSpec"]["properties"]["version"] = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}],
                                                    "default": None, "title": "Version",
-                                                   "description": defs["EngineSpec"]["properties"]["version"].get("description", "")}
+                                                   "description": version.get("description", "")}
     defs["EngineSpec"]["properties"]["env"]["additionalProperties"] = {"type": ["string", "number"]}
     defs["WorkloadSpec"]["properties"]["dataset"] = {"anyOf": [{"$ref": "#/$defs/DatasetSpec"}, {"type": "null"}]}
     defs["ObjectiveSpec"]["properties"]["metric"] = {"enum": list(METRICS), "title": "Metric"}
@@ -350,7 +352,8 @@ def schema_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m servetune.optimizer.study_reference", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m servetune.optimizer.study_reference",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/study-file.md or the schema is out of date")
     args = ap.parse_args(argv)
     stale = []

@@ -94,7 +94,8 @@ class _Storage(optuna.storages.RDBStorage):
 class StudyStore:
     """One study: open or create it, beat for the trials in flight, find and fail stale trials."""
 
-    def __init__(self, url: str, name: str, directions: Sequence[Literal["maximize", "minimize"]], sampler: optuna.samplers.BaseSampler):
+    def __init__(self, url: str, name: str, directions: Sequence[Literal["maximize", "minimize"]],
+                 sampler: optuna.samplers.BaseSampler):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # ask/tell has no optimize() loop to record heartbeats: beat() does it for the trials in flight
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

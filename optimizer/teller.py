@@ -104,7 +104,8 @@ class Teller:
         result = TrialResult.from_dict({**prev.to_dict(), "number": plan.number, "is_baseline": plan.is_baseline,
                                         "duplicate_of": prev.number, "objectives": {}})
         if result.state != "complete" and result.failure:
-            result.failure = {**result.failure, "reason": f"same config as trial {prev.number}: " + result.failure["reason"]}
+            result.failure = {**result.failure,
+                              "reason": f"same config as trial {prev.number}: " + result.failure["reason"]}
         self.tell(trial, result, outcome)
 
     def reject(self, trial: optuna.Trial, plan: TrialPlan, reasons: list[str], outcome: StudyOutcome) -> None:

@@ -57,7 +57,8 @@ def scenario_plans(spec: StudySpec) -> list[ScenarioPlan]:
     for s in spec.workload.scenarios:
         ttft, tpot = s.sla.limits(s.kind) if s.sla else (None, None)
         search = s.max_qps.model_dump() if s.max_qps else None
-        settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency, duration_s=s.duration_s, num_requests=s.num_requests,
+        settings = dict(kind=s.kind, qps=s.max_qps.lo if s.max_qps else s.qps, concurrency=s.concurrency,
+                        duration_s=s.duration_s, num_requests=s.num_requests,
                         max_connections=s.max_connections, warmup_requests=s.warmup_requests,
                         timeout_s=s.timeout_s, ttft_limit_ms=ttft, tpot_limit_ms=tpot, seed=spec.seed,
                         min_keep_up=s.min_keep_up, replay=spec.workload.dataset.replay,
@@ -140,7 +141,8 @@ class TrialPlanner:
         t = type_named(list(self.spec.cluster.node_types), params.get("gpu"))
         if t is None:
             return self.spec.hardware.gpu, self.gpu_mem, self.spec.hardware.gpu_memory_gib, self.spec.hardware.gpus
-        gpus = self.spec.hardware.gpus if self.spec.cluster.span_nodes else min(t.gpus_per_node, self.spec.hardware.gpus)
+        gpus = (self.spec.hardware.gpus if self.spec.cluster.span_nodes
+                else min(t.gpus_per_node, self.spec.hardware.gpus))
         return t.gpu, t.gpu_memory_gib or get_gpu(t.gpu).memory_gib, t.gpu_memory_gib, gpus
 
     def gpus_needed(self, engine: str, params: dict[str, Any]) -> int:

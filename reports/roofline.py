@@ -90,8 +90,10 @@ def _f(v: Any) -> float | None:
 
 
 def _dataset_lengths(spec: dict[str, Any]) -> tuple[float | None, float | None]:
-    w = spec.get("workload") if isinstance(spec.get("workload"), dict) else {}
-    d = w.get("dataset") if isinstance(w.get("dataset"), dict) else {}
+    w = spec.get("workload")
+    w = w if isinstance(w, dict) else {}
+    d = w.get("dataset")
+    d = d if isinstance(d, dict) else {}
     return _f(d.get("input_tokens")), _f(d.get("output_tokens"))
 
 
@@ -110,7 +112,8 @@ def _estimate(run: Run, row: pd.Series, scenario: str) -> RooflineEstimate:
     preset, path = _model_source(run.spec)
     if not (preset or path):
         return RooflineEstimate(None, measured, note="not available: the study names no model shape")
-    hw = run.spec.get("hardware") if isinstance(run.spec.get("hardware"), dict) else {}
+    hw = run.spec.get("hardware")
+    hw = hw if isinstance(hw, dict) else {}
     shape = _shape(preset, path)
     gpu = _peak_gpu(str(hw.get("gpu") or "h100"), _f(hw.get("gpu_memory_gib")))
     cfg = SimConfig.from_params(_params(row), strict=False)

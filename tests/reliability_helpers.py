@@ -9,6 +9,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import ray
+
+from servetune.optimizer import ray_local as local_ray
+from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.spec import load_study
 
 FAKE = str(Path(__file__).resolve().parent / "fake_engine.py")
 
@@ -134,8 +139,6 @@ def assert_nothing_leaked(run: Path, marker: str, timeout_s: float = 15) -> None
 
 
 def ray_gpus_back(expected: float, timeout_s: float = 20) -> float:
-    import ray
-
     deadline = time.monotonic() + timeout_s
     avail = 0.0
     while time.monotonic() < deadline:
@@ -147,9 +150,6 @@ def ray_gpus_back(expected: float, timeout_s: float = 20) -> float:
 
 
 def run_study_inprocess(path: Path, events: list | None = None):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     spec = load_study(str(path))
     return StudyDriver(spec, on_event=(lambda k, d: events.append((k, d))) if events is not None else None).run()
 
@@ -164,9 +164,6 @@ def env_for_ray():
 def ray_local():
     """One local Ray instance (4 GPUs declared) for every in-process study of the reliability/security tests,
     started as a study starts its own: on loopback, in a private temp dir."""
-    ray = pytest.importorskip("ray")
-    from servetune.optimizer import ray_local as local_ray
-
     started = None if ray.is_initialized() else local_ray.start(None, **env_for_ray())
     yield ray
     if started is not None:

@@ -9,10 +9,13 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
+import optuna
 import yaml
 
 from report_fixtures import write_run
 from servetune.optimizer import cli
+from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.spec import load_study
 from study_fixtures import write_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +44,6 @@ def test_list_shows_each_study_with_status_trials_and_best(tmp_path, capsys):
 
 
 def test_opening_a_study_warns_nothing_experimental(tmp_path):
-    import optuna
-
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     driver = StudyDriver(load_study(write_study(tmp_path)))
     driver.run_dir.mkdir(parents=True)
     with warnings.catch_warnings(record=True) as caught:

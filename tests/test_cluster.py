@@ -12,21 +12,40 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import optuna
 import pytest
+import ray
+from ray._private.utils import get_ray_address_file
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
 
+from pg_server import postgres_server
+from servetune.optimizer.cluster_execution import scratch_root
+from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.perfmodel.model_shapes import load_shape
+from servetune.optimizer.process import reap_orphan
+from servetune.optimizer.spec import load_study
+from servetune.optimizer.storage_url import expand
+from servetune.reports.html import write_report
+from servetune.reports.model import load_run
 from study_fixtures import write_study
 
-pytestmark = pytest.mark.slow
+if TYPE_CHECKING:
+    from ray._private.node import Node
 
-ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
 
 NODES = (("gpu0", 2, "A100"), ("gpu1", 4, "H100"), ("gpu2", 2, "H100"))
 ENV = {"SERVETUNE_STOP_GRACE_S": "3", "SERVETUNE_GPU_FREE_TIMEOUT_S": "5"}
@@ -34,9 +53,6 @@ ENV = {"SERVETUNE_STOP_GRACE_S": "3", "SERVETUNE_GPU_FREE_TIMEOUT_S": "5"}
 
 class SimCluster:
     def __init__(self, root: Path):
-        from ray._private.utils import get_ray_address_file
-        from ray.cluster_utils import Cluster
-
         self.root = root
         # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) without creating that dir:
         # on a fresh machine where Ray never started with its defaults (the CI box) the head fails to start.
@@ -45,7 +61,7 @@ class SimCluster:
             os.environ.setdefault(k, v)
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=2, num_gpus=0, node_name="head", temp_dir=str(root / "head-ray")))
-        self.nodes = {}
+        self.nodes: dict[str, Node] = {}
         self.extra: list[subprocess.Popen] = []  # nodes started by `ray start` (their process groups)
         for name, gpus, acc in NODES:
             self.add(name, gpus, acc)
@@ -87,9 +103,6 @@ def _stop_group(p: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def sim_cluster():
-    import shutil
-    import tempfile
-
     root = Path(tempfile.mkdtemp(prefix="st-ray-"))  # short: Ray's socket paths live under it (108 bytes max)
     c = SimCluster(root)
     try:
@@ -108,9 +121,6 @@ def _config(r: dict) -> tuple:
 
 
 def _run(study: Path, address: str | None, output_dir: str | None = None, trials: int | None = None):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     spec = load_study(study)
     if output_dir:
         spec.output_dir = output_dir
@@ -138,9 +148,6 @@ GRID = """
 
 
 def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_path):
-    from servetune.reports.html import write_report
-    from servetune.reports.model import load_run
-
     study = write_study(tmp_path, trials=3, parallel=3, duration_s=1.5, qps=4, gpus=8, search=GRID,
                         sampler="{kind: grid, seed: 1}", extra="baseline: false\n")
     # the one-node reference runs at the same time, in its own process with a local Ray instance
@@ -179,8 +186,6 @@ def test_a_study_over_three_nodes_reports_what_one_node_does(sim_cluster, tmp_pa
     assert [o.column for o in a.objectives] == [o.column for o in b.objectives]
     assert a.state_counts() == b.state_counts()
     ha, hb = write_report(run).read_text(), write_report(one).read_text()
-    import re
-
     sections = lambda h: re.findall(r'<section[^>]*id="([^"]+)"', h)  # noqa: E731
     assert sections(ha) == sections(hb) and sections(ha)
     assert a.trials["node"].notna().all() and b.trials["node"].isna().all()
@@ -212,8 +217,6 @@ def test_a_heterogeneous_cluster_searches_the_gpu_type_and_places_each_trial_on_
 
 
 def _tiny_model(root: Path) -> Path:
-    from servetune.optimizer.perfmodel.model_shapes import load_shape
-
     d = root / "models" / "tiny"
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(load_shape("llama-3.2-1b", None)))
@@ -222,9 +225,7 @@ def _tiny_model(root: Path) -> Path:
 
 def _start_node_without(sim_cluster, hidden: Path, name: str, gpus: int) -> str:
     """A Ray node whose file system lacks ``hidden`` (a tmpfs mounted over it in its own mount namespace)."""
-    import shutil as _sh
-
-    if not _sh.which("unshare"):
+    if not shutil.which("unshare"):
         pytest.skip("unshare is not available to give a Ray node its own view of the file system")
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                             f"mount -t tmpfs tmpfs {hidden} && test ! -e {hidden}/config.json"], capture_output=True)
@@ -269,8 +270,6 @@ def test_a_node_without_the_model_is_left_out_by_name(sim_cluster, tmp_path):
 
 
 def test_two_drivers_share_one_postgresql_study_and_a_third_resumes_on_an_empty_run_dir(sim_cluster, tmp_path):
-    from pg_server import postgres_server
-
     with postgres_server() as pg:
         os.environ["ST_TEST_PGPASSWORD"] = pg.password
         url = f"postgresql+psycopg://{pg.user}:${{ST_TEST_PGPASSWORD}}@{pg.host}:{pg.port}/{pg.database}"
@@ -284,10 +283,6 @@ def test_two_drivers_share_one_postgresql_study_and_a_third_resumes_on_an_empty_
         out, _ = other.communicate(timeout=300)
         assert other.returncode == 0, out
         assert pg.password not in out
-
-        import optuna
-
-        from servetune.optimizer.storage_url import expand
 
         st = optuna.load_study(study_name="itest", storage=expand(url))
         trials = st.get_trials(deepcopy=False)
@@ -318,11 +313,6 @@ def test_two_drivers_share_one_postgresql_study_and_a_third_resumes_on_an_empty_
 
 def test_a_node_removed_mid_study_loses_nothing(sim_cluster, tmp_path):
     """Last in the module: it takes a node away (and gives the cluster a fresh one back)."""
-    from ray.util.placement_group import placement_group_table
-
-    from servetune.optimizer.cluster_execution import scratch_root
-    from servetune.optimizer.process import reap_orphan
-
     study = write_study(tmp_path, trials=3, parallel=3, duration_s=3, qps=4, gpus=8, search="""
       tensor_parallel: [1, 2]
       max_concurrency: [8, 16, 32]

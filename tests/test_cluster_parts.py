@@ -4,16 +4,32 @@ type as a searched parameter, pid files of other hosts."""
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import socket
+import subprocess
 import textwrap
 import threading
 import time
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import sqlalchemy as sa
+import yaml
 
 from servetune.optimizer import placement, trial_files
-from servetune.optimizer.spec import ClusterSpec, SpecError, parse_study
+from servetune.optimizer import spec as spec_module
+from servetune.optimizer.cli import main
+from servetune.optimizer.driver import StudyDriver
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.node_checks import check_here, gpu_type_matches
+from servetune.optimizer.process import reap_orphan
+from servetune.optimizer.records import gpu_use
+from servetune.optimizer.shared_study import ConfigClaims
+from servetune.optimizer.spec import ClusterSpec, SpecError, load_study, parse_study
+from servetune.optimizer.storage_url import StorageUrlError, expand, shown
 from study_fixtures import write_study
 
 
@@ -21,15 +37,14 @@ from study_fixtures import write_study
 def _postgres_driver_not_needed(monkeypatch):
     """These studies name a PostgreSQL storage without opening it: whether its driver (psycopg) is installed on
     this machine is not what they test (spec._storage_problem would refuse the URL without it)."""
-    from servetune.optimizer import spec as spec_module
-
     real = spec_module._storage_problem
     monkeypatch.setattr(spec_module, "_storage_problem",
                         lambda url: None if (real(url) or "").find("driver is not installed") >= 0 else real(url))
 
 
 def _nodes(*spec) -> list[placement.Node]:
-    return [placement.Node(f"{name}-id-0123456789", name, gpus, {"GPU": gpus, **({f"accelerator_type:{acc}": 1} if acc else {})})
+    return [placement.Node(f"{name}-id-0123456789", name, gpus,
+                           {"GPU": gpus, **({f"accelerator_type:{acc}": 1} if acc else {})})
             for name, gpus, acc in spec]
 
 
@@ -68,16 +83,11 @@ def test_spanning_nodes_needs_the_setting_an_engine_that_can_and_pipeline_stages
 
 
 def test_engines_that_span_nodes_say_how():
-    from servetune.optimizer.engines import get_engine
-
     assert get_engine("vllm").span_nodes_args() == ["--distributed-executor-backend", "ray"]
     assert get_engine("sglang").span_nodes_args() is None and get_engine("sim").span_nodes_args() is None
 
 
 def test_node_types_bind_a_trial_to_its_type_and_its_rules(tmp_path):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     study = write_study(tmp_path, gpus=8, search="tensor_parallel: [1, 4]", extra=textwrap.dedent("""
     cluster:
       node_types:
@@ -117,12 +127,11 @@ def test_trial_files_travel_whole_with_the_log_tail(tmp_path):
     assert (dest / "requests_server.csv").read_text() == "a,b\n1,2\n" and (dest / "repeat_1" / "trial.json").exists()
     with pytest.raises(ValueError, match="may not leave"):
         trial_files.unpack({"../escape.txt": b"x"}, dest)
-    assert trial_files.scratch_dir("/s", "st", "/runs/st/trials/0007/repeat_2") == Path("/s/servetune-trials/st/0007/repeat_2")
+    assert (trial_files.scratch_dir("/s", "st", "/runs/st/trials/0007/repeat_2")
+            == Path("/s/servetune-trials/st/0007/repeat_2"))
 
 
 def test_a_storage_password_only_by_reference(monkeypatch):
-    from servetune.optimizer.storage_url import StorageUrlError, expand, shown
-
     text = textwrap.dedent("""
     name: s
     model: {preset: llama-3.2-1b}
@@ -149,10 +158,6 @@ def test_a_storage_password_only_by_reference(monkeypatch):
 def test_one_claim_per_configuration_across_drivers(tmp_path):
     """Two drivers (two engines on one database) claim the same configuration at once: one wins. A claim whose
     trial ended without a result is taken over by exactly one of the next claimants."""
-    import sqlalchemy as sa
-
-    from servetune.optimizer.shared_study import ConfigClaims
-
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a, b = ConfigClaims(sa.create_engine(url), "s"), ConfigClaims(sa.create_engine(url), "s")
     results: dict[int, int | None] = {}
@@ -172,15 +177,12 @@ def test_one_claim_per_configuration_across_drivers(tmp_path):
     assert results[loser] == winner and a.holder("cfg") == winner
     assert ConfigClaims(sa.create_engine(url), "other").claim("cfg", 99, void=lambda h: False) is None  # another study
     # the winner's trial was lost: the next two claimants race for it, one takes it over
-    takers = [a.claim("cfg", 31, void=lambda held: held == winner), b.claim("cfg", 32, void=lambda held: held == winner)]
+    takers = [a.claim("cfg", 31, void=lambda held: held == winner),
+              b.claim("cfg", 32, void=lambda held: held == winner)]
     assert takers == [None, 31] and b.holder("cfg") == 31
 
 
 def test_a_pid_file_of_another_host_is_left_alone(tmp_path):
-    import subprocess
-
-    from servetune.optimizer.process import reap_orphan
-
     p = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         pid = tmp_path / "engine.pid"
@@ -195,8 +197,6 @@ def test_a_pid_file_of_another_host_is_left_alone(tmp_path):
 
 
 def test_gpu_zero_of_two_nodes_is_two_gpus():
-    from servetune.optimizer.records import gpu_use
-
     recs = [{"number": 0, "gpu_ids": [0], "node": "a (1)", "started_at": "2026-11-22T10:00:00+00:00", "wall_s": 10},
             {"number": 1, "gpu_ids": [0], "node": "b (2)", "started_at": "2026-11-22T10:00:00+00:00", "wall_s": 10}]
     use = gpu_use(recs, 2)
@@ -206,14 +206,6 @@ def test_gpu_zero_of_two_nodes_is_two_gpus():
 def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path, capsys):
     """The KubeRay manifest: the ConfigMap and each pod template validate as core Kubernetes objects
     (kubernetes-validate); the RayJob's own structure against a schema written from KubeRay's Go types."""
-    import shlex
-
-    import jsonschema
-    import kubernetes_validate
-    import yaml
-
-    from servetune.optimizer.cli import main
-
     model = tmp_path / "models" / "llama-3.1-8b"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
@@ -235,7 +227,8 @@ def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path,
     objectives: [{{metric: output_tokens_per_s}}]
     """))
     assert main(["rayjob", str(study), "--image", "registry.example/servetune-vllm:0.26", "--model-claim", "models",
-                 "--results-claim", "runs", "--workers", "2", "--namespace", "tuning", "-o", str(tmp_path / "out")]) == 0
+                 "--results-claim", "runs", "--workers", "2", "--namespace", "tuning",
+                 "-o", str(tmp_path / "out")]) == 0
     docs = [d for d in yaml.safe_load_all((tmp_path / "out" / "rayjob.yaml").read_text()) if d]
     cm, job = docs
     kubernetes_validate.validate(cm, "1.37.0", strict=True)
@@ -250,9 +243,11 @@ def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path,
     assert shlex.split(job["spec"]["entrypoint"]) == ["servetune", "run", "/study/study.yaml", "--ray-address", "auto",
                                                       "--output-dir", "/results/Fleet_8b"]
     assert parse_study(cm["data"]["study.yaml"], "cm.yaml").name == "Fleet_8b"
-    assert job["metadata"]["name"] == "fleet-8b" and job["metadata"]["namespace"] == cm["metadata"]["namespace"] == "tuning"
+    assert job["metadata"]["name"] == "fleet-8b"
+    assert job["metadata"]["namespace"] == cm["metadata"]["namespace"] == "tuning"
     head, *workers = [t["spec"]["containers"][0] for t in templates]
-    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-gpus": "0"} and "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-gpus": "0"}
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
     # a worker group per node type, marked with the Ray resource the study's placement asks for
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     assert set(groups) == {"h100", "a100"} and all(g["replicas"] == 2 for g in groups.values())
@@ -273,12 +268,9 @@ def test_the_rayjob_recipe_validates_and_runs_the_study_on_the_cluster(tmp_path,
 
 def test_a_node_check_names_what_the_node_lacks(tmp_path):
     """What the pinned task reports, run here (the pinning itself is exercised in test_cluster.py)."""
-    import shutil
-
-    from servetune.optimizer.node_checks import check_here, gpu_type_matches
-
     model = tmp_path / "m"
-    answer = check_here({"model_path": str(model), "engines": [{"name": "sim"}, {"name": "vllm", "command": ["no-such-vllm", "serve"]}],
+    answer = check_here({"model_path": str(model),
+                         "engines": [{"name": "sim"}, {"name": "vllm", "command": ["no-such-vllm", "serve"]}],
                          "shared_token": str(tmp_path / ".node-check-x")})
     assert answer["reasons"][0] == f"model path {model} does not exist"
     assert "vllm: 'no-such-vllm' is not installed here (not on PATH)" in answer["reasons"]
@@ -289,7 +281,8 @@ def test_a_node_check_names_what_the_node_lacks(tmp_path):
     (tmp_path / ".node-check-x").write_text("")
     assert check_here({"model_path": str(model), "shared_token": str(tmp_path / ".node-check-x")})["reasons"] == []
     if shutil.which("nvidia-smi") is None:
-        assert check_here({"gpu_type": "h100"})["reasons"] == ["nvidia-smi is not available: no NVIDIA driver on this node"]
+        assert check_here({"gpu_type": "h100"})["reasons"] == [
+            "nvidia-smi is not available: no NVIDIA driver on this node"]
     for name, kind in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA H100 PCIe", "h100"),
                        ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA L40S", "l40s")):
         assert gpu_type_matches(kind, name), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -354,7 +355,7 @@ def _contains(argv: list[str], seq: tuple) -> bool:
 def _decode(cat, argv: list[str], asked: dict) -> dict:
     ns = vars(_catalog_parser(cat).parse_args(argv))  # raises on anything the catalog cannot have produced
     inverse = {}
-    out = {}
+    out: dict[str, Any] = {}
     for name in asked:
         m = cat.params[name]
         inverse = {str(v): k for k, v in m.values.items()}
@@ -372,8 +373,8 @@ def _decode(cat, argv: list[str], asked: dict) -> dict:
         elif m.style == "bool_flag":
             out[name] = bool(ns[m.flag])
         elif m.style == "bool_argv":
-            out[name] = True if _contains(argv, m.when_true) or (not m.when_true and not _contains(argv, m.when_false)) \
-                else False
+            out[name] = True if _contains(argv, m.when_true) or (
+                not m.when_true and not _contains(argv, m.when_false)) else False
     return out
 
 
@@ -415,8 +416,6 @@ def test_plan_argv_round_trips_through_the_engine_transform(engine, version, mon
 
 
 def test_vllm_avoids_multicast_all_reduce_only_where_multicast_is_off(monkeypatch):
-    from servetune.optimizer.engines import get_engine
-
     vllm = get_engine("vllm")
     monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
     monkeypatch.delenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", raising=False)
@@ -431,10 +430,6 @@ def test_vllm_avoids_multicast_all_reduce_only_where_multicast_is_off(monkeypatc
 
 
 def test_vllm_turns_the_all_reduce_fusion_off_at_tp_above_1_where_multicast_is_off(monkeypatch):
-    import json
-
-    from servetune.optimizer.engines import get_engine
-
     vllm = get_engine("vllm")
     fusion_off = {"pass_config": {"fuse_allreduce_rms": False}}
 

@@ -19,7 +19,8 @@ LOGS = Path(__file__).parent / "fixtures" / "engine_logs"
 
 CASES = [
     # engine, fixture, exit code, kind, words the one-line reason must contain
-    ("vllm", "vllm_argparse_unrecognized.log", 2, FailureKind.BAD_ARGS, ["does not know a flag", "--disable-log-requests"]),
+    ("vllm", "vllm_argparse_unrecognized.log", 2, FailureKind.BAD_ARGS,
+     ["does not know a flag", "--disable-log-requests"]),
     ("vllm", "vllm_argparse_invalid_choice.log", 2, FailureKind.BAD_ARGS, ["value", "fp8_e4m3fn"]),
     ("vllm", "vllm_validation_error.log", 1, FailureKind.BAD_ARGS, ["chunked_prefill off", "max_model_len (131072)"]),
     ("vllm", "vllm_validation_max_num_seqs.log", 1, FailureKind.BAD_ARGS, ["max_concurrency", "(512)"]),
@@ -34,9 +35,12 @@ CASES = [
     ("vllm", "vllm_tp2_illegal_memory_access.log", None, FailureKind.CRASH, ["illegal memory access", "TP>1"]),
     # real, the second time (2×H200 of a 4-GPU host): the log names FlashInfer's mnnvl all-reduce backend
     ("vllm", "vllm_tp2_mnnvl_allreduce.log", None, FailureKind.CRASH, ["illegal memory access", "mnnvl"]),
-    ("sglang", "sglang_not_enough_memory.log", -9, FailureKind.OOM, ["no room for the KV pool", "mem_fraction_static=0.5"]),
-    ("sglang", "sglang_capture_cuda_graph_failed.log", -9, FailureKind.OOM, ["capturing CUDA graphs", "cuda_graph_max_batch"]),
-    ("sglang", "sglang_ambiguous_option.log", 2, FailureKind.BAD_ARGS, ["ambiguous", "--cuda-graph-max-bs could match"]),
+    ("sglang", "sglang_not_enough_memory.log", -9, FailureKind.OOM,
+     ["no room for the KV pool", "mem_fraction_static=0.5"]),
+    ("sglang", "sglang_capture_cuda_graph_failed.log", -9, FailureKind.OOM,
+     ["capturing CUDA graphs", "cuda_graph_max_batch"]),
+    ("sglang", "sglang_ambiguous_option.log", 2, FailureKind.BAD_ARGS,
+     ["ambiguous", "--cuda-graph-max-bs could match"]),
     ("sglang", "sglang_scheduler_died.log", 1, FailureKind.CRASH, ["OOM killer", "exit code: -9"]),
     ("sglang", "sglang_pp_spec_assert.log", 1, FailureKind.BAD_ARGS, ["pipeline_parallel", "speculative"]),
     ("sglang", "sglang_chunk_page_assert.log", 1, FailureKind.BAD_ARGS, ["kv_block_size", "page_size"]),

@@ -11,9 +11,11 @@ import copy
 import pytest
 
 from servetune.optimizer import rules
+from servetune.optimizer.driver import StudyDriver
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
 from servetune.optimizer.perfmodel.model_shapes import load_shape
+from servetune.optimizer.spec import parse_study
 
 
 def model(preset: str = "llama-3.1-8b", name: str = "llm", **shape_overrides) -> ModelRef:
@@ -59,7 +61,8 @@ def test_tensor_parallel_must_divide_heads_and_kv_heads(engine):
     accepts(engine, {"tensor_parallel": 4, "max_model_len": 8192}, m=m)  # 12 % 4 == 0
     accepts(engine, {"tensor_parallel": 2})
     # more ranks than KV heads replicate them: 8 KV heads, tp 16 -> accepted by the heads rule
-    assert not any("KV heads" in r for r in check(engine, {"tensor_parallel": 16}, model("llama-3.1-70b", num_attention_heads=64), gpus=16))
+    reasons = check(engine, {"tensor_parallel": 16}, model("llama-3.1-70b", num_attention_heads=64), gpus=16)
+    assert not any("KV heads" in r for r in reasons)
 
 
 @pytest.mark.parametrize("engine", BOTH)
@@ -104,7 +107,8 @@ def test_fp8_block_checkpoint_tp_divisibility():
 
 # -- vLLM scheduler rules ------------------------------------------------------------------------------------------
 def test_vllm_batched_tokens_at_least_max_seqs():
-    rejects("vllm", {"max_concurrency": 512, "max_batched_tokens": 256}, "max_batched_tokens=256", "max_concurrency=512")
+    rejects("vllm", {"max_concurrency": 512, "max_batched_tokens": 256},
+            "max_batched_tokens=256", "max_concurrency=512")
     accepts("vllm", {"max_concurrency": 256, "max_batched_tokens": 256})
     # max_num_seqs above the *default* token budget is also an error (the default is not raised for it)
     rejects("vllm", {"max_concurrency": 16384}, "max_concurrency=16384")
@@ -151,10 +155,8 @@ def test_vllm_suffix_decoding():
     accepts("vllm", {"speculative_method": "suffix"})
     accepts("vllm", {"speculative_method": "suffix", "speculative_tokens": 8, "speculative_lookup_max": 5})
     rejects("vllm", {"speculative_method": "suffix", "async_scheduling": True}, "async_scheduling=true", "suffix")
-    from servetune.optimizer.engines import get_engine
-    from servetune.optimizer.engines.base import ModelRef
-
-    argv = get_engine("vllm").plan({"speculative_method": "suffix", "speculative_tokens": 8, "speculative_lookup_max": 5},
+    argv = get_engine("vllm").plan({"speculative_method": "suffix", "speculative_tokens": 8,
+                                    "speculative_lookup_max": 5},
                                    ModelRef(name="m", path="/m", shape={}), host="127.0.0.1", port=8000,
                                    gpu_ids=[0]).argv
     assert "--speculative-config.prompt_lookup_max" not in argv and "suffix" in argv
@@ -165,8 +167,6 @@ def test_vllm_suffix_without_arctic_inference_is_unsupported():
     tail = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for SpeculativeConfig\n"
             "  Value error, Arctic Inference is required for suffix decoding. Install via "
             "`pip install arctic-inference==0.1.1`. [type=value_error]")
-    from servetune.optimizer.engines import get_engine
-
     f = get_engine("vllm").classify(tail, 1)
     assert f.kind.value == "unsupported" and "arctic-inference" in f.reason
 
@@ -317,9 +317,6 @@ def test_check_does_not_mutate_params():
 def test_a_study_states_each_reason_once(engine, gpus):
     # the engine's own rules (GPU count, heads, weights + activations + KV) and the engine-neutral ones said
     # the same things twice in one rejection on the 70B sharding study; the sim has no such rules of its own
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import parse_study
-
     spec = parse_study(f"""
 name: once
 model: {{preset: llama-3.1-70b}}

@@ -3,18 +3,24 @@ output (kubernetes-validate, the compose-spec schema), round-tripping the launch
 and never writing a secret."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 from servetune.optimizer.catalog import load_catalog, render_flags
+from servetune.optimizer.cli.bench import BenchCommand
+from servetune.optimizer.cli.command import register
+from servetune.optimizer.cli.export import main
 from servetune.optimizer.engines import get_engine
-from servetune.optimizer.engines.base import ModelRef
+from servetune.optimizer.engines.base import CatalogEngine, ModelRef
 from servetune.optimizer.export import ExportError, Options, _dns_name, choose_trial, export, split_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,8 +252,6 @@ def test_literal_secrets_are_replaced(tmp_path, secret_env, spelling):
 # validation
 # ----------------------------------------------------------------------------------------------------------
 def _validate_k8s(path: Path) -> list[dict]:
-    import kubernetes_validate
-
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     for d in docs:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
@@ -276,8 +280,6 @@ def test_kubernetes_validates(rendered, engine):
 def test_kserve_inferenceservice(rendered, engine):
     """KServe's CRD is not in kubernetes-validate: check apiVersion/kind, and validate the predictor's pod
     fields as a core Pod (the predictor embeds a PodSpec)."""
-    import kubernetes_validate
-
     (doc,) = [d for d in yaml.safe_load_all(rendered[(engine, "kserve")].files[0].read_text()) if d]
     assert (doc["apiVersion"], doc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     pred = dict(doc["spec"]["predictor"])
@@ -292,8 +294,6 @@ def test_kserve_inferenceservice(rendered, engine):
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_compose_validates(rendered, engine):
-    import jsonschema
-
     path = rendered[(engine, "compose")].files[0]
     doc = yaml.safe_load(path.read_text())
     schema = json.loads((REPO / "tests/fixtures/compose_spec_export.json").read_text())
@@ -368,10 +368,16 @@ def test_json_is_machine_readable(rendered):
 # ----------------------------------------------------------------------------------------------------------
 # the launch command round-trips
 # ----------------------------------------------------------------------------------------------------------
+def _catalog_engine(engine: str) -> CatalogEngine:
+    eng = get_engine(engine)
+    assert isinstance(eng, CatalogEngine)  # vllm and sglang render and parse their flags through a catalog
+    return eng
+
+
 def _expected(engine: str) -> dict:
     """The trial's parameters as the engine receives them (SGLang spells some out, e.g. chunked off drops mbt)."""
     cat = load_catalog(engine)
-    eng = get_engine(engine)
+    eng = _catalog_engine(engine)
     params = VLLM_PARAMS if engine == "vllm" else SGLANG_PARAMS
     return {k: v for k, v in eng.launch_params(params).items() if render_flags(cat, {k: v})}
 
@@ -379,8 +385,8 @@ def _expected(engine: str) -> dict:
 def _roundtrip(engine: str, argv: list[str]) -> dict:
     cat = load_catalog(engine)
     sp = split_argv(argv, cat)
-    params, rest = get_engine(engine).parse_flags(sp.args)
-    assert render_flags(cat, params) == render_flags(cat, get_engine(engine).launch_params(
+    params, rest = _catalog_engine(engine).parse_flags(sp.args)
+    assert render_flags(cat, params) == render_flags(cat, _catalog_engine(engine).launch_params(
         VLLM_PARAMS if engine == "vllm" else SGLANG_PARAMS))
     return params
 
@@ -418,11 +424,6 @@ def test_host_option_and_bench_script(tmp_path, secret_env):
     res = export(run, fmt="vllm", out_dir=tmp_path / "o", options=Options(host="0.0.0.0", port=9000))
     argv = _exec_argv(res.files[0])
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "9000"
-    import argparse
-
-    from servetune.optimizer.cli.bench import BenchCommand
-    from servetune.optimizer.cli.command import register
-
     bench = (tmp_path / "o/bench.sh").read_text()
     cmd = shlex.split(bench[bench.index("\nexec ") + 6:].replace("\\\n", " "))
     assert cmd[:2] == ["servetune", "bench"]
@@ -449,8 +450,6 @@ def test_wrong_engine_format_and_sim(tmp_path):
 
 
 def test_cli(tmp_path, capsys, secret_env):
-    from servetune.optimizer.cli.export import main
-
     run = engine_run(tmp_path, "sglang")
     assert main([str(run), "--format", "compose", "-o", str(tmp_path / "c"), "--gpu-ids", "0,1",
                  "--image", "my/sglang:{version}"]) == 0
@@ -491,8 +490,6 @@ def test_parse_flags_inverts_every_catalog_value(engine):
 
 def test_hf_id_existing_claim_and_namespace(tmp_path, secret_env):
     """A Hugging Face id instead of a mounted path: no offline flag, the claim is the download cache."""
-    import jsonschema
-
     run = engine_run(tmp_path, "vllm")
     opts = Options(model_path="meta-llama/Llama-3.1-8B-Instruct", pvc="shared-models", namespace="llm",
                    name="Llama_8B.Prod", startup_margin=3.0)

@@ -9,12 +9,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
+from servetune.optimizer import cli
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.engines.base import ModelRef
+from servetune.optimizer.engines.sim.server import build_parser, config_from_args
 from servetune.optimizer.export import FORMATS, SIM_FORMATS, ExportError, Options, export
+from servetune.optimizer.process import free_port
 from test_export import REPO, _exec_argv, _study, _trial, _validate_k8s, make_run
 
 PARAMS = {"tensor_parallel": 1, "max_concurrency": 64, "quantization": "fp8", "kv_cache_dtype": "auto"}
@@ -22,9 +29,6 @@ PARAMS = {"tensor_parallel": 1, "max_concurrency": 64, "quantization": "fp8", "k
 
 def _sim_run(tmp_path: Path) -> Path:
     """A sim run as the driver records it: the preset is the model (resolve_model), the sim's own argv."""
-    from servetune.optimizer.engines import get_engine
-    from servetune.optimizer.engines.base import ModelRef
-
     study = {**_study("sim"), "engines": ["sim"], "model": {"preset": "llama-3.1-8b"}}
     trial = _trial("sim", 0, PARAMS, tok_gpu=100, tpot=10)
     model = ModelRef(name="llama-3.1-8b", path="llama-3.1-8b", shape={})
@@ -34,8 +38,6 @@ def _sim_run(tmp_path: Path) -> Path:
 
 
 def _sim_config(argv: list[str]):
-    from servetune.optimizer.engines.sim.server import build_parser, config_from_args
-
     i = argv.index("servetune.optimizer.engines.sim")
     return config_from_args(build_parser().parse_args(argv[i + 1:]))
 
@@ -67,8 +69,6 @@ def test_every_format_of_a_sim_trial_exports_or_names_the_ones_that_do(tmp_path)
     dockerfile = (tmp_path / "k8s" / "Dockerfile").read_text()
     assert "pip install --no-cache-dir /src" in dockerfile and "USER 1000" in dockerfile
     # compose: no GPU reservation, the same argv
-    import jsonschema
-
     compose = yaml.safe_load((tmp_path / "compose" / "docker-compose.yaml").read_text())
     jsonschema.Draft201909Validator(json.loads((REPO / "tests/fixtures/compose_spec_export.json").read_text())
                                     ).validate(compose)
@@ -80,14 +80,10 @@ def test_every_format_of_a_sim_trial_exports_or_names_the_ones_that_do(tmp_path)
 
 
 def _version() -> str:
-    from importlib.metadata import version
-
     return version("servetune")
 
 
 def test_the_exported_command_starts_a_real_sim_server(tmp_path):
-    from servetune.optimizer.process import free_port
-
     port = free_port("127.0.0.1")
     res = export(_sim_run(tmp_path), fmt="sim", out_dir=tmp_path / "cmd", options=Options(port=port))
     serve = res.files[0]
@@ -112,8 +108,6 @@ def test_the_exported_command_starts_a_real_sim_server(tmp_path):
 
 
 def test_the_readme_export_example_works_on_a_sim_run(tmp_path, capsys):
-    from servetune.optimizer import cli
-
     readme = (REPO / "README.md").read_text()
     (cmd,) = [ln for ln in readme.splitlines() if ln.startswith("servetune export runs/")]
     args = shlex.split(cmd.split("#")[0])[1:]

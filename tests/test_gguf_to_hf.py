@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
+
+from servetune.optimizer.perfmodel.model_shapes import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +61,7 @@ def test_bf16_rounds_to_nearest_even_and_the_file_is_safetensors(tmp_path):
     data = raw[8 + n:]
     assert np.frombuffer(data[:10], "<u2").tolist() == bits.tolist()
     if importlib.util.find_spec("safetensors") and importlib.util.find_spec("torch"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # noqa: PLC0415 — optional: torch, checked by find_spec above
 
         t = load_file(str(tmp_path / "m.safetensors"))
         assert str(t["a"].dtype) == "torch.bfloat16" and t["a"].float().tolist() == back.tolist()
@@ -84,8 +87,6 @@ def test_the_real_smollm2_gguf_converts_to_a_checkpoint_vllm_loads(tmp_path):
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["vocab_size"], cfg["tie_word_embeddings"]) == (576, 30, 9, 3, 49152, True)
     assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 100000.0
-    from servetune.optimizer.perfmodel.model_shapes import PRESETS
-
     assert {k: cfg[k] for k in PRESETS["smollm2-135m"] if k != "torch_dtype"} == \
         {k: v for k, v in PRESETS["smollm2-135m"].items() if k != "torch_dtype"}
     raw = (out / "model.safetensors").read_bytes()
@@ -94,8 +95,6 @@ def test_the_real_smollm2_gguf_converts_to_a_checkpoint_vllm_loads(tmp_path):
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     assert shapes == g.expected_shapes(cfg)
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
-
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     enc = tok.encode("The capital of France is")
@@ -107,7 +106,8 @@ def test_the_real_smollm2_gguf_converts_to_a_checkpoint_vllm_loads(tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == cfg["eos_token_id"] == 2
 
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-        check = importlib.util.spec_from_file_location("smollm2_check", ROOT / "benchmarks" / "gpu" / "smollm2_check.py")
+        check = importlib.util.spec_from_file_location("smollm2_check",
+                                                       ROOT / "benchmarks" / "gpu" / "smollm2_check.py")
         module = importlib.util.module_from_spec(check)
         check.loader.exec_module(module)
         assert module.main([str(out), "--tokens", "4"]) == 0  # " Paris" after "The capital of France is"

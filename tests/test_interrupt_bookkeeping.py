@@ -6,21 +6,20 @@ import json
 
 import optuna
 
+from servetune.optimizer.driver import BASELINE, KEY, STALE, StudyDriver, config_key
 from servetune.optimizer.records import TrialResult, gpu_use, write_json_atomic
+from servetune.optimizer.spec import load_study
+from servetune.reports.html import headlines
+from servetune.reports.model import load_run
 from study_fixtures import write_study
 
 
 def _driver(tmp_path):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     return StudyDriver(load_study(write_study(tmp_path, trials=4)))
 
 
 def _running(driver, study, params: dict, baseline: bool = False):
     """A trial as the loop leaves it while it runs: asked, planned, keyed, trial.json 'running'."""
-    from servetune.optimizer.driver import BASELINE, KEY, config_key
-
     trial = study.enqueue_trial(params, user_attrs={BASELINE: True} if baseline else {}) or study.ask()
     plan, _ = driver.plan_trial(trial)
     trial.set_user_attr(KEY, config_key(plan.engine, plan.params))
@@ -31,8 +30,6 @@ def _running(driver, study, params: dict, baseline: bool = False):
 
 
 def test_resume_queues_each_interrupted_config_once_and_none_already_measured(tmp_path):
-    from servetune.optimizer.driver import STALE
-
     driver = _driver(tmp_path)
     driver.run_dir.mkdir(parents=True)
     study = driver.open_study()
@@ -53,9 +50,6 @@ def test_resume_queues_each_interrupted_config_once_and_none_already_measured(tm
 
 
 def test_the_report_shows_interrupted_trials_and_counts_the_re_run_baseline(tmp_path):
-    from servetune.reports.html import headlines
-    from servetune.reports.model import load_run
-
     driver = _driver(tmp_path)
     driver.run_dir.mkdir(parents=True)
     study = driver.open_study()
@@ -92,8 +86,6 @@ def test_gpu_use_counts_only_the_time_a_driver_ran():
 
 
 def test_a_measurement_the_dead_driver_never_told_is_told_to_its_own_trial(tmp_path):
-    from servetune.optimizer.driver import STALE
-
     driver = _driver(tmp_path)
     driver.run_dir.mkdir(parents=True)
     study = driver.open_study()

@@ -1,11 +1,15 @@
 """``servetune bench``: argument handling, secrets kept out of files, the three modes, output files."""
 import argparse
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from loadgen_mock import MockServer
+from servetune.loadgen.scenario_kinds import ScenarioKind
+from servetune.optimizer.cli import bench as bench_cli
 from servetune.optimizer.cli.bench import BenchCommand, UsageError, main, redacted_argv, resolve_header
 from servetune.optimizer.cli.command import register
 
@@ -21,12 +25,6 @@ def _mock_body(**kw) -> str:
 
 
 def test_parser_is_light_and_in_step_with_loadgen():
-    import subprocess
-    import sys
-
-    from servetune.loadgen.scenario_kinds import ScenarioKind
-    from servetune.optimizer.cli import bench as bench_cli
-
     assert bench_cli.SCENARIOS == ScenarioKind.names()  # the --scenario choices are the registered kinds
     code = ("import argparse, sys; from servetune.optimizer.cli.bench import BenchCommand; "
             "BenchCommand.add_cli_args(argparse.ArgumentParser()); print('aiohttp' in sys.modules)")

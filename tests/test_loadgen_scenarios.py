@@ -1,9 +1,11 @@
 """Scenarios end to end against the loopback mock: schedules, measured truth, faults, timeouts, output."""
+import asyncio
 import json
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict
+from dataclasses import replace as dc_replace
 
 import numpy as np
 import pandas as pd
@@ -14,10 +16,13 @@ from loadgen_mock import MockServer, timing_slack_ms
 from servetune.loadgen.datasets import SAFE_ID_LOW, random_dataset
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.metrics import ttft_ms
+from servetune.loadgen.pacer import Pacer
 from servetune.loadgen.records import Request
+from servetune.loadgen.runner import Positions
 from servetune.loadgen.scenarios import (
     ScenarioSettings,
     _warmup_variant,
+    constant_schedule,
     issue_order,
     poisson_schedule,
     read_records,
@@ -26,6 +31,9 @@ from servetune.loadgen.scenarios import (
     scenario_seeds,
     write_records,
 )
+from servetune.loadgen.search import level_variant
+from servetune.loadgen.sla import SLA_PRESETS, sla_limits
+from servetune.optimizer.spec import SLA_PRESETS as SPEC_PRESETS
 
 DATA = random_dataset(10, input_tokens=16, output_tokens=8)
 
@@ -78,8 +86,6 @@ def test_warmup_variant_breaks_the_prefix():
     ids = Request(prompt=[SAFE_ID_LOW + 5, 2000, 3000], max_tokens=4, input_tokens=3)
     assert _warmup_variant(ids).prompt[0] != ids.prompt[0] and _warmup_variant(ids).prompt[1:] == ids.prompt
     # the warm-ups of two load levels differ as the levels' prompts do (behind the one warm-up token)
-    from servetune.loadgen.search import level_variant
-
     one, two = (_warmup_variant(level_variant([ids], n)[0]).prompt for n in (1, 2))
     assert one[0] == two[0] and one[1:] != two[1:]
     text = Request(prompt="the cat", max_tokens=4, input_tokens=2)
@@ -215,9 +221,6 @@ def test_records_frame_and_files(mock, tmp_path):
 # --- MLPerf presets, arrivals, closed loops, pacing -----------------------------------------------------
 
 def test_sla_presets_fill_limits_and_interactive_resolves():
-    from servetune.loadgen.sla import SLA_PRESETS, sla_limits
-    from servetune.optimizer.spec import SLA_PRESETS as SPEC_PRESETS
-
     assert SPEC_PRESETS is SLA_PRESETS  # one table, owned by the load generator
     assert sla_limits("llama3.1-8b") == (2000.0, 100.0)
     assert sla_limits("llama3.1-8b", "interactive") == (500.0, 30.0)
@@ -232,8 +235,6 @@ def test_sla_presets_fill_limits_and_interactive_resolves():
 
 
 def test_constant_schedule():
-    from servetune.loadgen.scenarios import constant_schedule
-
     assert constant_schedule(4.0, num_requests=3).tolist() == [0.0, 0.25, 0.5]
     a = constant_schedule(10.0, duration_s=1.0)
     assert len(a) == 11 and a[-1] == pytest.approx(1.0)
@@ -252,8 +253,6 @@ def test_more_settings_validation():
 
 
 def test_positions_stop_rule():
-    from servetune.loadgen.runner import Positions
-
     pos = Positions(need=3, duration_s=None)
     assert [pos.take(0.0) for _ in range(5)] == [0, 1, 2, None, None]
     pos = Positions(need=2, duration_s=1.0)  # count met early: go on until an issue at/after 1 s
@@ -263,10 +262,6 @@ def test_positions_stop_rule():
 
 
 def test_pacer_wakes_on_time():
-    import asyncio
-
-    from servetune.loadgen.pacer import Pacer
-
     async def main():
         pacer, lags = Pacer(), []
         try:
@@ -362,8 +357,6 @@ def test_workers_faults_and_timeout(mock):
 
 
 def test_a_failing_worker_is_reported_not_lost(mock):
-    from dataclasses import replace as dc_replace
-
     ep = dc_replace(mock.endpoint(), extra_body={"bad": {1, 2}})  # pickles fine, cannot be sent as JSON
     res = run(ep, DATA, ScenarioSettings(kind="offline", num_requests=6, workers=2))
     assert len(res.records) == 6 and {r.status for r in res.records} == {"client_error"}

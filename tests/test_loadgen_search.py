@@ -1,22 +1,27 @@
 """Load sweeps against one running server: max valid QPS search, concurrency sweep, Pareto points."""
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from loadgen_mock import MockServer
 from servetune.loadgen.datasets import random_dataset
+from servetune.loadgen.metrics import summarize
 from servetune.loadgen.records import Request, ScenarioResult
-from servetune.loadgen.scenarios import ScenarioSettings
+from servetune.loadgen.scenarios import ScenarioSettings, read_records
 from servetune.loadgen.search import (
+    KEEP_UP_ARRIVALS,
     LEVEL_TOKEN_BASE,
     concurrency_levels,
     concurrency_sweep,
     find_max_qps,
     latency_margin,
     level_variant,
+    longer_run,
     pareto_front,
 )
+from servetune.loadgen.validity import verdict
 
 DATA = random_dataset(10, input_tokens=16, output_tokens=8)
 
@@ -186,13 +191,6 @@ def test_a_level_too_short_to_judge_runs_once_more_for_longer(mock):
     ("vllm-70b-tp2-h200-qps3", None),
 ])
 def test_a_backlog_seen_in_few_arrivals_is_judged_again_on_a_longer_run(name, seconds):
-    from pathlib import Path
-
-    from servetune.loadgen.metrics import summarize
-    from servetune.loadgen.scenarios import read_records
-    from servetune.loadgen.search import KEEP_UP_ARRIVALS, longer_run
-    from servetune.loadgen.validity import verdict
-
     qps = float(name.rsplit("qps", 1)[1])
     level = ScenarioSettings(kind="server", qps=qps, duration_s=20, sla="llama2-70b", require_early_stopping=False)
     records = read_records(Path(__file__).parent / "fixtures" / "gpu_levels" / f"{name}.csv.gz")

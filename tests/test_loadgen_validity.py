@@ -1,6 +1,6 @@
 """MLPerf validity: the early-stopping table, the SingleStream estimate, and the verdict's rules."""
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +105,6 @@ def test_failures_count_against_early_stopping():
 
 
 def test_verdict_from_summary_and_settings_dict():
-    from dataclasses import asdict
-
-    from servetune.loadgen.metrics import summarize
-
     recs = _records(459)
     summary = summarize(recs, 50.0, ttft_limit_ms=100, tpot_limit_ms=20)
     v = verdict(summary, asdict(server()))
@@ -203,7 +199,8 @@ def test_growth_within_poisson_noise_is_not_a_backlog():
                              chunks=[Chunk(t + 0.1, 11)], output_tokens=11, status="ok")
                for i, t in enumerate(arrivals - arrivals[0])]
     s = summarize(records, duration_s=float(arrivals[-1]))
-    assert s["in_system_at_end"] - s["in_system_at_half"] <= 3 * math.sqrt(s["in_system_at_half"] + s["in_system_at_end"] + 1)
+    in_half, in_end = s["in_system_at_half"], s["in_system_at_end"]
+    assert in_end - in_half <= 3 * math.sqrt(in_half + in_end + 1)
     limits = dict(qps=2, duration_s=20, num_requests=40, ttft_limit_ms=1000, tpot_limit_ms=1000,
                   require_early_stopping=False)
     assert verdict(records, server(**limits)).valid

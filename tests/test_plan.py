@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from servetune.optimizer import cli
+from servetune.optimizer.engines.sim.server import build_parser, config_from_args
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "search_spaces" / "examples"
 
@@ -16,11 +17,10 @@ def _plan(capsys, study: Path, estimates: int = 3) -> list[str]:
 
 
 def test_plan_of_the_quickstart(capsys):
-    from servetune.optimizer.engines.sim.server import build_parser, config_from_args
-
     out = _plan(capsys, EXAMPLES / "quickstart.yaml")
     text = "\n".join(out)
-    assert "space: 40 configurations (tensor_parallel 2 × max_concurrency 5 × quantization 2 × kv_cache_dtype 2)" in text
+    assert ("space: 40 configurations (tensor_parallel 2 × max_concurrency 5 × quantization 2 × kv_cache_dtype 2)"
+            in text)
     assert "rules: 0 of 40 rejected before launch" in text
     # the baseline's argv is what a run launches: the sim's own parser takes it, with the engine's defaults
     (base,) = [ln for ln in out if ln.startswith("baseline (sim, 1 GPU(s)): ")]

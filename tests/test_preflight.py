@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servetune.optimizer import cli
+from servetune.optimizer import cli, preflight
+from servetune.optimizer.driver import StudyDriver, make_sampler
+from servetune.optimizer.perfmodel.model_shapes import PRESETS
+from servetune.optimizer.spec import load_study
+from study_fixtures import write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_studies_prelaunch"
@@ -43,8 +47,6 @@ def test_validate_and_run_refuse_the_same_bad_studies_at_their_own_line(capsys, 
 
 def _materialize(example: Path, tmp: Path) -> Path:
     """The example with its checkpoint directory made here (config.json of the same shape, no weights)."""
-    from servetune.optimizer.perfmodel.model_shapes import PRESETS
-
     text = example.read_text()
     for m in re.finditer(r"path: (/tmp/models/([\w.-]+))", text):
         d = tmp / "models" / m[2]
@@ -59,10 +61,6 @@ def _materialize(example: Path, tmp: Path) -> Path:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_every_example_passes_validate_and_what_run_does_before_launching(example, capsys, tmp_path):
-    from servetune.optimizer import preflight
-    from servetune.optimizer.driver import StudyDriver, make_sampler
-    from servetune.optimizer.spec import load_study
-
     path = _materialize(example, tmp_path)
     code, out, err = _cli(capsys, "validate", str(path))
     assert code == 0 and ": ok — " in out, err
@@ -96,10 +94,6 @@ def test_validate_no_path_check_checks_a_gpu_study_on_a_laptop(capsys, tmp_path)
 
 
 def test_a_value_one_engine_refuses_is_rejected_for_that_engine_only(tmp_path, capsys):
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-    from study_fixtures import write_study
-
     path = write_study(tmp_path, search="""
       kv_cache_dtype: [auto, float16]
     """)

@@ -1,11 +1,21 @@
 """Live progress: the trial writes progress.json, the driver polls it; plain lines when not a terminal (17.4)."""
 from __future__ import annotations
 
+import io
 import re
+from types import SimpleNamespace
 
 import optuna
+from rich.console import Console
 
+from servetune.loadgen import progress as loadgen_progress
+from servetune.loadgen.scenarios import ScenarioSettings
 from servetune.optimizer import cli
+from servetune.optimizer.driver import scenario_plans
+from servetune.optimizer.progress import RunProgress, TrialProgress
+from servetune.optimizer.records import TrialResult
+from servetune.optimizer.spec import load_study
+from study_fixtures import write_study
 from test_resume_check import _measured_run
 
 
@@ -32,19 +42,6 @@ def test_a_run_prints_each_trials_phases_and_the_best_so_far_when_not_a_terminal
 
 
 def test_the_terminal_table_shows_phase_elapsed_left_queued_and_best(tmp_path):
-    import io
-    from types import SimpleNamespace
-
-    from rich.console import Console
-
-    from servetune.loadgen import progress as loadgen_progress
-    from servetune.loadgen.scenarios import ScenarioSettings
-    from servetune.optimizer.driver import scenario_plans
-    from servetune.optimizer.progress import RunProgress, TrialProgress
-    from servetune.optimizer.records import TrialResult
-    from servetune.optimizer.spec import load_study
-    from study_fixtures import write_study
-
     spec = load_study(write_study(tmp_path, qps="[4, 8]", duration_s=30))
     out = io.StringIO()
     live = RunProgress(Console(file=out, force_terminal=True, width=160), spec, lambda p: f"conc={p['conc']}")
@@ -74,10 +71,6 @@ def test_the_terminal_table_shows_phase_elapsed_left_queued_and_best(tmp_path):
 
 
 def _render(renderable) -> str:
-    import io
-
-    from rich.console import Console
-
-    c = Console(file=io.StringIO(), width=160, force_terminal=False)
-    c.print(renderable)
-    return c.file.getvalue()
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False).print(renderable)
+    return buf.getvalue()

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import optuna
 import pytest
 
+from fake_engine import MODES
 from reliability_helpers import (
+    WORKER_ENV,
     assert_nothing_leaked,
     fake_study,
     marked_pids,
@@ -24,6 +28,10 @@ from reliability_helpers import (
     run_study_inprocess,
     trials,
 )
+from servetune.optimizer import lifecycle, process
+from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
+from servetune.optimizer.records import TrialPlan
+from servetune.optimizer.spec import load_study
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +54,8 @@ EXPECTED = {
 }
 
 
-def test_every_engine_fault_fails_its_trial_with_its_reason_and_leaks_nothing(tmp_path, ray_local):
-    from fake_engine import MODES
-
+@pytest.mark.usefixtures("ray_local")
+def test_every_engine_fault_fails_its_trial_with_its_reason_and_leaks_nothing(tmp_path):
     assert list(EXPECTED) == MODES
     study, marker = fake_study(tmp_path, fake_args=["--fault-by-trial"], sampler="random",
                                search="memory_fraction: {low: 0.5, high: 0.95}", trials=len(MODES), parallel=3,
@@ -90,7 +97,8 @@ def test_every_engine_fault_fails_its_trial_with_its_reason_and_leaks_nothing(tm
     assert wall < 120, f"fault study took {wall:.0f} s"
 
 
-def test_killed_ray_worker_fails_trial_as_internal_reaps_engine_and_study_goes_on(tmp_path, ray_local):
+@pytest.mark.usefixtures("ray_local")
+def test_killed_ray_worker_fails_trial_as_internal_reaps_engine_and_study_goes_on(tmp_path):
     # the fake engine spawns a worker child: both must be reaped from the pid file when the Ray worker dies
     study, marker = fake_study(tmp_path, name="workerkill", fake_args=["--spawn-child"], sampler="random",
                                search="memory_fraction: {low: 0.5, high: 0.95}", trials=3, parallel=1,
@@ -141,16 +149,11 @@ def test_killed_ray_worker_fails_trial_as_internal_reaps_engine_and_study_goes_o
 
 def test_slow_gpu_memory_release_is_waited_for_and_a_stuck_gpu_fails_internal(tmp_path, monkeypatch):
     """A fake ``nvidia-smi`` on PATH reports GPU 0 busy for a while (then free), GPU 1 busy for ever."""
-    from servetune.optimizer import lifecycle, process
-    from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
-    from servetune.optimizer.records import TrialPlan
-    from servetune.optimizer.spec import load_study
-
     free_at = time.time() + 2.0
     bindir = tmp_path / "bin"
     bindir.mkdir()
     smi = bindir / "nvidia-smi"
-    smi.write_text("#!" + os.path.realpath(__import__("sys").executable) + "\n"
+    smi.write_text("#!" + os.path.realpath(sys.executable) + "\n"
                    "import time\n"
                    f"busy0 = time.time() < {free_at}\n"
                    "print('0, %d' % (30000 if busy0 else 5))\n"
@@ -183,11 +186,6 @@ def test_slow_gpu_memory_release_is_waited_for_and_a_stuck_gpu_fails_internal(tm
 
 def test_ctrl_c_of_the_driver_stops_every_engine_and_the_rerun_finishes(tmp_path):
     """SIGINT (Ctrl-C) mid-study: exit 130, no engine left running, no pid file; the rerun completes."""
-    import subprocess
-    import sys
-
-    from reliability_helpers import WORKER_ENV
-
     study, marker = fake_study(tmp_path, name="ctrlc", fake_args=["--spawn-child"], sampler="random",
                                search="memory_fraction: {low: 0.5, high: 0.95}", trials=3, parallel=2,
                                duration_s=3, qps=3)

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from servetune.optimizer import cli
+from servetune.optimizer import cli, process
+from servetune.optimizer.records import write_json_atomic
 
 BAD = Path(__file__).resolve().parent / "bad_studies"
 CORPUS = sorted(p.name for p in BAD.glob("*.yaml") if p.name != "expected.yaml")
@@ -70,11 +77,6 @@ def test_results_are_written_atomically():
 
 
 def test_write_json_atomic_never_leaves_half_a_file(tmp_path, monkeypatch):
-    import json
-    import os
-
-    from servetune.optimizer.records import write_json_atomic
-
     target = tmp_path / "trial.json"
     write_json_atomic(target, {"state": "complete", "n": 1})
     real_replace = os.replace
@@ -92,11 +94,6 @@ def test_write_json_atomic_never_leaves_half_a_file(tmp_path, monkeypatch):
 
 def test_pid_file_is_complete_whenever_it_exists(tmp_path):
     """process.start writes engine.pid by rename: a reaper never reads half of it."""
-    import json
-    import sys
-
-    from servetune.optimizer import process
-
     ep = process.start([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "engine.log",
                        "http://127.0.0.1:1")
     try:
@@ -109,13 +106,6 @@ def test_pid_file_is_complete_whenever_it_exists(tmp_path):
 
 
 def test_reap_orphan_kills_the_group_and_never_a_reused_pid(tmp_path):
-    import json
-    import subprocess
-    import sys
-    import time
-
-    from servetune.optimizer import process
-
     # an orphan whose group has a child: both die
     ep = process.start([sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c',"
                         "'import time; time.sleep(60)']); time.sleep(60)"], {}, tmp_path / "a" / "engine.log", "x")
@@ -140,9 +130,6 @@ def test_the_tracked_tree_leaves_room_for_a_gpu_kit_part():
     """A device call carries the working tree plus one gpu-kit part (62,919,159 bytes) within 64 MiB: a
     tracked tree past ~4 MB makes every engine install on a GPU host fail (it happened once, at 7.4 MB).
     Keep big evidence compressed and lean (reports load plotly.js from its CDN in docs/results)."""
-    import shutil
-    import subprocess
-
     if not shutil.which("git") or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout

@@ -9,13 +9,12 @@ import time
 import optuna
 
 from servetune.optimizer import process
+from servetune.optimizer.driver import STALE, StudyDriver
+from servetune.optimizer.spec import load_study
 from study_fixtures import write_study
 
 
 def test_shared_storage_requeues_only_trials_whose_heartbeat_stopped_and_reaps_their_engines(tmp_path):
-    from servetune.optimizer.driver import STALE, StudyDriver
-    from servetune.optimizer.spec import load_study
-
     db = tmp_path / "shared.db"
     study_path = write_study(tmp_path, trials=4, parallel=2, extra=f"storage: sqlite:///{db}\n")
     spec = load_study(str(study_path))

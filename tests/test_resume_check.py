@@ -5,17 +5,16 @@ import shutil
 
 import optuna
 
-from servetune.optimizer import cli
+from servetune.optimizer import cli, resume_check
+from servetune.optimizer.driver import StudyDriver
 from servetune.optimizer.records import TrialResult, write_json_atomic
+from servetune.optimizer.spec import load_study
 from study_fixtures import write_study
 
 
 def _measured_run(tmp_path, **study):
     """A run directory as a first `servetune run` leaves it: the study file's copy, an Optuna trial sampled from
     the study's domains in the real SQLite storage, and its trial record."""
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.spec import load_study
-
     path = write_study(tmp_path, **{"trials": 2, **study})
     spec = load_study(path)
     driver = StudyDriver(spec)
@@ -67,9 +66,6 @@ def test_a_changed_search_domain_gets_the_same_refusal_never_optunas_message(tmp
 
 
 def test_budget_and_sampler_changes_resume_and_new_picks_a_fresh_name(tmp_path):
-    from servetune.optimizer import resume_check
-    from servetune.optimizer.spec import load_study
-
     path, spec = _measured_run(tmp_path)
     path.write_text(path.read_text().replace("trials: 2", "trials: 9").replace("seed: 3", "seed: 4"))
     changed = resume_check.compare(load_study(path))

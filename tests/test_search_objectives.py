@@ -5,6 +5,7 @@ loop would tell them. The estimator stands in for measurements where a landscape
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 
@@ -13,7 +14,7 @@ import pytest
 
 from servetune.optimizer import fidelity, noise
 from servetune.optimizer.driver import PESSIMISTIC, StudyDriver
-from servetune.optimizer.records import TrialResult
+from servetune.optimizer.records import ScenarioPlan, TrialResult
 from servetune.optimizer.spec import SpecError, load_study
 from servetune.optimizer.summary import pareto_numbers
 from study_fixtures import write_study
@@ -139,8 +140,6 @@ def test_conditional_space_with_every_sampler(tmp_path, kind):
 
 
 def test_gp_without_torch_says_what_to_install(tmp_path):
-    import importlib.util
-
     if importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed")
     d = _driver(tmp_path, extra="baseline: false\n", sampler="{kind: gp}")
@@ -256,8 +255,6 @@ def test_concurrency_scenario_spec_errors(tmp_path, scenario, message):
 
 
 def test_estimator_answers_a_max_qps_scenario_with_the_highest_valid_rate():
-    from servetune.optimizer.records import ScenarioPlan
-
     sc = ScenarioPlan(label="server", settings={"kind": "server", "qps": 1.0, "duration_s": 20,
                                                 "ttft_limit_ms": 2000, "tpot_limit_ms": 100},
                       max_qps={"lo": 1.0, "hi": 100.0, "tolerance": 0.05, "max_levels": 8})

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from servetune.optimizer.driver import STALE, StudyDriver
-from servetune.optimizer.records import TrialResult, write_json_atomic
+from servetune.optimizer.records import TrialResult, gpu_use, write_json_atomic
 from servetune.optimizer.spec import load_study
 from study_fixtures import write_study
 
@@ -62,8 +62,6 @@ def test_trials_of_1_2_4_gpus_pack_on_4_gpus_without_sharing(tmp_path):
 
 def test_gpu_use_names_trials_that_held_one_gpu_at_once():
     # what the packing check reports when two launches overlapped on a GPU (here: made up to overlap on 1)
-    from servetune.optimizer.records import gpu_use
-
     records = [
         {"number": 0, "gpu_ids": [0, 1], "started_at": "2026-11-22T10:00:00.000+00:00", "wall_s": 100.0},
         {"number": 1, "gpu_ids": [1, 2], "started_at": "2026-11-22T10:01:00.000+00:00", "wall_s": 100.0},
@@ -179,7 +177,8 @@ def test_prescreen_calibrates_and_repeats_measure_noise(tmp_path):
     study = write_study(tmp_path, trials=4, parallel=2, duration_s=2, qps=4, search="""
       max_concurrency: [4, 8, 16, 32, 64]
       quantization: [none, fp8]
-    """, extra="fidelity: {prescreen: 6, max_requests: 40}\nbudget: {trials: 4, parallel: 2, repeats: 1, repeat_top: 1}\n")
+    """, extra="fidelity: {prescreen: 6, max_requests: 40}\n"
+             "budget: {trials: 4, parallel: 2, repeats: 1, repeat_top: 1}\n")
     study.write_text(study.read_text().replace("budget: {trials: 4, parallel: 2}\n", ""))
     d, events = _run(study)
     run = tmp_path / "run"
@@ -234,7 +233,8 @@ def test_a_trial_still_queued_at_the_wall_time_is_withdrawn_and_runs_on_resume(t
       tensor_parallel: [4]
       max_concurrency: [8, 64]
     """, extra="baseline: false\n")
-    study.write_text(study.read_text().replace("budget: {trials: 2, parallel: 2}", "budget: {trials: 2, parallel: 2, wall_time_s: 2}"))
+    study.write_text(study.read_text().replace("budget: {trials: 2, parallel: 2}",
+                                               "budget: {trials: 2, parallel: 2, wall_time_s: 2}"))
     _, events = _run(study)
     assert [e["queued"] for k, e in events if k == "launch"] == [False, True]
     assert any(k == "note" and "had not started by the wall time" in e["text"] for k, e in events), events

@@ -1,11 +1,13 @@
 """Nobody let in: no shell anywhere, loopback by default, user strings escaped, secrets never on disk."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from reliability_helpers import (
     WORKER_ENV,
@@ -16,6 +18,17 @@ from reliability_helpers import (
     run_study_inprocess,
     trials,
 )
+from report_fixtures import write_run
+from servetune.optimizer import cli, process
+from servetune.optimizer.cli import build_parser
+from servetune.optimizer.driver import StudyDriver, resolve_model
+from servetune.optimizer.engines import get_engine
+from servetune.optimizer.export import export
+from servetune.optimizer.lifecycle import run_trial
+from servetune.optimizer.spec import StudySpec, load_study
+from servetune.reports import serve as serve_mod
+from servetune.reports.serve import make_app
+from study_fixtures import write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = WORKER_ENV["HF_TOKEN"]  # hf_planted_secret_123
@@ -36,12 +49,6 @@ def test_no_shell_anywhere_in_the_code():
 
 
 def test_servers_bind_loopback_unless_the_study_says_otherwise(tmp_path):
-    from servetune.optimizer import process
-    from servetune.optimizer.driver import resolve_model
-    from servetune.optimizer.engines import get_engine
-    from servetune.optimizer.spec import StudySpec, load_study
-    from study_fixtures import write_study
-
     spec = load_study(str(write_study(tmp_path)))
     assert StudySpec.model_fields["host"].default == "127.0.0.1" and spec.host == "127.0.0.1"
     eng = get_engine("sim")
@@ -60,8 +67,6 @@ def test_servers_bind_loopback_unless_the_study_says_otherwise(tmp_path):
     other = eng.plan({}, resolve_model(spec), host="0.0.0.0", port=port, gpu_ids=[0])
     assert other.argv[other.argv.index("--host") + 1] == "0.0.0.0"
     # the report server's default is loopback too
-    from servetune.optimizer.cli import build_parser
-
     args = build_parser().parse_args(["report", "serve", str(tmp_path)])
     assert args.host == "127.0.0.1"
 
@@ -70,11 +75,13 @@ def test_report_escaping_is_covered_by_the_report_tests():
     """User strings (study names, params, failure reasons) are escaped: see these tests."""
     text = (ROOT / "tests" / "test_reports.py").read_text()
     assert "def test_report_escapes_user_strings" in text
-    assert "def test_static_report_inlines_drilldowns_and_escapes" in (ROOT / "tests" / "test_report_features.py").read_text()
+    features = (ROOT / "tests" / "test_report_features.py").read_text()
+    assert "def test_static_report_inlines_drilldowns_and_escapes" in features
 
 
 @pytest.mark.slow
-def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, ray_local, capsys):
+@pytest.mark.usefixtures("ray_local")
+def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     # the engine prints its whole environment into engine.log; trial 1 crashes at start with an error line
     # that quotes the token, and the failure reason quotes that line
@@ -87,12 +94,8 @@ def test_planted_hf_token_never_reaches_disk(tmp_path, monkeypatch, ray_local, c
     got = trials(run)
     assert [t["state"] for t in got.values()] == ["complete", "failed"], got
     assert "token ${HF_TOKEN} may not read" in got[1]["failure"]["reason"], got[1]["failure"]
-    from servetune.optimizer import cli
-
     assert cli.main(["report", str(run)]) == 0
     assert (run / "report.html").exists()
-    from servetune.optimizer.export import export
-
     exported = export(run, trial="best", fmt="json", out_dir=run / "export")
     assert exported.files
     out, err = capsys.readouterr()
@@ -124,10 +127,6 @@ def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp
     `extra_args: [--auth-token, "${SVC_FLAG}"]`: the engine gets both values, echoes them into its log and its
     failure line, and neither value is in engine.log, the failure reason or trial.json afterwards (one trial,
     in-process, on the fault-injecting engine: no Ray needed)."""
-    from servetune.optimizer.driver import StudyDriver
-    from servetune.optimizer.lifecycle import run_trial
-    from servetune.optimizer.spec import load_study
-
     env_value, flag_value = "by-value-0f3e9a7c55", "flag-value-7d1b2e4a90"
     monkeypatch.setenv("SVC_CONF", env_value)
     monkeypatch.setenv("SVC_FLAG", flag_value)
@@ -152,8 +151,6 @@ def test_values_from_references_are_masked_whatever_the_key_or_flag_is_named(tmp
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
     """A folder of studies to serve: the report fixture run, with a scenario named like a spreadsheet formula."""
-    from report_fixtures import write_run
-
     root = tmp_path_factory.mktemp("served-root")
     run = write_run(root / "team" / "study", with_db=False)
     for p in [run / "study.yaml", *run.glob("trials/*/trial.json")]:
@@ -167,12 +164,6 @@ FORMULA = "=HYPERLINK(0)"
 
 
 def _serve(root: Path, fn):
-    import asyncio
-
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from servetune.reports.serve import make_app
-
     async def go():
         async with TestClient(TestServer(make_app(root))) as client:
             return await fn(client)
@@ -181,8 +172,6 @@ def _serve(root: Path, fn):
 
 def test_report_server_hides_its_root_refuses_forged_hosts_bounds_its_cache_and_guards_csv_headers(served,
                                                                                                    monkeypatch):
-    from servetune.reports import serve as serve_mod
-
     monkeypatch.setattr(serve_mod, "DETAILS_CACHED", 2)
     secret_dir = str(served.resolve())
 

@@ -1,7 +1,10 @@
 """Roofline arithmetic, model-shape and memory math, and the scheduler's KV accounting."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from servetune.optimizer.engines.sim.scheduler import (
     Scheduler,
@@ -27,7 +30,8 @@ TINY = ModelShape(name="tiny", hidden_size=1024, intermediate_size=4096, num_lay
 
 def test_gpu_table_and_lookup():
     h100 = get_gpu("NVIDIA H100")
-    assert (h100.memory_gib, h100.bf16_tflops, h100.fp8_tflops, h100.hbm_tb_s, h100.link_gb_s) == (80, 989, 1979, 3.35, 450)
+    assert (h100.memory_gib, h100.bf16_tflops, h100.fp8_tflops, h100.hbm_tb_s, h100.link_gb_s) == (
+        80, 989, 1979, 3.35, 450)
     assert get_gpu("h200").hbm_tb_s == 4.8 and get_gpu("h200").memory_gib == 141
     assert get_gpu("a100").fp8_tflops is None and get_gpu("a100").peak_flops(fp8=True) == 312e12
     assert get_gpu("l40s").link_gb_s == 32 and not get_gpu("l40s").nvlink
@@ -179,9 +183,6 @@ def test_no_room_for_cache_blocks():
 
 
 def test_every_engine_neutral_parameter_is_understood():
-    from pathlib import Path
-
-    import yaml
     names = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "parameters.yaml").read_text())["parameters"]
     cfg = SimConfig.from_params({k: None for k in names if k not in
                                  ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_concurrency",

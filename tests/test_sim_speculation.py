@@ -7,10 +7,15 @@ import random
 import pytest
 
 from servetune.loadgen.datasets import text_task_dataset
+from servetune.optimizer import lifecycle
+from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
 from servetune.optimizer.engines.sim.answer import Answer, find_source, prompt_seed
 from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
+from servetune.optimizer.records import TrialPlan
+from servetune.optimizer.spec import parse_study
+from servetune.reports.details import speculation
 
 
 def vllm_ngram(tokens: list, lo: int, hi: int, k: int) -> list:
@@ -64,13 +69,15 @@ def _run(preset: str, params: dict, tasks: list[str], n: int, edit_rate: float =
     sched = Scheduler(shape, gpu, cfg)
     reqs = []
     for i, r in enumerate(text_task_dataset(n, tasks=tasks, output_tokens=96)):
+        assert isinstance(r.prompt, str)  # text tasks: prompts are text, not token ids
         words = r.prompt.split()
         answer = Answer(words, prompt_seed(words, 0), edit_rate, cfg.lookup_window if cfg.measures_acceptance else None)
         reqs.append(SimRequest(i, len(words), r.max_tokens, 0.0, None, answer=answer))
         sched.add(reqs[-1])
-    t = out = 0
+    t, out = 0.0, 0
     while sched.has_work():
         res = sched.step()
+        assert res is not None  # work is queued: a step that schedules nothing would be a stalled scheduler
         t += res.duration_s
         out += sum(k for _, k in res.emitted)
     return out / t, sched.stats, [[r.answer.token(i) for i in range(r.output)] for r in reqs]
@@ -120,12 +127,6 @@ def test_a_fixed_acceptance_still_draws_and_suffix_drafts_adaptively(method):
 def test_a_trial_records_acceptance_per_load_level_and_the_report_shows_it(tmp_path):
     """One sim launch, the two workloads on their own datasets, two concurrency levels each: the engine's
     /metrics are read around every level, and the drill-down's speculation table comes from them."""
-    from servetune.optimizer import lifecycle
-    from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
-    from servetune.optimizer.records import TrialPlan
-    from servetune.optimizer.spec import parse_study
-    from servetune.reports.details import speculation
-
     spec = parse_study("""
 name: spec
 model: {preset: smollm2-135m}

@@ -1,12 +1,15 @@
 """The study file: malformed studies fail with clean FILE:LINE: path: message lines; good ones load."""
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from servetune.loadgen.scenarios import ScenarioSettings
+from servetune.optimizer.driver import StudyDriver, dataset_args, scenario_plans
 from servetune.optimizer.spec import SLA_PRESETS, SpecError, StudySpec, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +56,7 @@ def test_bad_study(name: str):
     lines = _errors(path)
     _assert_clean(lines, str(path))
     assert len(lines) == 1, f"{name} holds one problem but reports {len(lines)}:\n" + "\n".join(lines)
-    parsed = [_LINE.match(line) for line in lines]
+    parsed = [m for m in map(_LINE.match, lines) if m is not None]  # all of them: _assert_clean matched each
     for exp in EXPECTED[name]:
         hits = [m for m in parsed if int(m["line"]) == exp["line"] and exp["path"] in m["path"]
                 and exp["message"] in m["msg"]]
@@ -63,7 +66,8 @@ def test_bad_study(name: str):
 def test_bad_studies_also_fail_as_text():
     # parse_study takes the same text (the CLI may read stdin); a path-free check is enough here
     text = (BAD / "unknown_nested_key_qsp.yaml").read_text()
-    assert _errors("study.yaml", text) == ["study.yaml:15: workload.scenarios[0].qsp: unknown key 'qsp' (did you mean 'qps'?)"]
+    assert _errors("study.yaml", text) == [
+        "study.yaml:15: workload.scenarios[0].qsp: unknown key 'qsp' (did you mean 'qps'?)"]
 
 
 # -- more malformed input, inline ---------------------------------------------------------------------------------
@@ -127,7 +131,8 @@ def test_spec_error_lines_are_single_lines():
     {"DB_PASSWORD": "hunter2"},
 ])
 def test_secret_literals_rejected(env: dict):
-    text = QUICKSTART.read_text().replace("engines: [sim]", "engines:\n  - name: sim\n    env: " + yaml.safe_dump(env, default_flow_style=True).strip())
+    text = QUICKSTART.read_text().replace(
+        "engines: [sim]", "engines:\n  - name: sim\n    env: " + yaml.safe_dump(env, default_flow_style=True).strip())
     (line,) = _errors("q.yaml", text)
     (key,) = env
     assert f'{key}: "${{{key}}}"' in line and "export" in line
@@ -146,7 +151,7 @@ def test_quickstart_loads_with_defaults(tmp_path: Path, monkeypatch: pytest.Monk
     assert spec.search["tensor_parallel"] == [1, 2]
     offline, scen = spec.workload.scenarios
     assert offline.label == "offline" and offline.sla is None
-    assert scen.label == "server" and scen.sla.limits() == SLA_PRESETS["llama3.1-8b"]
+    assert scen.label == "server" and scen.sla is not None and scen.sla.limits() == SLA_PRESETS["llama3.1-8b"]
     assert scen.timeout_s == 600.0 and scen.warmup_requests == 0
     assert spec.workload.dataset.seed == 0 and spec.workload.dataset.ignore_eos is True
     assert [(o.metric, o.direction) for o in spec.objectives] == [
@@ -183,9 +188,6 @@ def test_minimal_study_gets_defaults():
 
 
 def test_keep_up_check_reaches_the_scenario_settings():
-    from servetune.loadgen.scenarios import ScenarioSettings
-    from servetune.optimizer.driver import scenario_plans
-
     server = MINIMAL.replace("[{kind: offline}]", "[{kind: server, qps: 4}, {kind: server, name: lenient, qps: 4, "
                                                   "min_keep_up: null}]")
     plans = scenario_plans(parse_study(server, "m.yaml"))
@@ -257,6 +259,7 @@ def test_full_study_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     study = _full_study(tmp_path)
     monkeypatch.chdir(ROOT)  # relative paths resolve from the study file, not from here
     spec = load_study(study)
+    assert spec.model.path is not None and spec.workload.dataset.path is not None
     assert spec.resolve_path(spec.model.path) == str(tmp_path / "ckpt" / "llama")
     assert spec.resolve_path(spec.workload.dataset.path) == str(tmp_path / "data" / "sharegpt.json")
     assert spec.resolve_path("/abs/x") == "/abs/x"
@@ -265,6 +268,7 @@ def test_full_study_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                    "SSL_KEY_FILE": "/etc/ssl/key.pem"}
     assert spec.engines[0].version == "1"
     server, chat, offline = spec.workload.scenarios
+    assert server.sla is not None and chat.sla is not None
     assert server.sla.limits() == (1500.0, 100.0)  # explicit limit over the preset's
     assert chat.label == "chat" and chat.qps == 6 and chat.duration_s == 30  # merged from the anchor
     assert chat.sla.limits() == SLA_PRESETS["llama3.1-8b-interactive"]
@@ -329,10 +333,6 @@ def test_gpu_example_studies_are_valid_but_for_the_checkpoint_the_host_makes(pat
 def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
     """sharding-sim.yaml runs the 8-GPU study's search on the sim: the same space and the same 22 of 32
     sharding × quantization combinations pass the pre-launch rules (the rest never reach a GPU)."""
-    import itertools
-
-    from servetune.optimizer.driver import StudyDriver
-
     sim = load_study(str(ROOT / "search_spaces" / "examples" / "sharding-sim.yaml"))
     x8 = (ROOT / "search_spaces" / "examples" / "gpu-vllm-llama70b-x8.yaml").read_text()
     gpu = parse_study(re.sub(r"path: /tmp/models/([\w.-]+), name: (\w+), load_format: dummy",
@@ -342,7 +342,8 @@ def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
     passed = {}
     for spec, engine in ((sim, "sim"), (gpu, "vllm")):
         check = StudyDriver(spec).check
-        passed[engine] = {(tp, pp, dp, q) for tp, pp, dp, q in itertools.product([1, 2, 4, 8], [1, 2], [1, 2], ["none", "fp8"])
+        combos = itertools.product([1, 2, 4, 8], [1, 2], [1, 2], ["none", "fp8"])
+        passed[engine] = {(tp, pp, dp, q) for tp, pp, dp, q in combos
                           if not check(engine, {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
                                                 "quantization": q, "max_concurrency": 256, "max_model_len": 4096})}
     assert passed["sim"] == passed["vllm"] and len(passed["vllm"]) == 22
@@ -352,9 +353,6 @@ def test_the_sharding_sim_study_is_the_x8_search_on_the_sim():
 def test_interactive_preset_means_the_same_limits_in_run_and_bench():
     """One resolution of an SLA preset: `servetune run` (scenario_plans) and `servetune bench`
     (ScenarioSettings) judge an interactive scenario with `preset: llama3.1-8b` at the Interactive limits."""
-    from servetune.loadgen.scenarios import ScenarioSettings
-    from servetune.optimizer.driver import scenario_plans
-
     study = MINIMAL.replace("[{kind: offline}]", "[{kind: interactive, qps: 2, sla: {preset: llama3.1-8b}}]")
     plan = scenario_plans(parse_study(study, "m.yaml"))[0]
     bench = ScenarioSettings(kind="interactive", qps=2, sla="llama3.1-8b")
@@ -372,8 +370,6 @@ def test_a_declared_prefix_reuse_turns_the_audits_hit_rule_off():
 
 
 def test_each_scenario_may_bring_its_own_dataset():
-    from servetune.optimizer.driver import dataset_args, scenario_plans
-
     text = MINIMAL.replace("  scenarios: [{kind: offline}]", """\
   scenarios:
     - {kind: concurrency, name: copy, concurrency: [1, 8], duration_s: 2,

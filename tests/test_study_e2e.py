@@ -103,8 +103,9 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            done = [t for t in _trial_files(run).values() if t["state"] == "complete"] if (run / "trials").exists() else []
-            running = list((run / "trials").glob("*/engine.pid")) if (run / "trials").exists() else []
+            has_trials = (run / "trials").exists()
+            done = [t for t in _trial_files(run).values() if t["state"] == "complete"] if has_trials else []
+            running = list((run / "trials").glob("*/engine.pid")) if has_trials else []
             if len(done) >= 2 and running:
                 break
             time.sleep(0.3)
@@ -159,7 +160,8 @@ def test_killed_driver_resumes_without_losing_completed_trials(tmp_path):
 
 def test_validate_reports_file_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel: {preset: llama-3.1-8b}\nengines: [sim]\nworkload:\n  scenarios:\n    - {kind: server, qsp: 3}\n"
+    bad.write_text("name: x\nmodel: {preset: llama-3.1-8b}\nengines: [sim]\n"
+                   "workload:\n  scenarios:\n    - {kind: server, qsp: 3}\n"
                    "objectives: [{metric: output_tokens_per_s}]\n")
     proc = _servetune("validate", str(bad))
     assert proc.returncode == 2

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from servetune.optimizer import study_reference
+from servetune.optimizer.spec import StudySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "search_spaces" / "examples").glob("*.yaml"))
@@ -19,8 +20,6 @@ def test_the_committed_reference_and_schema_are_what_the_generator_writes(capsys
 
 
 def test_every_key_of_the_study_file_is_documented_with_type_default_and_meaning():
-    from servetune.optimizer.spec import StudySpec
-
     doc = (ROOT / "docs" / "study-file.md").read_text()
     for key, field, _ in study_reference.fields(StudySpec):
         name = key.rsplit(".", 1)[-1]

@@ -29,10 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from servetune.loadgen.scenario_kinds import SCENARIOS  # the registry alone: the parser imports no aiohttp/numpy
+import pandas as pd
+from rich.console import Console
+
+from servetune.loadgen import datasets
+from servetune.loadgen.audit import Auditor
+from servetune.loadgen.endpoint import Endpoint, _redact_url
+from servetune.loadgen.scenario_kinds import SCENARIOS  # the registry, not loadgen.scenarios: no aiohttp here
+from servetune.loadgen.sla import SLA_PRESETS
 from servetune.optimizer import secret_refs
 from servetune.optimizer.cli.command import Command, run_alone
 from servetune.optimizer.cli.common import EXIT_USAGE
+from servetune.optimizer.engines.probe import probe_for_server
+from servetune.optimizer.progress import BenchProgress
 
 
 class UsageError(Exception):
@@ -54,8 +63,6 @@ def resolve_header(text: str, environ: dict[str, str] | None = None) -> tuple[st
 
 def redacted_argv(argv: Sequence[str]) -> list[str]:
     """The command line as recorded: header values masked, credentials and query stripped from URLs."""
-    from servetune.loadgen.endpoint import _redact_url
-
     out, mask_next, url_next = [], False, False
     for a in argv:
         if mask_next or url_next:
@@ -98,9 +105,7 @@ def _keep_up_arg(text: str) -> float | None:
 
 
 def add_cli_args(b: argparse.ArgumentParser) -> None:
-    """``bench``'s arguments (building them imports no aiohttp/numpy: ``servetune --help`` stays quick)."""
-    from servetune.loadgen.sla import SLA_PRESETS
-
+    """``bench``'s arguments (building them imports no aiohttp: ``servetune --help`` stays quick)."""
     t = b.add_argument_group("target")
     t.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
     t.add_argument("--model", required=True, help="served model name (sent as 'model')")
@@ -213,8 +218,8 @@ class BenchCommand(Command):
 
 def _tokenizer(args: argparse.Namespace):
     """The tokenizer random prompts are built with: --tokenizer, else --model when it is a model directory."""
-    from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
-
+    # CLI start-up time: the tokenizers library (8-50 ms, measured)
+    from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer  # noqa: PLC0415 — CLI start-up time
     if args.tokenizer:
         return PromptTokenizer(args.tokenizer)
     return PromptTokenizer(args.model) if find_tokenizer(args.model) else None
@@ -231,8 +236,6 @@ def _prompt_format(args: argparse.Namespace, tokenizer) -> str:
 
 
 def _dataset(args: argparse.Namespace):
-    from servetune.loadgen import datasets
-
     if args.dataset != "random" and (args.shared_prefix_tokens or args.prompt_format != "auto"):
         raise UsageError("--shared-prefix-tokens and --prompt-format shape random prompts; "
                          f"--dataset {args.dataset} sends the file's prompts as they are")
@@ -258,7 +261,7 @@ def _dataset(args: argparse.Namespace):
 
 
 def _settings(args: argparse.Namespace):
-    from servetune.loadgen.scenarios import ScenarioSettings
+    from servetune.loadgen.scenarios import ScenarioSettings  # noqa: PLC0415 — CLI start-up time (aiohttp)
 
     kind = args.scenario or ("concurrency" if args.concurrency else "server" if (args.qps or args.find_max_qps)
                              else "offline")
@@ -291,7 +294,8 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def _line(res) -> str:
     s = res.summary
-    label = {"server": f"qps={_fmt(res.settings.get('qps'), 2)}", "interactive": f"qps={_fmt(res.settings.get('qps'), 2)}",
+    qps = f"qps={_fmt(res.settings.get('qps'), 2)}"
+    label = {"server": qps, "interactive": qps,
              "concurrency": f"concurrency={res.settings.get('concurrency')}"}.get(res.scenario, res.scenario)
     verdict = "VALID" if res.valid else "INVALID: " + "; ".join(res.invalid_reasons)
     return (f"{label}: {int(s['requests_ok'])}/{int(s['requests_issued'])} ok, "
@@ -302,13 +306,8 @@ def _line(res) -> str:
 
 def _auditor(args: argparse.Namespace):
     """(the level auditor or None, what result.json says about the audit)."""
-    from servetune.loadgen.audit import Auditor
-    from servetune.loadgen.endpoint import _redact_url
-
     if args.no_audit:
         return None, {"how": "off (--no-audit)"}
-    from servetune.optimizer.engines.probe import probe_for_server
-
     url = args.metrics_url or args.url.rstrip("/").removesuffix("/v1") + "/metrics"
     probe, how = probe_for_server(url)
     how = how.replace(url, _redact_url(url))
@@ -350,12 +349,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from servetune.loadgen.datasets import prompt_format_of
-    from servetune.loadgen.endpoint import Endpoint
-    from servetune.loadgen.scenarios import records_frame, run
-    from servetune.loadgen.search import concurrency_sweep, find_max_qps, longest_level_s
+    from servetune.loadgen.scenarios import records_frame, run  # noqa: PLC0415 — CLI start-up time (aiohttp)
+    from servetune.loadgen.search import (  # noqa: PLC0415 — CLI start-up time (aiohttp)
+        concurrency_sweep,
+        find_max_qps,
+        longest_level_s,
+    )
 
     headers = dict(resolve_header(h) for h in args.header)
     extra: dict[str, Any] = {}
@@ -387,7 +386,7 @@ def _bench(args: argparse.Namespace) -> int:
                     "output_tokens": args.output_tokens if args.dataset == "random" else None,
                     "ignore_eos": settings.ignore_eos if settings.ignore_eos is not None
                     else sorted({r.ignore_eos for r in requests}),
-                    "prompt_format": prompt_format_of(requests),
+                    "prompt_format": datasets.prompt_format_of(requests),
                     "tokenizer": tokenizer.path if tokenizer is not None else None,
                     "replay": settings.replay, "shared_prefix_tokens": settings.shared_prefix_tokens},
     }
@@ -400,8 +399,6 @@ def _bench(args: argparse.Namespace) -> int:
         + (f" (tokenizer {tokenizer.path})" if tokenizer is not None else "") + f", {reuse}")
     auditor, doc["audit"] = _auditor(args)
     say(f"audit: {doc['audit']['how']}")
-    from servetune.optimizer.progress import BenchProgress
-
     sweep = bool(args.concurrency and len(args.concurrency) > 1)
     levels = args.max_levels if args.find_max_qps else len(args.concurrency) if sweep else 1
     with BenchProgress(_console(args.quiet), levels=levels, bounded=bool(args.find_max_qps)):
@@ -461,8 +458,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _console(quiet: bool):
     """Progress goes to stderr (stdout keeps the results); --quiet silences it."""
-    from rich.console import Console
-
     return Console(stderr=True, highlight=False, soft_wrap=True, quiet=quiet)
 
 

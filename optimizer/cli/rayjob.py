@@ -26,9 +26,12 @@ class RayJobCommand(Command):
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study")
-        parser.add_argument("--image", required=True, help="an image with servetune, Ray and the engines (every pod runs it)")
-        parser.add_argument("--model-claim", required=True, help="PersistentVolumeClaim holding the model (mounted read-only)")
-        parser.add_argument("--model-mount", help="where the claim is mounted (default: the directory above model.path)")
+        parser.add_argument("--image", required=True,
+                            help="an image with servetune, Ray and the engines (every pod runs it)")
+        parser.add_argument("--model-claim", required=True,
+                            help="PersistentVolumeClaim holding the model (mounted read-only)")
+        parser.add_argument("--model-mount",
+                            help="where the claim is mounted (default: the directory above model.path)")
         parser.add_argument("--results-claim", help="PersistentVolumeClaim for the run directory (head only); "
                                  "without it results live as long as the head pod")
         parser.add_argument("--workers", type=int, default=1, help="worker pods per GPU type (default 1)")
@@ -41,9 +44,11 @@ class RayJobCommand(Command):
         parser.add_argument("--shm-size", default="16Gi")
         parser.add_argument("--name", help="RayJob name (default: the study's name)")
         parser.add_argument("--namespace")
-        parser.add_argument("--secret-name", help="Secret holding the study's ${NAME} references (default <name>-secrets)")
+        parser.add_argument("--secret-name",
+                            help="Secret holding the study's ${NAME} references (default <name>-secrets)")
         parser.add_argument("--ray-version", help="rayVersion of the cluster (default: the Ray installed here)")
-        parser.add_argument("--ttl-s", type=int, default=3600, help="keep the finished cluster this long (default 3600)")
+        parser.add_argument("--ttl-s", type=int, default=3600,
+                            help="keep the finished cluster this long (default 3600)")
         parser.add_argument("--deadline-s", type=int, help="activeDeadlineSeconds of the RayJob")
         parser.add_argument("-o", "--output-dir", required=True)
 

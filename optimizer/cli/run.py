@@ -147,7 +147,8 @@ def result_line(r: Any, objectives: list[tuple[str, str]]) -> str:
         if sr.get("contaminated"):
             verdict = " [yellow]contaminated (audit failed twice: no verdict)[/]"
         bits.append(f"{label}: {s.get('output_tokens_per_s', 0):,.0f} tok/s "
-                    f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
+                    f"({s.get('output_tokens_per_s_per_gpu', 0):,.0f}/GPU), "
+                    f"p99 TTFT {s.get('ttft_p99_ms', float('nan')):.0f} ms, "
                     f"p99 TPOT {s.get('tpot_p99_ms', float('nan')):.1f} ms{verdict}")
     if r.quality and r.quality.get("kind"):
         color = {True: "green", False: "red"}.get(r.quality.get("passed"), "dim")

@@ -34,9 +34,12 @@ class ValidateCommand(Command):
             console.print(f"note: {note}", markup=False)
         space = pf.driver.space if pf.driver else None
         n = len(pf.configs) if pf.exact and pf.configs else None
-        rejected = f", {pf.n_rejected} of them rejected by the rules (servetune plan lists why)" if n and pf.n_rejected else ""
-        console.print(f"{self.study}: ok — study {spec.name!r}, model {pf.driver.model.name if pf.driver else spec.model.path}, "
+        rejected = (f", {pf.n_rejected} of them rejected by the rules (servetune plan lists why)"
+                    if n and pf.n_rejected else "")
+        model = pf.driver.model.name if pf.driver else spec.model.path
+        console.print(f"{self.study}: ok — study {spec.name!r}, model {model}, "
                       f"engines {', '.join(e.name for e in spec.engines)}, "
                       f"{len(space.dimensions) if space else len(spec.search)} parameters"
-                      + (f" ({n} configurations{rejected})" if n else "") + f", {spec.budget.trials} trials", markup=False)
+                      + (f" ({n} configurations{rejected})" if n else "") + f", {spec.budget.trials} trials",
+                      markup=False)
         return 0

@@ -12,13 +12,20 @@ from servetune.optimizer.engines.base import Failure, FailureKind
 Rule = tuple[FailureKind, str, str]
 
 VLLM_RULES: list[Rule] = [
-    (FailureKind.OOM, r"CUDA out of memory|OutOfMemoryError", "GPU out of memory: lower memory_fraction, max_concurrency or use more GPUs / fp8"),
-    (FailureKind.OOM, r"No available memory for the cache blocks", "weights leave no room for the KV cache: raise memory_fraction, quantize, or shard wider"),
-    (FailureKind.OOM, r"To serve at least one request with the model's max seq len", "KV cache cannot hold one max-length sequence: lower max_model_len or free memory"),
-    (FailureKind.OOM, r"Free memory on device .* is less than desired GPU memory utilization", "GPU memory is not free (another process?) or memory_fraction too high"),
-    (FailureKind.BAD_ARGS, r"error: (unrecognized arguments|argument .*invalid|ambiguous option)", "the engine refused its flags"),
+    (FailureKind.OOM, r"CUDA out of memory|OutOfMemoryError",
+     "GPU out of memory: lower memory_fraction, max_concurrency or use more GPUs / fp8"),
+    (FailureKind.OOM, r"No available memory for the cache blocks",
+     "weights leave no room for the KV cache: raise memory_fraction, quantize, or shard wider"),
+    (FailureKind.OOM, r"To serve at least one request with the model's max seq len",
+     "KV cache cannot hold one max-length sequence: lower max_model_len or free memory"),
+    (FailureKind.OOM, r"Free memory on device .* is less than desired GPU memory utilization",
+     "GPU memory is not free (another process?) or memory_fraction too high"),
+    (FailureKind.BAD_ARGS, r"error: (unrecognized arguments|argument .*invalid|ambiguous option)",
+     "the engine refused its flags"),
     (FailureKind.BAD_ARGS, r"ValidationError|Value error,", "the engine's config validation refused this combination"),
-    (FailureKind.UNSUPPORTED, r"NotImplementedError|is not supported|not valid for this configuration|No valid attention backend", "this combination is not supported by the engine"),
+    (FailureKind.UNSUPPORTED,
+     r"NotImplementedError|is not supported|not valid for this configuration|No valid attention backend",
+     "this combination is not supported by the engine"),
     (FailureKind.BAD_ARGS, r"ValueError", "the engine rejected a value"),
 ]
 

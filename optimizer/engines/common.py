@@ -90,7 +90,8 @@ def max_model_len_of(params: dict[str, Any], shape: dict[str, Any]) -> int:
 
 
 # -- logs ---------------------------------------------------------------------------------------------------
-_EXC = re.compile(r"^(?:\(\w+ pid=\d+\)\s+)?(?:ERROR [^\]]*\]\s+)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b:?.*)$")
+_EXC = re.compile(r"^(?:\(\w+ pid=\d+\)\s+)?(?:ERROR [^\]]*\]\s+)?"
+                  r"((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b:?.*)$")
 
 
 def last_exception(log_tail: str, skip: str | None = None) -> str | None:

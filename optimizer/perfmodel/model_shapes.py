@@ -138,7 +138,8 @@ def _count(cfg: dict[str, Any], key: str, most: int, default: int | None = None)
     if v is None and default is not None:
         return default
     whole = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
-    if isinstance(v, bool) or not whole or not 1 <= v <= most:
+    # (whole implies a number; the isinstance says so to the type checker too)
+    if isinstance(v, bool) or not whole or not isinstance(v, (int, float)) or not 1 <= v <= most:
         shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
         raise ValueError(f"config.json: {key} must be a whole number from 1 to {most:,}, got {shown}")
     return int(v)

@@ -55,19 +55,21 @@ ACT_BYTES = 2  # activations stay bf16 even with fp8 weights
 
 @dataclass(slots=True)
 class StepBatch:
-    """What one iteration computes, aggregated over its sequences (the scheduler fills it)."""
+    """What one iteration computes, aggregated over its sequences (the scheduler fills it).
 
-    decode_seqs: int = 0  # sequences taking a decode (or speculative verify) step
-    decode_tokens: int = 0  # their query tokens: 1 each, 1 + drafts with speculation
-    decode_context: int = 0  # Σ KV tokens those sequences attend over
+    The counts are whole in a step the scheduler runs; a mean step (reports/roofline.py) has fractional ones."""
+
+    decode_seqs: float = 0  # sequences taking a decode (or speculative verify) step
+    decode_tokens: float = 0  # their query tokens: 1 each, 1 + drafts with speculation
+    decode_context: float = 0  # Σ KV tokens those sequences attend over
     decode_pairs: float = 0.0  # Σ (query, key) pairs of decode attention
-    prefill_seqs: int = 0  # sequences computing a prompt chunk
-    prefill_tokens: int = 0  # new prompt tokens computed (prefix-cache hits excluded)
-    prefill_context: int = 0  # Σ KV tokens prefill chunks read (cached prefix + the chunk)
+    prefill_seqs: float = 0  # sequences computing a prompt chunk
+    prefill_tokens: float = 0  # new prompt tokens computed (prefix-cache hits excluded)
+    prefill_context: float = 0  # Σ KV tokens prefill chunks read (cached prefix + the chunk)
     prefill_pairs: float = 0.0  # Σ chunk·prefix + chunk·(chunk+1)/2 (causal)
-    sampled: int = 0  # rows that go through the lm_head (decode query tokens + finished prompts)
-    draft_seqs: int = 0  # sequences the drafter proposes for
-    draft_tokens: int = 0  # Σ draft tokens proposed (k each, fewer near max_tokens)
+    sampled: float = 0  # rows that go through the lm_head (decode query tokens + finished prompts)
+    draft_seqs: float = 0  # sequences the drafter proposes for
+    draft_tokens: float = 0  # Σ draft tokens proposed (k each, fewer near max_tokens)
 
     @classmethod
     def of(cls, decode_contexts: Iterable[int] = (), prefills: Iterable[tuple[int, int]] = (),
@@ -95,11 +97,11 @@ class StepBatch:
         return b
 
     @property
-    def tokens(self) -> int:
+    def tokens(self) -> float:
         return self.decode_tokens + self.prefill_tokens
 
     @property
-    def seqs(self) -> int:
+    def seqs(self) -> float:
         return self.decode_seqs + self.prefill_seqs
 
 

@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+from servetune.optimizer.engines.sim.answer import SUFFIX_DEPTH
 from servetune.optimizer.perfmodel.hardware import GIB, GpuSpec
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
 from servetune.optimizer.perfmodel.roofline import (
@@ -134,13 +135,11 @@ class SimConfig:
     def lookup_window(self) -> tuple[int, int]:
         """(min, max) n-gram length of prompt lookup, defaulted as vLLM does; suffix matches up to a depth."""
         if self.speculative_method == "suffix":
-            from servetune.optimizer.engines.sim.answer import SUFFIX_DEPTH
-
             return 1, SUFFIX_DEPTH
         lo, hi = self.speculative_lookup_min, self.speculative_lookup_max
-        if lo is None and hi is None:
-            return DEFAULT_LOOKUP, DEFAULT_LOOKUP
-        return (lo if lo is not None else hi), (hi if hi is not None else lo)
+        if lo is None:  # one bound given: the window is that length alone
+            return (DEFAULT_LOOKUP, DEFAULT_LOOKUP) if hi is None else (hi, hi)
+        return lo, (hi if hi is not None else lo)
 
     @property
     def measures_acceptance(self) -> bool:
@@ -459,6 +458,7 @@ class Scheduler:
     def _block_hashes(self, req: SimRequest) -> list:
         if req.hashes is None:
             toks, bs, h, out = req.tokens, self.block_size, None, []
+            assert toks is not None  # the callers hash only requests that carry their prompt's tokens
             for i in range(0, (req.prompt_len // bs) * bs, bs):
                 h = hash((h, tuple(toks[i:i + bs])))
                 out.append(h)

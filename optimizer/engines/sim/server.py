@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from tokenizers import Tokenizer
 
 from servetune.optimizer.engines.sim import logits as sim_logits
 from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE, Answer, prompt_seed
@@ -226,7 +227,7 @@ class Replica:
             idle = False
             t_end = start + res.duration_s
             if self.jit is not None:
-                t_end += self.jit.step(res.batch.decode_tokens + res.batch.prefill_tokens)
+                t_end += self.jit.step(int(res.batch.tokens))  # a scheduled step's counts are whole
             delay = t_end - loop.time()
             await asyncio.sleep(delay if delay > 0 else 0)
             for req, n in res.emitted:
@@ -453,13 +454,12 @@ class SimServer:
         elif not body.get("ignore_eos", False):
             natural = int(self._rng.expovariate(1.0 / NATURAL_LENGTH_MEAN)) + 1
             stop_at = natural if natural < max_tokens else None
-        stream = bool(body.get("stream", False))
-        if stream:
+        sse: _SseOutput | None = None  # the streaming output, when the request streams
+        if body.get("stream", False):
             opts = body.get("stream_options") or {}
-            out: _Output = _SseOutput(rid, self.model_json, prompt_len, chat, bool(opts.get("include_usage")),
-                                      bool(opts.get("continuous_usage_stats")))
-        else:
-            out = _Output()
+            sse = _SseOutput(rid, self.model_json, prompt_len, chat, bool(opts.get("include_usage")),
+                             bool(opts.get("continuous_usage_stats")))
+        out: _Output = sse if sse is not None else _Output()
         cfg = self.cfg
         answer = Answer(tokens, prompt_seed(tokens, cfg.seed), self.args.copy_edit_rate,
                         cfg.lookup_window if cfg.measures_acceptance else None)
@@ -468,14 +468,14 @@ class SimServer:
         replica = self.replicas[next(self._rr) % len(self.replicas)]
         self._outputs.add(out)
         try:
-            if stream:
+            if sse is not None:
                 resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                 if request.version >= HttpVersion11:
                     resp.enable_chunked_encoding()
                 else:
-                    out.chunked = False  # HTTP/1.0: unframed body, the connection closes at the end
+                    sse.chunked = False  # HTTP/1.0: unframed body, the connection closes at the end
                 await resp.prepare(request)  # StreamResponse sends its headers right away
-                out.transport = request.transport
+                sse.transport = request.transport
                 replica.submit(req)
                 await out.finished
                 try:
@@ -610,8 +610,6 @@ def _load_tokenizer(model: str) -> Any:
     path = os.path.join(model, "tokenizer.json")
     if not os.path.isfile(path):
         return None
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(path)
 
 
