@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(args: argparse.Namespace) -> None:
     # only the faults that serve need aiohttp (~0.2 s to import); the crash/oom/hang faults, which the reliability
     # tests time, exit or hang before this
-    from aiohttp import web  # noqa: PLC0415 — start-up
+    from aiohttp import web  # noqa: PLC0415 — start-up: only the faults that serve pay for aiohttp
 
     name = args.served_model_name or args.model
     state = {"requests": 0, "tokens": 0}

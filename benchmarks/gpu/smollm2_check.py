@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     # optional, GPU-host only: torch and transformers are no servetune dependency; --help works without them
-    import torch  # noqa: PLC0415
-    from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415
+    import torch  # noqa: PLC0415 — optional: torch, GPU hosts only
+    from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415 — optional: transformers, GPU hosts only
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16).to(args.device).eval()
