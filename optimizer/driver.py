@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from servetune.optimizer import repeats, resume_check, run_dir
+from servetune.optimizer import interrupts, repeats, resume_check, run_dir
 from servetune.optimizer.cluster_execution import ClusterExecutor, TrialLost
 from servetune.optimizer.engines import simulated
 from servetune.optimizer.execution import RayExecutor
@@ -209,6 +209,7 @@ class StudyDriver:
                           fidelity=fidelity, repeats=noise)
             return outcome
         except KeyboardInterrupt:  # say so now: stopping a 70B engine takes a while
+            interrupts.clear()
             self.on_event("interrupted", {})
             raise
         finally:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from servetune.optimizer import run_dir
+from servetune.optimizer import interrupts, run_dir
 from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
 
@@ -58,6 +58,7 @@ class InFlight(Generic[T]):
         return ref
 
     def wait(self, timeout_s: float = 1.0) -> list[Done[T]]:
+        interrupts.check()  # a Ctrl-C the interpreter dropped still stops the study, within one wait
         ready = self.executor.wait(list(self._refs), timeout_s=timeout_s)
         self.on_tick(self.plans())
         out = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servetune.optimizer import run_dir
+from servetune.optimizer import interrupts, run_dir
 from servetune.optimizer.cli.command import Command
 from servetune.optimizer.cli.common import EXIT_USAGE, console, err_console, esc, fmt_params, load, preflight
 
@@ -77,7 +77,8 @@ class RunCommand(Command):
         try:
             driver = StudyDriver(spec, on_event=on_event, ray_address=self.ray_address)
             try:
-                outcome = driver.run()
+                with interrupts.catching():
+                    outcome = driver.run()
             finally:
                 live.stop()
         except StudyLocked as e:
