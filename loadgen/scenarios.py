@@ -44,7 +44,7 @@ import multiprocessing
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,7 +60,7 @@ from servetune.loadgen.scenario_kinds import SCENARIOS, ScenarioKind
 from servetune.loadgen.sla import resolve_limits
 from servetune.loadgen.validity import DEFAULT_MAX_ERROR_RATE, DEFAULT_MIN_KEEP_UP, verdict
 
-ARRIVALS = ("poisson", "constant", "poisson_exact")
+ARRIVALS = ("poisson", "constant", "poisson_exact", "trace")
 _warmup_variant = warmup_variant  # the name the tests and older callers use
 
 
@@ -85,7 +85,10 @@ class ScenarioSettings:
     workers: int = 1  # load-generator processes (each its own event loop and session)
     sla: str | None = None  # MLPerf preset (loadgen.sla); fills the limits not given explicitly
     ignore_eos: bool | None = None  # force ignore_eos on every request (None: as the dataset says)
-    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant | poisson_exact (see schedule_for)
+    arrival: str = "poisson"  # server/interactive arrivals: poisson | constant | poisson_exact | trace (schedule_for)
+    # arrival="trace": the issue times (s) to replay, e.g. another client's start times, so that two clients
+    # compared on one server meet the same bursts; qps defaults to their mean rate
+    arrival_times: list[float] | None = None
     # Prompt reuse the workload declares (the engine audit reads these: prefix-cache hits are expected only
     # then). replay: a sample issued again sends the same prompt (default: a distinct one, runner.repeat_variant).
     replay: bool = False
@@ -95,6 +98,8 @@ class ScenarioSettings:
         if self.kind not in SCENARIOS:
             raise ValueError(f"kind must be one of {SCENARIOS}, got {self.kind!r}")
         drive = ScenarioKind.get(self.kind).drive
+        if self.arrival == "trace":
+            self._check_trace(drive)
         if drive == "arrivals" and not (self.qps and self.qps > 0):
             raise ValueError(f"the {self.kind} scenario needs qps > 0")
         if drive == "closed_loop" and not (self.concurrency and self.concurrency >= 1):
@@ -122,6 +127,22 @@ class ScenarioSettings:
             self.ttft_limit_ms, self.tpot_limit_ms = resolve_limits(self.sla, self.kind, self.ttft_limit_ms,
                                                                     self.tpot_limit_ms)
 
+
+    def _check_trace(self, drive: str) -> None:
+        times = self.arrival_times
+        if drive != "arrivals":
+            raise ValueError(f"arrival=trace replays arrivals: a server or interactive scenario, not {self.kind!r}")
+        if not times or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in times):
+            raise ValueError("arrival=trace needs arrival_times: a list of finite issue times in seconds")
+        ordered = sorted(float(t) for t in times)
+        self.arrival_times = [t - ordered[0] for t in ordered]  # the first request at 0, as every schedule
+        if self.num_requests is None:
+            self.num_requests = len(ordered)
+        elif self.num_requests > len(ordered):
+            raise ValueError(f"the arrival trace has {len(ordered)} arrivals; {self.num_requests} requests asked")
+        span = self.arrival_times[-1]
+        if not self.qps:
+            self.qps = (len(ordered) - 1) / span if span > 0 else float(len(ordered))
 
 def poisson_schedule(qps: float, seed: int, num_requests: int | None = None, duration_s: float | None = None,
                      multiple_of: int = 1) -> np.ndarray:
@@ -189,6 +210,8 @@ def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[in
         qps = settings.qps
         assert qps is not None  # ScenarioSettings refuses an arrivals scenario without qps > 0
         multiple = dataset_size if settings.equal_issue else 1
+        if settings.arrival == "trace":
+            return _traced(settings, count, issue_order(dataset_size, seeds[1]))
         arr = (constant_schedule(qps, count, settings.duration_s, multiple) if settings.arrival == "constant"
                else poisson_schedule(qps, seeds[0], count, settings.duration_s, multiple))
         if settings.arrival == "poisson_exact" and len(arr) > 1:
@@ -199,6 +222,16 @@ def schedule_for(settings: ScenarioSettings, dataset_size: int) -> list[tuple[in
     order = issue_order(dataset_size, seeds[1])
     return [(i, next(order), t) for i, t in enumerate(times)]
 
+
+def _traced(settings: ScenarioSettings, count: int, order: Iterator[int]) -> list[tuple[int, int, float]]:
+    times = settings.arrival_times or []
+    if count > len(times):
+        raise ValueError(f"the arrival trace has {len(times)} arrivals; the run needs {count} "
+                         "(ask for fewer requests, or give a longer trace)")
+    if settings.duration_s is not None and times[count - 1] < settings.duration_s:
+        raise ValueError(f"the arrival trace's first {count} arrivals span {times[count - 1]:.1f} s, less than "
+                         f"duration_s {settings.duration_s:g}")
+    return [(i, next(order), t) for i, t in enumerate(times[:count])]
 
 def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if w < total % parts else 0) for w in range(parts)]

@@ -114,3 +114,16 @@ def test_poisson_exact_arrivals_keep_the_draws_and_land_on_the_nominal_span():
                                                             arrival="poisson_exact"), 100)]
     assert exact[-1] == pytest.approx(1199 / 20) and raw[-1] != pytest.approx(1199 / 20, rel=1e-3)
     assert np.allclose(np.asarray(exact) / exact[-1], np.asarray(raw) / raw[-1])  # the same draws, rescaled
+
+
+def test_a_paired_run_is_compared_with_the_peer_run_whose_arrivals_it_replayed(cc):
+    def run(name: str, ttft_mean: float, ttft_p99: float, tpot_p99: float) -> dict:
+        return {"name": name, "tool": name.split("-")[0],
+                "own": {"ttft": {"mean": ttft_mean, "p99": ttft_p99}, "tpot": {"p99": tpot_p99}}}
+
+    runs = [run("vllm-bench-1", 90.0, 180.0, 14.0), run("servetune-paired-1", 92.0, 198.0, 14.0),
+            run("vllm-bench-2", 91.0, 170.0, 15.0), run("servetune-paired-3", 1.0, 1.0, 1.0)]  # no peer run 3
+    notes = cc.paired_notes(runs, "vllm")
+    assert notes == ["- servetune-paired-1 − vllm-bench-1 (same arrivals), mean TTFT: +2.0 ms (+2.2%)",
+                     "- servetune-paired-1 − vllm-bench-1 (same arrivals), p99 TTFT: +18.0 ms (+10.0%)",
+                     "- servetune-paired-1 − vllm-bench-1 (same arrivals), p99 TPOT: +0.0 ms (+0.0%)"]

@@ -116,3 +116,27 @@ def test_all_requests_failing_exits_1(mock, tmp_path):
     assert rc == 1
     doc = json.loads((tmp_path / "fail" / "result.json").read_text())
     assert doc["results"][0]["summary"]["errors_http_500"] == 3 and not doc["results"][0]["valid"]
+
+
+def test_an_arrival_trace_is_replayed_as_given(mock, tmp_path):
+    # vLLM's result file keeps each request's start as a perf-counter reading: only the gaps mean anything
+    starts = [1000.0 + t for t in (0.0, 0.01, 0.012, 0.013, 0.2, 0.21, 0.5, 0.52)]
+    trace = tmp_path / "vllm-result.json"
+    trace.write_text(json.dumps({"start_times": starts, "ttfts": []}))
+    out = tmp_path / "trace"
+    rc = main(["--url", mock.url, "--model", "mock", "--scenario", "server", "--arrival-trace", str(trace),
+               "--input-tokens", "8", "--output-tokens", "4", "--dataset-size", "8", "--no-early-stopping",
+               "--min-keep-up", "off", "--extra-body", _mock_body(), "--records-format", "csv", "-o", str(out),
+               "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())["results"][0]
+    assert res["settings"]["arrival"] == "trace" and res["settings"]["num_requests"] == 8
+    assert res["settings"]["qps"] == pytest.approx(7 / 0.52)  # the trace's mean rate
+    frame = pd.read_csv(out / "requests.csv").sort_values("index")
+    offsets = frame["scheduled_s"].tolist()
+    assert offsets == pytest.approx([t - 1000.0 for t in starts], abs=1e-6)
+    base = ["--url", mock.url, "--model", "mock", "--scenario", "server", "-o", str(tmp_path / "bad")]
+    assert main(base + ["--arrival-trace", str(trace), "--num-requests", "9"]) == 2  # more than it holds
+    (tmp_path / "short.json").write_text("[0.5]")
+    assert main(base + ["--arrival-trace", str(tmp_path / "short.json")]) == 2
+    assert main(base[:6] + ["--scenario", "offline", "--arrival-trace", str(trace), "-o", str(tmp_path / "b")]) == 2

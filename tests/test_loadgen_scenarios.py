@@ -29,6 +29,7 @@ from servetune.loadgen.scenarios import (
     records_frame,
     run,
     scenario_seeds,
+    schedule_for,
     write_records,
 )
 from servetune.loadgen.search import level_variant
@@ -362,3 +363,15 @@ def test_a_failing_worker_is_reported_not_lost(mock):
     assert len(res.records) == 6 and {r.status for r in res.records} == {"client_error"}
     assert not res.valid
     assert any("worker 0 failed before the run" in r and "JSON serializable" in r for r in res.invalid_reasons)
+
+
+def test_a_trace_schedule_is_the_trace_from_zero():
+    s = ScenarioSettings(kind="server", arrival="trace", arrival_times=[5.0, 5.5, 5.25, 7.0], num_requests=3)
+    assert s.arrival_times == [0.0, 0.25, 0.5, 2.0] and s.qps == pytest.approx(3 / 2.0)
+    assert [t for _, _, t in schedule_for(s, dataset_size=10)] == [0.0, 0.25, 0.5]
+    with pytest.raises(ValueError, match="server or interactive"):
+        ScenarioSettings(kind="offline", arrival="trace", arrival_times=[0.0, 1.0])
+    with pytest.raises(ValueError, match="finite issue times"):
+        ScenarioSettings(kind="server", arrival="trace", arrival_times=[0.0, float("nan")])
+    with pytest.raises(ValueError, match="2 arrivals"):
+        ScenarioSettings(kind="server", arrival="trace", arrival_times=[0.0, 1.0], num_requests=3)

@@ -309,6 +309,27 @@ def _pair_delta(runs: list[dict[str, Any]], a: str, b: str, fn) -> float | None:
     return float(np.mean(va) - np.mean(vb)) if va and vb else None
 
 
+def paired_notes(runs: list[dict[str, Any]], peer: str) -> list[str]:
+    """servetune-paired-N replayed the start times of {peer}-bench-N (``--arrival-trace``): both met the same
+    bursts, so a p99 difference between them is the clients', not the Poisson draw's."""
+    by_name = {r["name"]: r for r in runs}
+    out = []
+    for r in runs:
+        if not r["name"].startswith("servetune-paired-"):
+            continue
+        other = by_name.get(f"{peer}-bench-{r['name'].rsplit('-', 1)[1]}")
+        if other is None:
+            continue
+        for label, fn in (("mean TTFT", lambda x: x["own"]["ttft"]["mean"]),
+                          ("p99 TTFT", lambda x: x["own"]["ttft"]["p99"]),
+                          ("p99 TPOT", lambda x: x["own"]["tpot"]["p99"])):
+            a, b = _get(r, fn), _get(other, fn)
+            if a is not None and b is not None:
+                out.append(f"- {r['name']} − {other['name']} (same arrivals), {label}: {a - b:+.1f} ms "
+                           f"({(a - b) / b:+.1%})" if b else f"- {r['name']}: {label} {a:.1f} ms")
+    return out
+
+
 def render(runs: list[dict[str, Any]], peer: str) -> str:
     shown = [r for r in runs if r["name"] != "warmup"]
     lines = ["| section | metric | " + " | ".join(r["name"] for r in shown) + " |",
@@ -341,6 +362,7 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
         d = _pair_delta(shown, f"{peer}-bench-", "servetune-text-", fn)
         if d is not None:
             notes.append(f"- {peer} bench − servetune text, {label}: {d:+.1f} ms")
+    notes += paired_notes(shown, peer)
     if notes:
         lines += ["", "Where a TTFT difference comes from (a server TTFT that differs is load, queueing; an equal "
                       "server TTFT with a different client − server gap is outside the engine: tokenization, "

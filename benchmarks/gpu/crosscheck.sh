@@ -16,7 +16,9 @@
 # Environment (defaults): QPS=20 NUM_REQUESTS=1200 INPUT_TOKENS=1024 OUTPUT_TOKENS=128 WARMUP_REQUESTS=300
 #   RUNS=2 (runs per client)  IDS_RUNS=RUNS (of those rounds, how many also run servetune with token ids)
 #   SERVED_NAME=MODEL  EXTRA_RUNS="" ("usage": add servetune text runs that ask for
-#   the final usage only, as vllm bench does, instead of per-chunk usage)  SGLANG_BACKEND=sglang-oai
+#   the final usage only, as vllm bench does, instead of per-chunk usage; "paired", vLLM only: after each
+#   vllm bench run, a servetune text run that replays its start_times with --arrival-trace, so that the two
+#   meet the same bursts and a p99 difference between them is the clients', not the Poisson draw's)  SGLANG_BACKEND=sglang-oai
 #   ARRIVAL=poisson_exact for vllm (vllm bench rescales its Poisson gaps so the mean rate is exact; 1,200 raw
 #   Poisson arrivals span their nominal time ±2.9 %, and throughput with them), poisson for sglang (its client
 #   does not rescale)
@@ -97,6 +99,11 @@ for i in $(seq 1 "$RUNS"); do  # every run its own seed: no prompt of one run is
   measure "$ENGINE-bench-$i" "$ENGINE" "$OUT/$ENGINE-bench-$i.$PEER_EXT" -- peer "$i" "$OUT/$ENGINE-bench-$i.$PEER_EXT"
   [ "$i" -le "$IDS_RUNS" ] && measure "servetune-ids-$i" servetune "$OUT/servetune-ids-$i/result.json" -- \
     st --num-requests "$N" --prompt-format token_ids --seed "$((10 * i + 2))" "${SAMPLING[@]}" -o "$OUT/servetune-ids-$i"
+  if [[ " $EXTRA_RUNS " == *" paired "* ]] && [ "$ENGINE" = vllm ]; then  # the peer's own arrivals, replayed
+    measure "servetune-paired-$i" servetune "$OUT/servetune-paired-$i/result.json" -- \
+      st --num-requests "$N" --prompt-format text --seed "$((10 * i + 4))" "${SAMPLING[@]}" \
+      --arrival-trace "$OUT/$ENGINE-bench-$i.$PEER_EXT" -o "$OUT/servetune-paired-$i"
+  fi
   if [[ " $EXTRA_RUNS " == *" usage "* ]]; then
     measure "servetune-text-final-usage-$i" servetune "$OUT/servetune-text-final-usage-$i/result.json" -- \
       st --num-requests "$N" --prompt-format text --seed "$((10 * i + 3))" \

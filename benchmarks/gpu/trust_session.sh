@@ -99,7 +99,7 @@ PY
       serve 8000 "$RES/crosscheck-server.log" "$MODEL" --load-format dummy
       stamp "crosscheck server ready"
       QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
-        IDS_RUNS=${IDS_RUNS:-1} bash "$REPO/benchmarks/gpu/crosscheck.sh" http://127.0.0.1:8000 "$MODEL" vllm \
+        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-paired} bash "$REPO/benchmarks/gpu/crosscheck.sh" http://127.0.0.1:8000 "$MODEL" vllm \
         "$RES/crosscheck" > "$RES/crosscheck.log" 2>&1
       kill -INT $SERVER; wait $SERVER 2>/dev/null
       stamp "crosscheck done";;

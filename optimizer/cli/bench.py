@@ -122,6 +122,10 @@ def add_cli_args(b: argparse.ArgumentParser) -> None:
     s.add_argument("--arrival", choices=("poisson", "constant", "poisson_exact"), default="poisson",
                    help="poisson_exact: Poisson gaps rescaled so the run's mean rate is exactly --qps (as vllm bench "
                         "serve does)")
+    s.add_argument("--arrival-trace", metavar="FILE",
+                   help="replay these issue times instead of drawing arrivals: a JSON list of seconds, or a "
+                        "result with 'start_times' (vllm bench serve --save-result); two clients compared on one "
+                        "server then meet the same bursts. --qps and --num-requests default to the trace's")
     s.add_argument("--duration", type=float, help="minimum run length in seconds")
     s.add_argument("--num-requests", type=int, help="minimum number of measured requests")
     s.add_argument("--concurrency", type=_csv_ints, metavar="N[,N...]",
@@ -274,6 +278,9 @@ def _settings(args: argparse.Namespace):
     qps = args.qps
     if args.find_max_qps:
         qps = qps or args.qps_lo or 1.0
+    trace = _arrival_trace(args.arrival_trace) if args.arrival_trace else None
+    if trace is not None and (args.find_max_qps or kind not in ("server", "interactive")):
+        raise UsageError("--arrival-trace replays one server or interactive run (no --find-max-qps)")
     timeout = args.timeout or (3 * (args.duration or 60.0) + args.request_timeout)
     return ScenarioSettings(
         kind=kind, qps=qps if kind in ("server", "interactive") else None, duration_s=args.duration,
@@ -281,10 +288,25 @@ def _settings(args: argparse.Namespace):
         timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
         num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
         max_error_rate=args.max_error_rate, concurrency=args.concurrency[0] if args.concurrency else None,
-        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival=args.arrival, replay=args.replay,
+        workers=args.workers, sla=args.sla, ignore_eos=args.ignore_eos, arrival="trace" if trace else args.arrival,
+        arrival_times=trace, replay=args.replay,
         shared_prefix_tokens=args.shared_prefix_tokens,
         **({"min_keep_up": args.min_keep_up} if "min_keep_up" in args else {}))  # else loadgen's default
 
+
+def _arrival_trace(path: str) -> list[float]:
+    """Issue times from a JSON file: a list of seconds, or an object whose ``start_times`` are (vLLM's result
+    file holds each request's start as a perf-counter reading: only the differences mean anything)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--arrival-trace {path}: {e}") from None
+    times = data.get("start_times") if isinstance(data, dict) else data
+    if not isinstance(times, list) or len(times) < 2 or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in times):
+        raise UsageError(f"--arrival-trace {path}: want a list of at least two numbers (seconds), or an object "
+                         "with one under 'start_times'")
+    return [float(t) for t in times]
 
 def _fmt(v: Any, digits: int = 1) -> str:
     if isinstance(v, float):
