@@ -44,6 +44,7 @@ from servetune.optimizer.spec_errors import (
     describe,
     did_you_mean,
     fail,
+    fail_repeats,
     fmt_path,
     line_map,
     nearest_line,
@@ -134,15 +135,9 @@ class StudySpec(StrictModel):
     @field_validator("engines")
     @classmethod
     def _engines_once(cls, v: list[EngineSpec]) -> list[EngineSpec]:
-        seen: dict[str, int] = {}
-        errs = []
-        for i, e in enumerate(v):
-            if e.name in seen:
-                errs.append(((i,), f"engine {e.name!r} is listed twice (first at engines[{seen[e.name]}]); "
-                                   "a study compares different engines"))
-            seen.setdefault(e.name, i)
-        if errs:
-            fail("engines", errs)
+        fail_repeats("engines", [e.name for e in v],
+                     lambda k, i: f"engine {k!r} is listed twice (first at engines[{i}]); a study compares "
+                                  "different engines")
         return v
 
     @field_validator("search", mode="before")

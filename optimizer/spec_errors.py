@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import annotated_types as at
 import yaml
@@ -207,17 +207,18 @@ def allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if not fields or part not in fields:
             return []
         ann = fields[part].annotation
-        cur = _model_in(ann)
+        cur = model_in(ann)
         if cur is None:
             return []
     return [k for k, f in getattr(cur, "model_fields", {}).items() if not f.exclude]  # not `source`: internal
 
 
-def _model_in(ann: Any) -> Any:
+def model_in(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``...), or None."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
     for a in typing.get_args(ann):
-        m = _model_in(a)
+        m = model_in(a)
         if m is not None:
             return m
     return None
@@ -292,7 +293,7 @@ def _field_range(model: type[BaseModel], loc: tuple) -> str:
         if not fields or part not in fields:
             break
         info = fields[part]
-        cur = _model_in(info.annotation)
+        cur = model_in(info.annotation)
     if info is None or cur is not None:
         return ""
     metas = list(info.metadata)
@@ -370,3 +371,15 @@ def validation_lines(e: ValidationError, data: Any, lines: dict[tuple, int], fna
         line = nearest_line(lines, loc)
         out.append((line, f"{fname}:{line}: {fmt_path(loc)}: {msg}"))
     return out
+
+
+def fail_repeats(field: str, keys: list[str], say: Callable[[str, int], str]) -> None:
+    """Fail ``field`` at every item whose key an earlier item has; ``say(key, first_index)`` is the message."""
+    seen: dict[str, int] = {}
+    errs: list[tuple[tuple, str]] = []
+    for i, k in enumerate(keys):
+        if k in seen:
+            errs.append(((i,), say(k, seen[k])))
+        seen.setdefault(k, i)
+    if errs:
+        fail(field, errs)

@@ -24,7 +24,7 @@ from servetune.optimizer.spec_base import (
     base_dir_of,
     resolve_from,
 )
-from servetune.optimizer.spec_errors import describe, fail
+from servetune.optimizer.spec_errors import describe, fail, fail_repeats
 
 ENGINES = engine_names()  # every registered engine (optimizer/engines/registry.py)
 
@@ -115,15 +115,9 @@ class ClusterSpec(StrictModel):
     @field_validator("node_types")
     @classmethod
     def _types_once(cls, v: list[NodeTypeSpec]) -> list[NodeTypeSpec]:
-        seen: dict[str, int] = {}
-        errs = []
-        for i, t in enumerate(v):
-            if t.ray_resource in seen:
-                errs.append(((i,), f"{t.ray_resource} is named twice (first at node_types[{seen[t.ray_resource]}]); "
-                                   "give each type its own accelerator_type"))
-            seen.setdefault(t.ray_resource, i)
-        if errs:
-            fail("node_types", errs)
+        fail_repeats("node_types", [t.ray_resource for t in v],
+                     lambda k, i: f"{k} is named twice (first at node_types[{i}]); give each type its own "
+                                  "accelerator_type")
         return v
 
 

@@ -28,6 +28,7 @@ from pydantic_core import PydanticUndefined
 from servetune.optimizer.catalog import parameters
 from servetune.optimizer.perfmodel.model_shapes import PRESETS
 from servetune.optimizer.spec import ENGINES, METRICS, SLA_PRESETS, StudySpec
+from servetune.optimizer.spec_errors import model_in
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "study-file.md"
@@ -88,16 +89,6 @@ _SECTIONS = [  # (heading, dotted prefix of the keys it holds)
 
 # -- the models, walked ------------------------------------------------------------------------------------------
 
-def _model_in(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in typing.get_args(ann):
-        m = _model_in(a)
-        if m is not None:
-            return m
-    return None
-
-
 def _type(ann: Any) -> str:
     origin = typing.get_origin(ann)
     args = typing.get_args(ann)
@@ -141,7 +132,7 @@ def fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any, typ
             continue
         key = f"{prefix}.{name}" if prefix else name
         out.append((key, f, model))
-        sub = _model_in(f.annotation)
+        sub = model_in(f.annotation)
         if sub is not None:
             is_list = typing.get_origin(f.annotation) is list or any(
                 typing.get_origin(a) is list for a in typing.get_args(f.annotation))
@@ -229,7 +220,7 @@ def markdown() -> str:
                 desc = "MLPerf latency limits by name: " + ", ".join(f"`{p}`" for p in SLA_PRESETS)
             if k == "objectives[].metric":
                 desc = "what to optimize; one of " + ", ".join(f"`{m}`" for m in METRICS)
-            if _model_in(f.annotation) is not None:
+            if model_in(f.annotation) is not None:
                 eg = "see below"  # its keys have a section of their own
             elif k in ex and len(_inline(ex[k][0])) <= 90:
                 value, src = ex[k]
