@@ -76,6 +76,13 @@ class ScenarioKind:
         return self.percentile is not None
 
 
+
+def level_key(name: object) -> str:
+    """The setting a run's load level is read from: ``concurrency`` for a closed-loop kind, else ``qps`` (also
+    for a kind this version does not know: a record another version wrote)."""
+    kind = ScenarioKind.find(name)
+    return "concurrency" if kind is not None and kind.drive == "closed_loop" else "qps"
+
 ScenarioKind.register(ScenarioKind("offline", "all_at_once", None, ("last_done_s", "last completion")))
 ScenarioKind.register(ScenarioKind("server", "arrivals", 0.99))
 ScenarioKind.register(ScenarioKind("interactive", "arrivals", 0.99, sla_category="interactive"))

@@ -16,6 +16,7 @@ from servetune.loadgen import datasets
 from servetune.loadgen.audit import Auditor, contaminated
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.records import ScenarioResult
+from servetune.loadgen.scenario_kinds import level_key
 from servetune.loadgen.scenarios import ScenarioSettings, run, write_records
 from servetune.loadgen.search import find_max_qps, level_variant, longest_level_s
 from servetune.loadgen.sla import within_limits
@@ -213,7 +214,7 @@ def _evaluate(plan: TrialPlan, ep, url: str, result: TrialResult) -> None:
 
 def _swept(sc) -> str:
     """The setting a scenario's levels vary."""
-    return "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
+    return level_key(sc.settings.get("kind"))
 
 
 def _audit_tools(plan: TrialPlan, engine, endpoint, requests, metrics_url: str):

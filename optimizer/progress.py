@@ -22,17 +22,23 @@ from rich.table import Table
 from rich.text import Text
 
 from servetune.loadgen import progress as loadgen_progress
+from servetune.loadgen.scenario_kinds import ScenarioKind, level_key
 
 PROGRESS_FILE = "progress.json"
 
 
 # -- the trial's side ---------------------------------------------------------------------------------------------
 
+
+def _drive(name: object) -> str | None:
+    kind = ScenarioKind.find(name)
+    return kind.drive if kind is not None else None
+
 def _levels(sc) -> tuple[int, bool]:
     """(levels a scenario plans, whether that is only an upper bound: a sweep stops at the first SLA miss)."""
     if sc.max_qps:
         return int(sc.max_qps["max_levels"]), True
-    key = "concurrency" if sc.settings.get("kind") == "concurrency" else "qps"
+    key = level_key(sc.settings.get("kind"))
     v = sc.settings.get(key)
     return (len(v), True) if isinstance(v, list) and len(v) > 1 else (1, False)
 
@@ -40,7 +46,7 @@ def _levels(sc) -> tuple[int, bool]:
 def _planned_seconds(sc, levels: int) -> float:
     """Scheduled seconds of ``levels`` levels of a scenario plan (0 where the server's speed decides)."""
     s = dict(sc.settings)
-    key = "concurrency" if s.get("kind") == "concurrency" else "qps"
+    key = level_key(s.get("kind"))
     rates = s.get(key)
     rates = rates if isinstance(rates, list) else [rates] * max(levels, 1)
     total = 0.0
@@ -88,12 +94,13 @@ class TrialProgress:
             st = data["settings"]
             n, bounded = _levels(sc)
             n = max(n, self.level)
-            rate = st.concurrency if st.kind == "concurrency" else st.qps
+            closed = level_key(st.kind) == "concurrency"
+            rate = st.concurrency if closed else st.qps
             later = _planned_seconds(sc, n - self.level) + sum(
                 _planned_seconds(s, _levels(s)[0]) for s in self.scenarios[self.index + 1:])
             self._write(phase="warm-up" if st.warmup_requests else "level", scenario=sc.label, kind=st.kind,
                         level=self.level, levels=n, bounded=bounded, rate=rate,
-                        unit="concurrent" if st.kind == "concurrency" else "req/s", warmup=st.warmup_requests,
+                        unit="concurrent" if closed else "req/s", warmup=st.warmup_requests,
                         level_started=time.time(), level_s=loadgen_progress.level_seconds(st), later_s=later)
         elif event == "measuring" and self.state.get("phase") == "warm-up":
             self._write(phase="level", level_started=time.time())
@@ -129,7 +136,7 @@ def describe(p: dict[str, Any], now: float | None = None) -> tuple[str, str, str
         what = (f"{p.get('scenario')}: level {p.get('level')} of {levels} at "
                 f"{_rate(p.get('rate'), p.get('unit', 'req/s'))}")
         if p.get("rate") is None:  # offline, single stream: one level, paced by the server
-            what = f"{p.get('scenario')}: " + ("all requests at once" if p.get("kind") == "offline" else
+            what = f"{p.get('scenario')}: " + ("all requests at once" if _drive(p.get("kind")) == "all_at_once" else
                                                "one request at a time")
         if phase == "warm-up":
             what = f"{p.get('scenario')}: warm-up ({p.get('warmup')} requests), then level {p.get('level')} of {levels}"
@@ -291,8 +298,9 @@ class BenchProgress:
         if event == "level_start":
             st = data["settings"]
             self.level += 1
-            self.state = {"rate": st.concurrency if st.kind == "concurrency" else st.qps,
-                          "unit": "concurrent" if st.kind == "concurrency" else "req/s", "t": time.time(),
+            closed = level_key(st.kind) == "concurrency"
+            self.state = {"rate": st.concurrency if closed else st.qps,
+                          "unit": "concurrent" if closed else "req/s", "t": time.time(),
                           "warm": st.warmup_requests, "level_s": loadgen_progress.level_seconds(st)}
             if self.status is None:
                 planned = f" (~{self.state['level_s']:.0f} s)" if self.state["level_s"] else ""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from servetune.loadgen.scenario_kinds import level_key
 from servetune.optimizer.quality import load_eval
 from servetune.optimizer.run_dir import read_record
 from servetune.reports.charts import _esc, _no_nan
@@ -295,8 +296,9 @@ def audit_table(raw_sc: Any) -> dict[str, Any] | None:
             continue
         settings = dict_at(lvl, "settings")
         rate = lvl.get("qps", lvl.get("concurrency", settings.get("qps") or settings.get("concurrency")))
-        label = (f"{fmt_number(rate)} q/s" if "concurrency" not in lvl and settings.get("kind") != "concurrency"
-                 else f"concurrency {fmt_number(rate)}") if _present(rate) else str(settings.get("kind") or "run")
+        by_rate = "concurrency" not in lvl and level_key(settings.get("kind")) != "concurrency"
+        label = (f"{fmt_number(rate)} q/s" if by_rate else f"concurrency {fmt_number(rate)}") if _present(rate) \
+            else str(settings.get("kind") or "run")
         first = a.get("rerun_of") if isinstance(a.get("rerun_of"), dict) else None
         if first and isinstance(first.get("audit"), dict):
             rows.append(_audit_row(label + " (first run)", first["audit"], "failed: re-run after more warm-up"))

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind
+from servetune.loadgen.scenario_kinds import OPEN_LOOP, SCENARIOS, ScenarioKind, level_key
 from servetune.loadgen.scenarios import ScenarioSettings
 from servetune.loadgen.sla import SLA_PRESETS, limit_excess, resolve_limits, within_limits
 from servetune.optimizer import fidelity, lifecycle
@@ -76,3 +76,9 @@ def test_one_sla_check_for_run_estimate_and_the_optimizer(summary, met):
     assert all(c <= 0 for c in limit_excess(summary, settings).values()) is met
     assert fidelity.within_limits is within_limits
     assert within_limits(summary, {}) and limit_excess(summary, {}) == {}  # no limits: nothing to miss
+
+
+def test_level_key_names_the_setting_a_level_is_read_from():
+    assert [level_key(k) for k in ("offline", "server", "interactive", "single_stream", "concurrency")] == \
+        ["qps", "qps", "qps", "qps", "concurrency"]
+    assert level_key("a-kind-from-another-version") == "qps" and level_key(None) == "qps"

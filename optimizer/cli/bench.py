@@ -35,7 +35,11 @@ from rich.console import Console
 from servetune.loadgen import datasets
 from servetune.loadgen.audit import Auditor
 from servetune.loadgen.endpoint import Endpoint, _redact_url
-from servetune.loadgen.scenario_kinds import SCENARIOS  # the registry, not loadgen.scenarios: no aiohttp here
+from servetune.loadgen.scenario_kinds import (  # the registry, not loadgen.scenarios: no aiohttp
+    SCENARIOS,
+    ScenarioKind,
+    level_key,
+)
 from servetune.loadgen.sla import SLA_PRESETS
 from servetune.optimizer import secret_refs
 from servetune.optimizer.cli.command import Command, run_alone
@@ -269,21 +273,23 @@ def _settings(args: argparse.Namespace):
 
     kind = args.scenario or ("concurrency" if args.concurrency else "server" if (args.qps or args.find_max_qps)
                              else "offline")
-    if args.find_max_qps and kind not in ("server", "interactive"):
+    open_loop = ScenarioKind.get(kind).open_loop
+    if args.find_max_qps and not open_loop:
         raise UsageError("--find-max-qps searches a server or interactive scenario")
-    if args.concurrency and kind != "concurrency":
+    closed = level_key(kind) == "concurrency"
+    if args.concurrency and not closed:
         raise UsageError(f"--concurrency runs the concurrency scenario, not {kind}")
-    if kind == "concurrency" and not args.concurrency:
+    if closed and not args.concurrency:
         raise UsageError("the concurrency scenario needs --concurrency N")
     qps = args.qps
     if args.find_max_qps:
         qps = qps or args.qps_lo or 1.0
     trace = _arrival_trace(args.arrival_trace) if args.arrival_trace else None
-    if trace is not None and (args.find_max_qps or kind not in ("server", "interactive")):
+    if trace is not None and (args.find_max_qps or not open_loop):
         raise UsageError("--arrival-trace replays one server or interactive run (no --find-max-qps)")
     timeout = args.timeout or (3 * (args.duration or 60.0) + args.request_timeout)
     return ScenarioSettings(
-        kind=kind, qps=qps if kind in ("server", "interactive") else None, duration_s=args.duration,
+        kind=kind, qps=qps if open_loop else None, duration_s=args.duration,
         num_requests=args.num_requests, max_connections=args.max_connections, warmup_requests=args.warmup,
         timeout_s=timeout, ttft_limit_ms=args.ttft_ms, tpot_limit_ms=args.tpot_ms, seed=args.seed,
         num_gpus=args.num_gpus, equal_issue=args.equal_issue, require_early_stopping=not args.no_early_stopping,
