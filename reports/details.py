@@ -2,13 +2,11 @@
 
 :func:`trial_detail` returns JSON-ready data. Strings are raw (the page inserts them as text, never as
 HTML); the only pseudo-HTML is in the Plotly figures, built here with every user string escaped by
-:func:`charts._esc`. The latency CDFs are downsampled quantiles of ``requests_<scenario>.csv``, so a
-100,000-request run costs the page a few hundred points per curve.
+:func:`charts._esc`. Its figures (load curve, latency CDFs) are :mod:`~servetune.reports.detail_figures`.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 from pathlib import Path
@@ -20,7 +18,7 @@ import pandas as pd
 from servetune.loadgen.scenario_kinds import level_key
 from servetune.optimizer.quality import load_eval
 from servetune.optimizer.run_dir import read_record
-from servetune.reports.charts import _esc, _no_nan
+from servetune.reports.detail_figures import cdf_figure, load_curve_figure, present, read_latencies
 from servetune.reports.model import DELTA, PARAM, Run, dict_at
 from servetune.reports.roofline import EXPLANATION, estimate
 from servetune.reports.units import fmt_metric, fmt_number, fmt_param, metric_label
@@ -29,17 +27,10 @@ log = logging.getLogger(__name__)
 
 LOG_LINES = 40
 LOG_CHARS = 8000
-CDF_POINTS = 120
 DETAIL_METRICS = ["output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per_s_per_user", "request_per_s",
                   "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms", "e2e_p99_ms",
                   "concurrency_mean", "error_rate", "requests_ok", "duration_s"]
-CDF_COLUMNS = [("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency")]
 PER_TRIAL_FLAGS = {"--port"}
-_COLORS = ["#1f5fbf", "#c77d1a", "#2a9d8f", "#8e6cc2", "#d62728", "#6b7280"]
-
-
-def _present(v: Any) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def read_trial_json(trial_dir: Any) -> dict[str, Any]:
@@ -70,7 +61,7 @@ def config_diff(run: Run, row: pd.Series) -> list[dict[str, Any]]:
     for c in run.param_columns:
         v = row.get(c)
         b = base.get(c) if base is not None else None
-        if not _present(v) and not _present(b):
+        if not present(v) and not present(b):
             continue
         same = fmt_param(v) == fmt_param(b)
         out.append({"name": c[len(PARAM):], "value": fmt_param(v),
@@ -112,145 +103,11 @@ def command_parts(argv: list[str], base_argv: list[str] | None) -> list[dict[str
 
 # -- curves -------------------------------------------------------------------------------------------------
 
-def read_latencies(path: Path) -> dict[str, np.ndarray]:
-    """Per-request TTFT/TPOT/E2E (ms) of the requests that succeeded outside warm-up; {} when unreadable."""
-    try:
-        head = pd.read_csv(path, nrows=0)
-        cols = [c for c in ("ttft_ms", "tpot_ms", "e2e_ms", "status", "warmup", "scheduled_s", "first_byte_s",
-                            "done_s", "scheduled", "first_byte", "done") if c in head.columns]
-        df = pd.read_csv(path, usecols=cols)
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        log.debug("%s: %s", path, e)
-        return {}
-    if "status" in df:
-        df = df[df["status"].astype(str).eq("ok")]
-    if "warmup" in df:
-        df = df[~df["warmup"].astype(str).str.lower().eq("true")]
-    # Records of an older shape carry timestamps only (seconds from the scenario's start).
-    for ms, (a, b) in (("ttft_ms", ("scheduled", "first_byte")), ("e2e_ms", ("scheduled", "done"))):
-        if ms not in df:
-            for sa, sb in ((a + "_s", b + "_s"), (a, b)):
-                if sa in df and sb in df:
-                    df[ms] = (pd.to_numeric(df[sb], errors="coerce") - pd.to_numeric(df[sa], errors="coerce")) * 1e3
-                    break
-    out = {}
-    for c, _ in CDF_COLUMNS:
-        if c in df:
-            v = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
-            v = v[np.isfinite(v)]
-            if v.size:
-                out[c] = v
-    return out
-
-
-def _cdf(values: np.ndarray) -> tuple[list[float], list[float]]:
-    n = min(values.size, CDF_POINTS)
-    p = np.linspace(0.0, 1.0, n) if n > 1 else np.array([1.0])
-    x = np.quantile(values, p)
-    return [float(v) for v in x], [float(v) for v in p]
-
-
-def _row_of_plots(n: int, titles: list[str], gap: float) -> dict:
-    """A layout of ``n`` side-by-side plots (plain JSON: building it through plotly.py's make_subplots and
-    add_vline costs ~0.1 s a figure, which a static report pays once per trial)."""
-    width = (1.0 - gap * (n - 1)) / n
-    layout: dict[str, Any] = {"annotations": []}
-    for j in range(n):
-        lo = j * (width + gap)
-        sfx = "" if j == 0 else str(j + 1)
-        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "zeroline": False}
-        layout[f"yaxis{sfx}"] = {"domain": [0.0, 1.0], "anchor": f"x{sfx}"}
-        layout["annotations"].append({"text": titles[j], "x": lo + width / 2, "y": 1.0, "xref": "paper",
-                                      "yref": "paper", "xanchor": "center", "yanchor": "bottom",
-                                      "showarrow": False, "font": {"size": 12}})
-    return layout
-
-
-def cdf_figure(run: Run, trial_dir: Any, scenarios: list[str]) -> dict | None:
-    if not isinstance(trial_dir, str):
-        return None
-    per = {}
-    for name in scenarios:
-        lat = read_latencies(Path(trial_dir) / f"requests_{name}.csv")
-        if lat:
-            per[name] = lat
-    if not per:
-        return None
-    layout = _row_of_plots(3, [f"{t} (ms)" for _, t in CDF_COLUMNS], 0.07)
-    data: list[dict[str, Any]] = []
-    shapes: list[dict[str, Any]] = []
-    limits = {s.name: s for s in run.scenarios}
-    for i, (name, lat) in enumerate(per.items()):
-        color = _COLORS[i % len(_COLORS)]
-        for j, (col, title) in enumerate(CDF_COLUMNS):
-            if col not in lat:
-                continue
-            x, y = _cdf(lat[col])
-            sfx = "" if j == 0 else str(j + 1)
-            data.append({"type": "scatter", "x": x, "y": y, "xaxis": f"x{sfx}", "yaxis": f"y{sfx}", "mode": "lines",
-                         "name": _esc(name), "legendgroup": _esc(name), "showlegend": j == 0,
-                         "line": {"color": color, "width": 2, "shape": "hv"},
-                         "hovertemplate": f"{_esc(name)} · {title}: %{{x:,.1f}} ms<br>"
-                                          "%{y:.0%} of requests<extra></extra>"})
-        sc = limits.get(name)
-        for sfx, limit in (("", sc.ttft_limit_ms if sc else None), ("2", sc.tpot_limit_ms if sc else None)):
-            if limit and not any(sh["x0"] == limit and sh["xref"] == f"x{sfx}" for sh in shapes):
-                shapes.append({"type": "line", "xref": f"x{sfx}", "yref": f"y{sfx} domain", "x0": limit, "x1": limit,
-                               "y0": 0, "y1": 1, "line": {"color": "#d62728", "width": 1.2, "dash": "dash"}})
-    for j, (col, _) in enumerate(CDF_COLUMNS):
-        sfx = "" if j == 0 else str(j + 1)
-        layout[f"yaxis{sfx}"].update(tickformat=".0%", range=[0, 1.02])
-        vals = np.concatenate([lat[col] for lat in per.values() if col in lat] or [np.array([])])
-        pos = vals[vals > 0]
-        if pos.size >= 2 and pos.max() / pos.min() > 30:
-            # decades only, labelled in full: a third of a chart has no room for Plotly's 2/5 minor labels
-            lo, hi = math.floor(math.log10(pos.min())), math.ceil(math.log10(pos.max()))
-            ticks = [10.0 ** e for e in range(lo, hi + 1)]
-            layout[f"xaxis{sfx}"].update(type="log", tickvals=ticks, ticktext=[fmt_number(t) for t in ticks])
-    layout.update(shapes=shapes, height=290, margin={"l": 50, "r": 15, "t": 36, "b": 40},
-                  legend={"orientation": "h", "y": -0.22, "x": 0}, hovermode="closest",
-                  hoverlabel={"align": "left", "bgcolor": "white"})
-    return _no_nan({"data": data, "layout": layout})
-
-
-def load_curve_figure(run: Run, row: pd.Series) -> dict | None:
-    """Throughput and p99 latencies against the offered load, when the trial ran several load levels."""
-    levels = []
-    for sc in run.scenarios:
-        if sc.qps and _present(row.get(f"{sc.name}.output_tokens_per_s")):
-            levels.append(sc)
-    if len(levels) < 2:
-        return None
-    levels.sort(key=lambda s: s.qps or 0.0)
-    qps = [float(s.qps or 0.0) for s in levels]  # every level here has a qps
-    names = [_esc(s.name) for s in levels]
-
-    def col(metric):
-        return [float(row[f"{s.name}.{metric}"]) if _present(row.get(f"{s.name}.{metric}")) else None for s in levels]
-
-    layout = _row_of_plots(2, ["output tokens/s", "p99 latency (ms)"], 0.12)
-    data = [{"type": "scatter", "x": qps, "y": col("output_tokens_per_s"), "text": names, "mode": "lines+markers",
-             "name": "output tokens/s", "line": {"color": _COLORS[0]},
-             "hovertemplate": "%{text}: %{x:g} q/s → %{y:,.0f} tok/s<extra></extra>"}]
-    for k, m in enumerate(("ttft_p99_ms", "tpot_p99_ms")):
-        data.append({"type": "scatter", "x": qps, "y": col(m), "text": names, "mode": "lines+markers",
-                     "xaxis": "x2", "yaxis": "y2", "name": metric_label(m), "line": {"color": _COLORS[k + 1]},
-                     "hovertemplate": "%{text}: %{x:g} q/s → %{y:,.1f} ms<extra>" + metric_label(m) + "</extra>"})
-    for sfx in ("", "2"):
-        layout[f"xaxis{sfx}"]["title"] = {"text": "offered load (queries/s)"}
-    layout["yaxis"]["rangemode"] = "tozero"
-    layout.update(height=290, margin={"l": 55, "r": 15, "t": 36, "b": 50},
-                  legend={"orientation": "h", "y": -0.3, "x": 0})
-    return _no_nan({"data": data, "layout": layout})
-
-
-# -- the whole panel ----------------------------------------------------------------------------------------
-
 def _metric_rows(row: pd.Series, scenario: str) -> list[dict[str, str]]:
     out = []
     for m in DETAIL_METRICS:
         v = row.get(f"{scenario}.{m}")
-        if _present(v):
+        if present(v):
             text = fmt_metric(v, m) if m != "concurrency_mean" else fmt_number(v)
             out.append({"name": "mean concurrency" if m == "concurrency_mean" else metric_label(m), "value": text})
     return out
@@ -262,14 +119,14 @@ AUDIT_HEAD = ["level", "audit", "prompt tokens server / client", "output tokens 
 
 def _tokens(server: dict[str, Any], client: dict[str, Any], key: str) -> str:
     got, sent = server.get(key), client.get(key)
-    return f"{fmt_number(got) if _present(got) else '—'} / {fmt_number(sent) if _present(sent) else '—'}"
+    return f"{fmt_number(got) if present(got) else '—'} / {fmt_number(sent) if present(sent) else '—'}"
 
 
 def _audit_row(label: str, a: dict[str, Any], status: str) -> list[str]:
     server = dict_at(a, "server")
     client = dict_at(a, "client")
     hits, prompt = server.get("prefix_cache_hits"), server.get("prompt_tokens")
-    hit_text = f"{hits / prompt:.1%}" if _present(hits) and prompt else "—"
+    hit_text = f"{hits / prompt:.1%}" if present(hits) and prompt else "—"
     peak = server.get("kv_cache_usage_peak")
     log = a.get("log")
     if isinstance(log, dict):
@@ -279,8 +136,8 @@ def _audit_row(label: str, a: dict[str, Any], status: str) -> list[str]:
         log_text = "not read"
     why = "; ".join(str(x) for x in (a.get("reasons") or []) + (a.get("notes") or []))
     return [label, status, _tokens(server, client, "prompt_tokens"), _tokens(server, client, "generation_tokens"),
-            hit_text, f"{peak:.0%}" if _present(peak) else "—",
-            fmt_number(server.get("preemptions")) if _present(server.get("preemptions")) else "—", log_text, why]
+            hit_text, f"{peak:.0%}" if present(peak) else "—",
+            fmt_number(server.get("preemptions")) if present(server.get("preemptions")) else "—", log_text, why]
 
 
 def audit_table(raw_sc: Any) -> dict[str, Any] | None:
@@ -297,7 +154,7 @@ def audit_table(raw_sc: Any) -> dict[str, Any] | None:
         settings = dict_at(lvl, "settings")
         rate = lvl.get("qps", lvl.get("concurrency", settings.get("qps") or settings.get("concurrency")))
         by_rate = "concurrency" not in lvl and level_key(settings.get("kind")) != "concurrency"
-        label = (f"{fmt_number(rate)} q/s" if by_rate else f"concurrency {fmt_number(rate)}") if _present(rate) \
+        label = (f"{fmt_number(rate)} q/s" if by_rate else f"concurrency {fmt_number(rate)}") if present(rate) \
             else str(settings.get("kind") or "run")
         first = a.get("rerun_of") if isinstance(a.get("rerun_of"), dict) else None
         if first and isinstance(first.get("audit"), dict):
@@ -343,7 +200,7 @@ def _verdict(row: pd.Series, scenario: str) -> dict[str, Any]:
 
 
 def _deltas(row: pd.Series, raw: dict[str, Any], scenarios: list[str]) -> dict[str, Any]:
-    names = [c[len(DELTA):] for c in row.index if c.startswith(DELTA) and _present(row.get(c))]
+    names = [c[len(DELTA):] for c in row.index if c.startswith(DELTA) and present(row.get(c))]
     per: dict[str, dict[str, Any]] = {}
     for s in scenarios:
         sc = (raw.get("scenarios") or {}).get(s) if isinstance(raw.get("scenarios"), dict) else None
@@ -355,7 +212,7 @@ def _deltas(row: pd.Series, raw: dict[str, Any], scenarios: list[str]) -> dict[s
     rows = []
     for n in dict.fromkeys(names):
         total = row.get(f"{DELTA}{n}")
-        rows.append({"name": str(n), "total": fmt_number(total) if _present(total) else "—",
+        rows.append({"name": str(n), "total": fmt_number(total) if present(total) else "—",
                      "per_scenario": [fmt_number(per[s].get(n)) if isinstance(per[s].get(n), (int, float))
                                       else "—" for s in cols]})
     return {"scenarios": cols, "rows": rows}
@@ -371,7 +228,7 @@ def _measured_dir(run: Run, number: Any) -> str | None:
     if rows.empty:
         return None
     r = rows.iloc[0]
-    if _present(r.get("duplicate_of")):
+    if present(r.get("duplicate_of")):
         return _measured_dir(run, int(r["duplicate_of"]))
     return r.get("trial_dir") if isinstance(r.get("trial_dir"), str) else None
 
@@ -455,7 +312,7 @@ def speculation(raw: dict[str, Any]) -> dict[str, Any]:
             pos = [d[f"spec_acceptance_pos{i}"] for i in range(64) if f"spec_acceptance_pos{i}" in d]
             positions = max(positions, len(pos))
             rows.append({"scenario": str(name), "level": level,
-                         "output_tokens_per_s": fmt_metric(tok_s, "output_tokens_per_s") if _present(tok_s) else "—",
+                         "output_tokens_per_s": fmt_metric(tok_s, "output_tokens_per_s") if present(tok_s) else "—",
                          "values": [_spec_fmt(k, d.get(k)) for k, _ in SPEC_KEYS],
                          "per_position": [f"{v:.0%}" for v in pos]})
     return {"columns": [label for _, label in SPEC_KEYS], "positions": positions, "rows": rows}
@@ -463,13 +320,13 @@ def speculation(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _level_name(level: dict[str, Any]) -> str:
     for key, unit in (("concurrency", "concurrency "), ("qps", "")):
-        if _present(level.get(key)):
+        if present(level.get(key)):
             return f"{unit}{fmt_number(level[key])}{' queries/s' if key == 'qps' else ''}"
     return "—"
 
 
 def _spec_fmt(key: str, v: Any) -> str:
-    if not isinstance(v, (int, float)) or not _present(v):
+    if not isinstance(v, (int, float)) or not present(v):
         return "—"
     if key == "spec_acceptance_rate":
         return f"{v:.1%}"
@@ -490,7 +347,7 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
     argv = [str(a) for a in raw.get("argv") or []] if isinstance(raw.get("argv"), list) else []
     base_argv = [str(a) for a in base_raw.get("argv") or []] if isinstance(base_raw.get("argv"), list) else None
     is_base = bool(row.get("is_baseline"))
-    measured = [s.name for s in run.scenarios if any(k.startswith(f"{s.name}.") and _present(row.get(k))
+    measured = [s.name for s in run.scenarios if any(k.startswith(f"{s.name}.") and present(row.get(k))
                                                     for k in (f"{s.name}.output_tokens_per_s",
                                                               f"{s.name}.ttft_p99_ms", f"{s.name}.sla_met"))]
     scenarios = []
@@ -510,17 +367,17 @@ def trial_detail(run: Run, number: int) -> dict[str, Any] | None:
                                        "measured": fmt_metric(rf.measured_tok_s, "output_tokens_per_s"),
                                        "concurrency_text": fmt_number(rf.concurrency)}})
     failure = None
-    if _present(row.get("failure_kind")) or _present(row.get("failure_reason")):
+    if present(row.get("failure_kind")) or present(row.get("failure_reason")):
         failure = {"kind": str(row.get("failure_kind") or row.get("state")),
                    "reason": str(row.get("failure_reason") or "no reason recorded")}
-    facts = [("engine", " ".join(str(x) for x in (row.get("engine"), row.get("engine_version")) if _present(x))),
-             ("GPUs", f"{fmt_number(row.get('gpus'))}" + (f" (ids {row['gpu_ids']})" if _present(row.get("gpu_ids"))
+    facts = [("engine", " ".join(str(x) for x in (row.get("engine"), row.get("engine_version")) if present(x))),
+             ("GPUs", f"{fmt_number(row.get('gpus'))}" + (f" (ids {row['gpu_ids']})" if present(row.get("gpu_ids"))
                                                            and row.get("gpu_ids") else "")),
-             *([("node", str(row["node"]))] if _present(row.get("node")) else []),
+             *([("node", str(row["node"]))] if present(row.get("node")) else []),
              ("started", str(row.get("started_at") or "—")),
              ("time to ready", fmt_metric(row.get("ready_s"), "ready_s")),
              ("wall time", fmt_metric(row.get("wall_s"), "wall_s"))]
-    if _present(row.get("duplicate_of")):
+    if present(row.get("duplicate_of")):
         facts.append(("measurement", f"reused from trial #{int(row['duplicate_of'])} (same configuration)"))
     return {
         "number": int(row["number"]), "state": str(row.get("state")), "is_baseline": is_base,
