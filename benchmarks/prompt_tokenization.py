@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from servetune.loadgen.datasets import text_corpus
+from servetune.loadgen.datasets import prose_text
 from servetune.loadgen.tokenizer import ROUNDS, PromptTokenizer
 
 
@@ -51,7 +51,7 @@ def vllm_random(tok: Tokenizer, n: int, length: int, rng: np.random.Generator) -
 
 
 def real_text(tok: Tokenizer, n: int, length: int) -> list[str]:
-    prose = " ".join(p["text"] for p in text_corpus()["passages"] if p.get("kind") == "prose")
+    prose = prose_text()
     enc = tok.encode(prose, add_special_tokens=False)
     ids, offsets = enc.ids, enc.offsets
     out = []

@@ -327,6 +327,11 @@ def text_corpus() -> dict[str, Any]:
     return json.loads(text)
 
 
+def prose_text() -> str:
+    """The shipped prose passages as one text (what English reads like to a tokenizer; loadgen.tokenizer)."""
+    return " ".join(p["text"] for p in text_corpus()["passages"] if p["kind"] == "prose")
+
+
 def text_task_dataset(
     n: int,
     tasks: Iterable[str] = COPY_TASKS,

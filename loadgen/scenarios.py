@@ -132,8 +132,9 @@ class ScenarioSettings:
         times = self.arrival_times
         if drive != "arrivals":
             raise ValueError(f"arrival=trace replays arrivals: a server or interactive scenario, not {self.kind!r}")
-        if not times or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in times):
-            raise ValueError("arrival=trace needs arrival_times: a list of finite issue times in seconds")
+        if not times or len(times) < 2 or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in times):
+            raise ValueError("arrival=trace needs arrival_times: a list of at least two finite issue times in seconds")
         ordered = sorted(float(t) for t in times)
         self.arrival_times = [t - ordered[0] for t in ordered]  # the first request at 0, as every schedule
         if self.num_requests is None:
@@ -387,14 +388,17 @@ def records_frame(records: Sequence[RequestRecord]) -> pd.DataFrame:
 
 def write_records(records: Sequence[RequestRecord], path: str | Path) -> Path:
     """Per-request records as Parquet (``.parquet``) or CSV (anything else; chunk traces as JSON text)."""
+    return write_frame(records_frame(records), path)
+
+
+def write_frame(frame: pd.DataFrame, path: str | Path) -> Path:
+    """A records frame as Parquet (``.parquet``) or CSV (anything else; chunk traces as JSON text)."""
     path = Path(path)
-    frame = records_frame(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         frame.to_parquet(path, index=False)
     else:
-        for col in ("chunk_t", "chunk_tokens"):
-            frame[col] = frame[col].map(json.dumps)
+        frame = frame.assign(**{col: frame[col].map(json.dumps) for col in ("chunk_t", "chunk_tokens")})
         frame.to_csv(path, index=False)
     return path
 

@@ -19,13 +19,13 @@ the server's own ``prompt_tokens`` counter either way.
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from servetune.loadgen.datasets import prose_text
 
 TOKENIZER_FILE = "tokenizer.json"
 ROUNDS = 10  # trim / top-up rounds for a text that does not encode back exactly (vLLM: 10)
@@ -86,9 +86,7 @@ class PromptTokenizer:
         Drawn from every word token, prompts had 7.7-9.5 characters per token where prose has 4.1-4.6, and
         cost a Llama-3-shaped tokenizer 1.6-2.6x what vLLM's random dataset costs
         (benchmarks/prompt_tokenization.py): a TTFT gap in any cross-check that is not the engine's."""
-        prose = " ".join(p["text"] for p in json.loads(
-            (resources.files("servetune.loadgen") / "data" / "text_tasks.json").read_text(encoding="utf-8")
-        )["passages"] if p["kind"] == "prose")
+        prose = prose_text()
         target = len(prose) / max(1, len(self.encode(prose)))
         fits = [(abs(float(chars[chars <= n].mean()) - target), n) for n in np.unique(chars)
                 if np.count_nonzero(chars <= n) >= MIN_WORDS]

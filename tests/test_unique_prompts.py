@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from servetune.loadgen import datasets
-from servetune.loadgen.datasets import random_dataset, text_corpus
+from servetune.loadgen.datasets import prose_text, random_dataset
 from servetune.loadgen.records import Request
 from servetune.loadgen.runner import REPEAT_TOKEN_LOW, repeat_variant
 from servetune.loadgen.tokenizer import PromptTokenizer, find_tokenizer
@@ -135,7 +135,7 @@ def test_text_prompts_cost_the_server_tokenizer_what_prose_of_their_length_does(
     # tokenizer time on a request's path grew with it (benchmarks/prompt_tokenization.py). The module's
     # 2000-id tokenizer has too few short words to say; this one has the corpus's whole vocabulary.
     tok = PromptTokenizer(make_model_dir(tmp_path / "m", vocab=8000))
-    prose = " ".join(p["text"] for p in text_corpus()["passages"] if p["kind"] == "prose")
+    prose = prose_text()
     prose_cpt = len(prose) / len(tok.encode(prose))
     reqs = random_dataset(40, 256, 4, prompt_format="text", tokenizer=tok, seed=3)
     prompt_cpt = sum(len(r.prompt) for r in reqs) / sum(r.input_tokens - tok.specials for r in reqs)

@@ -2,26 +2,30 @@
 line, and a ``run`` that returns the exit status (the shape of vLLM's ``benchmarks/sweep`` commands)."""
 from __future__ import annotations
 
+import abc
 import argparse
 from typing import Any, ClassVar
 
 
-class Command:
+class Command(abc.ABC):
     name: ClassVar[str]
     help: ClassVar[str]
     description: ClassVar[str | None] = None
     usage: ClassVar[str | None] = None
 
     @classmethod
+    @abc.abstractmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        raise NotImplementedError
+        """Its options, on its own sub-command parser."""
 
     @classmethod
+    @abc.abstractmethod
     def from_cli_args(cls, args: argparse.Namespace) -> Command:
-        raise NotImplementedError
+        """The command, from the parsed options."""
 
+    @abc.abstractmethod
     def run(self) -> int:
-        raise NotImplementedError
+        """Do it; the exit status."""
 
 
 def register(subparsers: Any, cmd: type[Command]) -> argparse.ArgumentParser:
