@@ -64,6 +64,11 @@ if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
 fi
 source /tmp/kit-vllm/servetune-env.sh
 stamp "setup done: STEPS=$STEPS"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+if [[ "$GPU_NAME" == *H100* ]]; then  # the lent host may be an H100: the SmolLM2 studies fit it as they are
+  sed -i 's/^hardware: {gpu: h200/hardware: {gpu: h100/' "$REPO"/search_spaces/examples/gpu-*-smollm2-*.yaml
+  stamp "on $GPU_NAME: the SmolLM2 studies say gpu: h100"
+fi
 
 CC_MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
 if [ "${STEPS%% *}" = crosscheck ]; then  # compiling this server is the longest wait: start it first
