@@ -19,7 +19,7 @@ import yaml
 from servetune.optimizer import cli
 from servetune.optimizer.engines import get_engine
 from servetune.optimizer.engines.base import ModelRef
-from servetune.optimizer.engines.sim.server import build_parser, config_from_args
+from servetune.optimizer.engines.sim.cli import build_parser, config_from_args
 from servetune.optimizer.export import FORMATS, SIM_FORMATS, ExportError, Options, export
 from servetune.optimizer.process import free_port
 from test_export import REPO, _exec_argv, _study, _trial, _validate_k8s, make_run

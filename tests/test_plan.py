@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from servetune.optimizer import cli
-from servetune.optimizer.engines.sim.server import build_parser, config_from_args
+from servetune.optimizer.engines.sim.cli import build_parser, config_from_args
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "search_spaces" / "examples"
 

@@ -18,7 +18,8 @@ import pytest
 from servetune.optimizer import evalset
 from servetune.optimizer.driver import StudyDriver
 from servetune.optimizer.engines.sim import logits
-from servetune.optimizer.engines.sim.server import SimServer, _BadRequest, build_parser, config_from_args, eval_drift
+from servetune.optimizer.engines.sim.cli import build_parser, config_from_args
+from servetune.optimizer.engines.sim.server import SimServer, _BadRequest, eval_drift
 from servetune.optimizer.export import QUALITY_WARNING, choose_trial, quality_warnings
 from servetune.optimizer.lifecycle import run_trial
 from servetune.optimizer.quality import (

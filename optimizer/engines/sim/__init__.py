@@ -1,3 +1,4 @@
 """The simulated engine: an OpenAI-compatible server timed by the performance model (``server``), its
-scheduler (``scheduler``), its in-process estimate (``estimate``) and its adapter (``engine``)."""
+replicas' real-time loop (``replica``), its command line (``cli``), its scheduler (``scheduler``), its
+in-process estimate (``estimate``) and its adapter (``engine``)."""
 from servetune.optimizer.engines.sim import engine as engine  # registers "sim"

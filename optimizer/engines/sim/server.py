@@ -1,8 +1,8 @@
 """The sim engine's OpenAI-compatible HTTP server (aiohttp).
 
-One asyncio task per data-parallel replica runs the engine loop: take a scheduler step, sleep until the
-step's end on an absolute ``loop.time()`` clock (so sleep overshoot never accumulates), then hand each
-request its tokens. The loop writes a streaming request's SSE chunk straight to its connection, one
+One asyncio task per data-parallel replica (:mod:`.replica`) runs the engine loop: take a scheduler step,
+sleep until the step's end on an absolute ``loop.time()`` clock (so sleep overshoot never accumulates), then
+hand each request its tokens. The loop writes a streaming request's SSE chunk straight to its connection, one
 write per request per step, formatted from pre-built string pieces: no task wake-up, no JSON library and
 no aiohttp writer round trip per token, because the load generator shares the CPU with this process. A
 step that emits several tokens for one request (speculative decoding) sends them as one chunk whose
@@ -30,8 +30,6 @@ import json
 import logging
 import os
 import random
-import signal
-import sys
 import time
 from typing import Any
 
@@ -39,17 +37,13 @@ from aiohttp import HttpVersion11, web
 from tokenizers import Tokenizer
 
 from servetune.optimizer.engines.sim import logits as sim_logits
-from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE, Answer, prompt_seed
+from servetune.optimizer.engines.sim.answer import Answer, prompt_seed
+from servetune.optimizer.engines.sim.replica import JitEmulator, Replica
 from servetune.optimizer.engines.sim.scheduler import (
     FINISHED,
-    KV_DTYPES,
-    QUANTIZATIONS,
-    SPEC_METHODS,
     Scheduler,
     SimConfig,
-    SimConfigError,
     SimRequest,
-    SimStartupError,
     memory_plan,
 )
 from servetune.optimizer.perfmodel.hardware import GIB, get_gpu
@@ -58,9 +52,6 @@ from servetune.optimizer.perfmodel.model_shapes import ModelShape
 log = logging.getLogger("servetune.sim")
 
 _PROCESS_START = time.monotonic()
-# A step that starts this late after the previous one ended is not caught up on: the loop was starved,
-# and bursting through the backlog would fake a faster GPU.
-MAX_LAG_S = 0.05
 # Mean length of an answer when the client lets the model stop at EOS (ignore_eos false).
 NATURAL_LENGTH_MEAN = 200
 FILLER = tuple(" " + w for w in (
@@ -162,77 +153,6 @@ class _SseOutput(_Output):
         if done:
             self.finish()
         return True
-
-
-class JitEmulator:
-    """--emulate-jit: a kernel compiles the first time a step's token count falls in a new power-of-two
-    bucket (as MoE GEMM configs are picked per token-count bucket), costing ``compile_s`` once and logging
-    vLLM's jit_monitor warning, so warm-up coverage and the level audit can be exercised without a GPU.
-
-    As vLLM 0.26 does, the warning is logged once per kernel name (``warning_once``): later buckets compile
-    silently, unless ``verbose`` (vLLM's --jit-monitor-verbose), which logs every compile with its key."""
-
-    def __init__(self, compile_s: float, kernel: str, verbose: bool = False):
-        self.compile_s, self.kernel, self.verbose = compile_s, kernel, verbose
-        self.seen: set[int] = set()
-
-    def step(self, tokens: int) -> float:
-        bucket = 1 << max(tokens - 1, 0).bit_length()
-        if tokens <= 0 or bucket in self.seen:
-            return 0.0
-        if self.verbose:
-            log.warning("Triton kernel JIT compilation during inference: %s (constexprs={BLOCK_SIZE_M=%d}; "
-                        "key=%d). This causes a latency spike; consider extending warmup to cover this "
-                        "shape/config.", self.kernel, min(bucket, 64), bucket)
-        elif not self.seen:
-            log.warning("Triton kernel JIT compilation during inference: %s. This causes a latency spike; "
-                        "consider extending warmup to cover this shape/config.", self.kernel)
-        self.seen.add(bucket)
-        return self.compile_s
-
-
-class Replica:
-    """One data-parallel engine: a scheduler and the loop that plays its steps out in real time."""
-
-    def __init__(self, index: int, sched: Scheduler, jit: JitEmulator | None = None):
-        self.index = index
-        self.sched = sched
-        self.jit = jit
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
-
-    def submit(self, req: SimRequest) -> None:
-        self.sched.add(req)
-        self.wake.set()
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        sched = self.sched
-        t_end = loop.time()
-        idle = True
-        while True:
-            if not sched.has_work():
-                self.wake.clear()
-                await self.wake.wait()
-                idle = True
-                continue
-            now = loop.time()
-            start = now if idle or now - t_end > MAX_LAG_S else t_end
-            res = sched.step()
-            if res is None:  # queued work that cannot be scheduled: wait for a change rather than spin
-                self.wake.clear()
-                await self.wake.wait()
-                idle = True
-                continue
-            idle = False
-            t_end = start + res.duration_s
-            if self.jit is not None:
-                t_end += self.jit.step(int(res.batch.tokens))  # a scheduled step's counts are whole
-            delay = t_end - loop.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
-            for req, n in res.emitted:
-                if not req.user.deliver(req, n):
-                    sched.abort(req)
 
 
 class SimServer:
@@ -534,75 +454,11 @@ class SimServer:
         return web.json_response(body)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m servetune.optimizer.engines.sim", allow_abbrev=False,
-                                description="servetune's simulated inference engine: an OpenAI-compatible "
-                                            "server timed by a roofline model (no GPU needed).")
-    p.add_argument("--model", required=True, help="preset name (llama-3.1-8b, ...) or a directory with config.json")
-    p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--gpu", default="h100", help="GPU kind from servetune's table: h100, h200, a100, l40s, ...")
-    p.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU's memory")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--quantization", "-q", default="none", type=str.lower, choices=QUANTIZATIONS)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPES)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--speculative-method", default="none", type=str.lower, choices=SPEC_METHODS)
-    p.add_argument("--num-speculative-tokens", type=int, default=3)
-    p.add_argument("--speculative-acceptance", type=float, default=None,
-                   help="per-draft-token acceptance probability (default: eagle 0.6, eagle3 0.7; ngram and "
-                        "suffix drafts are judged against the sim's answer)")
-    p.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest n-gram matched (vLLM's)")
-    p.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest n-gram matched (vLLM's)")
-    p.add_argument("--copy-edit-rate", type=float, default=DEFAULT_EDIT_RATE,
-                   help="share of a quoted source's words the sim's answer changes while copying it")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
-                   help="no CUDA graphs: higher per-step overhead")
-    p.add_argument("--drift-weights", type=float, default=0.3,
-                   help="evaluation (logprobs) requests: logit noise of a quantized model (--quantization not none)")
-    p.add_argument("--drift-kv-cache", type=float, default=0.1,
-                   help="evaluation requests: logit noise of an fp8 KV cache")
-    p.add_argument("--fault-lossy-speculation", type=float, default=0.0,
-                   help="evaluation requests: logit noise while speculating (a fault: speculative decoding is "
-                        "lossless, so the default is 0)")
-    p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
-    p.add_argument("--emulate-jit", action="store_true",
-                   help="compile a kernel (and log vLLM's JIT warning) the first time a step's token count falls "
-                        "in a new power-of-two bucket, as a real engine does after a warm-up that missed a shape")
-    p.add_argument("--jit-compile-s", type=float, default=0.3, help="seconds one emulated JIT compile stalls a step")
-    p.add_argument("--jit-monitor-verbose", action="store_true",
-                   help="log every emulated JIT compile (vLLM's flag), not only a kernel's first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    return p
-
-
 def eval_drift(args: argparse.Namespace, cfg: SimConfig) -> dict[str, float]:
     """The logit noise of each lossy setting this launch has (see :mod:`.logits`); lossless ones add none."""
     return {"weights": args.drift_weights if cfg.quantization != "none" else 0.0,
             "kv_cache": args.drift_kv_cache if cfg.kv_cache_dtype.startswith("fp8") else 0.0,
             "speculation": args.fault_lossy_speculation if cfg.spec_enabled else 0.0}
-
-
-def config_from_args(args: argparse.Namespace) -> SimConfig:
-    return SimConfig(
-        tensor_parallel=args.tensor_parallel_size, pipeline_parallel=args.pipeline_parallel_size,
-        data_parallel=args.data_parallel_size, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-        max_concurrency=args.max_num_seqs, max_batched_tokens=args.max_num_batched_tokens,
-        chunked_prefill=args.enable_chunked_prefill, prefix_caching=args.enable_prefix_caching,
-        memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
-        speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
-        speculative_acceptance=args.speculative_acceptance, speculative_lookup_min=args.prompt_lookup_min,
-        speculative_lookup_max=args.prompt_lookup_max, enforce_eager=args.enforce_eager, seed=args.seed)
 
 
 def _load_tokenizer(model: str) -> Any:
@@ -611,83 +467,3 @@ def _load_tokenizer(model: str) -> Any:
     if not os.path.isfile(path):
         return None
     return Tokenizer.from_file(path)
-
-
-def load_model(model: str) -> ModelShape:
-    """--model is a checkpoint directory (or config.json) when such a path exists, else a preset name."""
-    if os.path.exists(model):
-        return ModelShape.load(path=model)
-    return ModelShape.load(preset=model)
-
-
-async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
-    try:
-        shape = load_model(args.model)
-        get_gpu(args.gpu).with_memory(args.gpu_memory_gib)
-        cfg = config_from_args(args)
-        cfg.validate(shape)
-        if not 0.0 <= args.copy_edit_rate <= 1.0:
-            raise SimConfigError(f"copy_edit_rate must be in [0, 1], got {args.copy_edit_rate}.")
-    except (ValueError, OSError) as e:
-        log.error("%s: %s", type(e).__name__ if not isinstance(e, SimConfigError) else "ValueError", e)
-        return 1
-    log.info("Initializing sim engine with config: model=%r, served_model_name=%r, gpu=%s, tensor_parallel_size=%d, "
-             "pipeline_parallel_size=%d, data_parallel_size=%d, quantization=%s, kv_cache_dtype=%s, max_num_seqs=%d, "
-             "max_num_batched_tokens=%d, enable_chunked_prefill=%s, enable_prefix_caching=%s, "
-             "gpu_memory_utilization=%s, block_size=%d, speculative=%s", args.model,
-             args.served_model_name or args.model, args.gpu, cfg.tensor_parallel, cfg.pipeline_parallel,
-             cfg.data_parallel, cfg.quantization, cfg.kv_cache_dtype, cfg.max_concurrency, cfg.max_batched_tokens,
-             cfg.chunked_prefill, cfg.prefix_caching, cfg.memory_fraction, cfg.kv_block_size,
-             f"{cfg.speculative_method}(k={cfg.speculative_tokens}, acceptance={cfg.acceptance})"
-             if cfg.spec_enabled else "none")
-    server = SimServer(args, shape, cfg)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=1.0)
-        await site.start()
-    except OSError as e:
-        log.error("could not bind %s:%s: %s", args.host, args.port, e)
-        await runner.cleanup()
-        return 1
-    log.info("Starting sim server on http://%s:%d (health 503 until the engine is loaded)", args.host, args.port)
-    code = 0
-    try:
-        if args.startup_delay_s > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=args.startup_delay_s)
-            except asyncio.TimeoutError:
-                pass
-        if not stop.is_set():
-            try:
-                server.start_engine()
-            except SimStartupError as e:
-                log.error("EngineCore failed to start.\n%s", e)
-                code = 1
-                stop.set()
-            else:
-                log.info("Application startup complete. Ready in %.2f s.", server.startup_s)
-        await stop.wait()
-        if code == 0:
-            log.info("Shutting down")
-    finally:
-        await server.stop_engine()
-        await runner.cleanup()
-    return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
-                        format="%(levelname)s %(asctime)s [sim] %(message)s", datefmt="%m-%d %H:%M:%S")
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-    try:
-        return asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        return 0
