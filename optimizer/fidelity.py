@@ -30,8 +30,8 @@ from optuna._hypervolume import compute_hypervolume  # no public equivalent in O
 from servetune.loadgen.scenario_kinds import ScenarioKind
 from servetune.loadgen.search import FLOOR_DIVISOR
 from servetune.loadgen.sla import within_limits
+from servetune.optimizer.engines.sim.config import SimConfig, SimConfigError
 from servetune.optimizer.engines.sim.estimate import simulate_offline, simulate_server
-from servetune.optimizer.engines.sim.scheduler import SimConfig, SimConfigError
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.rules import gpus_needed
 from servetune.optimizer.spec import rate_bracket, rate_floor

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
+from servetune.optimizer.engines.sim.config import SimStartupError
 from servetune.optimizer.engines.sim.estimate import simulate, simulate_offline, simulate_server
-from servetune.optimizer.engines.sim.scheduler import SimRequest, SimStartupError
+from servetune.optimizer.engines.sim.scheduler import SimRequest
 
 M8 = "llama-3.1-8b"
 

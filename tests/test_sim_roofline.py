@@ -6,14 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servetune.optimizer.engines.sim.scheduler import (
-    Scheduler,
-    SimConfig,
-    SimConfigError,
-    SimRequest,
-    SimStartupError,
-    memory_plan,
-)
+from servetune.optimizer.engines.sim.config import SimConfig, SimConfigError, SimStartupError, memory_plan
+from servetune.optimizer.engines.sim.scheduler import Scheduler, SimRequest
 from servetune.optimizer.perfmodel.hardware import GPUS, GpuSpec, get_gpu
 from servetune.optimizer.perfmodel.model_shapes import PRESETS, ModelShape, load_shape
 from servetune.optimizer.perfmodel.roofline import PER_SEQ_S, STEP_OVERHEAD_S, Roofline, StepBatch

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from servetune.optimizer.engines.prometheus import parse_prometheus
-from servetune.optimizer.engines.sim.scheduler import SimConfig, build_roofline
+from servetune.optimizer.engines.sim.config import SimConfig, build_roofline
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
 from servetune.optimizer.perfmodel.roofline import StepBatch

@@ -10,7 +10,8 @@ from servetune.loadgen.datasets import text_task_dataset
 from servetune.optimizer import lifecycle
 from servetune.optimizer.driver import dataset_args, resolve_model, scenario_plans
 from servetune.optimizer.engines.sim.answer import Answer, find_source, prompt_seed
-from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest
+from servetune.optimizer.engines.sim.config import SimConfig
+from servetune.optimizer.engines.sim.scheduler import Scheduler, SimRequest
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
 from servetune.optimizer.records import TrialPlan

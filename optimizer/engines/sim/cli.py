@@ -12,7 +12,7 @@ import sys
 from aiohttp import web
 
 from servetune.optimizer.engines.sim.answer import DEFAULT_EDIT_RATE
-from servetune.optimizer.engines.sim.scheduler import (
+from servetune.optimizer.engines.sim.config import (
     KV_DTYPES,
     QUANTIZATIONS,
     SPEC_METHODS,

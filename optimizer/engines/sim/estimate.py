@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from servetune.optimizer.engines.sim.scheduler import Scheduler, SimConfig, SimRequest, memory_plan
+from servetune.optimizer.engines.sim.config import SimConfig, memory_plan
+from servetune.optimizer.engines.sim.scheduler import Scheduler, SimRequest
 from servetune.optimizer.perfmodel.hardware import GpuSpec, get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
 

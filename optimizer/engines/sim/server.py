@@ -38,14 +38,9 @@ from tokenizers import Tokenizer
 
 from servetune.optimizer.engines.sim import logits as sim_logits
 from servetune.optimizer.engines.sim.answer import Answer, prompt_seed
+from servetune.optimizer.engines.sim.config import SimConfig, memory_plan
 from servetune.optimizer.engines.sim.replica import JitEmulator, Replica
-from servetune.optimizer.engines.sim.scheduler import (
-    FINISHED,
-    Scheduler,
-    SimConfig,
-    SimRequest,
-    memory_plan,
-)
+from servetune.optimizer.engines.sim.scheduler import FINISHED, Scheduler, SimRequest
 from servetune.optimizer.perfmodel.hardware import GIB, get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
 
