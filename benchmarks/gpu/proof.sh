@@ -13,10 +13,12 @@
 #   CUDA_VISIBLE_DEVICES=0,1 RAY_ADDRESS=local proof.sh sglang OUT1 llama8b-tp1 &
 #   CUDA_VISIBLE_DEVICES=2,3 RAY_ADDRESS=local proof.sh vllm OUT2 llama8b-tp2
 # On hosts where one command may not run long, start it with setsid and poll OUTDIR/progress.log.
+# STUDY_DIR (default search_spaces/examples) is where the gpu-ENGINE-STUDY.yaml files are read from.
 set -uo pipefail
 ENGINE=${1:?engine}; OUT=${2:?out dir}; shift 2
 STUDIES=("$@"); [ ${#STUDIES[@]} -gt 0 ] || STUDIES=(llama8b-tp1 mustfail-70b)
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
+STUDY_DIR=${STUDY_DIR:-$REPO/search_spaces/examples}
 source "/tmp/kit-$ENGINE/servetune-env.sh"
 mkdir -p "$OUT"
 cd "$OUT"
@@ -24,7 +26,7 @@ st() { python3 -m servetune.optimizer.cli "$@"; }
 {
   for s in "${STUDIES[@]}"; do
     echo "== $(date -u +%FT%TZ) study $ENGINE $s"
-    st run "$REPO/search_spaces/examples/gpu-$ENGINE-$s.yaml" --output-dir "$OUT/$s"
+    st run "$STUDY_DIR/gpu-$ENGINE-$s.yaml" --output-dir "$OUT/$s"
   done
   echo "== $(date -u +%FT%TZ) summary"
   python3 "$REPO/benchmarks/gpu/summarize.py" "${STUDIES[@]/#/$OUT/}" > "$OUT/summary.md"

@@ -64,18 +64,21 @@ if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
 fi
 source /tmp/kit-vllm/servetune-env.sh
 stamp "setup done: STEPS=$STEPS"
-GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-if [[ "$GPU_NAME" == *H100* ]]; then  # the lent host may be an H100: the SmolLM2 studies fit it as they are
-  sed -i 's/^hardware: {gpu: h200/hardware: {gpu: h100/' "$REPO"/search_spaces/examples/gpu-*-smollm2-*.yaml
-  stamp "on $GPU_NAME: the SmolLM2 studies say gpu: h100"
-fi
+# the lent host may be an H100: the SmolLM2 studies fit it as they are, so their copies name the GPU there is
+STUDY_DIR=$RES/studies; mkdir -p "$STUDY_DIR"
+GPU_KIND=h200; [[ "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" == *H100* ]] && GPU_KIND=h100
+for f in "$REPO"/search_spaces/examples/gpu-*-smollm2-*.yaml; do
+  sed "s/^hardware: {gpu: h200/hardware: {gpu: $GPU_KIND/" "$f" > "$STUDY_DIR/$(basename "$f")"
+done
+stamp "SmolLM2 studies for gpu: $GPU_KIND in $STUDY_DIR"
 
 CC_MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
-if [ "${STEPS%% *}" = crosscheck ]; then  # compiling this server is the longest wait: start it first
+cc_start() {
   stamp "crosscheck server start ($CC_MODEL)"
   serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
   CC_SERVER=$SERVER
-fi
+}
+[ "${STEPS%% *}" = crosscheck ] && cc_start  # compiling this server is the longest wait: start it first
 
 BACKGROUND=()
 if has_step quality || has_step specdec || has_step sglang || has_step smollm2; then
@@ -99,10 +102,7 @@ for step in $STEPS; do
   [ "$step" = crosscheck ] && [ -n "${CC_SERVER:-}" ] || gpu_free
   case $step in
     crosscheck)
-      if [ -z "${CC_SERVER:-}" ]; then
-        stamp "crosscheck server start ($CC_MODEL)"
-        serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
-      fi
+      [ -n "${CC_SERVER:-}" ] || cc_start
       ready 8000 || { stamp "crosscheck: no server"; continue; }
       stamp "crosscheck server ready"
       # the CPU work started beside the server must not share the CPU with the clients being compared
@@ -136,7 +136,7 @@ PY
     quality|specdec)
       checkpoint "$step" || continue
       stamp "study vllm smollm2-$step"
-      bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/$step" "smollm2-$step" > "$RES/$step.log" 2>&1
+      STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/$step" "smollm2-$step" > "$RES/$step.log" 2>&1
       [ "$step" = specdec ] && python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/$step/smollm2-specdec" \
         > "$RES/specdec-crossover.md" 2>&1
       stamp "$step done";;
@@ -145,7 +145,8 @@ PY
       wait "${SGLANG_SETUP:-}" 2>/dev/null
       grep -q "^rc 0" "$RES/sglang-setup.log" 2>/dev/null || { stamp "sglang: setup failed (sglang-setup.log)"; continue; }
       stamp "studies sglang smollm2-quality smollm2-specdec"
-      bash "$REPO/benchmarks/gpu/proof.sh" sglang "$RES/sglang" smollm2-quality smollm2-specdec > "$RES/sglang.log" 2>&1
+      STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" sglang "$RES/sglang" smollm2-quality smollm2-specdec \
+        > "$RES/sglang.log" 2>&1
       python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/sglang/smollm2-specdec" > "$RES/sglang-crossover.md" 2>&1
       stamp "sglang done";;
     study)
