@@ -204,6 +204,8 @@ class RunProgress:
         sr = r.scenarios.get(label, {})
         if any(s.get("sla_met") is False for s in r.scenarios.values()):
             return
+        if (r.quality or {}).get("passed") is False:  # outside the quality limits: not a config to act on
+            return
         v = sr.get("summary", {}).get(metric)
         if not isinstance(v, (int, float)):
             return
@@ -213,7 +215,7 @@ class RunProgress:
 
     def best_text(self) -> str:
         if self.best is None:
-            return "best so far: none yet (no trial has met the SLA)"
+            return "best so far: none yet (no trial has met the SLA and the quality limits)"
         label, metric, direction = self.objective
         v = self.best[0] if direction == "maximize" else -self.best[0]
         return f"best so far: #{self.best[1]} {label}.{metric} = {v:,.4g}"

@@ -1,5 +1,9 @@
 """Best trial against the baseline, per objective: a ratio only when both sides have an SLA-valid measurement.
 
+"Best" is the best trial a user may act on: SLA met and quality limits met. A faster trial that failed the
+quality limits is named beside it (what it measured and why it is out), never as the best: on 2026-12-05 an fp8
+trial whose greedy answers matched the baseline's 11 % of the time was printed as "best ... 1.04× baseline".
+
 A baseline that "missed the SLA" has no capacity figure, so best ÷ baseline would divide by a number that
 means nothing (or by zero). The comparison says why instead: "the baseline missed the SLA even at the floor
 0.25 req/s". With a max-QPS search each side also carries its bracket (highest valid rate, lowest invalid
@@ -54,17 +58,27 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
     out = []
     for scenario, metric, direction in objectives:
         entry: dict[str, Any] = {"objective": f"{scenario}.{metric}", "direction": direction, "ratio": None}
-        valid = [(v, r) for r in recs if r.get("state") == "complete"
-                 and r.get("scenarios", {}).get(scenario, {}).get("sla_met") is not False
-                 and (v := _value(r, scenario, metric)) is not None]
+        measured = [(v, r) for r in recs if r.get("state") == "complete"
+                    and r.get("scenarios", {}).get(scenario, {}).get("sla_met") is not False
+                    and (v := _value(r, scenario, metric)) is not None]
+        valid = [(v, r) for v, r in measured if not _failed_quality(r)]
+        pick = max if direction == "maximize" else min
         if valid:
-            v, best = (max if direction == "maximize" else min)(valid, key=lambda x: x[0])
+            v, best = pick(valid, key=lambda x: x[0])
             entry.update(best_trial=best.get("number"), best=v, best_bracket=bracket(best, scenario))
+        out_of_limits = [(v, r) for v, r in measured if _failed_quality(r)]
+        if out_of_limits:
+            v, r = pick(out_of_limits, key=lambda x: x[0])
+            beats = not valid or (v > entry["best"] if direction == "maximize" else v < entry["best"])
+            if beats:  # only a trial that would have been "best" is worth naming
+                entry.update(quality_failed_trial=r.get("number"), quality_failed=v,
+                             quality_reasons=list((r.get("quality") or {}).get("reasons") or []))
         if base is not None:
             entry.update(baseline_trial=base.get("number"), baseline=_value(base, scenario, metric),
                          baseline_bracket=bracket(base, scenario))
         if not valid:
-            entry["why_not"] = "no trial met the SLA"
+            entry["why_not"] = ("no trial met both the SLA and the quality limits" if out_of_limits
+                                else "no trial met the SLA")
         elif base is None:
             entry["why_not"] = "no baseline trial"
         elif base.get("state") != "complete" or base.get("scenarios", {}).get(scenario, {}).get("sla_met") is False \
@@ -77,6 +91,10 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
         entry["text"] = describe(entry)
         out.append(entry)
     return out
+
+
+def _failed_quality(rec: dict[str, Any]) -> bool:
+    return (rec.get("quality") or {}).get("passed") is False
 
 
 def _side(value: float | None, trial: Any, brk: list[float | None] | None) -> str:
@@ -101,4 +119,9 @@ def describe(entry: dict[str, Any]) -> str:
         parts.append(f"→ {entry['ratio']:.2f}× baseline")
     else:
         parts.append(f"→ no ratio: {entry['why_not']}")
-    return " ".join(parts)
+    text = " ".join(parts)
+    if entry.get("quality_failed_trial") is not None:
+        why = "; ".join(entry.get("quality_reasons") or []) or "see its quality verdict"
+        text += (f"; trial #{entry['quality_failed_trial']} measured {entry['quality_failed']:,.4g} but failed the "
+                 f"quality limits ({why})")
+    return text

@@ -65,6 +65,12 @@ def test_the_terminal_table_shows_phase_elapsed_left_queued_and_best(tmp_path):
             "server": {"summary": {"output_tokens_per_s_per_gpu": 1234.5}, "sla_met": True}})
         live.event("result", {"result": done, "constraints": []})
         assert "best so far: #0 server.output_tokens_per_s_per_gpu = 1,234" in _render(live._table())
+        # faster, but outside the quality limits (as fp8 on the real SmolLM2, 2026-12-05): not a best to act on
+        lossy = TrialResult(number=1, engine="sim", params={}, state="complete", scenarios={
+            "server": {"summary": {"output_tokens_per_s_per_gpu": 1300.0}, "sla_met": True}},
+            quality={"passed": False, "reasons": ["exact match 11% < 60%"]})
+        live.event("result", {"result": lossy, "constraints": []})
+        assert "best so far: #0 server.output_tokens_per_s_per_gpu = 1,234" in _render(live._table())
     finally:
         trial.close()
         live.stop()

@@ -56,3 +56,36 @@ def test_report_headline_and_summary_say_why(tmp_path):
     assert h.ratio == "" and h.note == "no ratio: the baseline missed the SLA even at the floor 0.5 req/s"
     reason = run.trials.loc[run.trials["number"] == 0, "offline.sla_reason"].iloc[0]
     assert reason.startswith("no valid rate down to the floor 0.5 req/s")
+
+
+def _offline(n, tps, baseline=False, quality=None):
+    return {"number": n, "state": "complete", "is_baseline": baseline, "quality": quality,
+            "scenarios": {"offline": {"summary": {"output_tokens_per_s": tps}, "sla_met": True}}}
+
+
+# the verdicts of docs/results/2026-12-05-h100-smollm2-quality (real SmolLM2-135M, vLLM 0.26, one H100)
+REFERENCE = {"kind": "quality", "reference": 0, "exact_match": 1.0, "passed": True, "reasons": []}
+FP8 = {"kind": "quality", "reference": 0, "changes_numerics": ["quantization=fp8"], "exact_match": 0.1094,
+       "first_divergence_mean": 8.641, "kl_mean": 0.021737, "passed": False, "reasons": ["exact match 11% < 60%"]}
+OFFLINE = [("offline", "output_tokens_per_s", "maximize")]
+
+
+def test_a_faster_trial_that_failed_quality_is_named_but_never_best():
+    (e,) = compare([_offline(0, 8622.8, True, REFERENCE), _offline(1, 8983.0, quality=FP8)], OFFLINE)
+    assert e["best_trial"] == 0 and e["ratio"] == 1.0
+    assert e["quality_failed_trial"] == 1 and e["quality_failed"] == 8983.0
+    assert e["text"] == ("offline.output_tokens_per_s: best 8,623 (trial #0) vs baseline 8,623 (trial #0) → 1.00× "
+                         "baseline; trial #1 measured 8,983 but failed the quality limits (exact match 11% < 60%)")
+    # a quality-failed trial slower than the best is not worth a mention; one that passed counts as usual
+    passed = dict(FP8, passed=True, reasons=[])
+    (e,) = compare([_offline(0, 8622.8, True, REFERENCE), _offline(1, 8983.0, quality=passed),
+                    _offline(2, 8700.0, quality=FP8)], OFFLINE)
+    assert e["best_trial"] == 1 and "quality_failed_trial" not in e and "failed the quality" not in e["text"]
+
+
+def test_no_best_when_only_quality_failures_met_the_sla():
+    base = dict(_offline(0, 10.0, True, REFERENCE))
+    base["scenarios"]["offline"]["sla_met"] = False
+    (e,) = compare([base, _offline(1, 8983.0, quality=FP8)], OFFLINE)
+    assert "best_trial" not in e and e["why_not"] == "no trial met both the SLA and the quality limits"
+    assert e["text"].endswith("but failed the quality limits (exact match 11% < 60%)")
