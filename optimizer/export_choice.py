@@ -20,6 +20,7 @@ from servetune.optimizer import run_dir as rd
 from servetune.optimizer import study_yaml
 from servetune.optimizer.catalog import load_catalog
 from servetune.optimizer.quality import describe, numerics_changes
+from servetune.optimizer.quality import failed as failed_quality
 from servetune.optimizer.spec import METRICS
 
 # Headline metrics shown in the choice line, with how to print them.
@@ -210,7 +211,7 @@ def choose_trial(run_dir: Path, trial: str | int = "best", scenario: str | None 
         raise ExportError(f"no metric {metric!r} in scenario {scenario!r} results"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
     ok = [t for t in trials if t.get("state") == "complete" and _passes_sla(t, scenario) and value(t) is not None
-          and (t.get("quality") or {}).get("passed") is not False]
+          and not failed_quality(t.get("quality"))]
     if not ok:
         raise ExportError(f"no completed trial met the SLA (and the quality limits) with a {metric} result in "
                           f"scenario {scenario!r} ({len(trials)} trial(s) in {run_dir}); pick one with --trial N")

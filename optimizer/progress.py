@@ -23,6 +23,7 @@ from rich.text import Text
 
 from servetune.loadgen import progress as loadgen_progress
 from servetune.loadgen.scenario_kinds import ScenarioKind, level_key
+from servetune.optimizer import quality
 
 PROGRESS_FILE = "progress.json"
 
@@ -204,7 +205,7 @@ class RunProgress:
         sr = r.scenarios.get(label, {})
         if any(s.get("sla_met") is False for s in r.scenarios.values()):
             return
-        if (r.quality or {}).get("passed") is False:  # outside the quality limits: not a config to act on
+        if quality.failed(r.quality):  # outside the quality limits: not a config to act on
             return
         v = sr.get("summary", {}).get(metric)
         if not isinstance(v, (int, float)):

@@ -46,6 +46,11 @@ LIMITS = ("min_exact_match", "min_first_divergence", "max_mean_kl", "max_accurac
 _Q_FLOOR = 1e-12  # a trial probability of 0 where the baseline has mass: KL is large, not infinite
 
 
+def failed(verdict: Mapping[str, Any] | None) -> bool:
+    """A trial whose verdict missed the study's limits: never a "best" to recommend (no verdict: not failed)."""
+    return (verdict or {}).get("passed") is False
+
+
 def numerics_changes(params: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
     """``name=value`` for each numerics-changing parameter whose value differs from ``reference``'s
     (both should hold the engine's defaults under what was set)."""

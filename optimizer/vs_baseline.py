@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+from servetune.optimizer import quality
+
 
 def _value(rec: dict[str, Any], scenario: str, metric: str) -> float | None:
     v = (rec.get("scenarios", {}).get(scenario, {}).get("summary") or {}).get(metric)
@@ -61,12 +63,12 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
         measured = [(v, r) for r in recs if r.get("state") == "complete"
                     and r.get("scenarios", {}).get(scenario, {}).get("sla_met") is not False
                     and (v := _value(r, scenario, metric)) is not None]
-        valid = [(v, r) for v, r in measured if not _failed_quality(r)]
+        valid = [(v, r) for v, r in measured if not quality.failed(r.get("quality"))]
         pick = max if direction == "maximize" else min
         if valid:
             v, best = pick(valid, key=lambda x: x[0])
             entry.update(best_trial=best.get("number"), best=v, best_bracket=bracket(best, scenario))
-        out_of_limits = [(v, r) for v, r in measured if _failed_quality(r)]
+        out_of_limits = [(v, r) for v, r in measured if quality.failed(r.get("quality"))]
         if out_of_limits:
             v, r = pick(out_of_limits, key=lambda x: x[0])
             beats = not valid or (v > entry["best"] if direction == "maximize" else v < entry["best"])
@@ -91,10 +93,6 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
         entry["text"] = describe(entry)
         out.append(entry)
     return out
-
-
-def _failed_quality(rec: dict[str, Any]) -> bool:
-    return (rec.get("quality") or {}).get("passed") is False
 
 
 def _side(value: float | None, trial: Any, brk: list[float | None] | None) -> str:
