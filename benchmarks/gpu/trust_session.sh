@@ -89,7 +89,8 @@ if has_step quality || has_step specdec || has_step sglang || has_step smollm2; 
   CONVERT=$!; BACKGROUND+=("$CONVERT")
 fi
 if has_step sglang; then
-  ( arrived /tmp/kit-sglang/.all && { bash "$REPO/benchmarks/gpu/host_setup.sh" sglang > "$RES/sglang-setup.log" 2>&1;
+  # niced: it may overlap a vLLM study's levels (its pip installs take one or two of the host's cores)
+  ( arrived /tmp/kit-sglang/.all && { stamp "sglang setup starts"; nice -n 19 bash "$REPO/benchmarks/gpu/host_setup.sh" sglang > "$RES/sglang-setup.log" 2>&1;
       echo "rc $?" >> "$RES/sglang-setup.log"; } ) &
   SGLANG_SETUP=$!; BACKGROUND+=("$SGLANG_SETUP")
 fi
