@@ -119,18 +119,20 @@ def test_a_jit_inside_a_cold_level_invalidates_it_and_the_rerun_after_warmup_is_
 
 def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsys):
     args = ["--url", plain.url, "--model", "m", "--scenario", "offline", "--num-requests", "12", "--dataset-size",
-            "12", "--input-tokens", "32", "--output-tokens", "4", "--seed", "7", "-o"]
+            "12", "--input-tokens", "128", "--output-tokens", "4", "--seed", "7", "-o"]
     assert main(args + [str(tmp_path / "a")]) == 0
     first = json.loads((tmp_path / "a" / "result.json").read_text())
     assert "vllm metrics at" in first["audit"]["how"] and "no engine log" in first["audit"]["how"]
     a = first["results"][0]["audit"]
     assert a["passed"] and a["log"] is None and first["results"][0]["valid"]
-    assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] == 12 * 32
-    assert main(args + [str(tmp_path / "b")]) == 0  # the same prompts again: the prefix cache serves them
+    assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] == 12 * 128
+    # the same prompts again: the prefix cache serves them (all but the last block: far beyond the first 16 tokens
+    # that distinct prompts may share)
+    assert main(args + [str(tmp_path / "b")]) == 0
     again = json.loads((tmp_path / "b" / "result.json").read_text())["results"][0]
     assert not again["valid"] and any(r.startswith("audit: prefix-cache hits") for r in again["invalid_reasons"])
     out = capsys.readouterr().out
-    assert "audit passed — server counted 384 prompt / 48 output tokens (client 384 / 48)" in out
+    assert "audit passed — server counted 1,536 prompt / 48 output tokens (client 1,536 / 48)" in out
     assert "audit FAILED: prefix-cache hits were" in out
 
 
