@@ -62,14 +62,17 @@ class Teller:
             if values is None and not contaminated:
                 result.state = "failed"
                 result.failure = {"kind": "load_errors", "reason": why}
-            elif values is not None:
-                self.scorer.put_objectives(result, values)
+            else:
+                if values is not None:
+                    self.scorer.put_objectives(result, values)
+                # a contaminated launch still answered the evaluation set: its quality figures stand (and a
+                # contaminated baseline is still the reference of the others)
                 if self.quality is not None:
                     if self._awaits_reference(result):
                         self.deferred.append((trial, result, outcome))
                         self.on_event("note", {"text": f"trial {result.number} is measured; its quality verdict "
                                                        "waits for its engine's baseline evaluation"})
-                        return True
+                        return values is not None
                     result.quality = self._judge_quality(result)
                     if "quality" in named:
                         named["quality"] = float(result.quality["constraint"])

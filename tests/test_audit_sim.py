@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from servetune.loadgen.audit import Auditor, contaminated
-from servetune.loadgen.datasets import random_dataset
+from servetune.loadgen.datasets import random_dataset, text_task_dataset
 from servetune.loadgen.endpoint import Endpoint
 from servetune.loadgen.scenarios import ScenarioSettings, run
 from servetune.loadgen.search import find_max_qps, level_variant
@@ -192,3 +192,24 @@ def test_a_second_shape_of_a_kernel_compiles_silently_unless_the_monitor_is_verb
             assert level.audit["passed"] and level.audit["log"]["events"] == []
     finally:
         srv.stop()
+
+
+def test_a_token_granular_cache_hitting_the_first_tokens_of_distinct_prompts_is_no_replay(tmp_path_factory):
+    # SGLang's radix cache (page size 1) on 2026-12-06: the text-task prompts "L<level> Request <n>.\n…" hit on
+    # their shared first tokens at every level, and the bare 1 % rule called all of them replayed. The sim with
+    # --block-size 1 caches per token the same way.
+    srv = _sim(tmp_path_factory, "--block-size", "1")
+    try:
+        endpoint, auditor, _ = _tools(srv)
+        data = text_task_dataset(40, ["freeform"], output_tokens=8)
+        level = _burst(len(data))
+        results = [auditor.measure(lambda n=n: run(endpoint, level_variant(data, n), level)) for n in (1, 2)]
+    finally:
+        srv.stop()
+    for res in results:
+        a = res.audit
+        hits, prompt = a["server"]["prefix_cache_hits"], a["server"]["prompt_tokens"]
+        assert hits > 0.01 * prompt  # more than the bare rule allowed ...
+        assert hits <= 16 * a["client"]["requests"]  # ... all of it on the first tokens
+        assert res.valid and a["passed"] and "rerun_of" not in a
+        assert any("within the first 16 tokens distinct prompts may share" in n for n in a["notes"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from servetune.optimizer import evalset
+from servetune.optimizer import evalset, run_dir
 from servetune.optimizer.driver import StudyDriver
 from servetune.optimizer.engines.sim import logits
 from servetune.optimizer.engines.sim.cli import build_parser, config_from_args
@@ -31,7 +31,10 @@ from servetune.optimizer.quality import (
     topk_kl,
     wilson,
 )
+from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import SpecError, load_study, parse_study
+from servetune.optimizer.summary import StudyOutcome
+from servetune.optimizer.teller import Teller
 from servetune.reports.details import trial_detail
 from servetune.reports.html import objective_front, render_report, trial_table
 from servetune.reports.model import load_run
@@ -348,3 +351,43 @@ def test_export_warns_when_the_chosen_trial_was_never_checked():
     ok = quality_warnings({"number": 6, "engine": "vllm", "params": {}, "quality": {
         "kind": "quality", "passed": True, "exact_match": 0.97, "changes_numerics": ["quantization=fp8"]}}, study)
     assert ok == []
+
+
+def test_a_contaminated_trial_still_gets_its_quality_verdict(tmp_path):
+    # SGLang on the real SmolLM2 (2026-12-06): the audit called every level of the bf16 baseline and of the fp8
+    # trial contaminated, and neither got a quality verdict although both had answered the evaluation set
+    # (fp8: exact match 5 %). A contaminated measurement says nothing about the answers; the verdict stands.
+    (tmp_path / "evalset.jsonl").write_text('{"id": "e1", "prompt": "The capital of France is"}\n')
+    (tmp_path / "tasks.jsonl").write_text('{"prompt": "Q: capital of France?\\nA:", "answer": "Paris"}\n')
+    (tmp_path / "study.yaml").write_text(STUDY.format(run=tmp_path / "run"))
+    driver = StudyDriver(load_study(tmp_path / "study.yaml"))
+    (tmp_path / "run").mkdir()
+    driver.open_study()
+    events: list = []
+    teller = Teller(driver.spec, driver.store, driver.scorer, driver.planner, driver.quality,
+                    lambda k, d: events.append((k, d)))
+    contaminated = {"offline": {"summary": {"audit_contaminated": 1.0}, "contaminated": True}}
+
+    def told(params, is_baseline, tokens, answer):
+        trial = driver.store.study.ask()
+        tdir = driver.trial_dir(trial.number)
+        tdir.mkdir(parents=True)
+        items = [{"id": "e1", "kind": "compare", "tokens": tokens,
+                  "top_logprobs": [{t: -0.1, "x": -3.0} for t in tokens]},
+                 {"id": "tasks-1", "kind": "task", "text": answer, "answers": ["Paris"]}]
+        (tdir / "eval.json").write_text(json.dumps({"fingerprint": driver.quality.fingerprint, "items": items}))
+        result = TrialResult(number=trial.number, engine="sim", params=params, state="complete",
+                             is_baseline=is_baseline, scenarios=contaminated,
+                             quality={"file": "eval.json", "fingerprint": driver.quality.fingerprint, "items": 2,
+                                      "errors": 0})
+        run_dir.write_record(tdir, result)  # as the trial's worker leaves it before the driver tells it
+        assert not teller.tell(trial, result, StudyOutcome(run_dir=tmp_path / "run"))  # nothing Optuna can learn
+        return json.loads((tdir / "trial.json").read_text())
+
+    base = told({"quantization": "none", "speculative_method": "none"}, True, [" Paris", "."], " Paris")
+    assert base["state"] == "complete" and base["quality"]["is_reference"] and base["quality"]["exact_match"] == 1.0
+    fp8 = told({"quantization": "fp8", "speculative_method": "ngram"}, False, [" the", " city"], " Lyon")
+    q = fp8["quality"]
+    assert q["reference"] == 0 and q["exact_match"] == 0.0 and q["first_divergence_mean"] == 0.0
+    assert q["passed"] is False and q["accuracy"]["rate"] == 0.0 and q["accuracy_drop"] == 1.0
+    assert [t.state for t in driver.store.study.trials] == [optuna.trial.TrialState.FAIL] * 2
