@@ -29,6 +29,12 @@ def _value(rec: dict[str, Any], scenario: str, metric: str) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _contaminated(rec: dict[str, Any], scenario: str) -> bool:
+    """The scenario's reported measurement failed its audit twice (loadgen.audit): neither met nor missed."""
+    sc = rec.get("scenarios", {}).get(scenario) or {}
+    return bool(sc.get("contaminated") or (sc.get("summary") or {}).get("audit_contaminated"))
+
+
 def bracket(rec: dict[str, Any], scenario: str) -> list[float | None] | None:
     """[highest valid rate, lowest invalid rate] of a max-QPS search, or None for a fixed-rate scenario."""
     summ = rec.get("scenarios", {}).get(scenario, {}).get("summary") or {}
@@ -62,6 +68,7 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
         entry: dict[str, Any] = {"objective": f"{scenario}.{metric}", "direction": direction, "ratio": None}
         measured = [(v, r) for r in recs if r.get("state") == "complete"
                     and r.get("scenarios", {}).get(scenario, {}).get("sla_met") is not False
+                    and not _contaminated(r, scenario)
                     and (v := _value(r, scenario, metric)) is not None]
         valid = [(v, r) for v, r in measured if not quality.failed(r.get("quality"))]
         pick = max if direction == "maximize" else min
@@ -79,10 +86,15 @@ def compare(records: Iterable[dict[str, Any]], objectives: Sequence[tuple[str, s
             entry.update(baseline_trial=base.get("number"), baseline=_value(base, scenario, metric),
                          baseline_bracket=bracket(base, scenario))
         if not valid:
+            dirty = sum(1 for r in recs if r.get("state") == "complete" and _contaminated(r, scenario))
             entry["why_not"] = ("no trial met both the SLA and the quality limits" if out_of_limits
-                                else "no trial met the SLA")
+                                else f"no trial met the SLA; {dirty} measured only contaminated levels (audit "
+                                     "failed twice)" if dirty else "no trial met the SLA")
         elif base is None:
             entry["why_not"] = "no baseline trial"
+        elif _contaminated(base, scenario):
+            entry["why_not"] = (f"the baseline's {scenario} (trial #{base.get('number')}) is contaminated: its audit "
+                                "failed twice, so it measured no capacity")
         elif base.get("state") != "complete" or base.get("scenarios", {}).get(scenario, {}).get("sla_met") is False \
                 or scenario not in base.get("scenarios", {}):
             entry["why_not"] = missed_reason(base, scenario)

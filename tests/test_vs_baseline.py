@@ -89,3 +89,22 @@ def test_no_best_when_only_quality_failures_met_the_sla():
     (e,) = compare([base, _offline(1, 8983.0, quality=FP8)], OFFLINE)
     assert "best_trial" not in e and e["why_not"] == "no trial met both the SLA and the quality limits"
     assert e["text"].endswith("but failed the quality limits (exact match 11% < 60%)")
+
+
+def test_a_contaminated_measurement_is_no_side_of_a_ratio():
+    # SGLang on SmolLM2 (2026-12-06): every level of the baseline and of the fp8 trial was contaminated, and the
+    # GPU summary still printed "best 657.5 (trial #1) vs baseline 563.8 (trial #0) → 1.17× baseline" from them
+    def dirty(rec):
+        sc = rec["scenarios"]["server"]
+        sc["contaminated"] = True
+        sc["summary"]["audit_contaminated"] = 1.0
+        return rec
+
+    (e,) = compare([dirty(_rec(0, 563.8, None, True)), dirty(_rec(1, 657.5, None)), _rec(2, 600.0, True)], OBJ)
+    assert e["best_trial"] == 2 and e["ratio"] is None
+    assert e["why_not"] == ("the baseline's server (trial #0) is contaminated: its audit failed twice, so it "
+                            "measured no capacity")
+    (e,) = compare([_rec(0, 500.0, True, True), dirty(_rec(1, 657.5, None))], OBJ)
+    assert e["best_trial"] == 0 and e["ratio"] == pytest.approx(1.0)
+    (e,) = compare([dirty(_rec(0, 563.8, None, True)), dirty(_rec(1, 657.5, None))], OBJ)
+    assert e["why_not"] == "no trial met the SLA; 2 measured only contaminated levels (audit failed twice)"

@@ -35,7 +35,7 @@ def levels(sc: dict) -> str:
 def summarize(run: Path) -> str:
     ts = list(trial_records(run).values())
     lines = [f"## {run.name}: {len(ts)} trials", ""]
-    lines.append("| # | state | params | GPUs | ready s | loaded s | wall s | levels | max valid qps | out tok/s "
+    lines.append("| # | state | params | GPU ids | ready s | loaded s | wall s | levels | max valid qps | out tok/s "
                  "| p99 TTFT ms | p99 TPOT ms | prefix hit | reason |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in ts:
