@@ -3,7 +3,8 @@
 # /tmp/kit-vllm. Other carried pieces may still be arriving: the SmolLM2 pieces (smollm2_carry.sh recv, then
 # `touch /tmp/smollm2-parts/.all`) and the SGLang kit parts (KIT_HOME=/tmp/kit-sglang recv.sh, then
 # `touch /tmp/kit-sglang/.all`); each is waited for (PIECES_WAIT_S, default 300 s) only by the steps that need it.
-# Steps, in the order STEPS gives (default "crosscheck quality specdec sglang"):
+# Steps, in the order STEPS gives (default "crosscheck quality specdec sglang"; STEPS=sglang alone needs no vLLM
+# kit: carry SGLang's parts and servetune's x_part* wheels into /tmp/kit-sglang, then touch /tmp/kit-sglang/.all):
 #   crosscheck crosscheck.sh on one `vllm serve` of the llama-3.1-8b shape with vLLM's defaults (compiled, CUDA
 #              graphs: the 2026-12-04 eager server drifted ±15 % between runs): servetune text against
 #              `vllm bench serve`, RUNS rounds interleaved, token ids in the first IDS_RUNS rounds, each vllm bench
@@ -59,11 +60,21 @@ ready() {  # PORT: until /health answers or the server dies
   return 1
 }
 
-if [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
+# a session of SGLang steps only needs no vLLM kit: SGLang's parts then carry servetune's wheels too
+# (KIT_HOME=/tmp/kit-sglang recv.sh for the x_part* as well) and its setup runs first, not beside a vLLM step
+MAIN=sglang
+for s in $STEPS; do [ "$s" = sglang ] || MAIN=vllm; done
+if [ "$MAIN" = sglang ]; then
+  stamp "setup sglang (no vLLM step)"
+  arrived /tmp/kit-sglang/.all || exit 1
+  bash "$REPO/benchmarks/gpu/host_setup.sh" sglang > "$RES/sglang-setup.log" 2>&1
+  echo "rc $?" >> "$RES/sglang-setup.log"
+  grep -q "^rc 0" "$RES/sglang-setup.log" || { stamp "setup failed (sglang-setup.log)"; exit 1; }
+elif [ ! -f /tmp/kit-vllm/servetune-env.sh ]; then
   stamp setup
   bash "$REPO/benchmarks/gpu/host_setup.sh" vllm > "$RES/setup.log" 2>&1 || { stamp "setup failed"; exit 1; }
 fi
-source /tmp/kit-vllm/servetune-env.sh
+source "/tmp/kit-$MAIN/servetune-env.sh"
 stamp "setup done: STEPS=$STEPS"
 # the lent host may be an H100: the SmolLM2 studies fit it as they are, so their copies name the GPU there is
 STUDY_DIR=$RES/studies; mkdir -p "$STUDY_DIR"
@@ -88,7 +99,7 @@ if has_step quality || has_step specdec || has_step sglang || has_step smollm2; 
       > "$RES/smollm2-convert.log" 2>&1; echo "rc $?" >> "$RES/smollm2-convert.log"; } ) &
   CONVERT=$!; BACKGROUND+=("$CONVERT")
 fi
-if has_step sglang; then
+if has_step sglang && [ "$MAIN" = vllm ]; then
   # niced: it may overlap a vLLM study's levels (its pip installs take one or two of the host's cores)
   ( arrived /tmp/kit-sglang/.all && { stamp "sglang setup starts"; nice -n 19 bash "$REPO/benchmarks/gpu/host_setup.sh" sglang > "$RES/sglang-setup.log" 2>&1;
       echo "rc $?" >> "$RES/sglang-setup.log"; } ) &
