@@ -89,5 +89,5 @@ def test_spec_crossover_finds_the_level_from_which_speculation_is_slower(tmp_pat
     trial(2, {"speculative_method": "ngram", "speculative_tokens": 2}, [250, 1900, 3400, 3100])
     text = _script("spec_crossover").render(tmp_path)
     assert "| 1 | 200 · 5.00 | 250 · 4.00 · 40% (2.60) | 260 · 3.85 · 40% (2.60) |" in text
-    assert "- ngram k=4 n=2..4: slower than the best without speculation from level 64 up (the crossover)" in text
-    assert "- ngram k=2: not slower than the best without speculation at the highest levels both measured" in text
+    assert "- ngram k=4 n=2..4: faster at 1, 16; slower at 64, 256; slower from level 64 up (the crossover)" in text
+    assert "- ngram k=2: faster at 1, 64, 256; slower at 16; not slower at the highest level both measured" in text

@@ -65,6 +65,24 @@ def crossover(off: dict[float, float], on: dict[float, dict]) -> float | None:
     return None
 
 
+def verdict(off: dict[float, float], on: dict[float, dict]) -> str:
+    """Where a speculative configuration is faster and slower than the best one without, and its crossover
+    (speculation may lose at low levels too: 2026-12-06, SmolLM2 on vLLM 0.26)."""
+    both = sorted(set(off) & set(on))
+    faster = [lv for lv in both if rate(on[lv]) > off[lv]]
+    slower = [lv for lv in both if rate(on[lv]) < off[lv]]
+    levels = ", ".join
+    if not faster:
+        return f"slower than the best without speculation at every level ({levels(f'{v:g}' for v in both)})"
+    text = f"faster at {levels(f'{v:g}' for v in faster)}"
+    if slower:
+        text += f"; slower at {levels(f'{v:g}' for v in slower)}"
+    x = crossover(off, on)
+    if x is not None:
+        return text + f"; slower from level {x:g} up (the crossover)"
+    return text + "; not slower at the highest level both measured"
+
+
 def render(run: Path) -> str:
     lines = [f"## {run.name}", ""]
     for scenario, configs in table(run).items():
@@ -93,12 +111,7 @@ def render(run: Path) -> str:
                     for lv in levels if any(lv in configs[n] for n in offs)}
         if best_off:
             for n in names[len(offs):]:
-                x = crossover(best_off, configs[n])
-                if x is not None:
-                    verdict = f"slower than the best without speculation from level {x:g} up (the crossover)"
-                else:
-                    verdict = "not slower than the best without speculation at the highest levels both measured"
-                lines.append(f"- {n}: {verdict}")
+                lines.append(f"- {n}: {verdict(best_off, configs[n])}")
             lines.append("")
     return "\n".join(lines)
 
