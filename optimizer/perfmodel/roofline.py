@@ -43,7 +43,12 @@ PER_SEQ_S = 3e-6
 PP_BUBBLE = 0.15
 # EAGLE drafter forward passes are small graphs of their own: launch + sync each.
 DRAFT_PASS_OVERHEAD_S = 0.12e-3
-# ngram proposer: CPU prompt lookup per step and per sequence (it also disables async scheduling).
+# ngram proposer: CPU prompt lookup per step and per sequence (it also disables async scheduling). The default
+# is the lookup alone. vLLM 0.26 on an H100 (SmolLM2-135M, 2026-12-06) spent more: its streamed chunks came
+# 3.3-3.8 ms apart with ngram against 1.5-1.8 ms without, at 1-8 sequences (V1 runner, async scheduling off, the
+# rejection sampler). The sim reproduces that run's ratios at one sequence with 1.5 ms here (the sim's
+# --lookup-step-ms 1.5). One point on a tiny model cannot say how much of it is fixed per step on other models,
+# so the default stays.
 NGRAM_STEP_S = 0.3e-3
 NGRAM_PER_SEQ_S = 5e-6
 # Activations moved per token per layer, in elements (residual/norm reads+writes ≈ 4·hidden, the MLP's
@@ -121,7 +126,8 @@ class Roofline:
     def __init__(self, shape: ModelShape, gpu: GpuSpec, *, tp: int = 1, pp: int = 1,
                  quantization: str = "none", kv_cache_dtype: str = "auto",
                  speculative_method: str = "none", speculative_tokens: int = 0,
-                 enforce_eager: bool = False, cuda_graph_max_batch: int = 512):
+                 enforce_eager: bool = False, cuda_graph_max_batch: int = 512,
+                 lookup_step_s: float = NGRAM_STEP_S):
         if tp < 1 or pp < 1:
             raise ValueError("tensor and pipeline parallel sizes must be >= 1")
         self.shape, self.gpu, self.tp, self.pp = shape, gpu, tp, pp
@@ -130,6 +136,7 @@ class Roofline:
         self.spec_tokens = speculative_tokens if speculative_method != "none" else 0
         self.enforce_eager = enforce_eager
         self.cuda_graph_max_batch = cuda_graph_max_batch
+        self.lookup_step_s = lookup_step_s
 
         s = shape
         wq = s.weight_dtype_bytes(quantization)
@@ -195,7 +202,7 @@ class Roofline:
         if not b.draft_seqs:
             return 0.0
         if self.spec_method in ("ngram", "suffix"):  # CPU lookups over each request's context
-            return NGRAM_STEP_S + NGRAM_PER_SEQ_S * b.draft_seqs
+            return self.lookup_step_s + NGRAM_PER_SEQ_S * b.draft_seqs
         # EAGLE: k sequential passes, each over draft_seqs tokens attending over their contexts.
         passes = max(1, round(b.draft_tokens / b.draft_seqs))
         n = b.draft_seqs

@@ -23,6 +23,7 @@ from servetune.optimizer.engines.sim.config import (
 from servetune.optimizer.engines.sim.server import SimServer
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import ModelShape
+from servetune.optimizer.perfmodel.roofline import NGRAM_STEP_S
 
 log = logging.getLogger("servetune.sim")
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-lossy-speculation", type=float, default=0.0,
                    help="evaluation requests: logit noise while speculating (a fault: speculative decoding is "
                         "lossless, so the default is 0)")
+    p.add_argument("--lookup-step-ms", type=float, default=NGRAM_STEP_S * 1e3,
+                   help="host time one ngram / suffix proposal adds to a step (default: the lookup alone; 1.5 "
+                        "reproduces vLLM 0.26 on an H100 with SmolLM2 at one sequence: docs/speculative.md)")
     p.add_argument("--startup-delay-s", type=float, default=0.5, help="emulated weight loading before ready")
     p.add_argument("--emulate-jit", action="store_true",
                    help="compile a kernel (and log vLLM's JIT warning) the first time a step's token count falls "
@@ -88,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         memory_fraction=args.gpu_memory_utilization, kv_block_size=args.block_size, max_model_len=args.max_model_len,
         speculative_method=args.speculative_method, speculative_tokens=args.num_speculative_tokens,
         speculative_acceptance=args.speculative_acceptance, speculative_lookup_min=args.prompt_lookup_min,
-        speculative_lookup_max=args.prompt_lookup_max, enforce_eager=args.enforce_eager, seed=args.seed)
+        speculative_lookup_max=args.prompt_lookup_max, enforce_eager=args.enforce_eager, seed=args.seed,
+        lookup_step_s=args.lookup_step_ms / 1e3)
 
 
 def load_model(model: str) -> ModelShape:

@@ -14,6 +14,7 @@ from servetune.optimizer.perfmodel.roofline import (
     ACT_BYTES,
     ACT_HIDDEN_FACTOR,
     ACT_INTER_FACTOR,
+    NGRAM_STEP_S,
     Roofline,
 )
 
@@ -70,6 +71,7 @@ class SimConfig:
     speculative_method: str = "none"  # none | ngram | suffix | eagle | eagle3
     speculative_tokens: int = 3
     speculative_acceptance: float | None = None  # None: measured on the answer (lookup), else DEFAULT_ACCEPTANCE
+    lookup_step_s: float = NGRAM_STEP_S  # host time of one ngram / suffix proposal step (perfmodel.roofline)
     speculative_lookup_min: int | None = None  # ngram window; unset bounds follow vLLM (5/5, or copy the other)
     speculative_lookup_max: int | None = None
     enforce_eager: bool = False
@@ -160,6 +162,8 @@ class SimConfig:
             raise SimConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.memory_fraction}.")
         if self.kv_block_size < 1:
             raise SimConfigError(f"block_size must be positive, got {self.kv_block_size}.")
+        if not 0.0 <= self.lookup_step_s < 1.0:
+            raise SimConfigError(f"lookup step must be in [0, 1000) ms, got {self.lookup_step_s * 1e3:g}.")
         if self.max_model_len is not None:
             if self.max_model_len < 1:
                 raise SimConfigError(f"max_model_len must be positive, got {self.max_model_len}.")
@@ -278,4 +282,4 @@ def build_roofline(shape: ModelShape, gpu: GpuSpec, cfg: SimConfig) -> Roofline:
     return Roofline(shape, gpu, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, quantization=cfg.quantization,
                     kv_cache_dtype=cfg.kv_cache_dtype, speculative_method=cfg.speculative_method,
                     speculative_tokens=cfg.num_drafts, enforce_eager=cfg.enforce_eager,
-                    cuda_graph_max_batch=cfg.graph_max_batch())
+                    cuda_graph_max_batch=cfg.graph_max_batch(), lookup_step_s=cfg.lookup_step_s)
