@@ -45,7 +45,7 @@ PP_BUBBLE = 0.15
 DRAFT_PASS_OVERHEAD_S = 0.12e-3
 # ngram proposer: CPU prompt lookup per step and per sequence (it also disables async scheduling). The default
 # is the lookup alone. vLLM 0.26 on an H100 (SmolLM2-135M, 2026-12-06) spent more: its streamed chunks came
-# 3.3-3.8 ms apart with ngram against 1.5-1.8 ms without, at 1-8 sequences (V1 runner, async scheduling off, the
+# 4.8-5.9 ms apart with ngram against 1.5-1.8 ms without, at 1-8 sequences (V1 runner, async scheduling off, the
 # rejection sampler). The sim reproduces that run's ratios at one sequence with 1.5 ms here (the sim's
 # --lookup-step-ms 1.5). One point on a tiny model cannot say how much of it is fixed per step on other models,
 # so the default stays.
