@@ -30,9 +30,9 @@ def _value(rec: dict[str, Any], scenario: str, metric: str) -> float | None:
 
 
 def _contaminated(rec: dict[str, Any], scenario: str) -> bool:
-    """The scenario's reported measurement failed its audit twice (loadgen.audit): neither met nor missed."""
-    sc = rec.get("scenarios", {}).get(scenario) or {}
-    return bool(sc.get("contaminated") or (sc.get("summary") or {}).get("audit_contaminated"))
+    """The scenario's reported measurement failed its audit twice (the record's flag, set by the lifecycle as
+    the teller and the report read it): neither met nor missed."""
+    return bool((rec.get("scenarios", {}).get(scenario) or {}).get("contaminated"))
 
 
 def bracket(rec: dict[str, Any], scenario: str) -> list[float | None] | None:

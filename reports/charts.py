@@ -17,7 +17,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from servetune.optimizer.run_dir import read_record
 from servetune.reports.importance import Importances
 from servetune.reports.model import PARAM, Run, Scenario
 from servetune.reports.pareto import front
@@ -206,57 +205,42 @@ def level_chart(run: Run, sc: Scenario, chart_id: str) -> Chart | None:
     Only for a scenario in which some trial measured two levels or more."""
     df = run.trials
     rows = df[df["duplicate_of"].isna() & run.complete] if "duplicate_of" in df else df[run.complete]
-    curves = []  # (row, [(level, tok/s, p50 TPOT, state)])
-    unit = "concurrency"
-    for _, row in rows.iterrows():
-        tdir = row.get("trial_dir")
-        raw = (read_record(tdir) or {}) if isinstance(tdir, str) else {}
-        by_level: dict[float, tuple] = {}  # a rate search may measure one rate twice: the last one stands
-        for lv in ((raw.get("scenarios") or {}).get(sc.name) or {}).get("levels") or []:
-            key = next((k for k in ("concurrency", "qps") if isinstance(lv.get(k), (int, float))), None) \
-                if isinstance(lv, dict) else None
-            summ = (lv.get("summary") or {}) if key else {}
-            tok = summ.get("output_tokens_per_s")
-            if key is None or not isinstance(tok, (int, float)) or not math.isfinite(tok):
-                continue
-            unit = key
-            state = ("contaminated" if summ.get("audit_contaminated") else
-                     "valid" if lv.get("valid", True) else "invalid")
-            by_level[float(lv[key])] = (float(lv[key]), float(tok), summ.get("tpot_p50_ms"), state)
-        if len(by_level) >= 2:
-            curves.append((row, sorted(by_level.values(), key=lambda p: p[0])))
+    curves = [(row, pts) for _, row in rows.iterrows()
+              if len(pts := run.levels.get(int(row["number"]), {}).get(sc.name, [])) >= 2]
     if not curves:
         return None
-    # name a trial by what sets it apart from the others drawn (the baseline is "baseline")
+
+    def params(row: pd.Series, cols: list[str]) -> str:
+        return ", ".join(f"{c.removeprefix(PARAM)}={fmt_param(row.get(c))}" for c in cols
+                         if fmt_param(row.get(c)) not in ("", "–", "nan", "None"))
+
+    # the legend names a trial by what sets it apart from the others drawn; the hover box gives all of it
     varying = [c for c in run.param_columns
                if len({fmt_param(r.get(c)) for r, _ in curves if r.get("is_baseline") is not True}) > 1]
+    by_rate = curves[0][1][0].unit == "qps"
+    level_name = "req/s" if by_rate else "concurrency"
     symbols = {"valid": "circle", "invalid": "x-thin-open", "contaminated": "circle-open"}
     fig = go.Figure(_validate=False)
     for i, (row, points) in enumerate(curves):
         number, base = int(row["number"]), row.get("is_baseline") is True
-        shown = varying or run.param_columns
-        params = ", ".join(f"{c.removeprefix(PARAM)}={fmt_param(row.get(c))}" for c in shown
-                           if fmt_param(row.get(c)) not in ("", "–", "nan", "None"))
-        label = f"#{number} baseline" if base else f"#{number} {params}".strip()
-        level_name = "concurrency" if unit == "concurrency" else "req/s"
-        every = ", ".join(f"{c.removeprefix(PARAM)}={fmt_param(row.get(c))}" for c in run.param_columns
-                          if fmt_param(row.get(c)) not in ("", "–", "nan", "None"))
-        head = f"#{number} baseline" if base else f"#{number} {every}"
-        hover = [f"<b>{_esc(head)}</b><br>{level_name} {fmt_number(x)}: {fmt_metric(tok, 'output_tokens_per_s')}"
-                 + (f", p50 TPOT {fmt_metric(tpot, 'tpot_p50_ms')}" if isinstance(tpot, (int, float)) else "")
-                 + ("" if state == "valid" else f" — {state}") for x, tok, tpot, state in points]
+        label = f"#{number} baseline" if base else f"#{number} {params(row, varying or run.param_columns)}".strip()
+        head = f"#{number} baseline" if base else f"#{number} {params(row, run.param_columns)}"
+        hover = [f"<b>{_esc(head)}</b><br>{level_name} {fmt_number(p.level)}: "
+                 f"{fmt_metric(p.output_tokens_per_s, 'output_tokens_per_s')}"
+                 + (f", p50 TPOT {fmt_metric(p.tpot_p50_ms, 'tpot_p50_ms')}" if p.tpot_p50_ms is not None else "")
+                 + ("" if p.state == "valid" else f" — {p.state}") for p in points]
         fig.add_trace(go.Scatter(
-            x=[p[0] for p in points], y=[p[1] for p in points], name=_esc(label), mode="lines+markers",
-            customdata=[[h, number] for h in hover], hovertemplate="%{customdata[0]}<extra></extra>",
+            x=[p.level for p in points], y=[p.output_tokens_per_s for p in points], name=_esc(label),
+            mode="lines+markers", customdata=[[h, number] for h in hover],
+            hovertemplate="%{customdata[0]}<extra></extra>",
             line=dict(width=3 if base else 2, dash="solid" if base else ("dash", "dot", "dashdot")[i % 3]),
-            marker=dict(size=9, symbol=[symbols[p[3]] for p in points], line=dict(width=2))))
-    levels = sorted({p[0] for _, pts in curves for p in pts})
+            marker=dict(size=9, symbol=[symbols[p.state] for p in points], line=dict(width=2))))
+    levels = sorted({p.level for _, pts in curves for p in pts})
     log = _wants_log(levels) or (len(levels) >= 3 and levels[-1] / levels[0] >= 16)
     fig.update_layout(
         height=430, margin=dict(l=70, r=20, t=48, b=90),
         title=dict(text=f"{_esc(sc.name)}: output tokens/s at each load level", x=0.01, font=dict(size=14)),
-        xaxis=dict(title=dict(text="concurrency (requests in flight)" if unit == "concurrency"
-                              else "offered load (req/s)"),
+        xaxis=dict(title=dict(text="offered load (req/s)" if by_rate else "concurrency (requests in flight)"),
                    type="log" if log else "linear", tickvals=levels, ticktext=[fmt_number(v) for v in levels]),
         yaxis=dict(title=dict(text=axis_title("output_tokens_per_s")), rangemode="tozero"),
         legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), hovermode="closest",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,16 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class LevelPoint:
+    """One load level of a sweep or rate search, as the per-level chart draws it."""
+    level: float
+    unit: str  # "concurrency" or "qps"
+    output_tokens_per_s: float
+    tpot_p50_ms: float | None
+    state: str  # valid | invalid | contaminated
+
+
+@dataclass(frozen=True)
 class Objective:
     metric: str
     scenario: str
@@ -100,6 +111,9 @@ class Run:
     objectives: list[Objective]
     skipped: int = 0  # trial directories whose trial.json could not be read
     warnings: list[str] = field(default_factory=list)
+    # trial number -> scenario -> its load levels as (level, output tok/s, p50 TPOT ms or None, state), by level;
+    # state is "valid", "invalid" or "contaminated"; only scenarios that measured a concurrency or rate per level
+    levels: dict[int, dict[str, list[LevelPoint]]] = field(default_factory=dict)
 
     # -- what the study is --------------------------------------------------------------------------------
     @property
@@ -278,8 +292,32 @@ def load_run(run_dir: str | Path) -> Run:
                 # Text and mixed columns as objects with None for "absent": pandas' own string dtype would
                 # hold NaN there, which is truthy and prints as "nan".
                 trials[c] = trials[c].astype(object).where(trials[c].notna(), None)
+    levels = {int(row["number"]): pts for row, data in zip(rows, raw) if (pts := _level_points(data))}
     return Run(run_dir=run_dir, spec=spec, trials=trials, scenarios=scenarios,
-               objectives=_objectives(spec, scenarios), skipped=skipped, warnings=warnings)
+               objectives=_objectives(spec, scenarios), skipped=skipped, warnings=warnings, levels=levels)
+
+
+def _level_points(data: dict[str, Any]) -> dict[str, list[LevelPoint]]:
+    """Per scenario, each load level's (level, output tok/s, p50 TPOT, state), sorted by level. A rate search
+    may measure one rate twice: the last one stands."""
+    out: dict[str, list[LevelPoint]] = {}
+    scenarios = data.get("scenarios") or {}
+    for name, sc in scenarios.items() if isinstance(scenarios, dict) else ():
+        by_level: dict[float, LevelPoint] = {}
+        for lv in (sc.get("levels") or []) if isinstance(sc, dict) else ():
+            key = next((k for k in ("concurrency", "qps") if isinstance(lv.get(k), (int, float))), None) \
+                if isinstance(lv, dict) else None
+            summ = (lv.get("summary") or {}) if key else {}
+            tok, tpot = summ.get("output_tokens_per_s"), summ.get("tpot_p50_ms")
+            if key is None or not isinstance(tok, (int, float)) or not math.isfinite(tok):
+                continue
+            state = ("contaminated" if summ.get("audit_contaminated") else
+                     "valid" if lv.get("valid", True) else "invalid")
+            by_level[float(lv[key])] = LevelPoint(float(lv[key]), key, float(tok),
+                                                  float(tpot) if isinstance(tpot, (int, float)) else None, state)
+        if by_level:
+            out[str(name)] = sorted(by_level.values(), key=lambda p: p.level)
+    return out
 
 
 def _read_spec(path: Path, warnings: list[str]) -> dict[str, Any]:
