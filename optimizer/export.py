@@ -313,8 +313,9 @@ def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dic
             "objectives": t.get("objectives"),
             "quality": {k: v for k, v in (t.get("quality") or {}).items()
                         if k in ("kind", "passed", "reference", "exact_match", "first_divergence_mean", "kl_mean",
-                                 "kl_max", "accuracy", "accuracy_reference", "accuracy_drop", "changes_numerics",
-                                 "limits", "reasons", "unchecked")} or None,
+                                 "kl_max", "divergences", "near_tie_divergences", "decisive_divergence",
+                                 "regret_max", "tie_margin", "accuracy", "accuracy_reference", "accuracy_drop",
+                                 "changes_numerics", "limits", "reasons", "unchecked")} or None,
         },
         "warnings": ctx["warnings"],
     }

@@ -18,14 +18,23 @@ that runs the baseline's numerics stands in for it). Figures, over the evaluatio
   report plus the rest bucket, and never above its own K-th probability; the rest bucket takes what remains.
   With exact values, coarsening can only lower a KL divergence, so the figure errs low when much mass lies
   outside the top K; with K = 10 on a peaked model the missing mass is small.
+- ``divergences`` / ``near_tie_divergences`` / ``decisive_divergence`` / ``regret_max``: where an item's
+  continuation differs, the *regret* is how far below its own pick the baseline ranked the trial's token at the
+  first difference (its top-1 logprob minus its logprob of that token, nats). A regret within ``tie_margin``
+  is a near-tie flip: the baseline itself was all but indifferent there, and a different summation order
+  (another kernel, a speculative verify pass) is enough to flip it; the continuations then differ in full
+  although no answer was changed on purpose. ``decisive_divergence`` is the share of compared items whose
+  first difference is not a near-tie: a regret above the margin, a token outside the baseline's top K, no
+  logprob to tell, or no answer at all.
 - ``accuracy`` (when the study gives ``tasks``): correct answers over all task prompts with a Wilson 95 %
   interval, for the trial and for the baseline; ``accuracy_drop`` = baseline − trial.
 
 A trial misses the study's limits (``min_exact_match``, ``min_first_divergence``, ``max_mean_kl``,
-``max_accuracy_drop``) and is infeasible, like a missed SLA: its constraint ``quality`` is above 0. An
-evaluation that failed, or that has no baseline evaluation to compare with, cannot show that a limit holds:
-it is infeasible too when limits are set. On random weights (``load_format: dummy``) the same figures
-measure numerical drift, not quality: the verdict says ``kind: drift``.
+``max_decisive_divergence``, ``max_accuracy_drop``) and is infeasible, like a missed SLA: its constraint
+``quality`` is above 0. An evaluation that failed, or that has no baseline evaluation to compare with,
+cannot show that a limit holds: it is infeasible too when limits are set. On random weights
+(``load_format: dummy``) the same figures measure numerical drift, not quality: the verdict says
+``kind: drift``.
 
 ``NUMERICS`` is the one list of settings that can change a model's outputs: the parameters flagged
 ``numerics: true`` in ``search_spaces/parameters.yaml``.
@@ -42,7 +51,8 @@ from servetune.optimizer.catalog import parameters
 from servetune.optimizer.quality_run import EVAL_FILE
 
 NUMERICS: tuple[str, ...] = tuple(n for n, p in parameters().items() if p.get("numerics"))
-LIMITS = ("min_exact_match", "min_first_divergence", "max_mean_kl", "max_accuracy_drop")
+LIMITS = ("min_exact_match", "min_first_divergence", "max_mean_kl", "max_decisive_divergence", "max_accuracy_drop")
+TIE_MARGIN = 0.5  # nats: 4 bf16 steps of a logit between 16 and 32, where an LLM's top logits usually lie
 _Q_FLOOR = 1e-12  # a trial probability of 0 where the baseline has mass: KL is large, not infinite
 
 
@@ -88,12 +98,22 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def compare(reference: list[dict[str, Any]], trial: list[dict[str, Any]]) -> dict[str, Any]:
+def divergence_regret(ref_top: Mapping[str, float] | None, token: str) -> float | None:
+    """How far below its own pick the reference ranked ``token`` (nats, >= 0); None when its top-K logprobs
+    are missing or do not hold the token (then it is at least the top-K spread: not a near-tie)."""
+    if not ref_top or token not in ref_top:
+        return None
+    return max(0.0, max(ref_top.values()) - ref_top[token])
+
+
+def compare(reference: list[dict[str, Any]], trial: list[dict[str, Any]],
+            tie_margin: float = TIE_MARGIN) -> dict[str, Any]:
     """The figures of ``trial``'s answers against ``reference``'s (items of kind "compare", matched by id).
     Items the baseline could not answer are left out; items the trial could not answer count as diverging at
     their first token."""
     mine = {a["id"]: a for a in trial if a.get("kind") == "compare"}
     exact, firsts, kls, unanswered = 0, [], [], 0
+    regrets: list[float | None] = []  # one per item whose continuation differs from the reference's
     for ref in reference:
         if ref.get("kind") != "compare" or ref.get("error") or "tokens" not in ref:
             continue
@@ -110,13 +130,21 @@ def compare(reference: list[dict[str, Any]], trial: list[dict[str, Any]]) -> dic
         for j in range(min(d + 1, len(a), len(b), len(ta), len(tb))):
             if ta[j] and tb[j]:
                 kls.append(topk_kl(ta[j], tb[j]))
+        if a != b:  # a continuation that stops where the other goes on has no token to rank: not a near-tie
+            regrets.append(divergence_regret(ta[d] if d < len(ta) else None, b[d]) if d < min(len(a), len(b))
+                           else None)
     n = len(firsts)
     if n == 0:
         return {"compared": 0}
+    known = [r for r in regrets if r is not None]
+    ties = sum(1 for r in known if r <= tie_margin)
     return {"compared": n, "unanswered": unanswered, "exact_match": round(exact / n, 4),
             "first_divergence_mean": round(sum(firsts) / n, 3),
             "kl_mean": round(sum(kls) / len(kls), 6) if kls else None,
-            "kl_max": round(max(kls), 6) if kls else None, "kl_positions": len(kls)}
+            "kl_max": round(max(kls), 6) if kls else None, "kl_positions": len(kls),
+            "divergences": len(regrets), "near_tie_divergences": ties, "tie_margin": tie_margin,
+            "decisive_divergence": round((len(regrets) - ties + unanswered) / n, 4),
+            "regret_max": round(max(known), 4) if known else None}
 
 
 def accuracy(answers: list[dict[str, Any]], match: str) -> dict[str, Any] | None:
@@ -211,7 +239,7 @@ class QualityGate:
             reasons.append("the baseline was evaluated on other prompts or settings (the eval set changed?)")
         else:
             v["reference"] = reference[0]
-            figures = compare(reference[1]["items"], own["items"])
+            figures = compare(reference[1]["items"], own["items"], self.spec.tie_margin)
             if not figures.get("compared"):
                 reasons.append("no evaluation prompt was answered by both this trial and the baseline")
             v.update(figures)
@@ -256,6 +284,10 @@ class QualityGate:
                 check(1.0, "no KL: no position with logprobs on both sides")
             else:
                 check(min(1e6, (m - L) / max(L, 1e-9)), f"mean KL {m:.4g} > {L:g} nats")
+        if "max_decisive_divergence" in lim:
+            m, L = v.get("decisive_divergence", 1.0), lim["max_decisive_divergence"]
+            check((m - L) / max(L, 0.01), f"{m:.0%} of answers diverge beyond a near-tie (regret > "
+                                          f"{v.get('tie_margin', TIE_MARGIN):g} nats) > {L:.0%}")
         if "max_accuracy_drop" in lim:
             d, L = v.get("accuracy_drop"), lim["max_accuracy_drop"]
             if d is None:
@@ -281,6 +313,10 @@ def describe(q: Mapping[str, Any] | None) -> str:
         parts.append(f"1st divergence {q['first_divergence_mean']:.1f}")
     if q.get("kl_mean") is not None:
         parts.append(f"KL {q['kl_mean']:.3g}")
+    if q.get("divergences"):
+        ties = q.get("near_tie_divergences") or 0
+        parts.append(f"{ties} of {q['divergences']} divergences near-ties" if ties < q["divergences"]
+                     else f"every divergence a near-tie (regret ≤ {q.get('regret_max') or 0:.3g} nats)")
     if q.get("accuracy"):
         parts.append(f"tasks {q['accuracy']['rate']:.0%}")
     verdict = {True: "ok", False: "FAILED", None: "measured"}[q.get("passed")]

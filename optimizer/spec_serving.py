@@ -12,6 +12,7 @@ from servetune.optimizer.engines.registry import names as engine_names
 from servetune.optimizer.evalset import EvalSetError, load
 from servetune.optimizer.perfmodel.hardware import get_gpu
 from servetune.optimizer.perfmodel.model_shapes import config_problem, load_shape
+from servetune.optimizer.quality import TIE_MARGIN
 from servetune.optimizer.secret_refs import is_literal_secret, literal_flag_secrets, ref_name
 from servetune.optimizer.spec_base import (
     MAX_GPUS,
@@ -217,6 +218,11 @@ class QualitySpec(StrictModel):
     min_first_divergence: float | None = Field(None, ge=0, description="mean tokens before the first "
                                                                        "difference from the baseline")
     max_mean_kl: float | None = Field(None, ge=0, description="mean per-token KL(baseline ‖ trial), nats, top-K")
+    max_decisive_divergence: float | None = Field(
+        None, ge=0, le=1, description="share of answers whose first difference from the baseline is not a "
+                                      "near-tie (see tie_margin): 0 accepts only rounding flips")
+    tie_margin: float = Field(TIE_MARGIN, ge=0, description="nats: a first difference whose token the baseline ranked "
+                                                     "within this of its own pick is a near-tie flip")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="task accuracy below the baseline's, "
                                                                           "as a fraction (0.05 = 5 points)")
 

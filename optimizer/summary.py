@@ -16,7 +16,8 @@ from servetune.optimizer.study_store import PESSIMISTIC, STATE
 from servetune.optimizer.vs_baseline import compare
 
 QUALITY_KEYS = ("passed", "reference", "exact_match", "first_divergence_mean", "kl_mean", "kl_max",
-                "accuracy_drop", "changes_numerics", "unchecked", "reasons")
+                "divergences", "near_tie_divergences", "decisive_divergence", "regret_max", "accuracy_drop",
+                "changes_numerics", "unchecked", "reasons")
 
 
 @dataclass

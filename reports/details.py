@@ -248,6 +248,11 @@ def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, A
         figures.append(("mean KL (top-K)", f"{q['kl_mean']:.4g} nats over {q.get('kl_positions')} tokens"))
     if q.get("kl_max") is not None:
         figures.append(("max KL", f"{q['kl_max']:.4g} nats"))
+    if q.get("divergences"):
+        figures.append(("first differences", f"{q['divergences']}, {q.get('near_tie_divergences', 0)} of them "
+                                             f"near-ties (baseline's margin ≤ {q.get('tie_margin', 0.5):g} nats); "
+                                             f"largest regret {q.get('regret_max') or 0:.3g} nats; beyond a "
+                                             f"near-tie: {q.get('decisive_divergence', 0):.1%} of prompts"))
     for key, label in (("accuracy", "task accuracy"), ("accuracy_reference", "baseline task accuracy")):
         a = q.get(key)
         if isinstance(a, dict):

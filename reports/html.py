@@ -290,6 +290,9 @@ QUALITY_COLUMNS = [
      "mean position of the first generated token that differs from the baseline's (tokens)"),
     ("quality.kl_mean", "mean KL", "per-token KL(baseline ‖ trial) over the top-K logprobs, nats, up to the first "
                                    "divergence"),
+    ("quality.decisive_divergence", "beyond near-ties",
+     "share of prompts whose first difference is not a near-tie: the baseline ranked the trial's token more than "
+     "tie_margin nats below its own (a flip at a near-tie is rounding, e.g. another kernel)"),
     ("quality.accuracy", "task accuracy", "share of task prompts answered right"),
     ("quality.status", "verdict", "against the study's quality limits"),
 ]
@@ -332,7 +335,7 @@ def trial_table(run: Run, front_numbers: set[int]) -> tuple[list[TableColumn], l
     if kind:
         group = f"{kind} vs baseline" + (" (random weights)" if kind == "drift" else "")
         for key, title, tip in QUALITY_COLUMNS:
-            if key == "quality.accuracy" and not df[key].notna().any():
+            if key in ("quality.accuracy", "quality.decisive_divergence") and not df[key].notna().any():
                 continue
             columns.append(TableColumn(group, title, key, tip=tip))
     columns.append(TableColumn("", "wall time (s)", "wall_s"))
@@ -405,7 +408,7 @@ def _cell(r: pd.Series, c: TableColumn) -> dict[str, Any]:
         cls = {"passed": "ok", "failed": "bad", "not checked": "bad" if r.get("quality.passed") is False else "na"}
         return {"text": str(v), "cls": cls.get(str(v), ""), "v": str(v),
                 "title": str(r.get("quality.reason") or tips.get(str(v), ""))}
-    if c.key in ("quality.exact_match", "quality.accuracy") and _present(v):
+    if c.key in ("quality.exact_match", "quality.accuracy", "quality.decisive_divergence") and _present(v):
         return {"text": f"{float(v):.0%}", "cls": "num", "title": "", "v": _sort_value(v)}
     if c.key == "quality.kl_mean" and _present(v):
         return {"text": f"{float(v):.3g}", "cls": "num", "title": "", "v": _sort_value(v)}

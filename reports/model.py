@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 PARAM = "param."
 DELTA = "delta."
 QUALITY = "quality."
-QUALITY_FIGURES = ("exact_match", "first_divergence_mean", "kl_mean", "kl_max", "accuracy_drop")
+QUALITY_FIGURES = ("exact_match", "first_divergence_mean", "kl_mean", "kl_max", "decisive_divergence", "regret_max",
+                   "accuracy_drop")
 # "interrupted": a trial that was running when its driver stopped (Ctrl-C, a crash); a resumed run queued its
 # configuration again as a new trial. Shown as such, not as failed or as running while nothing runs.
 STATES = ("complete", "failed", "rejected", "running", "interrupted")

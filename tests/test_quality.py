@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import lzma
 import math
 import textwrap
 from pathlib import Path
@@ -26,6 +27,8 @@ from servetune.optimizer.quality import (
     NUMERICS,
     QualityGate,
     compare,
+    describe,
+    divergence_regret,
     numerics_changes,
     reference_trial,
     topk_kl,
@@ -83,6 +86,59 @@ def test_compare_counts_exact_matches_first_divergences_and_kl_up_to_the_first_d
     assert f["kl_positions"] == 11
     assert f["kl_mean"] == pytest.approx(2 * topk_kl(top, shifted) / 11, rel=1e-4)
     assert f["kl_max"] == pytest.approx(topk_kl(top, shifted), rel=1e-4)
+
+
+def test_a_first_difference_is_a_near_tie_only_when_the_reference_ranked_the_trials_token_close_to_its_own():
+    def item(i, tokens, tops):
+        return {"id": i, "kind": "compare", "tokens": tokens, "top_logprobs": tops}
+
+    ref = [item("tie", ["a", "b"], [{}, {"b": -0.70, "c": -0.70}]),
+           item("close", ["a", "b"], [{}, {"b": -0.5, "c": -0.9}]),
+           item("far", ["a", "b"], [{}, {"b": -0.1, "c": -2.6}]),
+           item("outside", ["a", "b"], [{}, {"b": -0.1, "c": -2.6}]),   # the trial's token is not in the top K
+           item("stops", ["a", "b"], [{}, {"b": -0.1}]),                  # the trial stopped where this went on
+           item("gone", ["a", "b"], [{}, {}]), item("same", ["a", "b"], [{}, {}])]
+    trial = [item("tie", ["a", "c"], [{}, {}]), item("close", ["a", "c"], [{}, {}]),
+             item("far", ["a", "c"], [{}, {}]), item("outside", ["a", "z"], [{}, {}]),
+             item("stops", ["a"], [{}]), {"id": "gone", "kind": "compare", "error": "timeout"},
+             item("same", ["a", "b"], [{}, {}])]
+    f = compare(ref, trial)
+    assert (f["divergences"], f["near_tie_divergences"], f["regret_max"]) == (5, 2, 2.5)
+    # decisive: far, outside, stops, and the unanswered one, of 7 compared
+    assert f["decisive_divergence"] == pytest.approx(4 / 7, abs=1e-4) and f["tie_margin"] == 0.5
+    assert compare(ref, trial, tie_margin=3.0)["near_tie_divergences"] == 3
+    assert divergence_regret({"b": -0.1, "c": -2.6}, "c") == pytest.approx(2.5)
+    assert divergence_regret({"b": -0.1}, "c") is None and divergence_regret(None, "c") is None
+
+
+def _real_eval():
+    """SGLang 0.5.17's greedy answers on the real SmolLM2: bf16, NGRAM speculation, fp8 weights (see source)."""
+    with lzma.open(ROOT / "tests" / "fixtures" / "quality" / "sglang-0.5.17-smollm2-ngram-fp8.json.xz") as f:
+        return json.loads(f.read())
+
+
+def test_sglang_ngram_speculation_diverges_only_at_near_ties_and_fp8_beyond_them(tmp_path):
+    fx = _real_eval()
+    ngram, fp8 = compare(fx["reference"], fx["ngram"]), compare(fx["reference"], fx["fp8"])
+    # NGRAM: 26 of 64 answers differ, every one where the baseline's top two were within 3 bf16 steps
+    assert ngram["exact_match"] == pytest.approx(38 / 64, abs=1e-4)
+    assert (ngram["divergences"], ngram["near_tie_divergences"], ngram["regret_max"]) == (26, 26, 0.375)
+    assert ngram["decisive_divergence"] == 0
+    # fp8 weights: 61 differ, 7 of them by more than the margin (up to 1.75 nats)
+    assert (fp8["divergences"], fp8["near_tie_divergences"], fp8["regret_max"]) == (61, 54, 1.75)
+    assert fp8["decisive_divergence"] == pytest.approx(7 / 64, abs=1e-4)
+    gate = _gate(tmp_path, max_decisive_divergence=0.0)
+    rec = {"file": "eval.json", "fingerprint": "f", "items": 64}
+    ref = {"fingerprint": "f", "items": fx["reference"]}
+    ok = gate.judge(rec, {"fingerprint": "f", "items": fx["ngram"]}, (0, ref), ["speculative_method=ngram"])
+    bad = gate.judge(rec, {"fingerprint": "f", "items": fx["fp8"]}, (0, ref), ["quantization=fp8"])
+    assert ok["passed"] is True and bad["passed"] is False
+    assert bad["reasons"] == ["11% of answers diverge beyond a near-tie (regret > 0.5 nats) > 0%"]
+    assert "every divergence a near-tie (regret ≤ 0.375 nats)" in describe(ok)
+    assert "54 of 61 divergences near-ties" in describe(bad)
+    # the same answers under the exact-match limit the specdec studies set: NGRAM fails it
+    strict = _gate(tmp_path, min_exact_match=0.9).judge(rec, {"fingerprint": "f", "items": fx["ngram"]}, (0, ref), [])
+    assert strict["passed"] is False
 
 
 def test_wilson_interval():
@@ -297,6 +353,7 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert spec_only["changes_numerics"] == ["speculative_method=ngram"] and spec_only["reference"] == 0
     q = by_config[("fp8", "ngram")]["quality"]
     assert q["passed"] is False and q["exact_match"] < 0.75 and q["kl_mean"] > 0
+    assert q["divergences"] >= 1 and q["tie_margin"] == 0.5 and 0 <= q["decisive_divergence"] <= 1
     assert q["changes_numerics"] == ["quantization=fp8", "speculative_method=ngram"] and q["accuracy"]["n"] == 2
     # Optuna holds the verdict as a constraint: the lossy trials are infeasible and off the front
     st = optuna.load_study(study_name="quality-itest", storage=f"sqlite:///{run / 'study.db'}")
@@ -315,7 +372,7 @@ def test_a_study_judges_every_trial_against_the_baseline_and_lossy_ones_are_infe
     assert front and not front & lossy
     cols, rows = trial_table(r, front)
     assert [c.title for c in cols if c.group == "quality vs baseline"] == \
-        ["exact match", "1st divergence", "mean KL", "task accuracy", "verdict"]
+        ["exact match", "1st divergence", "mean KL", "beyond near-ties", "task accuracy", "verdict"]
     verdicts = {row.number: row.cells[[c.key for c in cols].index("quality.status")]["text"] for row in rows}
     assert verdicts[0] == "reference" and {verdicts[n] for n in lossy} == {"failed"}
     d = trial_detail(r, min(lossy))["quality"]

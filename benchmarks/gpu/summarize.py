@@ -128,8 +128,9 @@ def quality_table(ts: list[dict], quality: dict) -> list[str]:
     kind = judged[0]["quality"]["kind"]
     limits = ", ".join(f"{k} {v:g}" for k, v in (quality.get("limits") or {}).items()) or "none"
     out = ["", f"{kind.capitalize()} against the baseline (limits: {limits}):", "",
-           "| # | changes numerics | exact match | 1st divergence | mean KL | max KL | tasks (95% CI) | verdict |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| # | changes numerics | exact match | 1st divergence | mean KL | max KL | near-tie flips "
+           "| tasks (95% CI) | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for t in judged:
         q = t["quality"]
         acc = q.get("accuracy")
@@ -140,8 +141,10 @@ def quality_table(ts: list[dict], quality: dict) -> list[str]:
         kl = "–" if q.get("kl_mean") is None else f"{q['kl_mean']:.4g}"
         klmax = "–" if q.get("kl_max") is None else f"{q['kl_max']:.4g}"
         em = "–" if q.get("exact_match") is None else f"{q['exact_match']:.1%}"
+        ties = ("–" if q.get("divergences") is None else
+                f"{q.get('near_tie_divergences', 0)} of {q['divergences']} (max regret {q.get('regret_max') or 0:.3g})")
         out.append(f"| {t['number']} | {', '.join(q.get('changes_numerics') or []) or '–'} | {em} "
-                   f"| {fmt(q.get('first_divergence_mean'), 1)} | {kl} | {klmax} | {tasks} "
+                   f"| {fmt(q.get('first_divergence_mean'), 1)} | {kl} | {klmax} | {ties} | {tasks} "
                    f"| {verdict.replace('|', '/')} |")
     return out
 
