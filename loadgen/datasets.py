@@ -1,6 +1,6 @@
 """Datasets: lists of :class:`Request` to replay against a server.
 
-Four sources:
+Five sources:
 
 - ``random_dataset``: synthetic prompts of known length, as text or as token ids (``prompt_format``).
   With the model's tokenizer (:mod:`~servetune.loadgen.tokenizer`) both are exact and the same tokens: the
@@ -13,6 +13,8 @@ Four sources:
   the output budget (word count, the same one-word-one-token approximation). A prompt that appears twice
   in the file is kept once.
 - ``token_id_dataset``: pre-tokenized JSONL, ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
+- ``prompt_file_dataset``: text prompts exactly as a file lists them, in its order, repeats included (another
+  client's prompts sent again, so that two clients are compared on the same requests).
 - ``text_task_dataset``: real text shipped with servetune (``loadgen/data/text_tasks.json``) as tasks whose
   answers reuse their input (rewrite, summarize, code_edit: the source is quoted in a fenced block) or do not
   (freeform: a topic, nothing to copy). The workload that separates where speculative decoding by prompt
@@ -299,6 +301,32 @@ def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request
         if not isinstance(eos, bool):
             raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
         requests.append(Request(prompt=ids, max_tokens=max_tokens, input_tokens=len(ids), ignore_eos=eos))
+    if not requests:
+        raise ValueError(f"dataset {path} holds no requests")
+    return requests
+
+
+def prompt_file_dataset(path: str | Path, max_tokens: int, ignore_eos: bool = False,
+                        tokenizer: "PromptTokenizer | None" = None) -> list[Request]:
+    """Text prompts as a JSON array or JSONL file lists them: each record a string, or ``{"prompt": "...",
+    "max_tokens"?: N, "ignore_eos"?: bool}`` (``max_tokens`` / ``ignore_eos`` otherwise). Nothing is skipped,
+    reordered or made unique: the file is the workload, so a prompt listed twice is sent twice (a declared
+    replay; the audit counts its prefix-cache hits). ``input_tokens`` is exact with the model's ``tokenizer``
+    (its special tokens included, as the server counts), else the word count."""
+    requests = []
+    for n, item in enumerate(_read_records(path), 1):
+        where = f"dataset {path} record {n}"
+        rec = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+            raise ValueError(f"{where}: expected a non-empty string or an object with a 'prompt' string")
+        budget, eos = rec.get("max_tokens", max_tokens), rec.get("ignore_eos", ignore_eos)
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"{where}: 'max_tokens' must be a positive int, got {budget!r}")
+        if not isinstance(eos, bool):
+            raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
+        text = rec["prompt"]
+        length = (len(tokenizer.encode(text)) + tokenizer.specials) if tokenizer is not None else len(text.split())
+        requests.append(Request(prompt=text, max_tokens=budget, input_tokens=max(1, length), ignore_eos=eos))
     if not requests:
         raise ValueError(f"dataset {path} holds no requests")
     return requests

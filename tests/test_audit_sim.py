@@ -136,6 +136,20 @@ def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsy
     assert "audit FAILED: prefix-cache hits were" in out
 
 
+def test_bench_sends_a_prompt_file_as_listed_and_the_server_agrees(plain, tmp_path, capsys):
+    # `--dataset prompts`: the cross-check's "same prompts" run sends another client's prompts, as given
+    prompts = [f"{w} prompt number {i} of the file" for i, w in enumerate("abcdefghij")]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    assert main(["--url", plain.url, "--model", "m", "--scenario", "offline", "--num-requests", "10", "--dataset",
+                 "prompts", "--dataset-path", str(tmp_path / "p.json"), "--output-tokens", "3", "--ignore-eos",
+                 "-o", str(tmp_path / "r")]) == 0
+    res = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert res["dataset"]["kind"] == "prompts" and res["dataset"]["size"] == 10
+    a = res["results"][0]["audit"]
+    assert a["passed"] and a["server"]["generation_tokens"] == a["client"]["generation_tokens"] == 30
+    assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] and a["server"]["requests_finished"] == 10
+
+
 def test_a_launchs_first_level_that_fails_with_a_clean_audit_is_measured_once_more(plain):
     # issue 15 on an H200: the first level after a clean warm-up failed p99 TTFT with a few 2 s outliers and
     # no engine log line; the second run decides. Here the first run fails on a limit no run can meet.

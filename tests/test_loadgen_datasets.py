@@ -9,6 +9,7 @@ from servetune.loadgen.datasets import (
     SALT_TOKENS,
     SALT_WORDS,
     WORDS,
+    prompt_file_dataset,
     random_dataset,
     sharegpt_dataset,
     text_corpus,
@@ -17,7 +18,9 @@ from servetune.loadgen.datasets import (
     with_temperature,
 )
 from servetune.loadgen.endpoint import Endpoint
+from servetune.loadgen.tokenizer import PromptTokenizer
 from servetune.optimizer.engines.sim.answer import find_source
+from tokenizer_fixture import make_model_dir
 
 
 def test_random_token_ids_exact_lengths_and_safe_range():
@@ -137,6 +140,33 @@ def test_token_id_dataset_malformed(tmp_path, line, match):
     path = _write(tmp_path / "ids.jsonl", '{"prompt_token_ids": [1], "max_tokens": 2}\n' + line + "\n")
     with pytest.raises(ValueError, match=match):
         token_id_dataset(path)
+
+
+def test_a_prompt_file_is_sent_as_listed_repeats_and_odd_prompts_included(tmp_path):
+    # vLLM's random prompts, made with the kit's tokenizer, hold a few repeats and prompts without a space per
+    # 1,000; ShareGPT's reader drops both, this one must not (it replays another client's requests)
+    path = _write(tmp_path / "p.jsonl", '"b a"\n{"prompt": "x=1;y=2"}\n"b a"\n'
+                                        '{"prompt": "c d e", "max_tokens": 3, "ignore_eos": true}\n')
+    reqs = prompt_file_dataset(path, 8)
+    assert [(r.prompt, r.max_tokens, r.input_tokens, r.ignore_eos) for r in reqs] == [
+        ("b a", 8, 2, False), ("x=1;y=2", 8, 1, False), ("b a", 8, 2, False), ("c d e", 3, 3, True)]
+    assert [r.prompt for r in prompt_file_dataset(_write(tmp_path / "p.json", '["q", "r"]'), 2)] == ["q", "r"]
+
+
+def test_a_prompt_files_lengths_are_exact_with_the_models_tokenizer(tmp_path):
+    tok = PromptTokenizer(make_model_dir(tmp_path / "m"))
+    texts = [str(r.prompt) for r in random_dataset(5, 40, 4, prompt_format="text", tokenizer=tok, seed=1)]
+    path = _write(tmp_path / "p.json", json.dumps(texts))
+    assert {r.input_tokens for r in prompt_file_dataset(path, 4, tokenizer=tok)} == {40}
+
+
+@pytest.mark.parametrize("line, match", [
+    ('""', "non-empty string"), ('{"max_tokens": 4}', "'prompt' string"), ("[1]", "'prompt' string"),
+    ('{"prompt": "a", "max_tokens": 0}', "max_tokens"), ('{"prompt": "a", "ignore_eos": 1}', "ignore_eos"),
+])
+def test_a_malformed_prompt_file_names_the_record(tmp_path, line, match):
+    with pytest.raises(ValueError, match=f"record 2: .*{match}"):
+        prompt_file_dataset(_write(tmp_path / "p.jsonl", '"ok"\n' + line + "\n"), 4)
 
 
 # -- text tasks (speculative decoding's workloads) ----------------------------------------------------------

@@ -2,6 +2,9 @@
 
     crosscheck.py scrape URL FILE        the server's /metrics text into FILE
     crosscheck.py table OUT [--peer E]   OUT/runs.tsv's runs → table on stdout, OUT/crosscheck.md, .json
+    crosscheck.py peer-prompts MODEL FILE --num N --input-tokens I --output-tokens O --seed S
+                                         the prompts `vllm bench serve --dataset-name random --seed S` sends, as
+                                         a JSON list that `servetune bench --dataset prompts` sends as listed
 
 Each run is read three ways, so a difference between clients can be traced to its cause:
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import importlib.util
 import json
 import math
 import sys
@@ -311,11 +315,16 @@ def _pair_delta(runs: list[dict[str, Any]], a: str, b: str, fn) -> float | None:
 
 def paired_notes(runs: list[dict[str, Any]], peer: str) -> list[str]:
     """servetune-paired-N replayed the start times of {peer}-bench-N (``--arrival-trace``): both met the same
-    bursts, so a p99 difference between them is the clients', not the Poisson draw's."""
+    bursts, so a p99 difference between them is the clients', not the Poisson draw's. servetune-same-N also
+    sent {peer}-bench-N's prompts (``peer-prompts``): what is left between them is the clients alone."""
     by_name = {r["name"]: r for r in runs}
     out = []
     for r in runs:
-        if not r["name"].startswith("servetune-paired-"):
+        if r["name"].startswith("servetune-paired-"):
+            same = "same arrivals"
+        elif r["name"].startswith("servetune-same-"):
+            same = "same prompts and arrivals"
+        else:
             continue
         other = by_name.get(f"{peer}-bench-{r['name'].rsplit('-', 1)[1]}")
         if other is None:
@@ -325,9 +334,38 @@ def paired_notes(runs: list[dict[str, Any]], peer: str) -> list[str]:
                           ("p99 TPOT", lambda x: x["own"]["tpot"]["p99"])):
             a, b = _get(r, fn), _get(other, fn)
             if a is not None and b is not None:
-                out.append(f"- {r['name']} − {other['name']} (same arrivals), {label}: {a - b:+.1f} ms "
+                out.append(f"- {r['name']} − {other['name']} ({same}), {label}: {a - b:+.1f} ms "
                            f"({(a - b) / b:+.1%})" if b else f"- {r['name']}: {label} {a:.1f} ms")
     return out
+
+
+def peer_prompts(model: str, n: int, input_tokens: int, output_tokens: int, seed: int) -> tuple[list[str], str]:
+    """The prompts of ``vllm bench serve --dataset-name random --random-range-ratio 0 --seed SEED``, and where they
+    came from: vLLM's own RandomDataset where vLLM is installed (the GPU hosts), else the copy of its recipe in
+    benchmarks/prompt_tokenization.py (prompts of the same kind, not the same text)."""
+    try:
+        from transformers import AutoTokenizer  # noqa: PLC0415 — only on a host with vLLM
+        from vllm.benchmarks.datasets import RandomDataset  # noqa: PLC0415
+    except ImportError:
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        from servetune.loadgen.tokenizer import find_tokenizer  # noqa: PLC0415
+        spec = importlib.util.spec_from_file_location("prompt_tokenization",
+                                                      Path(__file__).resolve().parent.parent / "prompt_tokenization.py")
+        assert spec is not None and spec.loader is not None
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        path = find_tokenizer(model)
+        if path is None:
+            raise SystemExit(f"no tokenizer.json at {model}")
+        tok = Tokenizer.from_file(str(path))
+        specials = len(tok.encode("", add_special_tokens=True).ids)
+        return (recipe.vllm_random(tok, n, input_tokens - specials, np.random.default_rng(seed)),
+                "a copy of vLLM's RandomDataset recipe (vLLM is not installed here)")
+    # what vllm bench serve's get_samples does for --dataset-name random (vllm/benchmarks/datasets.py)
+    rows = RandomDataset(random_seed=seed).sample(tokenizer=AutoTokenizer.from_pretrained(model), num_requests=n,
+                                                  input_len=input_tokens, output_len=output_tokens, range_ratio=0.0)
+    return [str(r.prompt) for r in rows], "vLLM's RandomDataset"
 
 
 def render(runs: list[dict[str, Any]], peer: str) -> str:
@@ -379,9 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table")
     t.add_argument("out")
     t.add_argument("--peer", default="vllm", choices=("vllm", "sglang"))
+    g = sub.add_parser("peer-prompts")
+    g.add_argument("model")
+    g.add_argument("file")
+    for flag in ("--num", "--input-tokens", "--output-tokens", "--seed"):
+        g.add_argument(flag, type=int, required=True)
     args = p.parse_args(argv)
     if args.cmd == "scrape":
         scrape(args.url, args.file)
+        return 0
+    if args.cmd == "peer-prompts":
+        prompts, source = peer_prompts(args.model, args.num, args.input_tokens, args.output_tokens, args.seed)
+        Path(args.file).write_text(json.dumps(prompts))
+        print(f"{len(prompts)} prompts ({len(set(prompts))} distinct) from {source} → {args.file}", file=sys.stderr)
         return 0
     out = Path(args.out)
     runs = load_runs(out)

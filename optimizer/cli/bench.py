@@ -167,8 +167,11 @@ def add_cli_args(b: argparse.ArgumentParser) -> None:
                    help="when --qps-lo is not valid, halve the rate down to R before calling the SLA missed "
                         "(default: --qps-lo / 16)")
     d = b.add_argument_group("dataset")
-    d.add_argument("--dataset", choices=("random", "sharegpt", "token_ids"), default="random")
-    d.add_argument("--dataset-path", help="file for sharegpt / token_ids")
+    d.add_argument("--dataset", choices=("random", "sharegpt", "token_ids", "prompts"), default="random",
+                   help="prompts: a file's text prompts sent as listed, repeats included (another client's, to "
+                        "compare on the same requests); their output budget is --output-tokens unless a record "
+                        "sets max_tokens")
+    d.add_argument("--dataset-path", help="file for sharegpt / token_ids / prompts")
     d.add_argument("--dataset-size", type=int, default=None,
                    help="samples (random: default the larger of 1000 and --num-requests; sharegpt: all usable)")
     d.add_argument("--prompt-format", choices=("auto", "text", "token_ids"), default="auto",
@@ -259,6 +262,10 @@ def _dataset(args: argparse.Namespace):
         return reqs, tokenizer
     if not args.dataset_path:
         raise UsageError(f"--dataset {args.dataset} needs --dataset-path")
+    if args.dataset == "prompts":
+        tokenizer = _tokenizer(args)
+        reqs = datasets.prompt_file_dataset(args.dataset_path, args.output_tokens, tokenizer=tokenizer)
+        return (reqs[:args.dataset_size] if args.dataset_size else reqs), tokenizer
     if args.dataset == "sharegpt":
         return datasets.sharegpt_dataset(args.dataset_path, args.dataset_size, seed=args.seed,
                                          max_output_tokens=args.max_output_tokens), None
