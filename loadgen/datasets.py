@@ -280,6 +280,16 @@ def _token_ids(value: Any) -> list[int] | None:
     return value
 
 
+def _budget(item: dict[str, Any], where: str, max_tokens: int | None, ignore_eos: bool) -> tuple[int, bool]:
+    """A record's ``max_tokens`` and ``ignore_eos`` (the defaults where it sets none), checked."""
+    budget, eos = item.get("max_tokens", max_tokens), item.get("ignore_eos", ignore_eos)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ValueError(f"{where}: 'max_tokens' must be a positive int, got {budget!r}")
+    if not isinstance(eos, bool):
+        raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
+    return budget, eos
+
+
 def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request]:
     """Pre-tokenized requests from JSONL: ``{"prompt_token_ids": [...], "max_tokens": N}`` per line.
 
@@ -294,12 +304,7 @@ def token_id_dataset(path: str | Path, ignore_eos: bool = False) -> list[Request
         ids = _token_ids(item.get("prompt_token_ids"))
         if ids is None:
             raise ValueError(f"{where}: 'prompt_token_ids' must be a non-empty list of non-negative ints")
-        max_tokens = item.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"{where}: 'max_tokens' must be a positive int, got {max_tokens!r}")
-        eos = item.get("ignore_eos", ignore_eos)
-        if not isinstance(eos, bool):
-            raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
+        max_tokens, eos = _budget(item, where, None, ignore_eos)
         requests.append(Request(prompt=ids, max_tokens=max_tokens, input_tokens=len(ids), ignore_eos=eos))
     if not requests:
         raise ValueError(f"dataset {path} holds no requests")
@@ -319,11 +324,7 @@ def prompt_file_dataset(path: str | Path, max_tokens: int, ignore_eos: bool = Fa
         rec = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
             raise ValueError(f"{where}: expected a non-empty string or an object with a 'prompt' string")
-        budget, eos = rec.get("max_tokens", max_tokens), rec.get("ignore_eos", ignore_eos)
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise ValueError(f"{where}: 'max_tokens' must be a positive int, got {budget!r}")
-        if not isinstance(eos, bool):
-            raise ValueError(f"{where}: 'ignore_eos' must be true or false, got {eos!r}")
+        budget, eos = _budget(rec, where, max_tokens, ignore_eos)
         text = rec["prompt"]
         length = (len(tokenizer.encode(text)) + tokenizer.specials) if tokenizer is not None else len(text.split())
         requests.append(Request(prompt=text, max_tokens=budget, input_tokens=max(1, length), ignore_eos=eos))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from servetune.loadgen.scenario_kinds import level_key
-from servetune.optimizer.quality import load_eval
+from servetune.optimizer.quality import TIE_MARGIN, load_eval
 from servetune.optimizer.run_dir import read_record
 from servetune.reports.detail_figures import cdf_figure, load_curve_figure, present, read_latencies
 from servetune.reports.model import DELTA, PARAM, Run, dict_at
@@ -249,8 +249,9 @@ def quality_detail(run: Run, row: pd.Series, raw: dict[str, Any]) -> dict[str, A
     if q.get("kl_max") is not None:
         figures.append(("max KL", f"{q['kl_max']:.4g} nats"))
     if q.get("divergences"):
+        margin = q.get("tie_margin", TIE_MARGIN)
         figures.append(("first differences", f"{q['divergences']}, {q.get('near_tie_divergences', 0)} of them "
-                                             f"near-ties (baseline's margin ≤ {q.get('tie_margin', 0.5):g} nats); "
+                                             f"near-ties (baseline's margin ≤ {margin:g} nats); "
                                              f"largest regret {q.get('regret_max') or 0:.3g} nats; beyond a "
                                              f"near-tie: {q.get('decisive_divergence', 0):.1%} of prompts"))
     for key, label in (("accuracy", "task accuracy"), ("accuracy_reference", "baseline task accuracy")):
