@@ -156,3 +156,22 @@ def test_a_same_run_sends_the_peers_kind_of_prompts_as_listed_and_is_compared_wi
 
     notes = cc.paired_notes([run("vllm-bench-1", 80.0), run("servetune-same-1", 78.0)], "vllm")
     assert notes[0] == "- servetune-same-1 − vllm-bench-1 (same prompts and arrivals), mean TTFT: -2.0 ms (-2.5%)"
+
+
+def test_the_same_prompt_runs_get_their_own_goal_table(cc):
+    def run(name, tool, tps, ttft):
+        return {"name": name, "tool": tool, "own": {"output_tokens_per_s": tps, "ttft": {"mean": ttft, "p99": 3 * ttft},
+                                                    "tpot": {"mean": 10.0, "p99": 12.0}}}
+
+    runs = [run("servetune-text-1", "servetune", 1000.0, 70.0), run("vllm-bench-1", "vllm", 1000.0, 76.0),
+            run("servetune-same-1", "servetune", 1001.0, 75.0), run("servetune-text-2", "servetune", 1000.0, 71.0),
+            run("vllm-bench-2", "vllm", 1002.0, 78.0), run("servetune-same-2", "servetune", 1002.0, 77.0)]
+    text_goal = {g["metric"]: g for g in cc.goal(runs, "vllm")}
+    same_goal = {g["metric"]: g for g in cc.goal(runs, "vllm", "servetune-same-")}
+    assert text_goal["mean TTFT"]["servetune_runs"] == [70.0, 71.0] and not text_goal["mean TTFT"]["ok"]
+    assert same_goal["mean TTFT"]["servetune_runs"] == [75.0, 77.0] and same_goal["mean TTFT"]["ok"]
+    assert same_goal["mean TTFT"]["diff"] == pytest.approx(76.0 / 77.0 - 1)
+    md = cc.render(runs, "vllm")
+    assert md.count("Goal: ") == 2 and "Goal: servetune sending each peer run's prompts at that run's arrivals" in md
+    # without same-prompt runs there is one table, as before
+    assert cc.render(runs[:2] + runs[3:5], "vllm").count("Goal: ") == 1

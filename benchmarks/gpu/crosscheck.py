@@ -276,9 +276,14 @@ def _get(r: dict[str, Any], fn) -> Any:
         return None
 
 
-def goal(runs: list[dict[str, Any]], peer: str) -> list[dict[str, Any]]:
-    """servetune (text prompts) against the peer: means within 3 %, p99 within the peer's run-to-run spread."""
-    mine = [r for r in runs if r["name"].startswith("servetune-text-") and "final-usage" not in r["name"]
+GOALS = (("servetune-text-", "servetune (its own text prompts, its own Poisson draw)"),
+         ("servetune-same-", "servetune sending each peer run's prompts at that run's arrivals"))
+
+
+def goal(runs: list[dict[str, Any]], peer: str, mine_prefix: str = "servetune-text-") -> list[dict[str, Any]]:
+    """servetune's runs named MINE_PREFIX* against the peer's: means within 3 %, p99 within the peer's run-to-run
+    spread. The same-prompt runs (servetune-same-N) answer it with nothing but the clients differing."""
+    mine = [r for r in runs if r["name"].startswith(mine_prefix) and "final-usage" not in r["name"]
             and "own" in r]
     theirs = [r for r in runs if r["tool"] == peer and "own" in r]
     if not mine or not theirs:
@@ -343,9 +348,9 @@ def peer_prompts(model: str, n: int, input_tokens: int, output_tokens: int, seed
     """The prompts of ``vllm bench serve --dataset-name random --random-range-ratio 0 --seed SEED``, and where they
     came from: vLLM's own RandomDataset where vLLM is installed (the GPU hosts), else the copy of its recipe in
     benchmarks/prompt_tokenization.py (prompts of the same kind, not the same text)."""
-    try:
-        from transformers import AutoTokenizer  # noqa: PLC0415 — only on a host with vLLM
+    try:  # only on a host with vLLM: the tokenizer vllm bench serve loads, and its dataset
         from vllm.benchmarks.datasets import RandomDataset  # noqa: PLC0415
+        from vllm.tokenizers import get_tokenizer  # noqa: PLC0415
     except ImportError:
         from tokenizers import Tokenizer  # noqa: PLC0415
 
@@ -363,7 +368,7 @@ def peer_prompts(model: str, n: int, input_tokens: int, output_tokens: int, seed
         return (recipe.vllm_random(tok, n, input_tokens - specials, np.random.default_rng(seed)),
                 "a copy of vLLM's RandomDataset recipe (vLLM is not installed here)")
     # what vllm bench serve's get_samples does for --dataset-name random (vllm/benchmarks/datasets.py)
-    rows = RandomDataset(random_seed=seed).sample(tokenizer=AutoTokenizer.from_pretrained(model), num_requests=n,
+    rows = RandomDataset(random_seed=seed).sample(tokenizer=get_tokenizer(model), num_requests=n,
                                                   input_len=input_tokens, output_len=output_tokens, range_ratio=0.0)
     return [str(r.prompt) for r in rows], "vLLM's RandomDataset"
 
@@ -380,9 +385,11 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
     for r in shown:
         if r.get("error"):
             lines.append(f"\n{r['name']}: could not read its result: {r['error']}")
-    checks = goal(runs, peer)
-    if checks:
-        lines += ["", f"Goal: servetune (text prompts) against {peer}'s own client, mean of the runs.", "",
+    for prefix, who in GOALS:
+        checks = goal(runs, peer, prefix)
+        if not checks:
+            continue
+        lines += ["", f"Goal: {who}, against {peer}'s own client, mean of the runs.", "",
                   "| metric | servetune | peer | difference | servetune's runs apart | peer's runs apart | rule "
                   "| met |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -435,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(out)
     text = render(runs, args.peer)
     (out / "crosscheck.md").write_text(text)
-    (out / "crosscheck.json").write_text(json.dumps({"runs": runs, "goal": goal(runs, args.peer)}, indent=1,
+    (out / "crosscheck.json").write_text(json.dumps({"runs": runs, "goal": goal(runs, args.peer),
+                                                    "goal_same": goal(runs, args.peer, "servetune-same-")}, indent=1,
                                                     default=float))
     print(text, end="")
     return 0
