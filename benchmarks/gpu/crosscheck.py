@@ -404,9 +404,10 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
         d = _pair_delta(shown, "servetune-text-", "servetune-ids-", fn)
         if d is not None:
             notes.append(f"- text − token ids, {label}: {d:+.1f} ms")
-        d = _pair_delta(shown, f"{peer}-bench-", "servetune-text-", fn)
-        if d is not None:
-            notes.append(f"- {peer} bench − servetune text, {label}: {d:+.1f} ms")
+        for mine, who in (("servetune-text-", "servetune text"), ("servetune-same-", "servetune same prompts")):
+            d = _pair_delta(shown, f"{peer}-bench-", mine, fn)
+            if d is not None:
+                notes.append(f"- {peer} bench − {who}, {label}: {d:+.1f} ms")
     notes += paired_notes(shown, peer)
     if notes:
         lines += ["", "Where a TTFT difference comes from (a server TTFT that differs is load, queueing; an equal "

@@ -14,7 +14,8 @@
 #   ENGINE  vllm | sglang: which peer client runs
 #   OUT     results folder (default /tmp/crosscheck-ENGINE); runs already in it are overwritten
 # Environment (defaults): QPS=20 NUM_REQUESTS=1200 INPUT_TOKENS=1024 OUTPUT_TOKENS=128 WARMUP_REQUESTS=300
-#   RUNS=2 (runs per client)  IDS_RUNS=RUNS (of those rounds, how many also run servetune with token ids)
+#   RUNS=2 (rounds)  TEXT_RUNS=RUNS (of those rounds, how many run servetune with its own text prompts: 0 leaves
+#   the peer and the same-prompt replays, when time is short)  IDS_RUNS=RUNS (how many also run token ids)
 #   SERVED_NAME=MODEL  EXTRA_RUNS="" ("usage": add servetune text runs that ask for
 #   the final usage only, as vllm bench does, instead of per-chunk usage; "paired", vLLM only: after each
 #   vllm bench run, a servetune text run that replays its start_times with --arrival-trace, so that the two
@@ -32,7 +33,7 @@ URL=${1:?server URL}; MODEL=${2:?model directory}; ENGINE=${3:?engine (vllm or s
 OUT=${4:-/tmp/crosscheck-$ENGINE}
 case "$ENGINE" in vllm|sglang) ;; *) echo "ENGINE must be vllm or sglang, got $ENGINE" >&2; exit 2;; esac
 QPS=${QPS:-20}; N=${NUM_REQUESTS:-1200}; IN=${INPUT_TOKENS:-1024}; OUTLEN=${OUTPUT_TOKENS:-128}
-WARM=${WARMUP_REQUESTS:-300}; RUNS=${RUNS:-2}; IDS_RUNS=${IDS_RUNS:-$RUNS}; SERVED=${SERVED_NAME:-$MODEL}; EXTRA_RUNS=${EXTRA_RUNS:-}
+WARM=${WARMUP_REQUESTS:-300}; RUNS=${RUNS:-2}; TEXT_RUNS=${TEXT_RUNS:-$RUNS}; IDS_RUNS=${IDS_RUNS:-$RUNS}; SERVED=${SERVED_NAME:-$MODEL}; EXTRA_RUNS=${EXTRA_RUNS:-}
 DEFAULT_ARRIVAL=poisson_exact; [ "$ENGINE" = sglang ] && DEFAULT_ARRIVAL=poisson
 ARRIVAL=${ARRIVAL:-$DEFAULT_ARRIVAL}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -96,7 +97,7 @@ echo "== $(date -u +%FT%TZ) crosscheck on $URL ($ENGINE, $MODEL): $N requests at
 measure warmup servetune "$OUT/warmup/result.json" -- st --num-requests "$WARM" --prompt-format token_ids --seed 99 \
   "${SAMPLING[@]}" -o "$OUT/warmup"
 for i in $(seq 1 "$RUNS"); do  # every run its own seed: no prompt of one run is in another's prefix cache
-  measure "servetune-text-$i" servetune "$OUT/servetune-text-$i/result.json" -- \
+  [ "$i" -le "$TEXT_RUNS" ] && measure "servetune-text-$i" servetune "$OUT/servetune-text-$i/result.json" -- \
     st --num-requests "$N" --prompt-format text --seed "$((10 * i + 1))" "${SAMPLING[@]}" -o "$OUT/servetune-text-$i"
   measure "$ENGINE-bench-$i" "$ENGINE" "$OUT/$ENGINE-bench-$i.$PEER_EXT" -- peer "$i" "$OUT/$ENGINE-bench-$i.$PEER_EXT"
   [ "$i" -le "$IDS_RUNS" ] && measure "servetune-ids-$i" servetune "$OUT/servetune-ids-$i/result.json" -- \

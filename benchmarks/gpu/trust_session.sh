@@ -129,7 +129,7 @@ for step in $STEPS; do
       for pid in "${BACKGROUND[@]}"; do wait "$pid" 2>/dev/null; done
       stamp "crosscheck measures"
       QPS=${QPS:-20} NUM_REQUESTS=${NUM_REQUESTS:-1000} WARMUP_REQUESTS=${WARMUP_REQUESTS:-300} RUNS=${RUNS:-3} \
-        IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-same} bash "$REPO/benchmarks/gpu/crosscheck.sh" \
+        TEXT_RUNS=${TEXT_RUNS:-${RUNS:-3}} IDS_RUNS=${IDS_RUNS:-1} EXTRA_RUNS=${EXTRA_RUNS:-same} bash "$REPO/benchmarks/gpu/crosscheck.sh" \
         http://127.0.0.1:8000 "$CC_MODEL" vllm "$RES/crosscheck" > "$RES/crosscheck.log" 2>&1
       kill -INT "$SERVER"; wait "$SERVER" 2>/dev/null
       tail -n 40 "$RES/crosscheck/crosscheck.md" 2>/dev/null
