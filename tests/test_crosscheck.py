@@ -175,3 +175,19 @@ def test_the_same_prompt_runs_get_their_own_goal_table(cc):
     assert md.count("Goal: ") == 2 and "Goal: servetune sending each peer run's prompts at that run's arrivals" in md
     # without same-prompt runs there is one table, as before
     assert cc.render(runs[:2] + runs[3:5], "vllm").count("Goal: ") == 1
+
+
+def test_a_run_that_hit_the_prefix_cache_fails_its_goal_table(cc):
+    # 2026-12-06: the same-prompt replays came right after the peer run that sent those prompts and found 9.6 %
+    # of them cached; their TTFT was 9.5 % under the peer's for that reason alone
+    def run(name, tool, ttft, hit_rate):
+        return {"name": name, "tool": tool, "server": {"prefix_cache_hit_rate": hit_rate},
+                "own": {"output_tokens_per_s": 1000.0, "ttft": {"mean": ttft, "p99": 3 * ttft},
+                        "tpot": {"mean": 10.0, "p99": 12.0}}}
+
+    runs = [run("vllm-bench-1", "vllm", 76.0, 0.001), run("servetune-same-1", "servetune", 75.0, 0.096)]
+    checks = cc.goal(runs, "vllm", "servetune-same-")
+    assert all(not c["ok"] and c["prefix_cached_runs"] == ["servetune-same-1"] for c in checks)
+    assert "Not a comparison: servetune-same-1 found over 1 % of their prompt tokens" in cc.render(runs, "vllm")
+    runs[1]["server"]["prefix_cache_hit_rate"] = 0.0
+    assert {c["metric"]: c["ok"] for c in cc.goal(runs, "vllm", "servetune-same-")}["mean TTFT"]

@@ -288,6 +288,8 @@ def goal(runs: list[dict[str, Any]], peer: str, mine_prefix: str = "servetune-te
     theirs = [r for r in runs if r["tool"] == peer and "own" in r]
     if not mine or not theirs:
         return []
+    # a run that found its prompts in the prefix cache skipped part of its prefill: no comparison (the audit's 1 %)
+    cached = [r["name"] for r in mine + theirs if ((r.get("server") or {}).get("prefix_cache_hit_rate") or 0) > 0.01]
     checks = []
     for label, fn, kind in (("output tok/s", lambda r: r["own"]["output_tokens_per_s"], "mean"),
                             ("mean TTFT", lambda r: r["own"]["ttft"]["mean"], "mean"),
@@ -306,7 +308,8 @@ def goal(runs: list[dict[str, Any]], peer: str, mine_prefix: str = "servetune-te
         # how far apart the peer's own runs are: a difference smaller than that is not resolved by these runs
         peer_spread = (max(b) - min(b)) / mb if mb and len(b) > 1 else math.nan
         mine_spread = (max(a) - min(a)) / ma if ma and len(a) > 1 else math.nan
-        checks.append({"metric": label, "servetune": ma, "peer": mb, "diff": diff, "rule": rule, "ok": bool(ok),
+        checks.append({"metric": label, "servetune": ma, "peer": mb, "diff": diff, "rule": rule,
+                       "ok": bool(ok) and not cached, "prefix_cached_runs": cached,
                        "servetune_runs": a, "peer_runs": b, "peer_spread": peer_spread,
                        "servetune_spread": mine_spread})
     return checks
@@ -397,6 +400,9 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
             lines.append(f"| {c['metric']} | {_f(c['servetune'], 2)} | {_f(c['peer'], 2)} | {c['diff']:+.1%} "
                          f"| {_pct(c['servetune_spread'])} | {_pct(c['peer_spread'])} "
                          f"| {c['rule']} | {'yes' if c['ok'] else '**no**'} |")
+        if checks[0]["prefix_cached_runs"]:
+            lines += ["", "Not a comparison: " + ", ".join(checks[0]["prefix_cached_runs"]) + " found over 1 % of "
+                      "their prompt tokens in the prefix cache (the server's counters, below)."]
     notes = []
     for label, fn in (("client TTFT mean (from send)", lambda r: r["same"]["ttft"]["mean"]),
                       ("server TTFT mean", lambda r: r["server"]["ttft_mean_ms"]),

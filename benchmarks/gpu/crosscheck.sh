@@ -88,6 +88,22 @@ peer() {  # the engine's own client, seed $1, results to $2
       --output-file "$2" --output-details
   fi
 }
+# The same-prompt replay follows the peer run that sent those prompts: on 2026-12-06 they were still in the
+# prefix cache (9.6 % of the prompt tokens hit; TTFT 9.5 % and TPOT 7.2 % under the peer, and servetune's audit
+# failed the runs). vLLM empties it on POST /reset_prefix_cache, which it serves with VLLM_SERVER_DEV_MODE=1
+# (trust_session.sh starts its server so); without it the run goes ahead, and its audit and the table say so.
+reset_prefix_cache() {
+  local reply
+  for _ in 1 2 3 4 5; do
+    reply=$(curl -s -X POST "$URL/reset_prefix_cache" 2>&1)
+    [[ $reply == *'"success":true'* || $reply == *'"success": true'* ]] && { echo "prefix cache reset"; return 0; }
+    [[ $reply == *'"success"'* ]] || break  # no such endpoint: retrying will not help
+    sleep 2  # blocks still held by requests finishing
+  done
+  echo "!! could not reset the prefix cache (${reply:0:120}); start vLLM with VLLM_SERVER_DEV_MODE=1 for it:" \
+       "the replay may hit the peer's prompts in the cache (see the table's prefix-cache row)"
+  return 0
+}
 # SGLang's client asks for greedy sampling (temperature 0); servetune asks for the same there
 SAMPLING=(); [ "$ENGINE" = sglang ] && SAMPLING=(--extra-body '{"temperature": 0.0}')
 PEER_EXT=json; [ "$ENGINE" = sglang ] && PEER_EXT=jsonl
@@ -109,7 +125,7 @@ for i in $(seq 1 "$RUNS"); do  # every run its own seed: no prompt of one run is
   fi
   if [[ " $EXTRA_RUNS " == *" same "* ]] && [ "$ENGINE" = vllm ]; then  # the peer's prompts and arrivals, both
     cc peer-prompts "$MODEL" "$OUT/peer-prompts-$i.json" --num "$N" --input-tokens "$IN" --output-tokens "$OUTLEN" \
-      --seed "$i" && measure "servetune-same-$i" servetune "$OUT/servetune-same-$i/result.json" -- \
+      --seed "$i" && reset_prefix_cache && measure "servetune-same-$i" servetune "$OUT/servetune-same-$i/result.json" -- \
       st --num-requests "$N" --dataset prompts --dataset-path "$OUT/peer-prompts-$i.json" --ignore-eos \
       "${SAMPLING[@]}" --arrival-trace "$OUT/$ENGINE-bench-$i.$PEER_EXT" -o "$OUT/servetune-same-$i"
   fi

@@ -86,18 +86,20 @@ done
 stamp "SmolLM2 studies for gpu: $GPU_KIND in $STUDY_DIR"
 
 CC_MODEL=${CC_MODEL:-/tmp/models/llama-3.1-8b}
+cc_start() {
+  stamp "crosscheck server start ($CC_MODEL)"
+  # dev mode for POST /reset_prefix_cache only (crosscheck.sh empties the cache before a same-prompt replay);
+  # the server binds 127.0.0.1
+  VLLM_SERVER_DEV_MODE=1 serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
+  CC_SERVER=$SERVER
+}
+[ "${STEPS%% *}" = crosscheck ] && cc_start  # compiling this server is the longest wait: start it first
 if has_step crosscheck && [[ " ${EXTRA_RUNS:-same} " == *" same "* ]]; then
   # the same-prompt runs need vLLM's own RandomDataset: a failure shows in the first poll, not after the peer runs
   python3 "$REPO/benchmarks/gpu/crosscheck.py" peer-prompts "$CC_MODEL" "$RES/peer-prompts-preflight.json" \
     --num 4 --input-tokens 1024 --output-tokens 128 --seed 1 > "$RES/peer-prompts-preflight.log" 2>&1
   stamp "peer-prompts preflight rc $?: $(tail -n 1 "$RES/peer-prompts-preflight.log")"
 fi
-cc_start() {
-  stamp "crosscheck server start ($CC_MODEL)"
-  serve 8000 "$RES/crosscheck-server.log" "$CC_MODEL" --load-format dummy
-  CC_SERVER=$SERVER
-}
-[ "${STEPS%% *}" = crosscheck ] && cc_start  # compiling this server is the longest wait: start it first
 
 BACKGROUND=()
 if has_step quality || has_step specdec || has_step sglang || has_step smollm2; then
