@@ -191,3 +191,15 @@ def test_a_run_that_hit_the_prefix_cache_fails_its_goal_table(cc):
     assert "Not a comparison: servetune-same-1 found over 1 % of their prompt tokens" in cc.render(runs, "vllm")
     runs[1]["server"]["prefix_cache_hit_rate"] = 0.0
     assert {c["metric"]: c["ok"] for c in cc.goal(runs, "vllm", "servetune-same-")}["mean TTFT"]
+
+
+def test_a_results_folder_copied_elsewhere_finds_its_files_beside_runs_tsv(cc, tmp_path):
+    # runs.tsv holds the host's absolute paths; docs/results keeps the folder somewhere else
+    out = tmp_path / "kept"
+    shutil.copytree(FIX, out)
+    rows = [line.split("\t") for line in (out / "runs.tsv").read_text().splitlines() if line.strip()]
+    (out / "runs.tsv").write_text("".join("\t".join([r[0], r[1], "/tmp/res/crosscheck/" + r[2], *r[3:]]) + "\n"
+                                          for r in rows))
+    runs = cc.load_runs(out)
+    assert runs and not any("error" in r for r in runs)
+    assert [r["own"]["requests_ok"] for r in runs] == [r["own"]["requests_ok"] for r in cc.load_runs(FIX)]

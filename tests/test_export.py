@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import shlex
 import shutil
 import subprocess
@@ -142,10 +143,10 @@ def test_real_gpu_records_choose_the_fp8_trial(tmp_path):
     """docs/results/2026-11-22-vllm-h200: trial 2 (fp8 weights) is best; trial 3 the runner-up."""
     src = REPO / "docs/results/2026-11-22-vllm-h200/trials"
     run = tmp_path / "gpu"
-    for f in sorted(src.glob("tp1_*.json")):
-        t = json.loads(f.read_text())
+    for f in sorted(src.glob("tp1_*.json.xz")):  # compressed: the tracked tree must leave room for a kit part
+        t = json.loads(lzma.decompress(f.read_bytes()))
         (run / "trials" / f"{t['number']:04d}").mkdir(parents=True)
-        shutil.copy(f, run / "trials" / f"{t['number']:04d}" / "trial.json")
+        (run / "trials" / f"{t['number']:04d}" / "trial.json").write_text(json.dumps(t))
     shutil.copy(REPO / "search_spaces/examples/gpu-vllm-llama8b-tp1.yaml", run / "study.yaml")
     res = export(run, fmt="k8s", out_dir=tmp_path / "out")
     assert res.choice.trial["number"] == 2 and res.choice.runner_up is not None
@@ -512,8 +513,8 @@ def test_hf_id_existing_claim_and_namespace(tmp_path, secret_env):
 
 
 def test_gpu_record_round_trips(tmp_path):
-    src = REPO / "docs/results/2026-11-22-vllm-h200/trials/tp1_0002.json"
-    t = json.loads(src.read_text())
+    src = REPO / "docs/results/2026-11-22-vllm-h200/trials/tp1_0002.json.xz"
+    t = json.loads(lzma.decompress(src.read_bytes()))
     run = make_run(tmp_path / "r", "vllm", [t], _study("vllm"))
     res = export(run, fmt="kserve", out_dir=tmp_path / "o")
     (doc,) = [d for d in yaml.safe_load_all(res.files[0].read_text()) if d]

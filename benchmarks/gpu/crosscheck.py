@@ -192,6 +192,17 @@ def server_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 # --- the table ----------------------------------------------------------------------------------------------
 
+def _result_path(out: Path, name: str, result: str) -> Path:
+    """runs.tsv holds the paths the host wrote (/tmp/res/crosscheck/...): a folder copied elsewhere (docs/results)
+    finds its files beside runs.tsv. A relative path is relative to OUT."""
+    path = out / result
+    if path.exists():
+        return path
+    p = Path(result)
+    moved = out / name / p.name if p.parent.name == name else out / p.name
+    return moved if moved.exists() else path
+
+
 def load_runs(out: Path) -> list[dict[str, Any]]:
     runs = []
     for line in (out / "runs.tsv").read_text().splitlines():
@@ -200,7 +211,7 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
         name, tool, result, *_ = line.split("\t")
         run: dict[str, Any] = {"name": name, "tool": tool}
         try:
-            run.update(LOADERS[tool](out / result))  # a relative path is relative to OUT
+            run.update(LOADERS[tool](_result_path(out, name, result)))
         except (OSError, KeyError, ValueError, IndexError) as e:
             run["error"] = f"{type(e).__name__}: {e}"
         try:
@@ -402,7 +413,7 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
                          f"| {c['rule']} | {'yes' if c['ok'] else '**no**'} |")
         if checks[0]["prefix_cached_runs"]:
             lines += ["", "Not a comparison: " + ", ".join(checks[0]["prefix_cached_runs"]) + " found over 1 % of "
-                      "their prompt tokens in the prefix cache (the server's counters, below)."]
+                      "their prompt tokens in the prefix cache (the table's prefix-cache rows, the server's counters)."]
     notes = []
     for label, fn in (("client TTFT mean (from send)", lambda r: r["same"]["ttft"]["mean"]),
                       ("server TTFT mean", lambda r: r["server"]["ttft_mean_ms"]),
