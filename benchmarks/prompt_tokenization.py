@@ -7,7 +7,8 @@ prompts of 1024 tokens can differ in characters per token, and so in encode time
 a cross-check against ``vllm bench serve`` as a TTFT gap that has nothing to do with the engine's config.
 
 For one ``tokenizer.json`` this prints, per prompt kind: characters per token, and the median time of one
-``encode`` of a 1024-token prompt (the ``tokenizers`` Rust code that vLLM's and SGLang's fast tokenizers run).
+``encode`` of a 1024-token prompt (the ``tokenizers`` Rust code that vLLM's and SGLang's fast tokenizers run), and,
+where transformers is installed, of the call vLLM's front end makes through transformers' wrapper.
 Kinds:
   servetune   loadgen.tokenizer.PromptTokenizer.prompts (word tokens drawn from its pool of short words)
   all-words   the same drawn from every word token (servetune before 2026-12-05)
@@ -24,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,31 @@ def real_text(tok: Tokenizer, n: int, length: int) -> list[str]:
     return out
 
 
-def encode_ms(tok: Tokenizer, prompts: list[str], reps: int) -> float:
+def encode_ms(encode: Callable[[str], object], prompts: list[str], reps: int) -> float:
     """Median CPU time of one encode: thread CPU time, so that other work on a busy machine does not count."""
     times = []
     for _ in range(reps):
         for p in prompts:
             t0 = time.thread_time()
-            tok.encode(p, add_special_tokens=True)
+            encode(p)
             times.append(time.thread_time() - t0)
     return 1e3 * statistics.median(times)
+
+
+def hf_encoder(path: str) -> Callable[[str], object] | None:
+    """What vLLM's front end runs on a text prompt, where transformers is installed: the tokenizer's call through
+    transformers, with the arguments of vLLM 0.26's renderer (``renderers/base.py`` ``_tokenize_prompt``,
+    ``params.py`` ``get_encode_kwargs``: truncation at the longest input + 1, special tokens added). It goes through
+    ``encode_batch``, and its cost per prompt kind is not the plain ``encode``'s: on the kit's tokenizer vLLM's
+    random prompts cost 1.7x servetune's through it, and about the same through ``encode``."""
+    try:
+        from transformers import AutoTokenizer  # noqa: PLC0415 — optional: not a servetune dependency
+    except ImportError:
+        return None
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    longest = int(min(hf.model_max_length, 1 << 20))
+    return lambda p: hf(p, truncation=True, max_length=longest + 1, add_special_tokens=True)
 
 
 def measure(path: str, n: int, length: int, reps: int, seed: int) -> dict[str, dict[str, float]]:
@@ -86,14 +104,19 @@ def measure(path: str, n: int, length: int, reps: int, seed: int) -> dict[str, d
     kinds = {"servetune": pt.prompts(rows, rng)[0], "all-words": pt.prompts(all_rows, rng)[0],
              "vllm-random": vllm_random(tok, n, length, rng),
              "real-text": real_text(tok, n, length)}
+    hf = hf_encoder(path)
     res: dict[str, dict[str, float]] = {}
     for _ in range(2):  # interleaved passes: a busy machine slows every kind alike
         for name, prompts in kinds.items():
             tokens = [len(tok.encode(p, add_special_tokens=False).ids) for p in prompts]
-            ms = encode_ms(tok, prompts, reps)
-            prev = res.get(name, {}).get("encode_ms", ms)
-            res[name] = {"chars_per_token": sum(map(len, prompts)) / sum(tokens),
-                         "mean_tokens": sum(tokens) / len(tokens), "encode_ms": min(ms, prev)}
+            r = res.setdefault(name, {"chars_per_token": sum(map(len, prompts)) / sum(tokens),
+                                      "mean_tokens": sum(tokens) / len(tokens)})
+            timed = {"encode_ms": lambda p: tok.encode(p, add_special_tokens=True)}
+            if hf is not None:
+                timed["hf_call_ms"] = hf
+            for key, fn in timed.items():
+                ms = encode_ms(fn, prompts, reps)
+                r[key] = min(ms, r.get(key, ms))
     return res
 
 
@@ -111,11 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(path, a.prompts, a.tokens, a.reps, a.seed)
         allres[path] = res
         print(f"\n{path}  ({a.prompts} prompts of {a.tokens} tokens, median encode of {a.reps} passes)")
-        print(f"{'kind':<12} {'chars/token':>11} {'tokens':>8} {'encode ms':>10} {'vs vllm-random':>15}")
+        hf = "hf_call_ms" in res["vllm-random"]
+        print(f"{'kind':<12} {'chars/token':>11} {'tokens':>8} {'encode ms':>10} {'vs vllm-random':>15}"
+              + (f" {'transformers ms':>16} {'vs vllm-random':>15}" if hf else ""))
         for name, r in res.items():
             ratio = r["encode_ms"] / res["vllm-random"]["encode_ms"]
-            print(f"{name:<12} {r['chars_per_token']:>11.2f} {r['mean_tokens']:>8.1f} {r['encode_ms']:>10.3f}"
-                  f" {ratio:>14.2f}x")
+            line = (f"{name:<12} {r['chars_per_token']:>11.2f} {r['mean_tokens']:>8.1f} {r['encode_ms']:>10.3f}"
+                    f" {ratio:>14.2f}x")
+            if hf:
+                line += f" {r['hf_call_ms']:>16.3f} {r['hf_call_ms'] / res['vllm-random']['hf_call_ms']:>14.2f}x"
+            print(line)
     if a.json:
         Path(a.json).write_text(json.dumps(allres, indent=1))
     return 0
