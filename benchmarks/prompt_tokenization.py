@@ -111,7 +111,7 @@ def measure(path: str, n: int, length: int, reps: int, seed: int) -> dict[str, d
             tokens = [len(tok.encode(p, add_special_tokens=False).ids) for p in prompts]
             r = res.setdefault(name, {"chars_per_token": sum(map(len, prompts)) / sum(tokens),
                                       "mean_tokens": sum(tokens) / len(tokens)})
-            timed = {"encode_ms": lambda p: tok.encode(p, add_special_tokens=True)}
+            timed: dict[str, Callable[[str], object]] = {"encode_ms": lambda p: tok.encode(p, add_special_tokens=True)}
             if hf is not None:
                 timed["hf_call_ms"] = hf
             for key, fn in timed.items():
