@@ -328,8 +328,8 @@ class Auditor:
                                     "audit": first_audit}
         second_audit["rewarm"] = warm
         second.summary["audit_reruns"] = 1.0
-        second.notes.append(f"{AUDIT}re-ran once after more warm-up; the first run was contaminated "
-                            f"({'; '.join(first_audit['reasons'])})")
+        second.notes.append(f"{AUDIT}re-ran once with fresh prompts{' after more warm-up' if warm else ''}; the "
+                            f"first run was contaminated ({'; '.join(first_audit['reasons'])})")
         return second if second_audit["passed"] else contaminate(second)
 
 

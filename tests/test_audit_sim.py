@@ -126,14 +126,38 @@ def test_bench_records_the_audit_and_flags_a_replayed_run(plain, tmp_path, capsy
     a = first["results"][0]["audit"]
     assert a["passed"] and a["log"] is None and first["results"][0]["valid"]
     assert a["server"]["prompt_tokens"] == a["client"]["prompt_tokens"] == 12 * 128
-    # the same prompts again: the prefix cache serves them (all but the last block: far beyond the first 16 tokens
-    # that distinct prompts may share)
+    # the same --seed again: the prefix cache serves its prompts (all but the last block: far beyond the first 16
+    # tokens that distinct prompts may share). The audit fails that run, and bench runs once more with fresh
+    # prompts, which the cache has never seen: the result is the fresh run's, the replayed one kept beside it
     assert main(args + [str(tmp_path / "b")]) == 0
     again = json.loads((tmp_path / "b" / "result.json").read_text())["results"][0]
-    assert not again["valid"] and any(r.startswith("audit: prefix-cache hits") for r in again["invalid_reasons"])
+    first_try = again["audit"]["rerun_of"]
+    assert not first_try["valid"]
+    assert any(r.startswith("audit: prefix-cache hits") for r in first_try["invalid_reasons"])
+    assert again["valid"] and again["audit"]["passed"] and again["audit"]["server"]["prefix_cache_hits"] <= 12 * 16
+    assert again["audit"]["client"]["prompt_tokens"] == 12 * 129  # each fresh prompt carries one marker token
+    assert any("re-ran once with fresh prompts; the first run was contaminated (prefix-cache hits" in n
+               for n in again["notes"])
     out = capsys.readouterr().out
     assert "audit passed — server counted 1,536 prompt / 48 output tokens (client 1,536 / 48)" in out
-    assert "audit FAILED: prefix-cache hits were" in out
+    assert "audit passed (after one re-run)" in out
+    # a file's prompts sent twice: nothing fresh to re-run them with, so the replay is recorded as such
+    assert main(["--url", plain.url, "--model", "m", "--scenario", "offline", "--dataset", "token_ids",
+                 "--dataset-path", str(_ids_file(tmp_path)), "--output-tokens", "4", "-o", str(tmp_path / "c")]) == 0
+    assert main(["--url", plain.url, "--model", "m", "--scenario", "offline", "--dataset", "token_ids",
+                 "--dataset-path", str(_ids_file(tmp_path)), "--output-tokens", "4", "-o", str(tmp_path / "d")]) == 0
+    replayed = json.loads((tmp_path / "d" / "result.json").read_text())["results"][0]
+    assert not replayed["valid"] and "rerun_of" not in replayed["audit"]
+    assert any(r.startswith("audit: prefix-cache hits") for r in replayed["invalid_reasons"])
+    assert "audit FAILED: prefix-cache hits were" in capsys.readouterr().out
+
+
+def _ids_file(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps({"prompt_token_ids": [2000 + 97 * i + j for j in range(128)],
+                                            "max_tokens": 4}) + "\n" for i in range(8)))
+    return path
 
 
 def test_bench_sends_a_prompt_file_as_listed_and_the_server_agrees(plain, tmp_path, capsys):

@@ -373,6 +373,27 @@ def _audit_line(a: dict[str, Any]) -> str:
     return f"audit {verdict} — {', '.join(bits)}"
 
 
+def _single(endpoint, requests, settings, auditor: Auditor | None, *, fresh: bool, run, variant):
+    """One run of the dataset as given. When its audit fails (e.g. an earlier run with the same --seed left
+    these prompts in the server's prefix cache), a generated dataset is run once more with fresh prompts, a
+    marked variant as the levels of a search send; a file's prompts have nothing fresh to re-run with, so
+    their audit is recorded only."""
+    sent = 0
+
+    def once():
+        nonlocal sent
+        reqs = requests if sent == 0 else variant(requests, sent)
+        sent += 1
+        return run(endpoint, reqs, settings)
+
+    if auditor is None:
+        return once()
+    if not fresh:
+        return auditor.run_level(once)
+    auditor.recheck_first = False  # a bench run is judged as measured: only a failed audit is run again
+    return auditor.measure(once, settings)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
         return _bench(args)
@@ -386,6 +407,7 @@ def _bench(args: argparse.Namespace) -> int:
     from servetune.loadgen.search import (  # noqa: PLC0415 — CLI start-up time (aiohttp)
         concurrency_sweep,
         find_max_qps,
+        level_variant,
         longest_level_s,
     )
 
@@ -450,9 +472,8 @@ def _bench(args: argparse.Namespace) -> int:
             results = sw.levels
             doc.update(mode="concurrency_sweep", points=sw.points())
         else:
-            # one run of the dataset as given: nothing fresh to re-run it with, so its audit is recorded only
-            once = lambda: run(endpoint, requests, settings)  # noqa: E731
-            results = [auditor.run_level(once) if auditor is not None else once()]
+            results = [_single(endpoint, requests, settings, auditor, fresh=args.dataset == "random"
+                               and not settings.replay, run=run, variant=level_variant)]
             doc.update(mode="single")
     doc["results"] = [r.to_dict() for r in results]
     for r in results:
