@@ -61,6 +61,7 @@ from servetune.optimizer.export_choice import (
     quality_warnings,
     read_study,
 )
+from servetune.optimizer.quality import SUMMARY_KEYS
 
 # the names `servetune export`'s callers and tests import from here
 __all__ = ["FORMATS", "QUALITY_WARNING", "SIM_FORMATS", "Choice", "ExportError", "ExportResult", "Options",
@@ -312,10 +313,8 @@ def _json_doc(ctx: dict[str, Any], choice: Choice, study: dict[str, Any]) -> dic
                           for label, r in (t.get("scenarios") or {}).items()},
             "objectives": t.get("objectives"),
             "quality": {k: v for k, v in (t.get("quality") or {}).items()
-                        if k in ("kind", "passed", "reference", "exact_match", "first_divergence_mean", "kl_mean",
-                                 "kl_max", "divergences", "near_tie_divergences", "decisive_divergence",
-                                 "regret_max", "tie_margin", "accuracy", "accuracy_reference", "accuracy_drop",
-                                 "changes_numerics", "limits", "reasons", "unchecked")} or None,
+                        if k in (*SUMMARY_KEYS, "kind", "tie_margin", "limits", "accuracy", "accuracy_reference")}
+                       or None,
         },
         "warnings": ctx["warnings"],
     }

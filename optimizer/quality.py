@@ -53,6 +53,11 @@ from servetune.optimizer.quality_run import EVAL_FILE
 NUMERICS: tuple[str, ...] = tuple(n for n, p in parameters().items() if p.get("numerics"))
 LIMITS = ("min_exact_match", "min_first_divergence", "max_mean_kl", "max_decisive_divergence", "max_accuracy_drop")
 TIE_MARGIN = 0.5  # nats: 4 bf16 steps of a logit between 16 and 32, where an LLM's top logits usually lie
+# A verdict's keys that the study summary carries per trial (optimizer/summary.py); the JSON export adds the
+# context to read them by (optimizer/export.py).
+SUMMARY_KEYS = ("passed", "reference", "exact_match", "first_divergence_mean", "kl_mean", "kl_max", "divergences",
+                "near_tie_divergences", "decisive_divergence", "regret_max", "accuracy_drop", "changes_numerics",
+                "unchecked", "reasons")
 _Q_FLOOR = 1e-12  # a trial probability of 0 where the baseline has mass: KL is large, not infinite
 
 

@@ -9,15 +9,11 @@ import optuna
 
 from servetune.optimizer import run_dir
 from servetune.optimizer.fidelity import Calibration
-from servetune.optimizer.quality import QualityGate
+from servetune.optimizer.quality import SUMMARY_KEYS, QualityGate
 from servetune.optimizer.records import TrialResult, gpu_use
 from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.study_store import PESSIMISTIC, STATE
 from servetune.optimizer.vs_baseline import compare
-
-QUALITY_KEYS = ("passed", "reference", "exact_match", "first_divergence_mean", "kl_mean", "kl_max",
-                "divergences", "near_tie_divergences", "decisive_divergence", "regret_max", "accuracy_drop",
-                "changes_numerics", "unchecked", "reasons")
 
 
 @dataclass
@@ -61,6 +57,6 @@ def write_summary(spec: StudySpec, study: optuna.Study, outcome: StudyOutcome, *
     if quality is not None:
         summary["quality"] = {
             "kind": quality.kind, "limits": quality.limits(),
-            "trials": {str(n): {k: r["quality"][k] for k in QUALITY_KEYS if k in r["quality"]}
+            "trials": {str(n): {k: r["quality"][k] for k in SUMMARY_KEYS if k in r["quality"]}
                        for n, r in records.items() if r.get("state") == "complete" and r.get("quality")}}
     run_dir.write_summary(outcome.run_dir, summary)

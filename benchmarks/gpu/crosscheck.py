@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from servetune.loadgen.audit import MAX_PREFIX_HIT_FRACTION
 from servetune.optimizer.engines.prometheus import parse_prometheus as _parse_prometheus
 
 
@@ -287,8 +288,10 @@ def _get(r: dict[str, Any], fn) -> Any:
         return None
 
 
-GOALS = (("servetune-text-", "servetune (its own text prompts, its own Poisson draw)"),
-         ("servetune-same-", "servetune sending each peer run's prompts at that run's arrivals"))
+# servetune's runs compared with the peer's: their name prefix, a short name for the notes, and what they are
+GOALS = (("servetune-text-", "servetune text", "servetune (its own text prompts, its own Poisson draw)"),
+         ("servetune-same-", "servetune same prompts",
+          "servetune sending each peer run's prompts at that run's arrivals"))
 
 
 def goal(runs: list[dict[str, Any]], peer: str, mine_prefix: str = "servetune-text-") -> list[dict[str, Any]]:
@@ -299,8 +302,9 @@ def goal(runs: list[dict[str, Any]], peer: str, mine_prefix: str = "servetune-te
     theirs = [r for r in runs if r["tool"] == peer and "own" in r]
     if not mine or not theirs:
         return []
-    # a run that found its prompts in the prefix cache skipped part of its prefill: no comparison (the audit's 1 %)
-    cached = [r["name"] for r in mine + theirs if ((r.get("server") or {}).get("prefix_cache_hit_rate") or 0) > 0.01]
+    # a run that found its prompts in the prefix cache skipped part of its prefill: no comparison (the audit's limit)
+    cached = [r["name"] for r in mine + theirs
+              if ((r.get("server") or {}).get("prefix_cache_hit_rate") or 0) > MAX_PREFIX_HIT_FRACTION]
     checks = []
     for label, fn, kind in (("output tok/s", lambda r: r["own"]["output_tokens_per_s"], "mean"),
                             ("mean TTFT", lambda r: r["own"]["ttft"]["mean"], "mean"),
@@ -399,7 +403,7 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
     for r in shown:
         if r.get("error"):
             lines.append(f"\n{r['name']}: could not read its result: {r['error']}")
-    for prefix, who in GOALS:
+    for prefix, _, who in GOALS:
         checks = goal(runs, peer, prefix)
         if not checks:
             continue
@@ -421,7 +425,7 @@ def render(runs: list[dict[str, Any]], peer: str) -> str:
         d = _pair_delta(shown, "servetune-text-", "servetune-ids-", fn)
         if d is not None:
             notes.append(f"- text − token ids, {label}: {d:+.1f} ms")
-        for mine, who in (("servetune-text-", "servetune text"), ("servetune-same-", "servetune same prompts")):
+        for mine, who, _ in GOALS:
             d = _pair_delta(shown, f"{peer}-bench-", mine, fn)
             if d is not None:
                 notes.append(f"- {peer} bench − {who}, {label}: {d:+.1f} ms")

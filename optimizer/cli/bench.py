@@ -33,7 +33,7 @@ import pandas as pd
 from rich.console import Console
 
 from servetune.loadgen import datasets
-from servetune.loadgen.audit import Auditor
+from servetune.loadgen.audit import MAX_PREFIX_HIT_FRACTION, Auditor
 from servetune.loadgen.endpoint import Endpoint, _redact_url
 from servetune.loadgen.scenario_kinds import (  # the registry, not loadgen.scenarios: no aiohttp
     SCENARIOS,
@@ -348,8 +348,8 @@ def _auditor(args: argparse.Namespace):
         return None, {"how": how}
     # A server started elsewhere: no engine log to read (JIT and compile lines cannot be checked), and no
     # warm-up before a re-run but the failed run itself.
-    return (Auditor(probe, max_prefix_hit_fraction=None if (args.allow_prefix_hits or args.replay
-                                                              or args.shared_prefix_tokens) else 0.01),
+    declared = args.allow_prefix_hits or args.replay or args.shared_prefix_tokens  # reuse asked for: no limit
+    return (Auditor(probe, max_prefix_hit_fraction=None if declared else MAX_PREFIX_HIT_FRACTION),
             {"how": how + "; no engine log here, so JIT and compile lines are not checked", "engine_log": False})
 
 
@@ -373,16 +373,19 @@ def _audit_line(a: dict[str, Any]) -> str:
     return f"audit {verdict} — {', '.join(bits)}"
 
 
-def _single(endpoint, requests, settings, auditor: Auditor | None, *, fresh: bool, run, variant):
+def _single(endpoint, requests, settings, auditor: Auditor | None, *, fresh: bool):
     """One run of the dataset as given. When its audit fails (e.g. an earlier run with the same --seed left
     these prompts in the server's prefix cache), a generated dataset is run once more with fresh prompts, a
     marked variant as the levels of a search send; a file's prompts have nothing fresh to re-run with, so
     their audit is recorded only."""
+    from servetune.loadgen.scenarios import run  # noqa: PLC0415 — CLI start-up time (aiohttp)
+    from servetune.loadgen.search import level_variant  # noqa: PLC0415 — CLI start-up time (aiohttp)
+
     sent = 0
 
     def once():
         nonlocal sent
-        reqs = requests if sent == 0 else variant(requests, sent)
+        reqs = requests if sent == 0 else level_variant(requests, sent)
         sent += 1
         return run(endpoint, reqs, settings)
 
@@ -403,11 +406,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from servetune.loadgen.scenarios import records_frame, run, write_frame  # noqa: PLC0415 — CLI start-up time (aiohttp)
+    from servetune.loadgen.scenarios import records_frame, write_frame  # noqa: PLC0415 — CLI start-up time (aiohttp)
     from servetune.loadgen.search import (  # noqa: PLC0415 — CLI start-up time (aiohttp)
         concurrency_sweep,
         find_max_qps,
-        level_variant,
         longest_level_s,
     )
 
@@ -472,8 +474,8 @@ def _bench(args: argparse.Namespace) -> int:
             results = sw.levels
             doc.update(mode="concurrency_sweep", points=sw.points())
         else:
-            results = [_single(endpoint, requests, settings, auditor, fresh=args.dataset == "random"
-                               and not settings.replay, run=run, variant=level_variant)]
+            results = [_single(endpoint, requests, settings, auditor,
+                               fresh=args.dataset == "random" and not settings.replay)]
             doc.update(mode="single")
     doc["results"] = [r.to_dict() for r in results]
     for r in results:
