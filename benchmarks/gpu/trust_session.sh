@@ -21,7 +21,8 @@
 #   smollm2    the checkpoint served by `vllm serve --enforce-eager` and asked three prompts greedily
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet (issue 15); on an H100 (bf16 mixtral does not
-#              fit) its layers at half the depth, the same kernels at the same shapes
+#              fit) its layers at half the depth, the same kernels at the same shapes; STUDY_TRIALS=1: the
+#              baseline alone
 #   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
 #              trial that must run on "remote" and bring its files home (issue 18)
 # The SmolLM2 conversion (GGUF -> bf16 checkpoint, greedy check on the CPU) runs in the background as soon as
@@ -177,6 +178,11 @@ PY
       done
       stamp "sglang done";;
     study)
+      study=$REPO/search_spaces/examples/gpu-vllm-mixtral-1xh200.yaml
+      edits=(-e '')
+      # STUDY_TRIALS=1: the baseline alone (a launch's warm-up and levels), when the device time left is short
+      [ -n "${STUDY_TRIALS:-}" ] && edits+=(-e "s/^budget: {trials: [0-9]*,/budget: {trials: $STUDY_TRIALS,/")
+      model=mixtral-8x7b
       if [ "$GPU_KIND" = h100 ]; then
         # bf16 mixtral-8x7b (93 GB) does not fit an H100's 80 GB. Its layers at half the depth (16 of 32, 47 GB)
         # run the same fused-MoE kernels at the same shapes, so they JIT-compile the same way; the capacity is
@@ -184,15 +190,13 @@ PY
         mkdir -p /tmp/models/mixtral-8x7b-16l && cp /tmp/models/mixtral-8x7b/* /tmp/models/mixtral-8x7b-16l/
         python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c["num_hidden_layers"] = 16
 json.dump(c, open(sys.argv[1], "w"), indent=1)' /tmp/models/mixtral-8x7b-16l/config.json
-        sed -e "s#/tmp/models/mixtral-8x7b#/tmp/models/mixtral-8x7b-16l#" -e "s/^hardware: {gpu: h200/hardware: {gpu: h100/" \
-            -e "s/^name: gpu-vllm-mixtral-1xh200/name: gpu-vllm-mixtral16l-1xh100/" -e "s/hi: 28,/hi: 40,/" \
-            "$REPO/search_spaces/examples/gpu-vllm-mixtral-1xh200.yaml" > "$STUDY_DIR/gpu-vllm-mixtral-1xh200.yaml"
-        stamp "study mixtral-1xh200 on an H100: mixtral-8x7b's layers at half the depth ($STUDY_DIR)"
-        STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
-      else
-        stamp "study mixtral-1xh200"
-        bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
+        edits+=(-e "s#/tmp/models/mixtral-8x7b#/tmp/models/mixtral-8x7b-16l#" -e "s/^hardware: {gpu: h200/hardware: {gpu: h100/"
+                -e "s/^name: gpu-vllm-mixtral-1xh200/name: gpu-vllm-mixtral16l-1xh100/" -e "s/hi: 28,/hi: 40,/")
+        model="mixtral-8x7b's layers at half the depth on an H100"
       fi
+      sed "${edits[@]}" "$study" > "$STUDY_DIR/$(basename "$study")"
+      stamp "study mixtral-1xh200: $model, $(grep -o '^budget: .*' "$STUDY_DIR/$(basename "$study")") ($STUDY_DIR)"
+      STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
       stamp "study done";;
     two_node)
       stamp "two-node Ray proof"
