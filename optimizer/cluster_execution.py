@@ -1,7 +1,7 @@
 """Trials on a Ray cluster of many GPU nodes (``--ray-address`` or ``cluster.address``).
 
-The same contract as :class:`~servetune.optimizer.execution.RayExecutor` (submit, wait, result, cancel,
-shutdown), plus what a cluster needs:
+A :class:`~servetune.optimizer.trial_executor.TrialExecutor`, as ``execution.RayExecutor`` is, plus what a
+cluster needs:
 
 - every GPU node is checked before it gets a trial (``node_checks``: a task pinned to it), and a node that
   cannot run the study is left out, named;
@@ -32,6 +32,7 @@ from servetune.optimizer.engines import get_engine, simulated
 from servetune.optimizer.lifecycle import run_trial
 from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
+from servetune.optimizer.trial_executor import TrialExecutor
 
 NODE_REFRESH_S = 10.0  # how often the driver looks for nodes that joined or left
 GPU_NODE_WAIT_S = float(os.environ.get("SERVETUNE_GPU_NODE_WAIT_S", "300"))  # for a first GPU node to join
@@ -99,7 +100,7 @@ class _Pending:
     target: str | None = None  # the node the placement group was aimed at
 
 
-class ClusterExecutor:
+class ClusterExecutor(TrialExecutor):
     def __init__(self, spec, address: str | None, *, model_path: str | None,
                  on_note: Callable[[str], None] | None = None):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -269,7 +270,7 @@ class ClusterExecutor:
         if table.get("state") == "CREATED":
             p.node_id = table.get("bundles_to_node_id", {}).get(0)
 
-    def launched(self, ref) -> bool:
+    def launched(self, ref, plan: TrialPlan) -> bool:
         """Whether the trial has its GPUs (its engine starts at once then); False while it waits for them."""
         p = self._pending.get(ref)
         if p is None:
@@ -346,9 +347,6 @@ class ClusterExecutor:
             self._ray.cancel(ref, force=force)
         except Exception:
             pass
-
-    def total_gpus(self) -> float:
-        return float(sum(n.gpus for n in self._nodes if n.node_id not in self.excluded))
 
     def shutdown(self) -> None:
         pending, self._pending = dict(self._pending), {}

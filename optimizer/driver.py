@@ -46,6 +46,7 @@ from servetune.optimizer.study_store import (
 )
 from servetune.optimizer.summary import StudyOutcome, write_summary
 from servetune.optimizer.teller import Teller
+from servetune.optimizer.trial_executor import TrialExecutor
 from servetune.optimizer.trial_planner import TrialPlanner, config_key, dataset_args, resolve_model, scenario_plans
 
 # the names tests and the other commands import from here
@@ -193,7 +194,7 @@ class StudyDriver:
                                                "no quality: section, so no trial's outputs are checked "
                                                "(docs/quality.md)"})
             executor = self._executor()
-            if self.recovery.stale_dirs and hasattr(executor, "reap_everywhere"):
+            if self.recovery.stale_dirs:
                 executor.reap_everywhere(self.recovery.stale_dirs)  # a dead driver's engines, on whichever node
             outcome = self._loop(study, executor, done_before)
             noise = None
@@ -225,7 +226,7 @@ class StudyDriver:
             self.on_event("note", {"text": f"{n} trial record(s) this run directory lacked were restored from the "
                                            "study's storage (their per-request files stay where they ran)"})
 
-    def _executor(self) -> Any:
+    def _executor(self) -> TrialExecutor:
         address = self.ray_address or self.spec.cluster.address
         if address:
             return ClusterExecutor(self.spec, address, model_path=self.model.path if self.spec.model.path else None,
@@ -234,7 +235,7 @@ class StudyDriver:
         return RayExecutor(self.spec.hardware.gpus, address=self.ray_address,
                            declare_gpus=all_sim or self.ray_address is None, run_dir=self.run_dir)
 
-    def _loop(self, study: optuna.Study, executor: Any, done_before: int) -> StudyOutcome:
+    def _loop(self, study: optuna.Study, executor: TrialExecutor, done_before: int) -> StudyOutcome:
         b = self.spec.budget
         store, teller, recovery = self.store, self.teller, self.recovery
         deadline = time.monotonic() + b.wall_time_s if b.wall_time_s else math.inf
@@ -255,7 +256,6 @@ class StudyDriver:
         foreign: Foreign = []
         withdrawn: set[Any] | None = None  # at the wall time: the trials still queued in Ray, never launched
         last_beat = last_foreign = 0.0
-        placement_reasons = getattr(executor, "reject_reasons", None)  # a cluster: what no node can take
         inner = self.sampler.inner if self.sampler else study.sampler
 
         def more() -> bool:
@@ -275,8 +275,8 @@ class StudyDriver:
                 trial = study.ask()
                 started += 1
                 plan, reasons = self.plan_trial(trial)
-                if not reasons and placement_reasons is not None:
-                    reasons = placement_reasons(plan)
+                if not reasons:  # a cluster: no node can take it
+                    reasons = executor.reject_reasons(plan)
                 picked = self.sampler.taken(trial.number) if self.sampler else None
                 if picked is not None and picked["chosen"]["params"] == plan.params:
                     trial.set_user_attr(ESTIMATE, picked["chosen"])

@@ -17,6 +17,7 @@ from servetune.optimizer import ray_local, secret_refs
 from servetune.optimizer.lifecycle import redact_files, run_trial
 from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
+from servetune.optimizer.trial_executor import TrialExecutor
 
 
 def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
     return run_trial(plan, gpu_ids).to_dict()
 
 
-class RayExecutor:
+class RayExecutor(TrialExecutor):
     def __init__(self, num_gpus: int, *, address: str | None = None, declare_gpus: bool = True,
                  run_dir: str | os.PathLike | None = None):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -65,14 +66,11 @@ class RayExecutor:
         return TrialResult.from_dict(self._ray.get(ref))
 
     def cancel(self, ref, force: bool = True) -> None:
-        """force=False: a queued task is dropped, a running one gets KeyboardInterrupt (its engine is stopped)."""
+        # force=False: Ray drops a queued task and raises KeyboardInterrupt in a running one
         try:
             self._ray.cancel(ref, force=force)
         except Exception:
             pass
-
-    def total_gpus(self) -> float:
-        return float(self._ray.cluster_resources().get("GPU", 0))
 
     def shutdown(self) -> None:
         """Stop for good: trials still running (Ctrl-C, an error in the driver) are cancelled, their Ray

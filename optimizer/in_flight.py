@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 from servetune.optimizer import interrupts, run_dir
 from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
+from servetune.optimizer.trial_executor import TrialExecutor
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ def worker_died(plan: TrialPlan, e: Exception) -> TrialResult:
 
 
 class InFlight(Generic[T]):
-    def __init__(self, executor: Any, mask: Callable[[Path], None],
+    def __init__(self, executor: TrialExecutor, mask: Callable[[Path], None],
                  on_tick: Callable[[list[TrialPlan]], None] = lambda plans: None):
         self.executor = executor
         self.mask = mask
@@ -75,9 +76,7 @@ class InFlight(Generic[T]):
     def withdraw_unlaunched(self) -> set[Any]:
         """Cancel the trials still queued in Ray, never launched; returns their refs (they come back from
         :meth:`wait` with an error)."""
-        launched = getattr(self.executor, "launched", None)  # a cluster knows; locally the record says
-        refs = {ref for ref, (_, plan) in self._refs.items()
-                if not (launched(ref) if launched else run_dir.launched(plan.trial_dir))}
+        refs = {ref for ref, (_, plan) in self._refs.items() if not self.executor.launched(ref, plan)}
         for ref in refs:
             self.executor.cancel(ref, force=False)
         return refs

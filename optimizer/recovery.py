@@ -21,6 +21,7 @@ from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.study_store import BASELINE, ENGINE, KEY, STALE, StudyStore
 from servetune.optimizer.summary import StudyOutcome
 from servetune.optimizer.teller import Teller
+from servetune.optimizer.trial_executor import TrialExecutor
 
 Foreign = list[tuple[optuna.Trial, TrialPlan, str]]  # trials waiting on another driver's measurement
 
@@ -134,14 +135,14 @@ class Recovery:
         return seen
 
     # several drivers on one study (shared storage) -------------------------------------------------------
-    def settle_foreign(self, executor: Any, foreign: Foreign, seen: dict[str, TrialResult],
+    def settle_foreign(self, executor: TrialExecutor, foreign: Foreign, seen: dict[str, TrialResult],
                        outcome: StudyOutcome) -> None:
         """Trials waiting on another driver's measurement: take its result once there is one; when it ended
         without one, drop the waiting trial (stale: out of the budget) and queue the configuration again.
         Trials of a driver that stopped beating are failed as stale and queued again first (as a restarted
         driver would)."""
         before = len(self.stale_dirs)
-        if self.recover(exclusive=False) and hasattr(executor, "reap_everywhere"):
+        if self.recover(exclusive=False):
             executor.reap_everywhere(self.stale_dirs[before:])
         if not foreign or self.claims is None:
             return

@@ -17,6 +17,7 @@ from servetune.optimizer.scoring import Scorer
 from servetune.optimizer.spec import StudySpec
 from servetune.optimizer.study_store import PESSIMISTIC, STATE
 from servetune.optimizer.summary import pareto_numbers
+from servetune.optimizer.trial_executor import TrialExecutor
 from servetune.optimizer.trial_planner import TrialPlanner
 
 
@@ -26,7 +27,7 @@ def _measured(base: Path, number: int) -> int:
     return d["duplicate_of"] if d.get("duplicate_of") is not None else number
 
 
-def repeat(spec: StudySpec, study: optuna.Study, executor: Any, planner: TrialPlanner, scorer: Scorer,
+def repeat(spec: StudySpec, study: optuna.Study, executor: TrialExecutor, planner: TrialPlanner, scorer: Scorer,
            mask: Callable[[Path], None], on_event: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
     b = spec.budget
     base = spec.run_dir

@@ -38,6 +38,7 @@ from servetune.optimizer.records import TrialResult
 from servetune.optimizer.spec import SpecError, load_study, parse_study
 from servetune.optimizer.summary import StudyOutcome
 from servetune.optimizer.teller import Teller
+from servetune.optimizer.trial_executor import TrialExecutor
 from servetune.reports.details import trial_detail
 from servetune.reports.html import objective_front, render_report, trial_table
 from servetune.reports.model import load_run
@@ -271,7 +272,7 @@ def test_the_sim_answers_logprobs_on_plain_completions_only():
 
 # -- a whole study -----------------------------------------------------------------------------------------------
 
-class _InlineExecutor:
+class _InlineExecutor(TrialExecutor):
     """Runs each trial here (real sim server, loadgen, evaluation); the baseline runs, and is handed back, last."""
 
     def __init__(self):

@@ -13,6 +13,7 @@ import pytest
 from servetune.optimizer.driver import STALE, StudyDriver
 from servetune.optimizer.records import TrialResult, gpu_use, write_json_atomic
 from servetune.optimizer.spec import load_study
+from servetune.optimizer.trial_executor import TrialExecutor
 from study_fixtures import write_study
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,7 @@ def test_a_config_sampled_while_it_is_measured_waits_for_that_result(tmp_path):
     assert [t.state for t in st.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
-class _InstantExecutor:
+class _InstantExecutor(TrialExecutor):
     """Stands in for Ray where only the driver's loop is under test: every trial completes at once."""
 
     def __init__(self):
@@ -128,6 +129,9 @@ class _InstantExecutor:
 
     def result(self, ref):
         return self.done.pop(ref)
+
+    def cancel(self, ref, force=True):
+        pass
 
     def shutdown(self):
         pass
