@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from servetune.optimizer import node_checks, placement, trial_files
 from servetune.optimizer.engines import get_engine, simulated
+from servetune.optimizer.execution import cancel_tasks
 from servetune.optimizer.lifecycle import run_trial
 from servetune.optimizer.process import reap_orphan
 from servetune.optimizer.records import TrialPlan, TrialResult
@@ -343,20 +344,12 @@ class ClusterExecutor(TrialExecutor):
                 self.reap(n.node_id, trial_dirs)
 
     def cancel(self, ref, force: bool = True) -> None:
-        try:
-            self._ray.cancel(ref, force=force)
-        except Exception:
-            pass
+        cancel_tasks([ref], force=force)
 
     def shutdown(self) -> None:
         pending, self._pending = dict(self._pending), {}
-        for ref in pending:
-            self.cancel(ref)
+        cancel_tasks(list(pending), settle_s=10)
         if pending and self._ray.is_initialized():
-            try:
-                self._ray.wait(list(pending), num_returns=len(pending), timeout=10)
-            except Exception:
-                pass
             for p in pending.values():
                 if p.node_id:
                     self.reap(p.node_id, [p.plan.trial_dir])

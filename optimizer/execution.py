@@ -20,6 +20,22 @@ from servetune.optimizer.records import TrialPlan, TrialResult
 from servetune.optimizer.trial_executor import TrialExecutor
 
 
+def cancel_tasks(refs: list, *, force: bool = True, settle_s: float = 0.0) -> None:
+    """Cancel Ray tasks; with ``settle_s``, wait that long for them to die, so that no worker still touches
+    an engine its caller is about to reap. force=False: Ray drops a queued task and raises
+    KeyboardInterrupt in a running one."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=force)
+        except Exception:
+            pass
+    if refs and settle_s > 0 and ray.is_initialized():
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=settle_s)
+        except Exception:
+            pass
+
+
 def _execute(plan_dict: dict[str, Any]) -> dict[str, Any]:
     plan = TrialPlan.from_dict(plan_dict)
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
@@ -66,23 +82,13 @@ class RayExecutor(TrialExecutor):
         return TrialResult.from_dict(self._ray.get(ref))
 
     def cancel(self, ref, force: bool = True) -> None:
-        # force=False: Ray drops a queued task and raises KeyboardInterrupt in a running one
-        try:
-            self._ray.cancel(ref, force=force)
-        except Exception:
-            pass
+        cancel_tasks([ref], force=force)
 
     def shutdown(self) -> None:
         """Stop for good: trials still running (Ctrl-C, an error in the driver) are cancelled, their Ray
         workers killed, and the engines those workers can no longer stop are reaped from their pid files."""
         pending, self._pending = dict(self._pending), {}
-        for ref in pending:
-            self.cancel(ref)
-        if pending and self._ray.is_initialized():
-            try:  # give cancelled tasks a moment to die, so their workers no longer touch the engines
-                self._ray.wait(list(pending), num_returns=len(pending), timeout=10)
-            except Exception:
-                pass
+        cancel_tasks(list(pending), settle_s=10)
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
         for plan in pending.values():
