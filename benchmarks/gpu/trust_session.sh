@@ -22,7 +22,7 @@
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet (issue 15); on an H100 (bf16 mixtral does not
 #              fit) its layers at half the depth, the same kernels at the same shapes; STUDY_TRIALS=1: the
-#              baseline alone
+#              baseline alone; STUDY_LAYERS=N: N of the 32 layers on any GPU (a shorter cold start)
 #   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
 #              trial that must run on "remote" and bring its files home (issue 18)
 # The SmolLM2 conversion (GGUF -> bf16 checkpoint, greedy check on the CPU) runs in the background as soon as
@@ -182,17 +182,24 @@ PY
       edits=(-e '')
       # STUDY_TRIALS=1: the baseline alone (a launch's warm-up and levels), when the device time left is short
       [ -n "${STUDY_TRIALS:-}" ] && edits+=(-e "s/^budget: {trials: [0-9]*,/budget: {trials: $STUDY_TRIALS,/")
+      # bf16 mixtral-8x7b (93 GB) does not fit an H100's 80 GB: there its layers at half the depth (16 of 32,
+      # 47 GB). STUDY_LAYERS=N (any GPU) is the same cut for a short device budget: fewer layers start sooner
+      # (less to trace, compile and capture). A shallower stack runs the same fused-MoE kernels at the same
+      # shapes (a kernel's shape is set by hidden/intermediate size, experts and batch, not by depth), so it
+      # JIT-compiles the same way; its capacity scales about as 32/N (and the H100 has 0.7x the H200's memory
+      # bandwidth), hence the bracket's top scaled so.
+      layers=${STUDY_LAYERS:-32}; [ "$GPU_KIND" = h100 ] && [ "$layers" -gt 16 ] && layers=16
       model=mixtral-8x7b
-      if [ "$GPU_KIND" = h100 ]; then
-        # bf16 mixtral-8x7b (93 GB) does not fit an H100's 80 GB. Its layers at half the depth (16 of 32, 47 GB)
-        # run the same fused-MoE kernels at the same shapes, so they JIT-compile the same way; the capacity is
-        # up to twice the full model's (the H100 has 0.7x the H200's memory bandwidth), hence a higher top of the bracket.
-        mkdir -p /tmp/models/mixtral-8x7b-16l && cp /tmp/models/mixtral-8x7b/* /tmp/models/mixtral-8x7b-16l/
-        python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c["num_hidden_layers"] = 16
-json.dump(c, open(sys.argv[1], "w"), indent=1)' /tmp/models/mixtral-8x7b-16l/config.json
-        edits+=(-e "s#/tmp/models/mixtral-8x7b#/tmp/models/mixtral-8x7b-16l#" -e "s/^hardware: {gpu: h200/hardware: {gpu: h100/"
-                -e "s/^name: gpu-vllm-mixtral-1xh200/name: gpu-vllm-mixtral16l-1xh100/" -e "s/hi: 28,/hi: 40,/")
-        model="mixtral-8x7b's layers at half the depth on an H100"
+      if [ "$layers" -lt 32 ] || [ "$GPU_KIND" = h100 ]; then
+        dir=/tmp/models/mixtral-8x7b-${layers}l
+        mkdir -p "$dir" && cp /tmp/models/mixtral-8x7b/* "$dir/"
+        python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c["num_hidden_layers"] = int(sys.argv[2])
+json.dump(c, open(sys.argv[1], "w"), indent=1)' "$dir/config.json" "$layers"
+        bw=10; [ "$GPU_KIND" = h100 ] && bw=7
+        hi=$(( (28 * 32 * bw + layers * 10 - 1) / (layers * 10) ))  # 28 req/s on the full model, rounded up
+        edits+=(-e "s#/tmp/models/mixtral-8x7b#$dir#" -e "s/^hardware: {gpu: h200/hardware: {gpu: $GPU_KIND/"
+                -e "s/^name: gpu-vllm-mixtral-1xh200/name: gpu-vllm-mixtral${layers}l-1x$GPU_KIND/" -e "s/hi: 28,/hi: $hi,/")
+        model="mixtral-8x7b's layers, $layers of 32, on an $GPU_KIND (bracket top $hi req/s)"
       fi
       sed "${edits[@]}" "$study" > "$STUDY_DIR/$(basename "$study")"
       stamp "study mixtral-1xh200: $model, $(grep -o '^budget: .*' "$STUDY_DIR/$(basename "$study")") ($STUDY_DIR)"
