@@ -179,30 +179,15 @@ PY
       stamp "sglang done";;
     study)
       study=$REPO/search_spaces/examples/gpu-vllm-mixtral-1xh200.yaml
-      edits=(-e '')
-      # STUDY_TRIALS=1: the baseline alone (a launch's warm-up and levels), when the device time left is short
-      [ -n "${STUDY_TRIALS:-}" ] && edits+=(-e "s/^budget: {trials: [0-9]*,/budget: {trials: $STUDY_TRIALS,/")
+      # STUDY_TRIALS=1: the baseline alone (a launch's warm-up and levels), when the device time left is short.
       # bf16 mixtral-8x7b (93 GB) does not fit an H100's 80 GB: there its layers at half the depth (16 of 32,
-      # 47 GB). STUDY_LAYERS=N (any GPU) is the same cut for a short device budget: fewer layers start sooner
-      # (less to trace, compile and capture). A shallower stack runs the same fused-MoE kernels at the same
-      # shapes (a kernel's shape is set by hidden/intermediate size, experts and batch, not by depth), so it
-      # JIT-compiles the same way; its capacity scales about as 32/N (and the H100 has 0.7x the H200's memory
-      # bandwidth), hence the bracket's top scaled so.
-      layers=${STUDY_LAYERS:-32}; [ "$GPU_KIND" = h100 ] && [ "$layers" -gt 16 ] && layers=16
-      model=mixtral-8x7b
-      if [ "$layers" -lt 32 ] || [ "$GPU_KIND" = h100 ]; then
-        dir=/tmp/models/mixtral-8x7b-${layers}l
-        mkdir -p "$dir" && cp /tmp/models/mixtral-8x7b/* "$dir/"
-        python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c["num_hidden_layers"] = int(sys.argv[2])
-json.dump(c, open(sys.argv[1], "w"), indent=1)' "$dir/config.json" "$layers"
-        bw=10; [ "$GPU_KIND" = h100 ] && bw=7
-        hi=$(( (28 * 32 * bw + layers * 10 - 1) / (layers * 10) ))  # 28 req/s on the full model, rounded up
-        edits+=(-e "s#/tmp/models/mixtral-8x7b#$dir#" -e "s/^hardware: {gpu: h200/hardware: {gpu: $GPU_KIND/"
-                -e "s/^name: gpu-vllm-mixtral-1xh200/name: gpu-vllm-mixtral${layers}l-1x$GPU_KIND/" -e "s/hi: 28,/hi: $hi,/")
-        model="mixtral-8x7b's layers, $layers of 32, on an $GPU_KIND (bracket top $hi req/s)"
-      fi
-      sed "${edits[@]}" "$study" > "$STUDY_DIR/$(basename "$study")"
-      stamp "study mixtral-1xh200: $model, $(grep -o '^budget: .*' "$STUDY_DIR/$(basename "$study")") ($STUDY_DIR)"
+      # 47 GB); STUDY_LAYERS=N cuts the depth on any GPU (a shorter cold start). study_variant.py says why the
+      # same kernels JIT the same way, and scales the bracket's top by depth and GPU.
+      layers=${STUDY_LAYERS:-0}
+      [ "$GPU_KIND" = h100 ] && { [ "$layers" -eq 0 ] || [ "$layers" -gt 16 ]; } && layers=16
+      line=$(python3 "$REPO/benchmarks/gpu/study_variant.py" "$study" "$STUDY_DIR" --gpu "$GPU_KIND" \
+             --layers "$layers" --trials "${STUDY_TRIALS:-0}") || { stamp "study copy failed"; continue; }
+      stamp "study $line ($STUDY_DIR)"
       STUDY_DIR=$STUDY_DIR bash "$REPO/benchmarks/gpu/proof.sh" vllm "$RES/study" mixtral-1xh200 > "$RES/study.log" 2>&1
       stamp "study done";;
     two_node)
