@@ -7,8 +7,9 @@ says. Every change here checks that its key is there, and the copy is validated 
 Depth: a model's layers cut to N of its L (a copy of its directory with ``num_hidden_layers = N``; random weights,
 so nothing else changes). A shallower MoE stack runs the same fused-MoE kernels at the same shapes (a kernel's
 shape comes from hidden and intermediate size, experts and batch, not from depth), so it JIT-compiles the same
-way and starts sooner. Its capacity grows about as L/N, and on an H100 it shrinks by the memory bandwidth
-(0.7x an H200's), so every Server scenario's bracket top is scaled by that.
+way in less memory; a cold start is hardly shorter (252 s for 2 layers on an H100:
+docs/results/2026-12-07-h100-jit-verbose). Its capacity grows about as L/N, and on an H100 it shrinks by the
+memory bandwidth (0.7x an H200's), so every Server scenario's bracket top is scaled by that.
 
     python3 study_variant.py STUDY OUT_DIR [--gpu h100] [--layers 16] [--trials 1]
 

@@ -22,7 +22,8 @@
 #   study      the mixtral-8x7b study (gpu-vllm-mixtral-1xh200.yaml): baseline against fp8 + fp8 KV, on a host
 #              that has not compiled the fused-MoE kernels yet (issue 15); on an H100 (bf16 mixtral does not
 #              fit) its layers at half the depth, the same kernels at the same shapes; STUDY_TRIALS=1: the
-#              baseline alone; STUDY_LAYERS=N: N of the 32 layers on any GPU (a shorter cold start)
+#              baseline alone; STUDY_LAYERS=N: N of the 32 layers on any GPU (less memory;
+#              a cold start is hardly shorter)
 #   two_node   benchmarks/gpu/two_node_ray.sh: a GPU-less Ray head and a "remote" raylet on this host, one vLLM
 #              trial that must run on "remote" and bring its files home (issue 18)
 # The SmolLM2 conversion (GGUF -> bf16 checkpoint, greedy check on the CPU) runs in the background as soon as
@@ -181,8 +182,8 @@ PY
       study=$REPO/search_spaces/examples/gpu-vllm-mixtral-1xh200.yaml
       # STUDY_TRIALS=1: the baseline alone (a launch's warm-up and levels), when the device time left is short.
       # bf16 mixtral-8x7b (93 GB) does not fit an H100's 80 GB: there its layers at half the depth (16 of 32,
-      # 47 GB); STUDY_LAYERS=N cuts the depth on any GPU (a shorter cold start). study_variant.py says why the
-      # same kernels JIT the same way, and scales the bracket's top by depth and GPU.
+      # 47 GB); STUDY_LAYERS=N cuts the depth on any GPU (less memory, hardly a shorter cold start).
+      # study_variant.py says why the same kernels JIT the same way, and scales the bracket's top by depth and GPU.
       layers=${STUDY_LAYERS:-0}
       [ "$GPU_KIND" = h100 ] && { [ "$layers" -eq 0 ] || [ "$layers" -gt 16 ]; } && layers=16
       line=$(python3 "$REPO/benchmarks/gpu/study_variant.py" "$study" "$STUDY_DIR" --gpu "$GPU_KIND" \
