@@ -232,3 +232,20 @@ def test_vllm_is_launched_with_the_verbose_jit_monitor_and_exports_leave_it_out(
         assert JIT_MONITOR_VERBOSE in (FIX / "engine_help" / f"vllm-{version}.txt").read_text()
     assert _version_at_least("0.26.0", (0, 26)) and _version_at_least("0.33.1rc1", (0, 26))
     assert not _version_at_least("0.25.2", (0, 26)) and not _version_at_least("dev", (0, 26))
+
+
+def test_every_verbose_jit_line_of_a_real_vllm_counts_and_is_recorded_short(tmp_path):
+    """vLLM 0.26 on an H100 with --jit-monitor-verbose (docs/results/2026-12-07-h100-jit-verbose): the first
+    warm-up requests of a mixtral-shaped server compiled fused_moe_kernel 8 times, a ~3 KB line each."""
+    text = (FIX / "level_logs" / "vllm_jit_verbose_h100.log").read_bytes()
+    log = tmp_path / "engine.log"
+    log.write_bytes(text)
+    probe = EngineProbe(get_engine("vllm"), "http://127.0.0.1:9/metrics", log)
+    events = probe.log_events(0, len(text))
+    assert [(e["kind"], e["invalidates"]) for e in events] == [("jit", True)] * 8
+    assert all(len(e["line"]) <= D.MAX_LINE_CHARS and "fused_moe_kernel (constexprs={" in e["line"] for e in events)
+    shapes = {e["line"].split("GROUP_SIZE_M=")[1].split(", SPLIT_K")[0] for e in events}
+    assert shapes == {"1, HAS_BIAS=False, MUL_ROUTED_WEIGHT=False", "1, HAS_BIAS=False, MUL_ROUTED_WEIGHT=True",
+                      "16, HAS_BIAS=False, MUL_ROUTED_WEIGHT=False", "16, HAS_BIAS=False, MUL_ROUTED_WEIGHT=True"}
+    reasons, _, effects = judge({"exact": 0.0}, {}, events)
+    assert effects == [HURTS] and reasons[0].startswith("8 jit lines in the engine log during the level")
