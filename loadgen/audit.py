@@ -171,7 +171,7 @@ def judge(client: dict[str, float], server: dict[str, float], events: Sequence[d
     for kind, lines in kinds.items():
         invalidates = any(e.get("invalidates") for e in events if e.get("kind") == kind)
         text = f"{len(lines)} {kind} line{'s' if len(lines) != 1 else ''} in the engine log during the level " \
-               f"(first: {_clip(lines[0])})"
+               f"(first: {clip(lines[0])})"
         (reasons if invalidates else notes).append(text)
         if invalidates:
             effects.append(HURTS)
@@ -180,7 +180,8 @@ def judge(client: dict[str, float], server: dict[str, float], events: Sequence[d
     return reasons, notes, effects
 
 
-def _clip(line: str, limit: int = 240) -> str:
+def clip(line: str, limit: int = 240) -> str:
+    """A log line cut to ``limit`` characters for a record or a message."""
     line = line.strip()
     return line if len(line) <= limit else line[:limit - 1] + "…"
 

@@ -18,6 +18,7 @@ prints one line saying what the copy is, and writes OUT_DIR/<the study's file na
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -61,7 +62,7 @@ def shallower_model(model_dir: Path, layers: int) -> tuple[Path, int]:
 def variant(study: dict[str, Any], *, gpu: str | None = None, layers: int | None = None,
             trials: int | None = None) -> tuple[dict[str, Any], str]:
     """The study cut so, and a line saying what it is. ``layers`` makes the shallower model directory."""
-    study = json.loads(json.dumps(study))  # a deep copy; the study is plain YAML data
+    study = copy.deepcopy(study)
     said = []
     scale = 1.0
     if gpu is not None:

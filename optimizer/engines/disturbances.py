@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from servetune.loadgen.audit import clip
+
 MAX_WINDOW_BYTES = 64 * 1024 * 1024  # a window's log beyond this is read from its end (a runaway log)
 # A line as recorded: vLLM's --jit-monitor-verbose line is ~3 KB (constexprs, signature, compile info, key) and
 # a level keeps up to 20; its first 400 characters hold the kernel's name and the constexprs that tell shapes apart.
@@ -60,10 +62,6 @@ def read_window(path: str | Path, start: int, end: int) -> str:
         return ""
 
 
-def _clip(line: str) -> str:
-    return line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS - 1] + "…"
-
-
 def scan(text: str, signatures: Iterable[Signature]) -> list[dict[str, Any]]:
     """Every line of ``text`` that matches a signature (the first that matches names its kind)."""
     sigs = list(signatures)
@@ -71,6 +69,6 @@ def scan(text: str, signatures: Iterable[Signature]) -> list[dict[str, Any]]:
     for line in text.splitlines():
         for s in sigs:
             if s.pattern.search(line):
-                out.append({"kind": s.kind, "line": _clip(line.strip()), "invalidates": s.invalidates})
+                out.append({"kind": s.kind, "line": clip(line, MAX_LINE_CHARS), "invalidates": s.invalidates})
                 break
     return out
