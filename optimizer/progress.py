@@ -87,6 +87,15 @@ class TrialProgress:
             pass  # progress is for people: a full disk fails the trial elsewhere, not here
 
     def _on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "launch_warmup":
+            self._write(phase="engine warm-up", round=data["round"], top=data["top"], compiles=data["compiles"],
+                        why=data["why"], warmup_started=self.state.get("warmup_started") if data["round"] > 1
+                        else time.time(), max_s=data["max_s"])
+            return
+        if event == "launch_warmup_done":
+            self._write(phase="engine warm-up done", round=data["rounds"], seconds=data["seconds"],
+                        stopped_because=data["stopped_because"])
+            return
         if not 0 <= self.index < len(self.scenarios):
             return
         sc = self.scenarios[self.index]
@@ -132,6 +141,17 @@ def describe(p: dict[str, Any], now: float | None = None) -> tuple[str, str, str
     phase = p.get("phase", "")
     if phase == "launching":
         return "launching the engine", elapsed, ""
+    if phase == "engine warm-up":
+        earlier = "; ".join(f"round {i} compiled {n}" for i, n in enumerate(p.get("compiles") or [], 1))
+        what = (f"engine warm-up round {p.get('round')} {p.get('why')} (a ramp to {p.get('top')} in flight"
+                + (f"; {earlier}" if earlier else "") + ")")
+        left = ""
+        if p.get("warmup_started") and p.get("max_s"):
+            left = "≤" + _clock(max(0.0, p["warmup_started"] + p["max_s"] - now))
+        return what, elapsed, left
+    if phase == "engine warm-up done":
+        return (f"engine warm-up done in {_clock(p.get('seconds') or 0)}, {p.get('round')} round(s): "
+                f"{p.get('stopped_because')}"), elapsed, ""
     if phase in ("warm-up", "level"):
         levels = f"{'≤' if p.get('bounded') else ''}{p.get('levels')}"
         what = (f"{p.get('scenario')}: level {p.get('level')} of {levels} at "
@@ -247,7 +267,8 @@ class RunProgress:
         now, running, queued = self._rows()
         for plan, p in running:
             phase, elapsed, left = describe(p, now)
-            key = (p.get("phase", ""), str(p.get("level")), str(p.get("scenario")))
+            key = (p.get("phase", ""), str(p.get("round" if p.get("phase", "").startswith("engine") else "level")),
+                   str(p.get("scenario")))
             if self.shown.get(plan.number) == key:
                 continue
             first = plan.number not in self.shown

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+from servetune.loadgen import progress
 from servetune.loadgen.client import Clock, open_session, run_loop, send
 from servetune.loadgen.datasets import SAFE_ID_LOW
 from servetune.loadgen.endpoint import Endpoint
@@ -147,6 +148,9 @@ class Warmer:
         checks = self.auditor.probe.has_log
         while True:
             r0 = time.monotonic()
+            # a round can take minutes (a cold MoE engine compiles through the first ones): say which it is
+            progress.emit("launch_warmup", why=why, round=len(rounds) + 1, top=self.top, max_s=self.max_s,
+                          compiles=[r["compile_lines"] for r in rounds])
             results, audit = self._round(deadline)
             log = audit.get("log") or {}
             compiles = [e for e in log.get("events", []) if e.get("invalidates")]
@@ -171,6 +175,8 @@ class Warmer:
                "seconds": round(time.monotonic() - t0, 3), "requests": sum(r["requests"] for r in rounds),
                "compile_lines": sum(r["compile_lines"] for r in rounds), "stopped_because": stopped}
         self.history.append(out)
+        progress.emit("launch_warmup_done", why=why, rounds=len(rounds), seconds=out["seconds"],
+                      compile_lines=out["compile_lines"], stopped_because=stopped)
         return out
 
     def rewarm(self, settings: Any = None) -> dict[str, Any]:

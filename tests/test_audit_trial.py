@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from servetune.loadgen import progress
 from servetune.loadgen.datasets import random_dataset
 from servetune.optimizer import lifecycle
 from servetune.optimizer.driver import StudyDriver
@@ -23,12 +24,24 @@ def test_a_trial_warms_up_until_no_jit_and_audits_every_level(tmp_path):
     study.write_text(study.read_text().replace("engines: [sim]", JIT_SIM))
     driver = StudyDriver(load_study(str(study)))
     plan = driver.build_plan(0, "sim", {}, True, tmp_path / "run" / "trials" / "0000")  # the baseline
-    result = lifecycle.run_trial(plan, [0])
+    seen: list[tuple[str, dict]] = []
+    listener = lambda event, data: seen.append((event, data)) if event.startswith("launch_warmup") else None  # noqa: E731
+    progress.add(listener)
+    try:
+        result = lifecycle.run_trial(plan, [0])
+    finally:
+        progress.remove(listener)
     assert result.state == "complete", result.failure
     warm = result.warmup
     assert warm["max_concurrency"] == 9  # 8 req/s x 1 s + 1: the most requests a level keeps in flight
     assert warm["rounds"][0]["compile_lines"] > 0 and warm["clean"]
     assert warm["stopped_because"].endswith("compiled nothing")
+    # what the progress display is told while it runs: each round as it begins, with what the earlier compiled
+    starts = [d for e, d in seen if e == "launch_warmup"]
+    assert [d["round"] for d in starts] == list(range(1, len(warm["rounds"]) + 1))
+    assert starts[-1]["compiles"] == [r["compile_lines"] for r in warm["rounds"][:-1]] and starts[0]["top"] == 9
+    (done,) = [d for e, d in seen if e == "launch_warmup_done"]
+    assert done["stopped_because"] == warm["stopped_because"] and done["rounds"] == len(warm["rounds"])
     levels = result.scenarios["server"]["levels"]
     assert [lvl["qps"] for lvl in levels] == [4, 8]
     for lvl in levels:  # the level's own audit; a JIT the ramp missed is re-run once and then clean

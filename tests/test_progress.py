@@ -76,6 +76,37 @@ def test_the_terminal_table_shows_phase_elapsed_left_queued_and_best(tmp_path):
         live.stop()
 
 
+def test_the_engine_warm_up_shows_its_rounds_and_what_each_compiled(tmp_path):
+    # a cold MoE engine spends minutes in the launch warm-up (105 s on the H200, 2026-12-04): the display names
+    # the round and what the earlier ones compiled instead of "launching the engine"
+    spec = load_study(write_study(tmp_path, qps="[4, 8]", duration_s=30))
+    out = io.StringIO()
+    plain = RunProgress(Console(file=out, force_terminal=False, width=200), spec, lambda p: "")
+    trial = TrialProgress(tmp_path / "t0", scenario_plans(spec))
+    plans = [SimpleNamespace(number=0, trial_dir=str(tmp_path / "t0"), params={})]
+    try:
+        plain.event("tick", {"in_flight": plans})
+        why = "before the first measured level"
+        loadgen_progress.emit("launch_warmup", why=why, round=1, top=512, max_s=300.0, compiles=[])
+        plain.event("tick", {"in_flight": plans})
+        plain.event("tick", {"in_flight": plans})  # the same round: no second line
+        loadgen_progress.emit("launch_warmup", why=why, round=2, top=512, max_s=300.0, compiles=[8])
+        plain.event("tick", {"in_flight": plans})
+        loadgen_progress.emit("launch_warmup_done", why=why, rounds=2, seconds=105.2, compile_lines=8,
+                              stopped_because="round 2 compiled nothing")
+        plain.event("tick", {"in_flight": plans})
+    finally:
+        trial.close()
+    lines = [ln.strip() for ln in out.getvalue().splitlines()]
+    assert lines[0].startswith("#0   started; launching the engine"), lines
+    assert re.fullmatch(r"#0\s+engine warm-up round 1 before the first measured level \(a ramp to 512 in flight\) "
+                        r"\(trial at \d:\d\d, at most [45]:\d\d left\)", lines[1]), lines
+    assert lines[2].startswith("#0   engine warm-up round 2 before the first measured level (a ramp to 512 in "
+                               "flight; round 1 compiled 8)"), lines
+    assert lines[3].startswith("#0   engine warm-up done in 1:45, 2 round(s): round 2 compiled nothing"), lines
+    assert len(lines) == 4
+
+
 def _render(renderable) -> str:
     buf = io.StringIO()
     Console(file=buf, width=160, force_terminal=False).print(renderable)
