@@ -426,7 +426,7 @@ def test_vllm_avoids_multicast_all_reduce_only_where_multicast_is_off(monkeypatc
     env = vllm.base_env()
     assert env["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm" and env["VLLM_ALLREDUCE_USE_SYMM_MEM"] == "0"
     monkeypatch.setenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "nccl")  # what the host sets wins
-    assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND" not in vllm.base_env()
+    assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND" not in _plan(vllm, {"tensor_parallel": 2}).env
 
 
 def test_vllm_turns_the_all_reduce_fusion_off_at_tp_above_1_where_multicast_is_off(monkeypatch):

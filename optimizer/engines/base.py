@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -197,7 +198,7 @@ class CatalogEngine(Engine):
         argv += render_flags(cat, self.launch_params(params))
         argv += list(extra_args or [])
         env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpu_ids)}
-        env.update(self.base_env())
+        env.update({k: v for k, v in self.base_env().items() if k not in os.environ})  # what the host sets wins
         env.update(extra_env or {})
         return LaunchPlan(argv=argv, env=env, **self.endpoints())
 
@@ -210,6 +211,7 @@ class CatalogEngine(Engine):
         return []
 
     def base_env(self) -> dict[str, str]:
+        """Environment the engine is launched with; :meth:`plan` leaves out what the host already sets."""
         return {}
 
     def endpoints(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ model_executor/pool_configurator.py, entrypoints/engine.py, observability/metric
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -162,7 +161,7 @@ class SglangEngine(CatalogEngine):
     def base_env(self) -> dict[str, str]:
         # unbuffered: the level audit attributes a log line to the level whose window it was written in
         wanted = {"HF_HUB_OFFLINE": "1", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"}
-        return {k: v for k, v in wanted.items() if k not in os.environ}  # what the host sets wins
+        return wanted
 
     def endpoints(self) -> dict[str, Any]:
         # /health is 503 until the warm-up request has run; /v1/models answers 200 before the model is

@@ -224,7 +224,7 @@ class VllmEngine(CatalogEngine):
             # multicast is missing; the symm-mem all-reduce needs multicast too.
             wanted["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
             wanted["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] = "trtllm"
-        return {k: v for k, v in wanted.items() if k not in os.environ}  # what the host sets wins
+        return wanted
 
     def endpoints(self) -> dict[str, Any]:
         # /health answers 200 only once the engine is up (the socket is bound earlier); a cold torch.compile
