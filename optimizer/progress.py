@@ -142,7 +142,7 @@ def describe(p: dict[str, Any], now: float | None = None) -> tuple[str, str, str
     if phase == "launching":
         return "launching the engine", elapsed, ""
     if phase == "engine warm-up":
-        earlier = "; ".join(f"round {i} compiled {n}" for i, n in enumerate(p.get("compiles") or [], 1))
+        earlier = "; ".join(f"round {i}: {n} compile lines" for i, n in enumerate(p.get("compiles") or [], 1))
         what = (f"engine warm-up round {p.get('round')} {p.get('why')} (a ramp to {p.get('top')} in flight"
                 + (f"; {earlier}" if earlier else "") + ")")
         left = ""

@@ -102,7 +102,7 @@ def test_the_engine_warm_up_shows_its_rounds_and_what_each_compiled(tmp_path):
     assert re.fullmatch(r"#0\s+engine warm-up round 1 before the first measured level \(a ramp to 512 in flight\) "
                         r"\(trial at \d:\d\d, at most [45]:\d\d left\)", lines[1]), lines
     assert lines[2].startswith("#0   engine warm-up round 2 before the first measured level (a ramp to 512 in "
-                               "flight; round 1 compiled 8)"), lines
+                               "flight; round 1: 8 compile lines)"), lines
     assert lines[3].startswith("#0   engine warm-up done in 1:45, 2 round(s): round 2 compiled nothing"), lines
     assert len(lines) == 4
 
