@@ -7,10 +7,10 @@ on them and a failing listener never fails a run. Events:
 - ``level_start``: ``{"settings": ScenarioSettings, "dataset_size": int}`` (warm-up requests, if any, go first)
 - ``measuring``: ``{}`` (t0 of the level: the warm-up is done; single-process runs only)
 - ``level_done``: ``{"settings": ScenarioSettings, "summary": dict, "valid": bool}``
-- ``launch_warmup``: ``{"why": str, "round": int, "top": int, "max_s": float, "compiles": [int, ...]}`` (a round
-  of a launch's warm-up begins; ``compiles``: the compile lines of each earlier round; optimizer.warmup)
-- ``launch_warmup_done``: ``{"why": str, "rounds": int, "seconds": float, "compile_lines": int,
-  "stopped_because": str}``
+- ``launch_warmup``: ``{"why": str, "round": int, "top": int, "ends_by": float, "compiles": [int, ...]}`` (a
+  round of a launch's warm-up begins; ``ends_by``: the warm-up's bound, epoch seconds; ``compiles``: the compile
+  lines of each earlier round; optimizer.warmup)
+- ``launch_warmup_done``: ``{"why": str, "rounds": int, "seconds": float, "stopped_because": str}``
 """
 from __future__ import annotations
 

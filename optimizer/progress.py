@@ -89,8 +89,7 @@ class TrialProgress:
     def _on_event(self, event: str, data: dict[str, Any]) -> None:
         if event == "launch_warmup":
             self._write(phase="engine warm-up", round=data["round"], top=data["top"], compiles=data["compiles"],
-                        why=data["why"], warmup_started=self.state.get("warmup_started") if data["round"] > 1
-                        else time.time(), max_s=data["max_s"])
+                        why=data["why"], ends_by=data["ends_by"])
             return
         if event == "launch_warmup_done":
             self._write(phase="engine warm-up done", round=data["rounds"], seconds=data["seconds"],
@@ -145,9 +144,7 @@ def describe(p: dict[str, Any], now: float | None = None) -> tuple[str, str, str
         earlier = "; ".join(f"round {i}: {n} compile lines" for i, n in enumerate(p.get("compiles") or [], 1))
         what = (f"engine warm-up round {p.get('round')} {p.get('why')} (a ramp to {p.get('top')} in flight"
                 + (f"; {earlier}" if earlier else "") + ")")
-        left = ""
-        if p.get("warmup_started") and p.get("max_s"):
-            left = "≤" + _clock(max(0.0, p["warmup_started"] + p["max_s"] - now))
+        left = "≤" + _clock(max(0.0, p["ends_by"] - now)) if p.get("ends_by") else ""
         return what, elapsed, left
     if phase == "engine warm-up done":
         return (f"engine warm-up done in {_clock(p.get('seconds') or 0)}, {p.get('round')} round(s): "
@@ -184,7 +181,7 @@ class RunProgress:
         self.objective = (first.scenario or spec.workload.scenarios[0].label, first.metric, first.direction)
         self.done = 0
         self.in_flight: list[Any] = []
-        self.shown: dict[int, tuple[str, str, str]] = {}  # trial -> last (phase, level, scenario) printed plain
+        self.shown: dict[int, tuple[str, ...]] = {}  # trial -> last (phase, round, level, scenario) printed plain
         self.best: tuple[float, int] | None = None
         self.live: Live | None = None
 
@@ -267,8 +264,7 @@ class RunProgress:
         now, running, queued = self._rows()
         for plan, p in running:
             phase, elapsed, left = describe(p, now)
-            key = (p.get("phase", ""), str(p.get("round" if p.get("phase", "").startswith("engine") else "level")),
-                   str(p.get("scenario")))
+            key = tuple(str(p.get(k)) for k in ("phase", "round", "level", "scenario"))
             if self.shown.get(plan.number) == key:
                 continue
             first = plan.number not in self.shown

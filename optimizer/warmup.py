@@ -149,8 +149,8 @@ class Warmer:
         while True:
             r0 = time.monotonic()
             # a round can take minutes (a cold MoE engine compiles through the first ones): say which it is
-            progress.emit("launch_warmup", why=why, round=len(rounds) + 1, top=self.top, max_s=self.max_s,
-                          compiles=[r["compile_lines"] for r in rounds])
+            progress.emit("launch_warmup", why=why, round=len(rounds) + 1, top=self.top,
+                          ends_by=time.time() + deadline - r0, compiles=[r["compile_lines"] for r in rounds])
             results, audit = self._round(deadline)
             log = audit.get("log") or {}
             compiles = [e for e in log.get("events", []) if e.get("invalidates")]
@@ -176,7 +176,7 @@ class Warmer:
                "compile_lines": sum(r["compile_lines"] for r in rounds), "stopped_because": stopped}
         self.history.append(out)
         progress.emit("launch_warmup_done", why=why, rounds=len(rounds), seconds=out["seconds"],
-                      compile_lines=out["compile_lines"], stopped_because=stopped)
+                      stopped_because=stopped)
         return out
 
     def rewarm(self, settings: Any = None) -> dict[str, Any]:

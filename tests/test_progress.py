@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from types import SimpleNamespace
 
 import optuna
@@ -87,10 +88,12 @@ def test_the_engine_warm_up_shows_its_rounds_and_what_each_compiled(tmp_path):
     try:
         plain.event("tick", {"in_flight": plans})
         why = "before the first measured level"
-        loadgen_progress.emit("launch_warmup", why=why, round=1, top=512, max_s=300.0, compiles=[])
+        loadgen_progress.emit("launch_warmup", why=why, round=1, top=512, ends_by=time.time() + 300,
+                              compiles=[])
         plain.event("tick", {"in_flight": plans})
         plain.event("tick", {"in_flight": plans})  # the same round: no second line
-        loadgen_progress.emit("launch_warmup", why=why, round=2, top=512, max_s=300.0, compiles=[8])
+        loadgen_progress.emit("launch_warmup", why=why, round=2, top=512, ends_by=time.time() + 250,
+                              compiles=[8])
         plain.event("tick", {"in_flight": plans})
         loadgen_progress.emit("launch_warmup_done", why=why, rounds=2, seconds=105.2, compile_lines=8,
                               stopped_because="round 2 compiled nothing")
