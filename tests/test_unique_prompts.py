@@ -34,7 +34,11 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def sim(model_dir, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("sim"), "--model", str(model_dir), "--gpu", "h100", delay=0.1)
+    # a 256-token step budget admits four 64-token prompts a step, so a replayed prompt queued behind its first
+    # copy finds that copy's blocks computed however fast the requests arrive (with the default 8192, all 60 can
+    # land in one step and none hits: what made this test flaky on a slow machine)
+    server = Server(tmp_path_factory.mktemp("sim"), "--model", str(model_dir), "--gpu", "h100",
+                    "--max-num-batched-tokens", "256", delay=0.1)
     server.wait_healthy()
     yield server
     server.proc.terminate()
@@ -91,7 +95,7 @@ def test_bench_sends_no_prompt_twice_unless_told_to_replay(sim, model_dir, tmp_p
     assert doc["dataset"]["replay"] is False and doc["dataset"]["prompt_format"] == "token_ids"
     doc, d = _bench(sim, model_dir, tmp_path / "replay", "--num-requests", "60", "--dataset-size", "20",
                     "--prompt-format", "token_ids", "--seed", "2", "--replay")
-    # all issued at once: a resent prompt hits the blocks its first copy has computed by then
+    # a resent prompt hits the full blocks its first copy computed (3 of its 4: one token is always computed)
     assert 0 < d["hits"] <= 40 * 48 and doc["results"][0]["settings"]["replay"] is True
 
 
