@@ -32,7 +32,7 @@ def test_a_numerics_parameter_fixed_to_one_value_has_no_numerics_note(tmp_path):
     """, extra="baseline: false\n") == []
 
 
-def test_a_search_that_varies_numerics_over_several_trials_has_the_note(tmp_path):
+def test_a_search_that_varies_numerics_over_several_trials_has_the_note(tmp_path) -> None:
     checked = tmp_path / "checked"
     checked.mkdir()  # a study that checks outputs needs no warning
     assert _lossy(checked, trials=2, search=_VARIED, extra="quality:\n  tasks: builtin:facts\n") == []
