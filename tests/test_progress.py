@@ -95,7 +95,7 @@ def test_the_engine_warm_up_shows_its_rounds_and_what_each_compiled(tmp_path):
         loadgen_progress.emit("launch_warmup", why=why, round=2, top=512, ends_by=time.time() + 250,
                               compiles=[8])
         plain.event("tick", {"in_flight": plans})
-        loadgen_progress.emit("launch_warmup_done", why=why, rounds=2, seconds=105.2, compile_lines=8,
+        loadgen_progress.emit("launch_warmup_done", why=why, rounds=2, seconds=105.2,
                               stopped_because="round 2 compiled nothing")
         plain.event("tick", {"in_flight": plans})
     finally:
